@@ -1,0 +1,39 @@
+"""Real ports (esp32, rp2) through `machine`: pins, UARTs, the hardware watchdog."""
+import machine
+
+
+class McuHal:
+    name = "mcu"
+
+    def __init__(self, board):
+        self.board = board
+        self.gpio_errors = 0
+
+    def out_pin(self, pin, level):
+        return machine.Pin(pin, machine.Pin.OUT, value=level)
+
+    def in_pin(self, pin, pull_up=False):
+        return machine.Pin(pin, machine.Pin.IN, machine.Pin.PULL_UP if pull_up else None)
+
+    def uart(self, role, cfg=None):
+        u = self.board["uarts"][role]
+        cfg = cfg or {}
+        parity = {"N": None, "E": 0, "O": 1}[cfg.get("parity", "N")]
+        return machine.UART(u["id"], baudrate=cfg.get("baud", 19200), bits=8, parity=parity, stop=1,
+                            tx=machine.Pin(u["tx"]), rx=machine.Pin(u["rx"]), timeout=0)
+
+    def wdt(self, timeout_ms):
+        return machine.WDT(timeout=timeout_ms)
+
+    def wall_time(self):
+        import time
+
+        t = time.time()
+        # Before NTP/RTC set, boards report a time near their epoch start: treat as unknown.
+        return t if t > 1600000000 else None
+
+    def reset(self):
+        machine.reset()
+
+    async def run(self):
+        return

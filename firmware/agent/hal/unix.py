@@ -1,0 +1,139 @@
+"""Virtual board: the unix port with pty UARTs and GPIO over a loopback socket (see docs/virtual-board.md).
+
+`sim.json` in the working directory (the board's filesystem) says where the simulated hardware
+is. Output writes are sent as `O <pin> <level>` lines the moment they happen, so the host can
+timestamp a relay opening; input changes arrive as `I <pin> <level>` lines.
+"""
+import json
+import socket
+import time
+
+try:
+    import termios
+except ImportError:  # pragma: no cover
+    termios = None
+
+_inputs = {}
+
+
+class _OutPin:
+    def __init__(self, hal, pin, level):
+        self._hal = hal
+        self.pin = pin
+        self._v = -1
+        self.value(level)
+
+    def value(self, v=None):
+        if v is None:
+            return self._v
+        v = 1 if v else 0
+        if v != self._v:
+            self._v = v
+            self._hal._send_gpio(self.pin, v)
+        return v
+
+
+class _InPin:
+    def __init__(self, pin, pull_up):
+        self.pin = pin
+        if pin not in _inputs:
+            _inputs[pin] = 1 if pull_up else 0
+
+    def value(self, v=None):
+        return _inputs.get(self.pin, 0)
+
+
+class _Wdt:
+    """No hardware watchdog on the host: the supervisor restarts a dead process; feed is counted."""
+
+    def __init__(self, timeout_ms):
+        self.timeout_ms = timeout_ms
+        self.feeds = 0
+
+    def feed(self):
+        self.feeds += 1
+
+
+class UnixHal:
+    name = "unix"
+
+    def __init__(self, board):
+        self.board = board
+        try:
+            with open("sim.json") as f:
+                self.sim = json.load(f)
+        except OSError:
+            self.sim = {}
+        self.gpio_errors = 0
+        self._sock = None
+        self._rxbuf = b""
+        self._connect_gpio()
+
+    def _connect_gpio(self):
+        addr = self.sim.get("gpio")
+        if not addr:
+            return
+        host, port = addr.rsplit(":", 1)
+        try:
+            s = socket.socket()
+            s.connect(socket.getaddrinfo(host, int(port))[0][-1])
+            s.setblocking(False)
+            self._sock = s
+        except OSError:
+            self.gpio_errors += 1
+            self._sock = None
+
+    def _send_gpio(self, pin, v):
+        if self._sock is None:
+            return
+        try:
+            self._sock.send(b"O %d %d\n" % (pin, v))
+        except OSError:
+            self.gpio_errors += 1
+
+    def out_pin(self, pin, level):
+        return _OutPin(self, pin, level)
+
+    def in_pin(self, pin, pull_up=False):
+        return _InPin(pin, pull_up)
+
+    def uart(self, role, cfg=None):
+        path = self.sim.get("uarts", {}).get(role)
+        if not path:
+            raise OSError("no UART for role %r in sim.json" % role)
+        f = open(path, "r+b")
+        if termios is not None:
+            termios.setraw(f.fileno())
+        return f
+
+    def wdt(self, timeout_ms):
+        return _Wdt(timeout_ms)
+
+    def wall_time(self):
+        return time.time()
+
+    def reset(self):
+        import sys
+
+        sys.exit(3)
+
+    async def run(self):
+        """Read simulator input changes from the GPIO socket (never blocks the loop)."""
+        import asyncio
+
+        if self._sock is None:
+            return
+        reader = asyncio.StreamReader(self._sock)
+        while True:
+            line = await reader.readline()
+            if not line:
+                self.gpio_errors += 1
+                return
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == b"I":
+                try:
+                    _inputs[int(parts[1])] = 1 if int(parts[2]) else 0
+                except ValueError:
+                    self.gpio_errors += 1
+            else:
+                self.gpio_errors += 1

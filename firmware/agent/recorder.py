@@ -1,0 +1,162 @@
+"""Disturbance recorder: a ring of the most recent meter samples, captured around an event.
+
+Pure module (MicroPython and CPython). The ring is preallocated; add() runs in the control
+loop at the poll rate and allocates nothing. trigger(ms) marks an event (t0); once post_s has
+elapsed after t0, capture() returns a compact dict for the journal (kind "capture"), and
+decode_capture() turns it back into samples (on the host or the board).
+
+Capture record (fields of the journal body, besides n/t/ms/k):
+  "v":   1 (layout version)
+  "t0":  uptime ms of the trigger (same clock as the journal's "ms")
+  "dt":  nominal poll interval, ms
+  "pre": number of samples taken before t0
+  "ms0": ms of the first sample relative to t0 (int, usually negative)
+  "smp": bytes, SAMPLE_SIZE (10) bytes per sample, oldest first, big-endian:
+         u16 dms   ms since the previous sample (0 for the first; saturates at 65535)
+         u16 mhz   frequency in mHz (round(hz*1000)); 65535 = no reading (NaN or out of range)
+         f32 kw    total active power, kW (float32 as stored; NaN = no reading)
+         u16 mask  relay state, bit i = block i closed (energised)
+Absolute sample time = t0 + ms0 + running sum of dms (exact unless a gap exceeded 65.5 s).
+"""
+import struct
+from array import array
+
+from agent.compat import const, ticks_diff
+
+SAMPLE_SIZE = const(10)
+_FMT = ">HHfH"
+HZ_NONE = const(0xFFFF)
+
+
+def _zeros(code, n):
+    a = array(code)
+    for _ in range(n):
+        a.append(0)
+    return a
+
+
+class Recorder:
+    def __init__(self, pre_s=5.0, post_s=10.0, poll_ms=50):
+        if poll_ms <= 0:
+            poll_ms = 50
+        self.poll_ms = int(poll_ms)
+        self.pre_ms = int(pre_s * 1000)
+        self.post_ms = int(post_s * 1000)
+        n_pre = (self.pre_ms + self.poll_ms - 1) // self.poll_ms
+        n_post = (self.post_ms + self.poll_ms - 1) // self.poll_ms
+        self.cap = n_pre + n_post + 2
+        self.ms = _zeros("i", self.cap)
+        self.hz = _zeros("f", self.cap)
+        self.kw = _zeros("f", self.cap)
+        self.mask = _zeros("H", self.cap)
+        self.head = 0  # next slot to write
+        self.count = 0
+        self.t0 = 0
+        self.pending = False
+        self.last_ms = 0
+
+    def add(self, ms, hz, kw, mask):
+        """Record one sample. No allocation (values go straight into the arrays)."""
+        i = self.head
+        self.ms[i] = ms
+        self.hz[i] = hz
+        self.kw[i] = kw
+        self.mask[i] = mask
+        i += 1
+        if i == self.cap:
+            i = 0
+        self.head = i
+        if self.count < self.cap:
+            self.count += 1
+        self.last_ms = ms
+
+    def trigger(self, ms):
+        """Mark an event at ms. False if a capture is already pending (it covers this one)."""
+        if self.pending:
+            return False
+        self.t0 = ms
+        self.pending = True
+        return True
+
+    def ready(self, ms=None):
+        if not self.pending:
+            return False
+        if ms is None:
+            ms = self.last_ms
+        return ticks_diff(ms, self.t0) >= self.post_ms
+
+    def cancel(self):
+        self.pending = False
+
+    def capture(self, ms=None):
+        """The capture record once post_s has elapsed after the trigger, else None.
+
+        Holds the samples from t0 - pre_s to t0 + post_s still in the ring (all of them when
+        the poll rate is the configured one).
+        """
+        if not self.ready(ms):
+            return None
+        self.pending = False
+        t0 = self.t0
+        cap = self.cap
+        start = (self.head - self.count) % cap
+        # first sample inside the window, last sample inside it
+        first = -1
+        n = 0
+        pre = 0
+        for j in range(self.count):
+            i = (start + j) % cap
+            d = ticks_diff(self.ms[i], t0)
+            if d < -self.pre_ms or d > self.post_ms:
+                continue
+            if first < 0:
+                first = j
+            n = j - first + 1
+            if d < 0:
+                pre += 1
+        out = bytearray(n * SAMPLE_SIZE)
+        prev = None
+        ms0 = 0
+        for j in range(n):
+            i = (start + first + j) % cap
+            m = self.ms[i]
+            if prev is None:
+                ms0 = ticks_diff(m, t0)
+                dms = 0
+            else:
+                dms = ticks_diff(m, prev)
+                if dms < 0:
+                    dms = 0
+                elif dms > 0xFFFF:
+                    dms = 0xFFFF
+            prev = m
+            hz = self.hz[i]
+            if hz != hz or hz < 0 or hz >= 65.535:
+                mhz = HZ_NONE
+            else:
+                mhz = int(hz * 1000 + 0.5)
+            struct.pack_into(_FMT, out, j * SAMPLE_SIZE, dms, mhz, self.kw[i], self.mask[i])
+        return {"v": 1, "t0": t0, "dt": self.poll_ms, "pre": pre, "ms0": ms0, "smp": bytes(out)}
+
+
+def decode_capture(rec):
+    """Samples of a capture record: list of (ms, hz, kw, mask), ms absolute (t0 + offset).
+
+    hz is None when the sample had no reading; kw may be NaN. Raises ValueError on a bad record.
+    """
+    try:
+        v = rec.get("v", 1)
+        t0 = rec["t0"]
+        ms0 = rec["ms0"]
+        smp = rec["smp"]
+    except (KeyError, AttributeError, TypeError):
+        raise ValueError("not a capture record")
+    if v != 1 or not isinstance(smp, (bytes, bytearray)) or len(smp) % SAMPLE_SIZE:
+        raise ValueError("bad capture layout")
+    out = []
+    ms = t0 + ms0
+    for j in range(len(smp) // SAMPLE_SIZE):
+        dms, mhz, kw, mask = struct.unpack_from(_FMT, smp, j * SAMPLE_SIZE)
+        ms += dms
+        out.append((ms, None if mhz == HZ_NONE else mhz / 1000.0, kw, mask))
+    return out

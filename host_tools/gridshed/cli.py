@@ -1,0 +1,74 @@
+"""`gridshed` command line: subcommands are registered by one module per concern.
+
+Each module listed in COMMAND_MODULES has `register(subparsers, common)`; `common` is a parent
+parser carrying the shared flags (--json). A handler returns an int exit code (or None = 0)
+and raises UserError for anything the user can fix.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+from .errors import UserError
+
+COMMAND_MODULES = [
+    "gridshed.cmd_sim",
+    "gridshed.cmd_fleet",
+]
+
+EPILOG = """examples:
+  gridshed sim scenarios/ercot_ffr_dip.csv --site scenarios/demo-site.toml
+  gridshed boards
+  gridshed build --board esp32-devkitc-max3485
+  gridshed deploy --board rpi-pico-w            (port auto-detected when one board is attached)
+  gridshed provision --port /dev/ttyUSB0 --site site.toml --device-id site1-ctl1
+  gridshed shed --device site1-ctl1 --port /dev/ttyUSB0 --expires 60s
+run `gridshed COMMAND --help` for each command's options and examples."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gridshed",
+        description="Flash, provision and drive gridshed load-shed controllers; simulate a whole site.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"gridshed {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue  # a command module not present in this build
+            raise
+        mod.register(sub, common)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        rc = args.func(args)
+        return int(rc or 0)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"gridshed: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("gridshed: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The simulated site: scenario, pymodbus meter, load model, virtual boards, measurements."""

@@ -1,0 +1,274 @@
+"""Run a whole simulated site: meter + wire + virtual board + load model + utility signal.
+
+Every time here is the host's monotonic clock: when the scenario crosses the pickup, when the
+meter's registers first show it, when the board polled them, when a relay pin changed (the GPIO
+line arrives the moment the firmware writes the pin). From those the summary computes what a
+utility would measure.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import siteconfig
+from ..errors import UserError
+from .meter import Reading, SimMeter
+from .scenario import Scenario
+from .wire import Wire
+
+FIRMWARE = Path(__file__).resolve().parents[3] / "firmware"
+
+
+@dataclass
+class PinEvent:
+    t: float
+    pin: int
+    level: int
+
+
+@dataclass
+class BlockEvent:
+    t: float        # scenario seconds
+    block: int
+    closed: bool
+
+
+@dataclass
+class SiteRun:
+    cfg: dict[str, Any]
+    scenario: Scenario
+    board_dir: Path
+    t0: float = 0.0
+    pin_events: list[PinEvent] = field(default_factory=list)
+    block_events: list[BlockEvent] = field(default_factory=list)
+    console: list[tuple[float, str]] = field(default_factory=list)
+    meter: SimMeter | None = None
+    wire: Wire | None = None
+
+
+def install_firmware(board_dir: Path, cfg: dict[str, Any], sim_cfg: dict[str, Any],
+                     firmware_dir: Path = FIRMWARE) -> None:
+    """Lay the board's filesystem: agent sources, /config.cbor, sim.json."""
+    for src in firmware_dir.rglob("*.py"):
+        rel = src.relative_to(firmware_dir)
+        dst = board_dir / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+    (board_dir / "config.cbor").write_bytes(siteconfig.config_bytes(cfg))
+    import json
+
+    (board_dir / "sim.json").write_text(json.dumps(sim_cfg))
+
+
+class GpioServer:
+    """The virtual board's GPIO: output lines in, input lines out, all timestamped."""
+
+    def __init__(self, on_out: Callable[[float, int, int], None]) -> None:
+        self.on_out = on_out
+        self.writer: asyncio.StreamWriter | None = None
+        self.connected = asyncio.Event()
+        self.bad_lines = 0
+        self.server: asyncio.base_events.Server | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.connected.set()
+        while True:
+            line = await reader.readline()
+            t = time.monotonic()
+            if not line:
+                break
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == b"O":
+                try:
+                    self.on_out(t, int(parts[1]), int(parts[2]))
+                except ValueError:
+                    self.bad_lines += 1
+            else:
+                self.bad_lines += 1
+        self.connected.clear()
+
+    def set_input(self, pin: int, level: int) -> None:
+        if self.writer is not None:
+            self.writer.write(b"I %d %d\n" % (pin, level))
+
+    async def stop(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.server is not None:
+            self.server.close()
+
+
+class LoadModel:
+    """kW the meter sees: site base load plus the miners behind every closed block."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.blocks = cfg["blocks"]
+        self.pin_block = {}
+        for i, b in enumerate(self.blocks):
+            for p in b["pins"]:
+                self.pin_block[p] = i
+        self.pin_level: dict[int, int] = {}
+        self.closed = [False] * len(self.blocks)
+
+    def pin(self, pin: int, level: int) -> int | None:
+        """Record a pin write; returns the block index whose state changed, else None."""
+        self.pin_level[pin] = level
+        i = self.pin_block.get(pin)
+        if i is None:
+            return None
+        b = self.blocks[i]
+        closed = all(self.pin_level.get(p, -1) == b["active"] for p in b["pins"])
+        if closed != self.closed[i]:
+            self.closed[i] = closed
+            return i
+        return None
+
+    def block_kw(self, i: int) -> float:
+        b = self.blocks[i]
+        return b["miners"] * b["kw_per_miner"]
+
+    def kw(self, base: float) -> float:
+        return base + sum(self.block_kw(i) for i, c in enumerate(self.closed) if c)
+
+
+async def run_site(scenario: Scenario, cfg: dict[str, Any], *, heapsize: str = "64k",
+                   meter_update_ms: float = 50.0, transport: str | None = None, baud: int | None = None,
+                   on_line: Callable[[str], None] | None = None, keep_dir: Path | None = None,
+                   settle_s: float = 1.0, firmware_dir: Path = FIRMWARE) -> dict[str, Any]:
+    """Run the scenario in real time; returns the measured summary (see summary.py)."""
+    from ..vboard import VirtualBoard
+    from .summary import summarize
+
+    cfg = dict(cfg)
+    cfg["meter"] = dict(cfg["meter"])
+    if transport:
+        cfg["meter"]["transport"] = transport
+    if baud:
+        cfg["meter"]["baud"] = baud
+    m = cfg["meter"]
+    board_dir = keep_dir or Path(tempfile.mkdtemp(prefix="gridshed-board-"))
+    board_dir.mkdir(parents=True, exist_ok=True)
+    run = SiteRun(cfg, scenario, board_dir)
+    load = LoadModel(cfg)
+    say = on_line or (lambda s: None)
+    started = asyncio.Event()
+
+    def sc_time(t: float) -> float:
+        return t - run.t0 if started.is_set() else -1.0
+
+    def source(t: float) -> Reading:
+        st = sc_time(t)
+        if st < 0:
+            base = scenario.value("kw_base", 0.0, 0.0)
+            return Reading(scenario.value("hz", 0.0), load.kw(base))
+        ok = scenario.value("meter_ok", st, 1.0) >= 0.5
+        return Reading(scenario.value("hz", st), load.kw(scenario.value("kw_base", st, 0.0)), ok)
+
+    def on_out(t: float, pin: int, level: int) -> None:
+        run.pin_events.append(PinEvent(t, pin, level))
+        i = load.pin(pin, level)
+        if i is not None:
+            ev = BlockEvent(sc_time(t), i, load.closed[i])
+            run.block_events.append(ev)
+            if started.is_set():
+                say(f"{ev.t:8.3f}s  relay {cfg['blocks'][i]['name']:<10} {'CLOSED (load on)' if ev.closed else 'OPEN   (shed)'}")
+
+    gpio = GpioServer(on_out)
+    gpio_port = await gpio.start()
+    meter = SimMeter(m["map"], source, unit=m["unit"], update_ms=meter_update_ms)
+    run.meter = meter
+    sim_cfg: dict[str, Any] = {"gpio": f"127.0.0.1:{gpio_port}", "uarts": {}}
+    tasks = []
+    if m["transport"] == "rtu":
+        wire = Wire(m["baud"]).start()
+        run.wire = wire
+        sim_cfg["uarts"]["meter"] = wire.board_path
+        tasks.append(asyncio.create_task(meter.serve_rtu(wire.meter_path, m["baud"])))
+    else:
+        import socket
+
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        cfg["meter"]["host"], cfg["meter"]["port"] = "127.0.0.1", port
+        tasks.append(asyncio.create_task(meter.serve_tcp("127.0.0.1", port)))
+    await asyncio.sleep(0.2)
+    install_firmware(board_dir, cfg, sim_cfg, firmware_dir)
+    board = VirtualBoard(board_dir, heapsize=heapsize)
+    dry_pin = (cfg.get("signals") or {}).get("dry_contact_pin") or cfg.get("_dry_contact_pin")
+    try:
+        board.start()
+        try:
+            await asyncio.wait_for(gpio.connected.wait(), 15)
+        except asyncio.TimeoutError:
+            raise UserError("virtual board did not come up (no GPIO connection in 15 s); "
+                            f"console log: {board.log_path}") from None
+        # wait for the first good polls: the site is "running" from here on
+        deadline = time.monotonic() + 15
+        while len([p for p in meter.polls if p.hz is not None]) < 3:
+            if time.monotonic() > deadline:
+                raise UserError(f"the board never polled the meter; console log: {board.log_path}")
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(settle_s)
+        run.t0 = time.monotonic()
+        started.set()
+        say(f"{0:8.3f}s  scenario {scenario.name} starts ({scenario.duration:.1f} s), "
+            f"pickup {cfg['trip']['pickup_hz']} Hz, restore {cfg['trip']['restore_hz']} Hz")
+        last_status = -1.0
+        last_signal = None
+        while True:
+            st = time.monotonic() - run.t0
+            if st > scenario.duration:
+                break
+            if scenario.has("signal") and dry_pin is not None:
+                sig = 1 if scenario.value("signal", st) >= 0.5 else 0
+                if sig != last_signal:
+                    active = (cfg.get("signals") or {}).get("dry_contact_active", 1)
+                    gpio.set_input(dry_pin, sig if active else 1 - sig)
+                    if last_signal is not None or sig:
+                        say(f"{st:8.3f}s  utility signal {'ASSERTED' if sig else 'released'}")
+                    last_signal = sig
+            if st - last_status >= 1.0:
+                last_status = st
+                r = source(time.monotonic())
+                bar = "".join("#" if c else "." for c in load.closed)
+                say(f"{st:8.3f}s  {r.hz:7.3f} Hz  {load.kw(scenario.value('kw_base', st, 0.0)):8.1f} kW  "
+                    f"blocks [{bar}]{'' if r.ok else '  METER SILENT'}")
+            await asyncio.sleep(0.01)
+        status = None
+        try:
+            from ..transport import console_request
+
+            status = await asyncio.to_thread(console_request, board.port, "status", 3.0)
+        except Exception:
+            status = None
+    finally:
+        board.stop()
+        await gpio.stop()
+        await meter.stop()
+        for t in tasks:
+            t.cancel()
+        if run.wire:
+            run.wire.stop()
+    run.console = board.read_log() if hasattr(board, "read_log") else []
+    summary = summarize(run, load)
+    summary["board_status"] = status
+    summary["board_dir"] = str(board_dir)
+    if keep_dir is None:
+        shutil.rmtree(board_dir, ignore_errors=True)
+        summary["board_dir"] = None
+    return summary
