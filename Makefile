@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
+	@# per-port MicroPython stubs for the static checks (esp32 and rp2 stubs collide in one site-packages)
+	for port in esp32 rp2; do $(BIN)/pip install -q --no-deps --target $(VENV)/mpstubs/$$port \
+	  micropython-$$port-stubs==1.29.0.post1 micropython-stdlib-stubs==1.29.0.post2 || exit 1; done
 	@$(BIN)/micropython -c "import sys; print('micropython', sys.implementation.version)"
 	@touch $(STAMP)
 

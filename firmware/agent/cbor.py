@@ -18,8 +18,10 @@ Encoding (``dumps``) is deterministic:
 - definite lengths and the shortest head for every integer / length,
 - floats in the shortest of half/single/double that represents the value exactly,
   NaN as f97e00, infinities as half,
-- map entries in the dict's own iteration order (insertion order); the codec does not sort.
-  Producers that need byte-identical output build their maps in a fixed order.
+- map entries sorted by the bytewise order of their encoded keys (RFC 8949 section 4.2.1
+  "core deterministic encoding"; note: not cbor2's length-first ``canonical`` order). This is
+  needed because MicroPython dicts do not keep insertion order: the same dict encodes to the
+  same bytes on the board and on the host.
 - bool/None, int (-2**64 .. 2**64-1, else ValueError), float, bytes/bytearray/memoryview,
   str, list/tuple, dict, Tag. Other types raise TypeError. Nesting deeper than
   ``max_depth`` (also catches cycles) raises ValueError.
@@ -115,6 +117,10 @@ def _float(out, x):
     out.extend(struct.pack(">d", x))
 
 
+def _first(t):
+    return t[0]
+
+
 def _enc(out, obj, depth):
     if obj is None:
         out.append(0xF6)
@@ -151,9 +157,22 @@ def _enc(out, obj, depth):
                 _enc(out, v, depth)
         elif isinstance(obj, dict):
             _head(out, 5, len(obj))
-            for k in obj:
-                _enc(out, k, depth)
-                _enc(out, obj[k], depth)
+            if len(obj) < 2:
+                for k in obj:
+                    _enc(out, k, depth)
+                    _enc(out, obj[k], depth)
+            else:
+                # RFC 8949 4.2.1: keys sorted by their encoded bytes (MicroPython dicts
+                # do not keep insertion order, so "order given" would not be deterministic)
+                items = []
+                for k in obj:
+                    kb = bytearray()
+                    _enc(kb, k, depth)
+                    items.append((bytes(kb), k))
+                items.sort(key=_first)
+                for kb, k in items:
+                    out.extend(kb)
+                    _enc(out, obj[k], depth)
         elif isinstance(obj, Tag):
             t = obj.tag
             if not isinstance(t, int) or isinstance(t, bool) or t < 0 or t > _UINT64_MAX:

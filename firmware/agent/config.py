@@ -36,6 +36,13 @@ SCHEMA = {
         "meter_loss_after_s": (5.0, "f", 0.0, 3600.0),
         "boot_state": ("closed", ("closed", "open"), None, None),
     },
+    "signals": {
+        "dry_contact": (False, "b", None, None),
+        "dry_contact_pin": (None, "p", 0, 255),
+        "dry_contact_active": (1, "i", 0, 1),
+        "debounce_ms": (50, "i", 0, 10000),
+        "mode": ("level", ("level", "edge"), None, None),
+    },
 }
 
 BLOCK_SCHEMA = {
@@ -58,6 +65,10 @@ def _check(path, value, kind, lo, hi, errors):
         if value is not True and value is not False:
             errors.append("%s: must be true or false, got %r" % (path, value))
         return
+    if kind == "p":
+        if value is None:
+            return
+        kind = "i"
     if kind == "s":
         if not isinstance(value, str):
             errors.append("%s: must be a string, got %r" % (path, value))
@@ -130,6 +141,9 @@ def validate(cfg):
             errors.append("trip.pickup_hz: %r is not a plausible under-frequency pickup for a %d Hz grid" % (trip["pickup_hz"], nominal))
         if trip["restore_hz"] > nominal + 1:
             errors.append("trip.restore_hz: %r is above nominal + 1 Hz" % trip["restore_hz"])
+    sig = cfg.get("signals")
+    if isinstance(sig, dict) and sig.get("dry_contact") is True and sig.get("dry_contact_pin") is None:
+        errors.append("signals.dry_contact: the board has no dry-contact input pin")
     meter = cfg.get("meter")
     if isinstance(meter, dict):
         m = meter.get("map")

@@ -5,11 +5,11 @@ Message: ``17([protected: bstr .cbor {1: 5}, unprotected: {4: kid}, payload: bst
 ``["MAC0", protected (the received bytes), external_aad = b"", payload]`` in CBOR, full 32 bytes.
 
 Verification rules (anything else is refused with ``CoseError(reason)``):
-- ``malformed``: not CBOR, not a 4-element array (optionally tag 17), wrong field types,
-  detached (nil) payload, protected header not a CBOR map, a label in both header buckets,
-  a ``crit`` header (no critical extensions are supported), kid not a byte string,
-  tag not 32 bytes.
-- ``bad-alg``: alg missing from the protected header, or not 5.
+- ``malformed``: not CBOR, longer than MAX_MESSAGE, not a 4-element array (optionally
+  tag 17), wrong field types, detached (nil) payload, protected header not a CBOR map, a
+  label in both header buckets, a ``crit`` header (no critical extensions are supported),
+  kid not a byte string, tag not 32 bytes.
+- ``bad-alg``: alg missing from the protected header, not 5, or (also) in the unprotected one.
 - ``unknown-kid``: no kid, or kid not in ``keys``.
 - ``bad-mac``: the tag does not match (constant-time compare).
 The kid is taken from the unprotected header (label 4), or from the protected header.
@@ -103,7 +103,7 @@ def mac0_verify(buf, keys):
         raise CoseError("malformed", "bad headers")
     if not isinstance(payload, bytes):
         raise CoseError("malformed", "payload missing or detached")
-    if not isinstance(tag, bytes) or len(tag) != TAG_LEN:
+    if not isinstance(tag, bytes):
         raise CoseError("malformed", "bad tag")
     if protected:
         try:
@@ -124,6 +124,8 @@ def mac0_verify(buf, keys):
         raise CoseError("bad-alg")
     if HDR_ALG in unprotected:
         raise CoseError("bad-alg", "alg must be protected")
+    if len(tag) != TAG_LEN:
+        raise CoseError("malformed", "tag length")
     kid = unprotected.get(HDR_KID, phdr.get(HDR_KID))
     if kid is None:
         raise CoseError("unknown-kid", "no kid")

@@ -60,7 +60,10 @@ def _try_record(read_at, off, size, max_body):
         obj = cbor.loads(data[2 : 2 + ln])
     except Exception:  # ValueError from the codec; anything else is still bad data
         return None, "cbor"
-    if not isinstance(obj, dict) or not isinstance(obj.get("n"), int):
+    if not isinstance(obj, dict):
+        return None, "body"
+    n = obj.get("n")
+    if not isinstance(n, int) or n is True or n is False or n < 0:
         return None, "body"
     return obj, end
 
@@ -174,10 +177,12 @@ class Journal:
     """
 
     def __init__(self, root=".", prefix="journal", seg_size=16384, max_segs=4, clock=None,
-                 uptime=None, buf_size=256):
+                 uptime=None, buf_size=256, max_segments=None):
+        if max_segments is not None:  # alias used by the config section "journal"
+            max_segs = max_segments
         self.root = root
         self.prefix = prefix
-        self.seg_size = seg_size
+        self.seg_size = seg_size if seg_size > 64 else 64
         self.max_segs = max_segs if max_segs > 1 else 2
         self.clock = clock
         self.uptime = uptime or ticks_ms
@@ -229,6 +234,11 @@ class Journal:
                     tmps.append(k)
         segs.sort()
         return segs, tmps
+
+    @property
+    def next_seq(self):
+        """Seq the next append will carry."""
+        return self.seq + 1
 
     def segments(self):
         """Paths of the segments, oldest first."""
@@ -430,8 +440,9 @@ class Journal:
             return None
         try:
             obj, _ = _try_record(_FileReader(f), 0, _fsize(path), MAX_BODY)
-        finally:
-            f.close()
+        except Exception:
+            obj = None
+        f.close()
         return None if obj is None else obj["n"]
 
     def read(self, since_seq=0, limit=None):
@@ -456,8 +467,16 @@ class Journal:
                 size = _fsize(path)
             except OSError:
                 continue  # deleted by a rotation meanwhile
+            it = _scan(_FileReader(f), size)
             try:
-                for off, end, obj, why in _scan(_FileReader(f), size):
+                while True:
+                    try:
+                        off, end, obj, why = next(it)
+                    except StopIteration:
+                        break
+                    except Exception:  # unreadable segment: count it, go on with the next
+                        self.read_errors += 1
+                        break
                     if obj is None:
                         self.read_errors += 1
                         continue
@@ -480,3 +499,36 @@ class Journal:
         return {"seq": self.seq, "segments": len(self._segs), "bytes": total, "torn": self.torn,
                 "io_errors": self.io_errors, "dropped": self.dropped,
                 "rotations": self.rotations, "read_errors": self.read_errors}
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON view of records (console `@events` replies, host exports): bytes fields such as a
+# capture's "smp" become {"b64": "<base64>"}; from_jsonable() reverses it.
+
+
+def jsonable(obj):
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return {"b64": binascii.b2a_base64(bytes(obj)).decode().strip()}
+    if isinstance(obj, dict):
+        out = {}
+        for k in obj:
+            out[k if isinstance(k, str) else str(k)] = jsonable(obj[k])
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
+        return None  # JSON has no NaN/inf
+    return obj
+
+
+def from_jsonable(obj):
+    if isinstance(obj, dict):
+        if len(obj) == 1 and "b64" in obj and isinstance(obj["b64"], str):
+            return binascii.a2b_base64(obj["b64"])
+        out = {}
+        for k in obj:
+            out[k] = from_jsonable(obj[k])
+        return out
+    if isinstance(obj, list):
+        return [from_jsonable(v) for v in obj]
+    return obj

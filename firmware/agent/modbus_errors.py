@@ -25,7 +25,7 @@ class ModbusException(ModbusError):
     """
 
     def __init__(self, code, fn=0, unit=0):
-        ModbusError.__init__(self, code)
+        super().__init__(code)
         self.code = code
         self.fn = fn
         self.unit = unit

@@ -215,7 +215,10 @@ class MqttClient:
         self._w = self._r = None
         if w is not None:
             try:
-                w.close()
+                w.close()  # CPython: closes the transport; MicroPython: a no-op ...
+                s = getattr(w, "s", None)
+                if s is not None:
+                    s.close()  # ... so close its socket (what wait_closed() would do)
             except Exception:
                 pass
         self._parser.reset()
@@ -238,7 +241,6 @@ class MqttClient:
             if left <= 0:
                 raise OSError("no CONNACK")
             await self._wait(left)
-        self.connects += 1
         self._last_ping = ticks_ms()
         self._ping_sent = -1
         if self._subs:
@@ -246,11 +248,6 @@ class MqttClient:
         for pkt in self._inflight.values():  # QoS 1 not acknowledged before the drop
             pkt[0] |= 0x08
             await self._send(pkt)
-        if self.on_connect is not None:
-            try:
-                self.on_connect(self)
-            except Exception:
-                self.cb_errors += 1
         await self._keeper()
 
     async def _keeper(self):
@@ -295,8 +292,9 @@ class MqttClient:
                 else:
                     left = self._ping_every - ticks_diff(now, self._last_ping)
                     if left <= 0:
+                        # mark before the await: the PINGRESP may arrive while we drain
+                        self._ping_sent = self._last_ping = now
                         await self._send(mc.pingreq())
-                        self._ping_sent = self._last_ping = ticks_ms()
                         left = self._ping_timeout
                     wait = left
             await self._wait(max(wait, 10))
@@ -348,7 +346,13 @@ class MqttClient:
             if p.rc:
                 raise OSError("CONNACK refused: %d" % p.rc)
             self.connected = True
+            self.connects += 1
             self._wake.set()
+            if self.on_connect is not None:  # before any later packet is handled
+                try:
+                    self.on_connect(self)
+                except Exception:
+                    self.cb_errors += 1
         elif t in (mc.UNSUBACK, mc.PUBREC, mc.PUBCOMP):
             pass
         else:

@@ -21,11 +21,22 @@ Absolute sample time = t0 + ms0 + running sum of dms (exact unless a gap exceede
 import struct
 from array import array
 
-from agent.compat import const, ticks_diff
+from agent.compat import const
 
 SAMPLE_SIZE = const(10)
 _FMT = ">HHfH"
 HZ_NONE = const(0xFFFF)
+# Sample times are kept modulo 2**30 (fits array('i'), never allocates, and is consistent with
+# both tick periods: 2**30 on 32-bit ports, 2**62 on the 64-bit unix port). Windows are
+# seconds long, far below the 12-day period.
+_MASK = const(0x3FFFFFFF)
+_HALF = const(0x20000000)
+_PERIOD = const(0x40000000)
+
+
+def _diff(a, b):
+    d = (a - b) & _MASK
+    return d - _PERIOD if d >= _HALF else d
 
 
 def _zeros(code, n):
@@ -52,13 +63,22 @@ class Recorder:
         self.head = 0  # next slot to write
         self.count = 0
         self.t0 = 0
+        self.t0m = 0
         self.pending = False
         self.last_ms = 0
+
+    @classmethod
+    def from_config(cls, cfg):
+        """From the normalized site config: section "capture" {"pre_s", "post_s"} and the
+        meter poll interval."""
+        c = cfg.get("capture") or {}
+        return cls(c.get("pre_s", 5.0), c.get("post_s", 10.0),
+                   (cfg.get("meter") or {}).get("poll_ms", 50))
 
     def add(self, ms, hz, kw, mask):
         """Record one sample. No allocation (values go straight into the arrays)."""
         i = self.head
-        self.ms[i] = ms
+        self.ms[i] = ms & _MASK
         self.hz[i] = hz
         self.kw[i] = kw
         self.mask[i] = mask
@@ -75,6 +95,7 @@ class Recorder:
         if self.pending:
             return False
         self.t0 = ms
+        self.t0m = ms & _MASK
         self.pending = True
         return True
 
@@ -83,7 +104,7 @@ class Recorder:
             return False
         if ms is None:
             ms = self.last_ms
-        return ticks_diff(ms, self.t0) >= self.post_ms
+        return _diff(ms & _MASK, self.t0m) >= self.post_ms
 
     def cancel(self):
         self.pending = False
@@ -97,7 +118,7 @@ class Recorder:
         if not self.ready(ms):
             return None
         self.pending = False
-        t0 = self.t0
+        t0 = self.t0m
         cap = self.cap
         start = (self.head - self.count) % cap
         # first sample inside the window, last sample inside it
@@ -106,7 +127,7 @@ class Recorder:
         pre = 0
         for j in range(self.count):
             i = (start + j) % cap
-            d = ticks_diff(self.ms[i], t0)
+            d = _diff(self.ms[i], t0)
             if d < -self.pre_ms or d > self.post_ms:
                 continue
             if first < 0:
@@ -121,10 +142,10 @@ class Recorder:
             i = (start + first + j) % cap
             m = self.ms[i]
             if prev is None:
-                ms0 = ticks_diff(m, t0)
+                ms0 = _diff(m, t0)
                 dms = 0
             else:
-                dms = ticks_diff(m, prev)
+                dms = _diff(m, prev)
                 if dms < 0:
                     dms = 0
                 elif dms > 0xFFFF:
@@ -136,7 +157,7 @@ class Recorder:
             else:
                 mhz = int(hz * 1000 + 0.5)
             struct.pack_into(_FMT, out, j * SAMPLE_SIZE, dms, mhz, self.kw[i], self.mask[i])
-        return {"v": 1, "t0": t0, "dt": self.poll_ms, "pre": pre, "ms0": ms0, "smp": bytes(out)}
+        return {"v": 1, "t0": self.t0, "dt": self.poll_ms, "pre": pre, "ms0": ms0, "smp": bytes(out)}
 
 
 def decode_capture(rec):

@@ -83,7 +83,7 @@ class SeqCounter:
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
+        self.path = Path(path).expanduser()
 
     def _read(self) -> dict[str, int]:
         try:

@@ -102,6 +102,12 @@ def normalize(site: dict[str, Any], board_name: str | None = None, device_id: st
         nb["active"] = active
         blocks.append(nb)
     cfg["blocks"] = blocks
+    sig = cfg.get("signals")
+    if isinstance(sig, dict) and sig.get("dry_contact") and sig.get("dry_contact_pin") is None:
+        pin = (board.get("inputs") or {}).get("dry_contact")
+        if pin is None:
+            raise UserError(f"{source}: signals.dry_contact: board {board['name']} has no dry-contact input")
+        sig["dry_contact_pin"] = pin
     uarts = board.get("uarts", {})
     cfg["uart"] = {role: uarts[role] for role in uarts}
     fwconfig.apply_defaults(cfg)

