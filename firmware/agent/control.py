@@ -157,7 +157,8 @@ class Controller:
         self.nevents = self.events_dropped = self._ret = self.bad_samples = self.now_ms = 0
         self.shed_mask = self.trip_mask = self.reason = self.last_reason = self._npick = 0
         self._good_ms = self._trip_ms = self._hold_t0 = self._next_ref = self._next_wait = 0
-        self._min_off_need = 0
+        self._min_off_need = self._last_close = 0
+        self._closed_some = False  # a block came back since the last trip (stagger across pauses)
         self.last_stage = self.last_block = -1
         self.trip_hz = self.last_hz = None
         self.signal = self.released = self.meter_lost = self._started = self._hold_done = False
@@ -268,7 +269,7 @@ class Controller:
         self._ref_pending = False
         self._min_off_need = self.min_off_ms
         self._min_off_done = self.min_off_ms == 0
-        self.released = False
+        self.released = self._closed_some = False
         self._phase = TRIPPED
         self._hold_done = False
         i = 0
@@ -326,14 +327,14 @@ class Controller:
             if not self.signal:
                 self.signal = True
                 self._emit(SIGNAL_ON)
-        elif False:
+        elif self.signal:
             self.signal = False
             self._emit(SIGNAL_OFF)
         if release and self.shed_mask and not self.released:
             self.released = True
             self._emit(RELEASE_SEEN)
         # trips
-        if False:
+        if self.signal:
             self._trip(now_ms, self.all_mask, REASON_SIGNAL)
         if self.meter_lost and self.meter_loss_shed and self.armed:
             self._trip(now_ms, self.all_mask, REASON_METER_LOSS)
@@ -399,6 +400,10 @@ class Controller:
             self._phase = RESTORING
             self._next_ref = now_ms
             self._next_wait = self._jitter()
+            if self._closed_some:  # resuming after a pause: keep the stagger from the last close
+                d = self.stagger_ms - ticks_diff(now_ms, self._last_close)
+                if d > 0:
+                    self._next_wait += d
             self._emit(RESTORE_START)
         if ticks_diff(now_ms, self._next_ref) < self._next_wait:
             return
@@ -409,6 +414,8 @@ class Controller:
                 self.shed_mask &= ~(1 << b)
                 self.closed_mask |= 1 << b
                 self.last_block = b
+                self._last_close = now_ms
+                self._closed_some = True
                 self._emit(RESTORE_BLOCK)
                 break
             k += 1

@@ -30,9 +30,12 @@ arrived (5 for an exception); no silence gap is waited for.  Error path:
 after a CRC/frame error the master waits for line silence before retrying.
 
 read()/write_*() are plain functions returning the transaction coroutine
-(await them as usual): one coroutine object per transaction instead of two.
-Measured on the unix port (64-bit, so objects are about twice a board's
-size), see tests/firmware/test_modbus_master.py: ~130 B per RTU read.
+(await them as usual): one coroutine object per transaction instead of two,
+and the transaction state lives in attributes, not in coroutine locals
+(those are heap-allocated with the coroutine on every call).  Measured with
+gc.mem_alloc deltas in tests/firmware/test_modbus_master.py on the unix port
+(64-bit; a 32-bit board's objects are about half): 256 B per RTU read (282 B
+with the DE hook), 288 B per TCP read, nearly all of it the coroutine object.
 """
 import asyncio
 
@@ -297,8 +300,10 @@ class RtuMaster(_Master):
     def _gap_wait(self):
         # drain stale input; ms still to wait for t3.5 since the last frame
         self._drain()
-        w = self._gap_us - ticks_diff(ticks_us(), self._last_us)
-        return w // 1000 + 1 if w > 0 else 0
+        d = ticks_diff(ticks_us(), self._last_us)
+        if d < 0 or d >= self._gap_us:  # (< 0: wrapped, long ago)
+            return 0
+        return (self._gap_us - d) // 1000 + 1
 
     def _start(self):
         self.tx += 1
@@ -440,6 +445,8 @@ class TcpMaster(_Master):
         self._rx = bytearray(tcp.MAX_ADU)
         self._rxmv = memoryview(self._rx)
         self._view = self._rxmv[9:9]
+        self._txv = self._txmv[:0]
+        self._off = 0
         self._tid = 0
         self._sock = None
         self._reader = None
@@ -492,8 +499,9 @@ class TcpMaster(_Master):
         # MicroPython socket: True when the whole request is out
         n = self._n
         off = self._off
-        mv = self._txmv
-        w = self._sock.write(mv[:n] if off == 0 else mv[off:n])
+        if len(self._txv) != n:  # a poll repeats the same request size
+            self._txv = self._txmv[:n]
+        w = self._sock.write(self._txv if off == 0 else self._txv[off:])
         if w:
             off = self._off = off + w
         if off >= n:

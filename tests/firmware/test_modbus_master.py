@@ -423,3 +423,33 @@ def test_tcp_master_under_cpython(rig):
     assert struct.unpack(">H", back) == (77,)
     assert code == 2 and c["ok"] == 3 and c["exceptions"] == 1
     assert struct.unpack(">2H", fl)[1] == 4321 and fc["bad_frames"] == 1
+
+
+def test_rtu_master_under_cpython(rig, result):
+    """The same RtuMaster runs on CPython over a non-blocking pty (host tools may use it)."""
+    from agent.modbus_master import RtuMaster
+    from agent.modbus_errors import ModbusException, ModbusTimeout
+
+    fd = os.open(rig["pty"], os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    uart = os.fdopen(fd, "r+b", buffering=0)
+
+    async def go():
+        m = RtuMaster(uart, 19200, timeout_ms=150, retries=1)
+        regs = bytes(await m.read(1, 3, 150, 3))
+        await m.write_registers(1, 150, [11, 12])
+        back = bytes(await m.read(1, 3, 150, 3))
+        with pytest.raises(ModbusException):
+            await m.read(1, 4, 900, 1)
+        with pytest.raises(ModbusTimeout):
+            await m.read(9, 3, 100, 1)
+        noisy = bytes(await m.read(2, 3, 100, 1))
+        return regs, back, noisy, m.counters()
+
+    try:
+        regs, back, noisy, c = asyncio.run(go())
+    finally:
+        uart.close()
+    assert struct.unpack(">3H", regs) == tuple(REGS[50:53])
+    assert struct.unpack(">3H", back) == (11, 12, REGS[52])
+    assert struct.unpack(">H", noisy) == (REGS[0],)
+    assert c["ok"] == 4 and c["exceptions"] == 1 and c["timeouts"] == 2 and c["junk"] >= len(NOISE_HEAD)

@@ -101,9 +101,14 @@ class UnixHal:
         path = self.sim.get("uarts", {}).get(role)
         if not path:
             raise OSError("no UART for role %r in sim.json" % role)
-        f = open(path, "r+b")
+        f = open(path, "r+b", buffering=0)
         if termios is not None:
-            termios.setraw(f.fileno())
+            fd = f.fileno()
+            termios.setraw(fd)
+            a = termios.tcgetattr(fd)
+            a[6][6] = 0  # VMIN = 0, VTIME = 0: readinto returns at once when nothing waits,
+            a[6][5] = 0  # like machine.UART(timeout=0) on a board
+            termios.tcsetattr(fd, termios.TCSANOW, a)
         return f
 
     def wdt(self, timeout_ms):

@@ -54,12 +54,16 @@ class SiteRun:
 
 def install_firmware(board_dir: Path, cfg: dict[str, Any], sim_cfg: dict[str, Any],
                      firmware_dir: Path = FIRMWARE) -> None:
-    """Lay the board's filesystem: agent sources, /config.cbor, sim.json."""
-    for src in firmware_dir.rglob("*.py"):
-        rel = src.relative_to(firmware_dir)
-        dst = board_dir / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
+    """Lay the board's filesystem as `gridshed build` + deploy would: .mpy agent, /config.cbor, sim.json."""
+    from ..build import build
+
+    with tempfile.TemporaryDirectory(prefix="gridshed-build-") as tmp:
+        manifest = build("unix-sim", src=firmware_dir, out=Path(tmp) / "unix-sim")
+        out = Path(manifest["path"])
+        for e in manifest["files"]:
+            dst = board_dir / e["file"]
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out / e["file"], dst)
     (board_dir / "config.cbor").write_bytes(siteconfig.config_bytes(cfg))
     import json
 
@@ -142,6 +146,14 @@ class LoadModel:
 
     def kw(self, base: float) -> float:
         return base + sum(self.block_kw(i) for i, c in enumerate(self.closed) if c)
+
+
+def _board_status(port: str) -> dict[str, Any] | None:
+    from ..transport import Console
+
+    with Console(port) as con:
+        answers = con.request("status", timeout=3.0)
+    return answers[-1] if answers else None
 
 
 async def run_site(scenario: Scenario, cfg: dict[str, Any], *, heapsize: str = "64k",
@@ -251,9 +263,7 @@ async def run_site(scenario: Scenario, cfg: dict[str, Any], *, heapsize: str = "
             await asyncio.sleep(0.01)
         status = None
         try:
-            from ..transport import console_request
-
-            status = await asyncio.to_thread(console_request, board.port, "status", 3.0)
+            status = await asyncio.to_thread(_board_status, board.port)
         except Exception:
             status = None
     finally:
@@ -264,7 +274,10 @@ async def run_site(scenario: Scenario, cfg: dict[str, Any], *, heapsize: str = "
             t.cancel()
         if run.wire:
             run.wire.stop()
-    run.console = board.read_log() if hasattr(board, "read_log") else []
+    try:
+        run.console = [(0.0, line) for line in Path(board.log_path).read_text(errors="replace").splitlines()]
+    except OSError:
+        run.console = []
     summary = summarize(run, load)
     summary["board_status"] = status
     summary["board_dir"] = str(board_dir)
