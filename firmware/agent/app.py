@@ -47,6 +47,15 @@ def write_cbor_atomic(path, obj):
     os.rename(tmp, path)
 
 
+def unload(name):
+    # Free a module loaded for a one-off job: drop it from sys.modules and from its package.
+    sys.modules.pop(name, None)
+    pkg = sys.modules.get("agent")
+    short = name.rsplit(".", 1)[-1]
+    if pkg is not None and short in pkg.__dict__:
+        delattr(pkg, short)
+
+
 def reply(obj, end):
     obj["end"] = end
     print("@" + json.dumps(obj))
@@ -93,7 +102,7 @@ class Agent:
         self.errors = {}
         self.started = ticks_ms()
         self.signal = None
-        self.verifier = None
+        self.seq_counters = None  # command counters survive the console module being freed
         self.master = None
         self.journal.append("boot", {"build": BUILD, "resumed_trip": tripped, "mask": self.relays.mask})
 
@@ -103,15 +112,17 @@ class Agent:
 
     def events(self, ev, now):
         c = self.ctrl
+        persist = False
         for i in range(c.nevents):
             code = c.events[i]
+            persist = persist or control.persist_wanted(code)
             name = control.EVENT_NAMES[code]
             self.journal.append("ctl", {"ev": name, "hz": self.hz, "kw": self.kw, "mask": c.closed_mask,
                                         "reason": control.REASON_NAMES[c.reason]})
             log("E", "%s hz=%s kw=%s mask=%d" % (name, self.hz, self.kw, c.closed_mask))
             if control.is_trip(code) and self.recorder is not None:
                 self.recorder.trigger(now)
-        if control.persist_wanted(ev):
+        if persist:
             try:
                 write_cbor_atomic(STATE_PATH, c.snapshot(now))
             except OSError:
@@ -212,103 +223,14 @@ class Agent:
                 self.decide(now, False)
             await asyncio.sleep_ms(INPUT_MS)
 
-    # ---- signed commands -----------------------------------------------------------------
-    def _verifier(self):
-        if self.verifier is None:
-            from agent.commands import CommandVerifier, FileSeqStore
+    # ---- console and commands: code loaded on demand (agent/console.py), freed after use ----
+    def console_line(self, line):
+        import agent.console as con
 
-            keys = read_cbor(KEYS_PATH)
-            if not isinstance(keys, dict):
-                keys = {}
-            self.verifier = CommandVerifier(keys, self.cfg["device"], self.cfg["site"], FileSeqStore(SEQ_PATH))
-        return self.verifier
-
-    def command(self, buf, src):
-        # Verify, journal (accepted or refused, with why), then set inputs for the next decision.
-        from agent.commands import CommandRefused
-
-        v = self._verifier()
         try:
-            c = v.verify(buf, self.hal.wall_time())
-        except CommandRefused as e:
-            self.journal.append("cmd_refused", {"src": src, "why": e.reason})
-            log("W", "command refused (%s): %s" % (src, e.reason))
-            return {"ok": False, "refused": e.reason}
-        cmd = c["cmd"]
-        now = ticks_ms()
-        self.journal.append("cmd", {"src": src, "cmd": cmd, "seq": c["seq"], "kid": c.get("kid")})
-        log("E", "command %s seq=%d (%s)" % (cmd, c["seq"], src))
-        if cmd == "shed":
-            self.cmd_shed = True
-            self.release = False
-        elif cmd == "restore":
-            self.cmd_shed = False
-            self.release = True
-            if self.signal is not None:
-                self.signal.clear()
-        elif cmd == "arm":
-            ev = self.ctrl.arm(now)
-            if self.ctrl.nevents:
-                self.events(ev, now)
-        elif cmd == "disarm":
-            ev = self.ctrl.disarm(now)
-            if self.ctrl.nevents:
-                self.events(ev, now)
-        self.decide(now, False)
-        out = {"ok": True, "cmd": cmd, "seq": c["seq"]}
-        if cmd == "status" or cmd == "test":
-            out["status"] = self.status()
-        return out
-
-    # ---- console -------------------------------------------------------------------------
-    def status(self):
-        st = {
-            "build": BUILD, "site": self.cfg["site"], "device": self.cfg["device"],
-            "board": self.cfg["board"], "state": control.STATE_NAMES[self.ctrl.state],
-            "reason": control.REASON_NAMES[self.ctrl.reason], "armed": self.ctrl.armed,
-            "hz": self.hz, "kw": self.kw, "meter_ok": self.meter_ok, "mask": self.relays.mask,
-            "blocks": [b["name"] for b in self.cfg["blocks"]], "samples": self.samples,
-            "meter_errors": self.meter_errors, "transitions": self.relays.transitions,
-            "uptime_ms": ticks_diff(ticks_ms(), self.started), "errors": self.errors,
-            "journal_seq": self.journal.seq, "mem_free": gc.mem_free(),
-            "signal": self.cmd_shed or (self.signal is not None and self.signal.shed()),
-        }
-        if self.master is not None:
-            st["modbus"] = self.master.counters()
-        if self.verifier is not None:
-            st["commands"] = self.verifier.counters
-        return st
-
-    def handle_console(self, line):
-        parts = line.split(None, 1)
-        verb = parts[0] if parts else ""
-        arg = parts[1].strip() if len(parts) > 1 else ""
-        if verb == "status":
-            reply(self.status(), True)
-        elif verb == "events":
-            since = int(arg) if arg.isdigit() else 0
-            n = 0
-            for rec in self.journal.read(since):
-                reply({"rec": jsonable(rec)}, False)
-                n += 1
-                if n % 8 == 0:
-                    gc.collect()
-            reply({"ok": True, "count": n}, True)
-        elif verb == "config":
-            reply({"config": jsonable(self.cfg)}, True)
-        elif verb == "cmd":
-            import binascii
-
-            try:
-                buf = binascii.a2b_base64(arg)
-            except Exception:
-                self.count("console_bad")
-                reply({"ok": False, "refused": "malformed"}, True)
-                return
-            reply(self.command(buf, "serial"), True)
-        else:
-            self.count("console_bad")
-            reply({"error": "unknown verb"}, True)
+            con.handle(self, line)
+        finally:
+            unload("agent.console")
 
     async def console_task(self):
         reader = asyncio.StreamReader(sys.stdin)
@@ -332,10 +254,11 @@ class Agent:
                 continue
             if line.startswith("@"):
                 try:
-                    self.handle_console(line[1:])
+                    self.console_line(line[1:])
                 except Exception as e:
                     self.count("console_error")
                     reply({"error": repr(e)}, True)
+                gc.collect()
 
     async def main(self):
         asyncio.create_task(self.tick_task())
@@ -371,12 +294,13 @@ def run():
         errors = configmod.validate(cfg)
         # boot-only code: unload it so its RAM serves the running agent
         del configmod
-        sys.modules.pop("agent.config", None)
+        unload("agent.config")
         gc.collect()
     if errors:
         asyncio.run(refuse_forever(errors))
         return
     hal = halmod.load(cfg.get("board"))
     agent = Agent(cfg, hal)
+    unload("agent.meter_check")  # boot-only checks
     gc.collect()
     asyncio.run(agent.main())

@@ -39,9 +39,9 @@ def prepare_config(site_path: str | Path, board_name: str | None = None,
     if board_name and site_board and site_board != board_name:
         raise UserError(f"{site_path}: board: {site_board!r} but the board is a {board_name} "
                         "(fix board = ... in the site file, or connect the right board)")
-    cfg = siteconfig.normalize(site, board_name=board_name, device_id=device_id, source=str(site_path))
-    if not cfg.get("device"):
+    if not device_id and not site.get("device"):
         raise UserError(f"{site_path}: device: missing; pass --device-id ID or set device = \"...\"")
+    cfg = siteconfig.normalize(site, board_name=board_name, device_id=device_id, source=str(site_path))
     if not cfg.get("site"):
         raise UserError(f"{site_path}: site: missing; set site = \"...\" (the site id)")
     return cfg

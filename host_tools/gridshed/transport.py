@@ -85,7 +85,9 @@ class Board:
         self.port = port
         self.chunk = chunk
         try:
-            self.t = SerialTransport(port, baudrate=baudrate)
+            # a read timeout: on a pty mpremote reads byte by byte without checking in_waiting,
+            # so without one a silent board would block read_until() forever
+            self.t = SerialTransport(port, baudrate=baudrate, timeout=1)
         except TransportError as exc:
             raise BoardError(f"cannot open {port}: {exc} (is another program using it?)") from None
         except Exception as exc:  # serial.SerialException and OSError

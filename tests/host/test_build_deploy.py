@@ -186,3 +186,20 @@ def test_real_firmware_deploys_to_virtual_board(tmp_path):
         assert len(s["written"]) == len(b["files"])
         with Board(vb.port) as bd:
             assert bd.eval("__import__('agent.app').app.BUILD") == b["build_id"]
+
+
+def test_port_auto_detect():
+    from gridshed.ports import classify, choose_port, known_ids
+
+    ids = known_ids()
+    assert ids[(0x2E8A, 0x0005)] and ids[(0x10C4, 0xEA60)]
+    cp = classify("/dev/ttyUSB0", 0x10C4, 0xEA60, ids=ids)
+    pico = classify("/dev/ttyACM0", 0x2E8A, 0x0005, ids=ids)
+    mouse = classify("/dev/ttyS0", None, None, ids=ids)
+    assert cp.known_as and pico.known_as and mouse.known_as is None
+    assert choose_port(None, [cp, mouse]) == "/dev/ttyUSB0"
+    assert choose_port("/dev/pts/3", [cp, pico]) == "/dev/pts/3"
+    with pytest.raises(UserError, match="several boards attached: /dev/ttyUSB0 .*/dev/ttyACM0.*--port"):
+        choose_port(None, [cp, pico])
+    with pytest.raises(UserError, match="no board found.*--port"):
+        choose_port(None, [mouse])

@@ -1,0 +1,169 @@
+"""End-to-end: the real firmware on a virtual board against a pymodbus meter, through the simulator.
+
+Scenarios here are compressed versions of the shipped ones so the suite stays fast; the
+assertions are about behaviour (what opened, when relative to what, what came back), never
+about wall-clock speed.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gridshed import siteconfig
+from gridshed.sim.scenario import load_scenario
+from gridshed.sim.site import run_site
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_SITE = ROOT / "scenarios" / "demo-site.toml"
+HEAP = "64wK"  # 64 KB on a 32-bit board; -X heapsize scales 'w' sizes by the word size
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def site(tmp_path: Path, extra: str = "", **trip: object) -> dict:
+    text = DEMO_SITE.read_text()
+    for k, v in trip.items():
+        import re
+
+        text = re.sub(rf"(?m)^{k} = .*$", f"{k} = {json.dumps(v)}", text)
+    p = write(tmp_path, "site.toml", text + "\n" + extra)
+    return siteconfig.load_site(p)
+
+
+def run(scn: Path, cfg: dict, **kw) -> dict:
+    return asyncio.run(run_site(load_scenario(scn), cfg, settle_s=0.3, **kw))
+
+
+def block_kw(cfg: dict) -> float:
+    return sum(b["miners"] * b["kw_per_miner"] for b in cfg["blocks"])
+
+
+def test_ercot_dip_trips_and_restores_staggered(tmp_path):
+    scn = write(tmp_path, "dip.csv", "t_s,hz\n0,60\n1.5,59.98\n2.0,59.62\n3.0,59.65\n4.0,59.95\n14,60\n")
+    cfg = site(tmp_path, min_off_s=4, restore_hold_s=2, stagger_s=1.0, jitter_s=0.2)
+    s = run(scn, cfg, heapsize=HEAP, keep_dir=tmp_path / "board")
+    assert s["board_status"] is not None, "board did not answer @status"
+    uf = [t for t in s["trips"] if t["cause"] == "under-frequency"]
+    assert len(uf) == 1
+    t = uf[0]
+    # causality: crossing -> meter update -> poll -> relay open
+    assert t["crossing_s"] <= t["meter_update_s"] + 0.06
+    assert t["meter_update_s"] <= t["poll_s"] <= t["relay_open_s"]
+    # each block opened exactly once; meter kW dropped by the whole nameplate load
+    assert set(s["opens_per_block"].values()) == {1}
+    assert s["kw_shed"] == pytest.approx(block_kw(cfg), abs=0.5)
+    # restore: after min-off, most important (highest priority number) first, staggered
+    assert s["all_restored"]
+    first_close = s["restores"][0]["t_s"]
+    assert first_close - t["relay_open_s"] >= 4.0 - 0.05
+    assert [r["block"] for r in s["restores"]] == ["hvac-aux", "row-c", "row-b", "row-a"]
+    assert all(g >= 1.0 - 0.05 for g in s["restore_gaps_s"])
+    # evidence on the board: journal and persisted state
+    board = tmp_path / "board"
+    assert (board / "state.cbor").exists()
+    from agent.journal import parse_stream
+
+    recs = []
+    for seg in sorted(board.glob("journal.*")):
+        r, errs = parse_stream(seg.read_bytes())
+        assert not errs
+        recs += r
+    evs = [r.get("ev") for r in recs if r["k"] == "ctl"]
+    assert "trip_uf" in evs and "restore_done" in evs
+
+
+def test_noise_at_pickup_trips_once_and_never_chatters(tmp_path):
+    rows = ["t_s,hz", "0,60", "1,59.95"]
+    t = 1.5
+    import math
+
+    while t < 9:
+        rows.append(f"{t:.2f},{59.71 + 0.03 * math.sin(t * 9.1):.3f}")
+        t += 0.15
+    scn = write(tmp_path, "noise.csv", "\n".join(rows) + "\n")
+    cfg = site(tmp_path, min_off_s=1, restore_hold_s=1)
+    s = run(scn, cfg, heapsize=HEAP)
+    assert set(s["opens_per_block"].values()) == {1}
+    assert s["restores"] == []  # restore_hz never reached: no relay ever closes again
+
+
+def test_meter_dropout_follows_failsafe_policy(tmp_path):
+    scn = write(tmp_path, "drop.csv", "t_s,hz,meter_ok\n0,60,1\n1.5,60,1\n1.5,60,0\n6,60,0\n6,60,1\n9,60,1\n")
+    cfg = site(tmp_path, meter_loss_after_s=2, min_off_s=30)
+    s = run(scn, cfg, heapsize=HEAP)
+    ms = [t for t in s["trips"] if t["cause"] == "meter silent"]
+    assert ms and ms[0]["relay_open_s"] is not None
+    assert ms[0]["after_s"] >= 2.0 - 0.05  # not before the configured delay
+    assert s["unanswered_polls"] > 0
+    status = s["board_status"]
+    assert status["meter_errors"] > 0 and status["reason"] == "meter_loss"
+
+
+def test_meter_dropout_hold_policy_keeps_relays(tmp_path):
+    scn = write(tmp_path, "drop.csv", "t_s,hz,meter_ok\n0,60,1\n1,60,1\n1,60,0\n5,60,0\n5,60,1\n6,60,1\n")
+    text = DEMO_SITE.read_text().replace('meter_loss = "shed"', 'meter_loss = "hold"')
+    cfg = siteconfig.load_site(write(tmp_path, "hold.toml", text))
+    s = run(scn, cfg, heapsize=HEAP)
+    assert s["transitions"] == []
+    assert s["board_status"]["meter_errors"] > 0
+
+
+def test_gb_50hz_over_modbus_tcp(tmp_path):
+    scn = write(tmp_path, "gb.csv", "t_s,hz\n0,50\n1.5,49.95\n2.2,49.6\n3.5,49.7\n5,49.95\n7,50\n")
+    cfg = siteconfig.load_site(ROOT / "scenarios" / "gb-site.toml")
+    s = run(scn, cfg, transport="tcp", heapsize=HEAP)
+    assert s["transport"] == "tcp"
+    uf = [t for t in s["trips"] if t["cause"] == "under-frequency"]
+    assert uf and uf[0]["relay_open_s"] is not None
+    assert uf[0]["relay_open_s"] >= uf[0]["crossing_s"]
+
+
+def test_utility_dry_contact_signal(tmp_path):
+    scn = write(tmp_path, "sig.csv", "t_s,hz,signal\n0,60,0\n1.5,60,0\n1.5,60,1\n4,60,1\n4,60,0\n9,60,0\n")
+    cfg = site(tmp_path, extra="[signals]\ndry_contact = true\ndebounce_ms = 30\n", min_off_s=1, restore_hold_s=1,
+               stagger_s=0.5)
+    s = run(scn, cfg, heapsize=HEAP)
+    sig = [t for t in s["trips"] if t["cause"] == "utility signal"]
+    assert sig and sig[0]["relay_open_s"] is not None
+    assert sig[0]["relay_open_s"] >= 1.5 + 0.03 - 0.02  # debounced, never before the contact
+    closes = [r["t_s"] for r in s["restores"]]
+    assert closes and min(closes) > 4.0  # restored only after the release
+    assert s["all_restored"]
+
+
+# ---- CLI: bad input gives one clear line and a non-zero exit ----------------------------------
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gridshed.cli", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_cli_unknown_scenario_column(tmp_path):
+    scn = write(tmp_path, "bad.csv", "t_s,hz,voltage\n0,60,1\n1,60,1\n")
+    r = cli("sim", str(scn))
+    assert r.returncode == 2
+    assert "unknown column 'voltage'" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("mutation,needle", [
+    (("pickup_hz = 59.7", "pickup_hz = 59.95"), "trip.pickup_hz"),
+    (("relays = [\"relay3\"]", "relays = [\"relay99\"]"), "no relay 'relay99'"),
+    (("model = \"eastron_sdm630\"", "model = \"acme_x\""), "acme_x"),
+    (("[trip]", "[trip\n"), "not valid TOML"),
+    (("baud = 19200", "baud = \"fast\""), "meter.baud"),
+])
+def test_cli_bad_site_toml(tmp_path, mutation, needle):
+    text = DEMO_SITE.read_text().replace(*mutation)
+    p = write(tmp_path, "site.toml", text)
+    scn = ROOT / "scenarios" / "ercot_ffr_dip.csv"
+    r = cli("sim", str(scn), "--site", str(p))
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr and "Traceback" not in r.stderr
