@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--transport", choices=["rtu", "tcp"], help="override the meter transport")
     p.add_argument("--baud", type=int, help="override the RTU baud rate")
     p.add_argument("--meter-update-ms", type=float, default=50.0, help="how often the meter refreshes its registers")
-    p.add_argument("--heapsize", default="64k", help="micropython -X heapsize for the virtual board (default 64k)")
+    p.add_argument("--heapsize", default="64wK", help="micropython -X heapsize for the virtual board (default 64wK: 64 KB on a 32-bit board, word-scaled)")
     p.add_argument("--keep", metavar="DIR", help="keep the board's filesystem (journal, state) in DIR")
     p.add_argument("--report", metavar="FILE", help="also write an event report (.png or .html)")
     p.set_defaults(func=run)

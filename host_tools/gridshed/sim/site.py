@@ -156,7 +156,7 @@ def _board_status(port: str) -> dict[str, Any] | None:
     return answers[-1] if answers else None
 
 
-async def run_site(scenario: Scenario, cfg: dict[str, Any], *, heapsize: str = "64k",
+async def run_site(scenario: Scenario, cfg: dict[str, Any], *, heapsize: str = "64wK",
                    meter_update_ms: float = 50.0, transport: str | None = None, baud: int | None = None,
                    on_line: Callable[[str], None] | None = None, keep_dir: Path | None = None,
                    settle_s: float = 1.0, firmware_dir: Path = FIRMWARE) -> dict[str, Any]:
