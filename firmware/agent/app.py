@@ -96,6 +96,8 @@ class Agent:
         self.kw = None
         self.meter_ok = False
         self.cmd_shed = False
+        self.ext_shed = False    # set by feature modules (utility Modbus server register, ...)
+        self.shed_kw = None      # partial curtailment target (kW) or None = all blocks
         self.release = False
         self.samples = 0
         self.meter_errors = 0
@@ -129,9 +131,14 @@ class Agent:
                 self.count("state_write")
 
     # ---- control -------------------------------------------------------------------------
+    def shed_requested(self):
+        # Every utility channel (signed command, dry contact, Modbus server, MQTT, OpenADR via a
+        # signed command) ends up here as an input of the next decision.
+        return self.cmd_shed or self.ext_shed or (self.signal is not None and self.signal.shed())
+
     def decide(self, now, sample):
         # One control decision; relays change here and only here.
-        sig = self.cmd_shed or (self.signal is not None and self.signal.shed())
+        sig = self.shed_requested()
         rel = self.release  # a release is a one-shot input: the controller latches it per trip
         self.release = False
         if sample:
@@ -260,11 +267,54 @@ class Agent:
                     reply({"error": repr(e)}, True)
                 gc.collect()
 
+    # ---- API for feature modules (agent/utility_server.py, fleet.py, udp_cmd.py, freq.py,
+    # miners.py): each has start(agent) that creates its own tasks and talks to the agent
+    # only through these methods and the input attributes above.
+    def signed_command(self, buf, src):
+        import agent.console as con
+
+        try:
+            return con.command(self, buf, src)
+        finally:
+            unload("agent.console")
+
+    def status(self):
+        import agent.console as con
+
+        try:
+            return con.status(self)
+        finally:
+            unload("agent.console")
+
+    def start_features(self):
+        c = self.cfg
+        if (c.get("signals") or {}).get("dry_contact"):
+            asyncio.create_task(self.input_task())
+        if (c.get("modbus_server") or {}).get("enabled"):
+            from agent import utility_server
+
+            utility_server.start(self)
+        if (c.get("udp") or {}).get("enabled"):
+            from agent import udp_cmd
+
+            udp_cmd.start(self)
+        if (c.get("mqtt") or {}).get("enabled"):
+            from agent import fleet
+
+            fleet.start(self)
+        if (c.get("ac_sense") or {}).get("enabled"):
+            from agent import freq
+
+            freq.start(self)
+        if (c.get("miners") or {}).get("enabled"):
+            from agent import miners
+
+            miners.start(self)
+
     async def main(self):
         asyncio.create_task(self.tick_task())
         asyncio.create_task(self.console_task())
-        if (self.cfg.get("signals") or {}).get("dry_contact"):
-            asyncio.create_task(self.input_task())
+        self.start_features()
         hal_task = self.hal.run()
         if hal_task is not None:
             asyncio.create_task(hal_task)

@@ -36,12 +36,63 @@ SCHEMA = {
         "meter_loss_after_s": (5.0, "f", 0.0, 3600.0),
         "boot_state": ("closed", ("closed", "open"), None, None),
     },
+    "capture": {
+        "pre_s": (5.0, "f", 0.0, 60.0),
+        "post_s": (10.0, "f", 0.0, 600.0),
+    },
+    "journal": {
+        "segment_bytes": (16384, "i", 1024, 1048576),
+        "segments": (4, "i", 2, 64),
+    },
     "signals": {
         "dry_contact": (False, "b", None, None),
         "dry_contact_pin": (None, "p", 0, 255),
         "dry_contact_active": (1, "i", 0, 1),
         "debounce_ms": (50, "i", 0, 10000),
         "mode": ("level", ("level", "edge"), None, None),
+    },
+}
+
+# Feature sections: checked (and defaulted) only when the site file has them. Each feature's
+# module (agent/utility_server.py, fleet.py, udp_cmd.py, freq.py, miners.py) reads its own.
+OPTIONAL = {
+    "modbus_server": {
+        "enabled": (True, "b", None, None),
+        "transport": ("tcp", ("tcp", "rtu"), None, None),
+        "port": (502, "i", 1, 65535),
+        "unit": (1, "i", 1, 247),
+        "baud": (19200, "i", 1200, 115200),
+        "heartbeat_s": (0.0, "f", 0.0, 3600.0),
+        "heartbeat_action": ("alarm", ("alarm", "shed"), None, None),
+    },
+    "udp": {
+        "enabled": (True, "b", None, None),
+        "port": (4700, "i", 1, 65535),
+    },
+    "mqtt": {
+        "enabled": (True, "b", None, None),
+        "host": ("127.0.0.1", "s", None, None),
+        "port": (1883, "i", 1, 65535),
+        "keepalive_s": (30, "i", 5, 3600),
+        "telemetry_s": (10.0, "f", 0.5, 3600.0),
+    },
+    "ac_sense": {
+        "enabled": (True, "b", None, None),
+        "pin": (None, "p", 0, 255),
+        "role": ("secondary", ("primary", "secondary"), None, None),
+        "max_disagree_hz": (0.05, "f", 0.0, 5.0),
+    },
+    "miners": {
+        "enabled": (True, "b", None, None),
+        "api": ("cgminer", ("cgminer", "luxos"), None, None),
+        "timeout_ms": (1000, "i", 50, 60000),
+        "hosts": ([], "l", None, None),
+    },
+    "override": {
+        "enabled": (True, "b", None, None),
+        "pin": (None, "p", 0, 255),
+        "active": (0, "i", 0, 1),
+        "mode": ("lockout", ("lockout", "shed"), None, None),
     },
 }
 
@@ -60,6 +111,10 @@ def _check(path, value, kind, lo, hi, errors):
     if isinstance(kind, tuple):
         if value not in kind:
             errors.append("%s: must be one of %s, got %r" % (path, "/".join(kind), value))
+        return
+    if kind == "l":
+        if not isinstance(value, list):
+            errors.append("%s: must be a list, got %r" % (path, value))
         return
     if kind == "b":
         if value is not True and value is not False:
@@ -96,6 +151,12 @@ def apply_defaults(cfg):
         for k, spec in keys.items():
             if k not in d:
                 d[k] = spec[0]
+    for sec, keys in OPTIONAL.items():
+        d = cfg.get(sec)
+        if isinstance(d, dict):
+            for k, spec in keys.items():
+                if k not in d:
+                    d[k] = spec[0]
     for b in cfg.get("blocks") or ():
         if isinstance(b, dict):
             for k, spec in BLOCK_SCHEMA.items():
@@ -131,6 +192,19 @@ def validate(cfg):
                 _check(sec + "." + k, d[k], kind, lo, hi, errors)
         for k in d:
             if k not in keys and not (sec == "meter" and k == "map") and not (sec == "trip" and k == "stages"):
+                errors.append("%s.%s: unknown key" % (sec, k))
+    for sec, keys in OPTIONAL.items():
+        d = cfg.get(sec)
+        if d is None:
+            continue
+        if not isinstance(d, dict):
+            errors.append("%s: must be a table" % sec)
+            continue
+        for k, (default, kind, lo, hi) in keys.items():
+            if k in d:
+                _check(sec + "." + k, d[k], kind, lo, hi, errors)
+        for k in d:
+            if k not in keys:
                 errors.append("%s.%s: unknown key" % (sec, k))
     trip = cfg.get("trip")
     if isinstance(trip, dict) and not errors:

@@ -19,8 +19,8 @@ from .errors import UserError
 from .meters import load_meter
 
 TOP_KEYS = {"site", "device", "board", "nominal_hz", "meter", "trip", "failsafe", "blocks",
-            "signals", "security", "mqtt", "modbus_server", "journal", "capture", "miners",
-            "ac_sense", "stages"}
+            "signals", "mqtt", "modbus_server", "udp", "journal", "capture", "miners",
+            "ac_sense", "override", "stages"}
 BLOCK_KEYS = {"name", "relays", "miners", "kw_per_miner", "priority", "active"}
 
 
@@ -63,7 +63,7 @@ def normalize(site: dict[str, Any], board_name: str | None = None, device_id: st
     cfg["meter"]["map"] = {k: mmap[k] for k in ("model", "function", "quantities") if k in mmap}
     for sec in ("trip", "failsafe"):
         cfg[sec] = dict(site.get(sec) or {})
-    for sec in ("signals", "security", "mqtt", "modbus_server", "journal", "capture", "miners", "ac_sense"):
+    for sec in ("signals", "mqtt", "modbus_server", "udp", "journal", "capture", "miners", "ac_sense", "override"):
         if sec in site:
             cfg[sec] = site[sec]
     if "stages" in site:
@@ -108,6 +108,13 @@ def normalize(site: dict[str, Any], board_name: str | None = None, device_id: st
         if pin is None:
             raise UserError(f"{source}: signals.dry_contact: board {board['name']} has no dry-contact input")
         sig["dry_contact_pin"] = pin
+    for sec in ("ac_sense", "override"):
+        d = cfg.get(sec)
+        if isinstance(d, dict) and d.get("enabled", True) and d.get("pin") is None:
+            pin = (board.get("inputs") or {}).get(sec)
+            if pin is None:
+                raise UserError(f"{source}: {sec}: board {board['name']} has no {sec} input pin")
+            d["pin"] = pin
     uarts = board.get("uarts", {})
     cfg["uart"] = {role: uarts[role] for role in uarts}
     fwconfig.apply_defaults(cfg)
