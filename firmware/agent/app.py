@@ -98,6 +98,7 @@ class Agent:
         self.cmd_shed = False
         self.ext_shed = False    # set by feature modules (utility Modbus server register, ...)
         self.shed_kw = None      # partial curtailment target (kW) or None = all blocks
+        self.curtailer = None
         self.release = False
         self.samples = 0
         self.meter_errors = 0
@@ -145,10 +146,24 @@ class Agent:
             ev = self.ctrl.step(now, self.hz, self.meter_ok, sig, rel)
         else:
             ev = self.ctrl.tick(now, sig, rel)
+        if self.shed_kw is not None or self.curtailer is not None:
+            self._partial(now)
         self.relays.apply(self.ctrl.closed_mask)
         if self.ctrl.nevents:
             self.events(ev, now)
         return ev
+
+    def _partial(self, now):
+        # Partial curtailment (shed to a kW target): agent/curtail.py chooses and adjusts the
+        # blocks from measured kW; it opens blocks through ctrl.shed(), so restore rules hold.
+        if self.curtailer is None:
+            from agent.curtail import Curtailer
+
+            self.curtailer = Curtailer(self)
+        if self.curtailer.step(now) and self.ctrl.nevents:
+            self.events(0, now)
+        if self.shed_kw is None and self.curtailer.idle():
+            self.curtailer = None
 
     def _master(self):
         m = self.cfg["meter"]
