@@ -46,7 +46,7 @@ firmware: setup
 	$(BIN)/gridshed build --board unix-sim
 
 lint: setup
-	$(BIN)/python -m compileall -q host_tools firmware
+	$(BIN)/ruff check --select E9,F63,F7,F82,F401,F811 host_tools firmware tests
 
 clean:
 	rm -rf build .pytest_cache

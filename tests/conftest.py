@@ -80,3 +80,33 @@ def mp() -> MicroPython:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def mpy_dir(tmp_path_factory) -> Path:
+    """The whole firmware compiled by `gridshed build` (mpy-cross, x64) once per session: how a
+    board runs it, and the only way the bigger modules fit a 64k heap (compiling them from
+    source needs more RAM than running them)."""
+    from gridshed.build import build
+
+    out = tmp_path_factory.mktemp("mpy") / "unix-sim"
+    manifest = build("unix-sim", out=out)
+    return Path(manifest["path"])
+
+
+class MpyBoard:
+    """Runs code in the real micropython with the compiled firmware first on sys.path."""
+
+    def __init__(self, mp: MicroPython, mpy: Path) -> None:
+        self.mp = mp
+        self.exe = mp.exe
+        self.mpy = mpy
+        self.prefix = "import sys\nsys.path.insert(0, %r)\n" % str(mpy)
+
+    def run(self, code: str, heapsize: str = "64k", cwd=None, **kw) -> MPResult:
+        return self.mp.run(self.prefix + textwrap.dedent(code), heapsize=heapsize, cwd=cwd, **kw)
+
+
+@pytest.fixture
+def board(mp, mpy_dir) -> MpyBoard:
+    return MpyBoard(mp, mpy_dir)

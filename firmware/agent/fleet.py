@@ -1,0 +1,122 @@
+# The MQTT fleet channel (config section "mqtt": enabled, host, port, keepalive_s, telemetry_s).
+# Topics and payloads: docs/mqtt.md. Signed commands: docs/security.md.
+#
+# The MQTT client's reader only queues command bytes (bounded: PENDING_MAX, extra ones counted
+# "mqtt_cmd_dropped"); this module's task verifies them through agent.signed_command (the same
+# path as serial and UDP) and publishes the retained state after each one, with the accepted
+# seq, so a host sees every board act exactly once. The state is also republished when the
+# control state, armed flag or relay mask change; telemetry (hz, kw, mask, state) goes out every
+# telemetry_s. Nothing here waits on the network: publish() only queues.
+import asyncio
+import json
+
+from agent import control
+from agent.compat import const, ticks_ms, ticks_diff
+
+PENDING_MAX = const(4)
+POLL_MS = const(100)
+
+
+class Fleet:
+    def __init__(self, agent):
+        from agent.mqtt import MqttClient
+
+        c = agent.cfg
+        m = c["mqtt"]
+        self.a = agent
+        self.dev = c["device"]
+        base = "gridshed/%s/%s/" % (c["site"], self.dev)
+        self.t_state = base + "state"
+        self.t_tele = base + "telemetry"
+        self.pending = []
+        self.seq = None        # last accepted seq / cmd (any transport sets it via on_result)
+        self.cmd = None
+        self.refused = None    # last refusal reason on this channel
+        self.acc = 0
+        self.ref = 0
+        self._snap = -1
+        self.client = MqttClient(
+            m["host"], m["port"], self.dev, keepalive=m["keepalive_s"],
+            will=(self.t_state, '{"dev":"%s","online":false}' % self.dev, True),
+            on_message=self.on_message, on_connect=self.on_connect,
+            topics=(base + "cmd", "gridshed/%s/cmd" % c["site"]),
+            max_packet=1024, queue_max=6)
+
+    # ---- MQTT callbacks (reader task: keep them short, never touch relays) ---------------
+    def on_message(self, topic, payload):
+        if len(self.pending) >= PENDING_MAX:
+            self.a.count("mqtt_cmd_dropped")
+            return
+        self.pending.append(payload)
+
+    def on_connect(self, client):
+        self.publish_state()
+
+    # ---- state ---------------------------------------------------------------------------
+    def snapshot(self):
+        a = self.a
+        c = a.ctrl
+        return (c.state << 24) | ((1 if c.armed else 0) << 23) | ((1 if a.cmd_shed else 0) << 22) | (
+            a.relays.mask & 0x3FFFFF)
+
+    def publish_state(self):
+        a = self.a
+        c = a.ctrl
+        self._snap = self.snapshot()
+        st = {"dev": self.dev, "online": True, "state": control.STATE_NAMES[c.state],
+              "armed": c.armed, "shed": a.cmd_shed, "mask": a.relays.mask,
+              "seq": self.seq, "cmd": self.cmd, "acc": self.acc, "ref": self.ref}
+        if self.refused is not None:
+            st["refused"] = self.refused
+        self.client.publish(self.t_state, json.dumps(st), True, 1)
+
+    def telemetry(self):
+        a = self.a
+        t = None
+        try:
+            t = int(a.hal.wall_time())
+        except Exception:
+            pass
+        self.client.publish(self.t_tele, json.dumps({
+            "t": t, "hz": a.hz, "kw": a.kw, "mask": a.relays.mask,
+            "state": control.STATE_NAMES[a.ctrl.state]}), False, 0)
+
+    def handle(self, buf):
+        try:
+            res = self.a.signed_command(buf, "mqtt")
+        except Exception as e:  # never let one message end the task
+            self.a.count("mqtt_cmd_error")
+            res = {"ok": False, "refused": "error"}
+            print("W mqtt cmd: %r" % (e,))
+        if res.get("ok"):
+            self.acc += 1
+            self.seq = res.get("seq")
+            self.cmd = res.get("cmd")
+            self.refused = None
+        else:
+            self.ref += 1
+            self.refused = res.get("refused")
+        self.publish_state()
+
+    async def run(self):
+        asyncio.create_task(self.client.run())
+        every = int(self.a.cfg["mqtt"]["telemetry_s"] * 1000)
+        last_tele = ticks_ms()
+        while True:
+            while self.pending:
+                self.handle(self.pending.pop(0))
+            if self.snapshot() != self._snap:
+                self.publish_state()
+            now = ticks_ms()
+            if ticks_diff(now, last_tele) >= every:
+                last_tele = now
+                if self.client.connected:
+                    self.telemetry()
+            await asyncio.sleep_ms(POLL_MS)
+
+
+def start(agent):
+    f = Fleet(agent)
+    agent.fleet = f
+    asyncio.create_task(f.run())
+    return f
