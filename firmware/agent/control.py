@@ -106,21 +106,38 @@ class Controller:
         self.jitter_ms = _ms(g("jitter_s", 2))
         if db < 0 or min(self.hold_ms, mo, self.stagger_ms, self.jitter_ms) < 0:
             raise ValueError("negative trip setting")
-        # stages (default: one stage = all blocks); per-stage arrays, preallocated
+        # stages (default: one stage = all blocks); per-stage arrays, preallocated. A stage
+        # with "rocof_hz_s" (negative) watches the ROCOF input (Controller.rocof) instead of hz,
+        # optionally only while hz < "below_hz"; it cancels above rocof_hz_s + "deadband_hz_s".
         sts = g("stages") or ({},)
         self.nstages = n = len(sts)
         self._pick = [0.0] * n
         self._cancel = [0.0] * n
+        self._rocof = [0] * n   # 1: ROCOF stage
+        self._below = [0.0] * n
         self._delay = [0] * n
         self._smask = [0] * n
         self._on = [0] * n     # picked up
         self._low = [0] * n    # last good sample below this stage's pickup
         self._count = [0] * n  # low samples since pickup (capped at samples)
         self._t0 = [0] * n     # pickup start, ms
+        self._hz_lo = nom * 0.5  # plausible sample window; outside counts as a bad sample
+        self._hz_hi = nom * 1.5
+        pk = None
         for i in range(n):
             st = sts[i]
-            p = self._pick[i] = st.get("pickup_hz", g("pickup_hz", nom - 0.3))
-            self._cancel[i] = p + db
+            if "rocof_hz_s" in st:
+                self._rocof[i] = 1
+                p = self._pick[i] = st["rocof_hz_s"]
+                self._cancel[i] = p + st.get("deadband_hz_s", 0.1)
+                self._below[i] = st.get("below_hz", self._hz_hi)
+                if not -20 <= p < 0 or not self._cancel[i] >= p:
+                    raise ValueError("stage %d: rocof_hz_s must be negative" % i)
+            else:
+                p = self._pick[i] = st.get("pickup_hz", g("pickup_hz", nom - 0.3))
+                self._cancel[i] = p + db
+                if pk is None:
+                    pk = p
             self._delay[i] = d = st.get("delay_ms", g("delay_ms", 0))
             m = am
             if "blocks" in st:
@@ -128,12 +145,10 @@ class Controller:
                 for b in st["blocks"]:
                     m |= 1 << b
             self._smask[i] = m
-            if d < 0 or not 0 < m <= am or self.restore_hz < p + db - 1e-9:
+            if d < 0 or not 0 < m <= am or (not self._rocof[i] and self.restore_hz < p + db - 1e-9):
                 raise ValueError("stage %d: delay, blocks or restore_hz < pickup+deadband" % i)
-        self.pickup_hz = self._pick[0]
+        self.pickup_hz = g("pickup_hz", nom - 0.3) if pk is None else pk
         self.delay_ms = self._delay[0]
-        self._hz_lo = nom * 0.5  # plausible sample window; outside counts as a bad sample
-        self._hz_hi = nom * 1.5
         mode = fs.get("meter_loss", "hold")
         if mode not in ("hold", "shed"):
             raise ValueError("meter_loss")
@@ -161,6 +176,7 @@ class Controller:
         self._closed_some = False  # a block came back since the last trip (stagger across pauses)
         self.last_stage = self.last_block = -1
         self.trip_hz = self.last_hz = None
+        self.rocof = None  # input: ROCOF in Hz/s (local measurement, agent/freq.py) or None
         self.signal = self.released = self.meter_lost = self._started = self._hold_done = False
         self._ref_pending = self.resumed = False  # _ref_pending: trip time taken at first step
         self._min_off_done = self.armed = True
@@ -355,7 +371,14 @@ class Controller:
                 self._drop(i, False)
             else:
                 if sample:
-                    if hz < self._pick[i]:
+                    if self._rocof[i]:
+                        r = self.rocof
+                        low = r is not None and r < self._pick[i] and hz < self._below[i]
+                        high = r is None or r > self._cancel[i] or hz >= self._below[i]
+                    else:
+                        low = hz < self._pick[i]
+                        high = hz > self._cancel[i]
+                    if low:
                         self._low[i] = 1
                         if not self._on[i]:
                             self._on[i] = 1
@@ -368,7 +391,7 @@ class Controller:
                             self._count[i] += 1
                     else:
                         self._low[i] = 0
-                        if self._on[i] and hz > self._cancel[i]:
+                        if self._on[i] and high:
                             self._drop(i, True)
                 if (self._low[i] and self._on[i] and self._count[i] >= self.samples
                         and ticks_diff(now_ms, self._t0[i]) >= self._delay[i]):

@@ -8,6 +8,7 @@
 # control state, armed flag or relay mask change; telemetry (hz, kw, mask, state) goes out every
 # telemetry_s. Nothing here waits on the network: publish() only queues.
 import asyncio
+import gc
 import json
 
 from agent import control
@@ -40,7 +41,7 @@ class Fleet:
             will=(self.t_state, '{"dev":"%s","online":false}' % self.dev, True),
             on_message=self.on_message, on_connect=self.on_connect,
             topics=(base + "cmd", "gridshed/%s/cmd" % c["site"]),
-            max_packet=1024, queue_max=6)
+            max_packet=640, queue_max=4)
 
     # ---- MQTT callbacks (reader task: keep them short, never touch relays) ---------------
     def on_message(self, topic, payload):
@@ -82,6 +83,7 @@ class Fleet:
             "state": control.STATE_NAMES[a.ctrl.state]}), False, 0)
 
     def handle(self, buf):
+        gc.collect()  # the verifier's modules load into a small heap: room first
         try:
             res = self.a.signed_command(buf, "mqtt")
         except Exception as e:  # never let one message end the task
@@ -103,15 +105,18 @@ class Fleet:
         every = int(self.a.cfg["mqtt"]["telemetry_s"] * 1000)
         last_tele = ticks_ms()
         while True:
-            while self.pending:
-                self.handle(self.pending.pop(0))
-            if self.snapshot() != self._snap:
-                self.publish_state()
-            now = ticks_ms()
-            if ticks_diff(now, last_tele) >= every:
-                last_tele = now
-                if self.client.connected:
-                    self.telemetry()
+            try:
+                while self.pending:
+                    self.handle(self.pending.pop(0))
+                if self.snapshot() != self._snap:
+                    self.publish_state()
+                now = ticks_ms()
+                if ticks_diff(now, last_tele) >= every:
+                    last_tele = now
+                    if self.client.connected:
+                        self.telemetry()
+            except Exception:  # MemoryError in a tight heap: count, keep the channel alive
+                self.a.count("mqtt_error")
             await asyncio.sleep_ms(POLL_MS)
 
 

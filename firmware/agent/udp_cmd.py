@@ -11,6 +11,7 @@
 # No reply to the first two: a forged source address must not turn the board into an
 # amplifier, and a reply is never larger than a short JSON object.
 import asyncio
+import gc
 import json
 import socket
 
@@ -83,6 +84,7 @@ async def _loop(agent, s):
             res = {"ok": False, "refused": "busy"}
         else:
             tokens -= 1
+            gc.collect()  # the verifier's modules load into a small heap: room first
             try:
                 res = agent.signed_command(buf, "udp")
             except Exception as e:  # never let one datagram end the task
@@ -90,7 +92,9 @@ async def _loop(agent, s):
                 res = {"ok": False, "error": repr(e)[:60]}
         buf = None
         try:
-            s.sendto(reply_bytes(res), addr)
+            res = reply_bytes(res)
+            gc.collect()
+            s.sendto(res, addr)
         except OSError:
             agent.count("udp_io")
         await asyncio.sleep_ms(0)

@@ -15,8 +15,11 @@ from .errors import UserError
 
 COMMAND_MODULES = [
     "gridshed.cmd_sim",
+    "gridshed.cmd_events",
     "gridshed.cmd_fleet",
     "gridshed.cmd_provision",
+    "gridshed.cmd_openadr",
+    "gridshed.cmd_meter",
 ]
 
 EPILOG = """examples:

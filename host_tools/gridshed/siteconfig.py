@@ -66,8 +66,6 @@ def normalize(site: dict[str, Any], board_name: str | None = None, device_id: st
     for sec in ("signals", "mqtt", "modbus_server", "udp", "journal", "capture", "miners", "ac_sense", "override"):
         if sec in site:
             cfg[sec] = site[sec]
-    if "stages" in site:
-        cfg["trip"]["stages"] = site["stages"]
     relays = {r["name"]: r for r in board.get("relays", [])}
     blocks_in = site.get("blocks")
     if not isinstance(blocks_in, list) or not blocks_in:
@@ -102,6 +100,8 @@ def normalize(site: dict[str, Any], board_name: str | None = None, device_id: st
         nb["active"] = active
         blocks.append(nb)
     cfg["blocks"] = blocks
+    if "stages" in site:
+        cfg["trip"]["stages"] = _stage_blocks(site["stages"], blocks, source)
     sig = cfg.get("signals")
     if isinstance(sig, dict) and sig.get("dry_contact") and sig.get("dry_contact_pin") is None:
         pin = (board.get("inputs") or {}).get("dry_contact")
@@ -130,6 +130,28 @@ def normalize(site: dict[str, Any], board_name: str | None = None, device_id: st
             f"meter {model} reports frequency in {res} Hz steps: too coarse for a "
             f"{cfg['trip']['pickup_hz']} Hz pickup; use local frequency measurement ([ac_sense]) or a finer meter")
     return cfg
+
+
+def _stage_blocks(stages: Any, blocks: list[dict[str, Any]], source: str) -> Any:
+    """[[stages]] blocks = ["row-a", ...] (block names, or indices) -> block indices."""
+    if not isinstance(stages, list):
+        return stages  # agent.config.validate reports it
+    names = [b["name"] for b in blocks]
+    out = []
+    for i, st in enumerate(stages):
+        if isinstance(st, dict) and isinstance(st.get("blocks"), list):
+            st = dict(st)
+            idx = []
+            for b in st["blocks"]:
+                if isinstance(b, str):
+                    if b not in names:
+                        raise UserError(f"{source}: stages[{i}].blocks: no block named {b!r} (have {', '.join(names)})")
+                    idx.append(names.index(b))
+                else:
+                    idx.append(b)
+            st["blocks"] = idx
+        out.append(st)
+    return out
 
 
 def load_site(path: str | Path, board_name: str | None = None, device_id: str | None = None) -> dict[str, Any]:

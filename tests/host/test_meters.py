@@ -131,10 +131,10 @@ def test_vector_cpython(model, name, addr, words, value):
     assert mm.encode(name, value) == words
 
 
-def test_vectors_in_micropython(mp):
+def test_vectors_in_micropython(board):
     maps = {m: hostmeters.load_meter(m) for m in {v[0] for v in VECTORS}}
     cases = [[v[0], v[1], v[2], _words_bytes(v[3]).hex(), v[4]] for v in VECTORS]
-    res = mp.run("""
+    res = board.run("""
         import json, binascii
         from agent.meter import MeterMap
         maps = json.loads(%r)

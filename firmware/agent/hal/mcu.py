@@ -23,7 +23,18 @@ class McuHal:
                             tx=machine.Pin(u["tx"]), rx=machine.Pin(u["rx"]), timeout=0)
 
     def wdt(self, timeout_ms):
-        return machine.WDT(timeout=timeout_ms)
+        # started here, it cannot be stopped: the agent feeds it from its tick task only while
+        # the poll task is healthy (agent/app.py Watchdog); rp2 caps the timeout at 8388 ms
+        return machine.WDT(timeout=min(timeout_ms, 8388))
+
+    def reset_cause(self):
+        # why the board started: "watchdog" after a WDT reset is evidence for the journal
+        c = machine.reset_cause()
+        for name, label in (("WDT_RESET", "watchdog"), ("PWRON_RESET", "power"), ("HARD_RESET", "hard"),
+                            ("SOFT_RESET", "soft"), ("DEEPSLEEP_RESET", "deepsleep")):
+            if getattr(machine, name, None) == c:
+                return label
+        return "unknown"
 
     def wall_time(self):
         import time

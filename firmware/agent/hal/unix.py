@@ -3,6 +3,14 @@
 `sim.json` in the working directory (the board's filesystem) says where the simulated hardware
 is. Output writes are sent as `O <pin> <level>` lines the moment they happen, so the host can
 timestamp a relay opening; input changes arrive as `I <pin> <level>` lines.
+
+Edge inputs (AC zero-crossing sense, docs/ac-sense.md): the simulator sends
+`X <pin> <t_us> [<t_us> ...]`, rising-edge times on CLOCK_MONOTONIC in microseconds, the
+clock behind this port's time.ticks_us() (and CPython's time.monotonic() on the host). They
+are what an MCU's GPIO interrupt would have recorded at the edge (the simulator adds the
+jitter it wants to model); lines arrive a few ms later, which only delays processing, as a
+late task wake would. A stamp more than 1 s away from ticks_us() (clock not shared) is
+replaced by the arrival time and counted in edge_clock_errors.
 """
 import json
 import socket
@@ -65,6 +73,8 @@ class UnixHal:
         except OSError:
             self.sim = {}
         self.gpio_errors = 0
+        self.edge_clock_errors = 0
+        self._edges = {}
         self._sock = None
         self._rxbuf = b""
         self._connect_gpio()
@@ -96,6 +106,24 @@ class UnixHal:
 
     def in_pin(self, pin, pull_up=False):
         return _InPin(pin, pull_up)
+
+    def edge_input(self, pin, sink):
+        # Rising edges of `pin` -> sink(t_us) (the same call a board's IRQ handler makes).
+        self._edges[pin] = sink
+
+    def _edge_line(self, parts):
+        sink = self._edges.get(int(parts[1]))
+        if sink is None:
+            self.gpio_errors += 1
+            return
+        mask = time.ticks_add(0, -1)
+        for p in parts[2:]:
+            t = int(p) & mask
+            now = time.ticks_us()
+            if abs(time.ticks_diff(now, t)) > 1000000:
+                self.edge_clock_errors += 1
+                t = now
+            sink(t)
 
     def uart(self, role, cfg=None):
         path = self.sim.get("uarts", {}).get(role)
@@ -135,7 +163,12 @@ class UnixHal:
                 self.gpio_errors += 1
                 return
             parts = line.split()
-            if len(parts) == 3 and parts[0] == b"I":
+            if len(parts) >= 3 and parts[0] == b"X":
+                try:
+                    self._edge_line(parts)
+                except ValueError:
+                    self.gpio_errors += 1
+            elif len(parts) == 3 and parts[0] == b"I":
                 try:
                     _inputs[int(parts[1])] = 1 if int(parts[2]) else 0
                 except ValueError:

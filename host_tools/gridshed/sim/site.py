@@ -104,6 +104,11 @@ class GpioServer:
                 self.bad_lines += 1
         self.connected.clear()
 
+    def send(self, data: bytes) -> None:
+        """Raw lines to the board (edge streams: `X <pin> <t_us> ...`, see sim/acsense.py)."""
+        if self.writer is not None:
+            self.writer.write(data)
+
     def set_input(self, pin: int, level: int) -> None:
         if self.writer is not None:
             self.writer.write(b"I %d %d\n" % (pin, level))
@@ -126,6 +131,10 @@ class LoadModel:
                 self.pin_block[p] = i
         self.pin_level: dict[int, int] = {}
         self.closed = [False] * len(self.blocks)
+        # optional per-block kW source while the relay is closed (e.g. sim.miners.MinerFarm),
+        # and callbacks (block, closed) on every block change (the farm powers its miners)
+        self.power: dict[int, Callable[[], float]] = {}
+        self.listeners: list[Callable[[int, bool], None]] = []
 
     def pin(self, pin: int, level: int) -> int | None:
         """Record a pin write; returns the block index whose state changed, else None."""
@@ -137,10 +146,14 @@ class LoadModel:
         closed = all(self.pin_level.get(p, -1) == b["active"] for p in b["pins"])
         if closed != self.closed[i]:
             self.closed[i] = closed
+            for cb in self.listeners:
+                cb(i, closed)
             return i
         return None
 
     def block_kw(self, i: int) -> float:
+        if i in self.power:
+            return self.power[i]()
         b = self.blocks[i]
         return b["miners"] * b["kw_per_miner"]
 
@@ -159,7 +172,8 @@ def _board_status(port: str) -> dict[str, Any] | None:
 async def run_site(scenario: Scenario, cfg: dict[str, Any], *, heapsize: str = "64wK",
                    meter_update_ms: float = 50.0, transport: str | None = None, baud: int | None = None,
                    on_line: Callable[[str], None] | None = None, keep_dir: Path | None = None,
-                   settle_s: float = 1.0, firmware_dir: Path = FIRMWARE) -> dict[str, Any]:
+                   settle_s: float = 1.0, firmware_dir: Path = FIRMWARE,
+                   ac_opts: Any = None) -> dict[str, Any]:
     """Run the scenario in real time; returns the measured summary (see summary.py)."""
     from ..vboard import VirtualBoard
     from .summary import summarize
@@ -235,8 +249,17 @@ async def run_site(scenario: Scenario, cfg: dict[str, Any], *, heapsize: str = "
             if time.monotonic() > deadline:
                 raise UserError(f"the board never polled the meter; console log: {board.log_path}")
             await asyncio.sleep(0.02)
+        # [ac_sense] enabled: the site's AC waveform reaches the board's sense pin as zero-crossing
+        # edges from the scenario's hz (sim/acsense.py; options ac_opts: AcOptions)
+        acs = cfg.get("ac_sense") or {}
+        ac_t0 = time.monotonic() + settle_s
+        if acs.get("enabled") and acs.get("pin") is not None:
+            from .acsense import AcSense
+
+            ac = AcSense(scenario, gpio.send, acs["pin"], ac_t0, ac_opts, lead_s=settle_s)
+            tasks.append(asyncio.create_task(ac.run()))
         await asyncio.sleep(settle_s)
-        run.t0 = time.monotonic()
+        run.t0 = ac_t0 if acs.get("enabled") else time.monotonic()
         started.set()
         say(f"{0:8.3f}s  scenario {scenario.name} starts ({scenario.duration:.1f} s), "
             f"pickup {cfg['trip']['pickup_hz']} Hz, restore {cfg['trip']['restore_hz']} Hz")

