@@ -1009,39 +1009,56 @@ def bench_host(res: dict[str, Any], quick: bool) -> None:
         bdir = Path(man["path"])
         out["agent_files"] = len(man["files"])
         out["agent_bytes"] = man["total_size"]
-        vb = VirtualBoard(work / "fs", heapsize="1m").start()  # as tests/host/test_build_deploy.py
-        time.sleep(0.5)
+        # Each step on a fresh blank virtual board: a second raw-REPL session on the same
+        # board currently fails in this tree (see bench/README.md, known gaps).
+        def fresh(name: str) -> VirtualBoard:
+            return VirtualBoard(work / name, heapsize="1m").start()  # as tests/host/test_build_deploy.py
+
         _say("host: deploy to a virtual board")
+        vb = fresh("fs-deploy")
         t0 = time.monotonic()
-        s = deploy(vb.port, bdir)
+        s = deploy(vb.port, bdir, restart=False)
         out["deploy_full_s"] = round(time.monotonic() - t0, 3)
         out["deploy_bytes_written"] = s["bytes_written"]
         t0 = time.monotonic()
-        deploy(vb.port, bdir)
-        out["deploy_noop_s"] = round(time.monotonic() - t0, 3)
-        # provisioning to the board (config + key written, verified, inventory recorded; no restart)
-        site = work / "site.toml"
-        site.write_text(DEMO_SITE.read_text())
-        inv = work / "inventory.db"
-        k = 3 if quick else 6
-        _say("host: %d provisions to the virtual board" % k)
-        t0 = time.monotonic()
-        for i in range(k):
-            provision(vb.port, site, device_id="bench-%03d" % i, inventory_path=inv, restart=False)
-        dt = time.monotonic() - t0
-        out["provision_to_board_per_s"] = round(k / dt, 2)
-        out["provision_to_board_s_each"] = round(dt / k, 3)
+        try:
+            deploy(vb.port, bdir, restart=False)
+            out["deploy_noop_s"] = round(time.monotonic() - t0, 3)
+        except Exception as e:
+            out["deploy_noop_error"] = "%s: %s" % (type(e).__name__, e)
+        vb.stop()
         # reference: the same bytes written with plain raw-REPL puts (no hashing, staging, switch-over)
+        vb = fresh("fs-ref")
         blobs = [(e["file"], (bdir / e["file"]).read_bytes()) for e in man["files"]]
         t0 = time.monotonic()
         with Board(vb.port) as b:
             b.enter_raw()
-            b.makedirs(["ref", "ref/agent", "ref/agent/hal"])
+            b.makedirs(["agent", "agent/hal"])
             for f, data in blobs:
-                b.put("ref/" + f, data)
+                b.put(f, data)
         out["raw_put_ref_s"] = round(time.monotonic() - t0, 3)
         out["ratio_deploy_to_raw_put"] = round(out["deploy_full_s"] / out["raw_put_ref_s"], 2)
         out["raw_put_kB_per_s"] = round(sum(len(d) for _, d in blobs) / 1024 / out["raw_put_ref_s"], 1)
+        vb.stop()
+        vb = None
+        # provisioning (config + key written and verified, inventory recorded; no restart), one
+        # fresh board each; board start-up is outside the timed part
+        site = work / "site.toml"
+        site.write_text(DEMO_SITE.read_text())
+        inv = work / "inventory.db"
+        k = 3 if quick else 6
+        _say("host: %d provisions to virtual boards" % k)
+        dt = 0.0
+        for i in range(k):
+            vb = fresh("fs-prov%d" % i)
+            time.sleep(0.3)
+            t0 = time.monotonic()
+            provision(vb.port, site, device_id="bench-%03d" % i, inventory_path=inv, restart=False)
+            dt += time.monotonic() - t0
+            vb.stop()
+            vb = None
+        out["provision_to_board_per_s"] = round(k / dt, 2)
+        out["provision_to_board_s_each"] = round(dt / k, 3)
         # the host-side part alone: config normalize/validate, key, CBOR, inventory record
         m = 50 if quick else 200
         inv2 = work / "inventory2.db"
@@ -1150,7 +1167,7 @@ def table(res: dict[str, Any]) -> str:
                          "online %d/%d, acted %s" % (r["online"], r["n"], r["acted"])))
     h = res.get("host")
     if h:
-        rows.append(("6 deploy full agent (vboard)", "%s s (no-op redeploy %s s)" % (h["deploy_full_s"], h["deploy_noop_s"]),
+        rows.append(("6 deploy full agent (vboard)", "%s s (no-op redeploy %s s)" % (h["deploy_full_s"], h.get("deploy_noop_s", "ERROR")),
                      "x%s of raw put (%s s)" % (h["ratio_deploy_to_raw_put"], h["raw_put_ref_s"])))
         rows.append(("6 provision to vboard", "%s /s (%s s each)" % (h["provision_to_board_per_s"], h["provision_to_board_s_each"]),
                      "host part alone %s /s" % h["provision_host_part_per_s"]))

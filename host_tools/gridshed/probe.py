@@ -264,7 +264,9 @@ def _pymodbus_reader(client: Any, unit: int) -> Callable[[int, int, int], list[i
             client.connect()
             return None
         if isinstance(rr, ExceptionResponse):
-            return int(rr.exception_code)
+            code = int(rr.exception_code)
+            # 10/11: a gateway saying nobody answers at this unit id, which is what we want to know
+            return None if code in (10, 11) else code
         if rr.isError():
             return None
         return list(rr.registers)
