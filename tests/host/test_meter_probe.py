@@ -80,7 +80,8 @@ class Loop:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
         s.close()
-        self._start(meter, lambda: ModbusTcpServer(meter.device(), address=("127.0.0.1", port)))
+        self._start(meter, lambda: ModbusTcpServer(meter.device(), address=("127.0.0.1", port),
+                                                        ignore_missing_devices=True))
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             try:
@@ -91,7 +92,8 @@ class Loop:
         raise AssertionError("pymodbus server did not listen")
 
     def serve_rtu(self, meter: FakeMeter, path: str, baud: int) -> None:
-        self._start(meter, lambda: ModbusSerialServer(meter.device(), port=path, baudrate=baud))
+        self._start(meter, lambda: ModbusSerialServer(meter.device(), port=path, baudrate=baud,
+                                                           ignore_missing_devices=True))
         time.sleep(0.3)
 
     def _start(self, meter: FakeMeter, make) -> None:
