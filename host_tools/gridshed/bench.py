@@ -973,7 +973,9 @@ def fleet_round(n: int, mode: str, reps: int, work: Path) -> dict[str, Any]:
 def bench_fleet(res: dict[str, Any], quick: bool, sizes: list[int], mode: str) -> None:
     avail, why = _fleet_agent_available()
     if mode == "auto":
-        mode = "agent" if avail else "client"
+        # the full-agent harness (--fleet-mode agent) did not get boards online in this tree yet
+        # (bench/README.md, known gaps): the figures come from the client harness
+        mode = "client"
     out: dict[str, Any] = {"mode": mode, "fleet_py": why, "rounds": []}
     reps = 3 if quick else 5
     for n in sizes:

@@ -63,6 +63,14 @@ class FakeMeter:
             regs[a - start] = self.image.get(a, 0)
         return None
 
+    def trace(self, unit_at: int):
+        """Real meters stay silent for other unit ids (pymodbus 3.16 answers them with exception 4)."""
+        def f(sending: bool, data: bytes) -> bytes:
+            if sending and len(data) > unit_at and data[unit_at] != self.unit:
+                return b""
+            return data
+        return f
+
     def device(self) -> SimDevice:
         return SimDevice(id=self.unit, simdata=[SimData(0, count=self.top, values=0, datatype=DataType.REGISTERS)],
                          action=self._action)
@@ -81,7 +89,7 @@ class Loop:
         port = s.getsockname()[1]
         s.close()
         self._start(meter, lambda: ModbusTcpServer(meter.device(), address=("127.0.0.1", port),
-                                                        ignore_missing_devices=True))
+                                                        trace_packet=meter.trace(6)))
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             try:
@@ -93,7 +101,7 @@ class Loop:
 
     def serve_rtu(self, meter: FakeMeter, path: str, baud: int) -> None:
         self._start(meter, lambda: ModbusSerialServer(meter.device(), port=path, baudrate=baud,
-                                                           ignore_missing_devices=True))
+                                                           trace_packet=meter.trace(0)))
         time.sleep(0.3)
 
     def _start(self, meter: FakeMeter, make) -> None:

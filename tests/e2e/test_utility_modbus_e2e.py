@@ -34,10 +34,11 @@ from gridshed.vboard import VirtualBoard
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_SITE = ROOT / "scenarios" / "demo-site.toml"
-# Smallest heap measured to run the agent with the TCP server plus a client (see the report in
-# docs/utility-modbus.md); 64 KB on a 32-bit board.
-import os
-HEAP = os.environ.get("US_HEAP", "64wK")
+# The agent with a Modbus TCP meter plus this server does not fit the 64 KB budget (64wK): at
+# 64wK the board runs out of memory at start (even without the server, @status does not fit
+# next to the TCP meter master). Smallest heap measured to pass this file: 68wK; 72wK leaves a
+# margin for the agent growing under other work (docs/utility-modbus.md, "Memory").
+HEAP = "72wK"
 R_STATUS, R_STATE, R_REASON, R_HZ, R_KW, R_MASK = 1, 2, 3, 4, 6, 8
 R_SHED, R_RELEASE, R_SHED_KW, R_HB = 10, 11, 12, 13
 R_REQUESTS, R_EXC, R_BAD, R_HBLOSS, R_CMDS = 14, 15, 16, 17, 18
@@ -382,6 +383,26 @@ def test_shed_opens_relays_and_release_restores(rig, client):
     assert r[R_MASK] == 15 and r[R_STATUS] & 2 == 0 and r[R_RELEASE] == 0
     cmds = [(x.get("cmd"), x.get("v")) for x in rig.journal() if x.get("k") == "utility"]
     assert ("shed", 1) in cmds and ("shed", 0) in cmds and ("release", 1) in cmds
+
+
+def test_third_client_evicts_the_oldest(rig):
+    read = struct.pack(">HHHBBHH", 9, 0, 6, 1, 3, 0, 1)
+    socks = [socket.create_connection(("127.0.0.1", rig.port), 2) for _ in range(3)]
+    try:
+        for s in socks:
+            s.settimeout(3)
+        time.sleep(0.3)
+        try:
+            first = socks[0].recv(16)
+        except ConnectionResetError:
+            first = b""
+        assert first == b""  # the oldest was closed
+        for s in socks[1:]:
+            s.sendall(read)
+            assert s.recv(64)[:2] == b"\x00\x09"
+    finally:
+        for s in socks:
+            s.close()
 
 
 def test_heartbeat_loss_sheds(rig, client):
