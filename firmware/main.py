@@ -18,16 +18,16 @@ def _main():
         # A technician stopped the agent on purpose: park the watchdog (fed by a timer on
         # boards, emulation ended on the unix port) so the REPL is not reset under them.
         w = sys.modules.get("agent.app")
-        w = w and w.WDT
-        if w and w.st:
-            w.st[2] = 0
+        w = w and w.WDT  # [hw, feeds, starved, emulation state]
+        if w and w[3]:
+            w[3][2] = 0
         elif w:
             try:
                 import machine
 
-                machine.Timer(-1, period=1000, callback=lambda t: w.hw.feed())
+                machine.Timer(-1, period=1000, callback=lambda t: w[0].feed())
             except Exception:
-                print("W watchdog still running: the board resets within %d s" % (w.timeout_ms // 1000))
+                print("W watchdog still running: the board resets within 8 s")
         print("agent stopped (Ctrl-C): REPL")
         raise
     except Exception as e:  # last line of defence, never a silent crash loop

@@ -27,7 +27,7 @@ INPUT_MS = 10
 WDT_MS = 8000        # hardware watchdog timeout (rp2 allows at most 8388 ms)
 WDT_POLL_PERIODS = 3  # the poll task must finish its next cycle within 3 periods + its worst read
 WDT_BOOT_MS = 3000    # extra allowance for the first cycle (UART/socket open, first connect)
-WDT = None            # the running Watchdog (main.py parks it when a technician stops the agent)
+WDT = None            # the running Agent's watchdog state (main.py parks it on Ctrl-C)
 CAUSE_PATH = "wdt_reset"
 
 
@@ -48,27 +48,18 @@ def _wdt_thread(st):
             os.system("kill -9 $PPID")
 
 
-class Watchdog:
-    # machine.WDT through the HAL, fed from the tick task only while the poll task keeps its
-    # promise (Agent.poll_due). main.py parks it (st / hw) when a technician stops the agent.
-    def __init__(self, hal, ms):
-        global WDT
-        self.hw = hal.wdt(ms)
-        self.timeout_ms = ms
-        self.feeds = self.starved = 0
-        self.st = None
-        if hal.name == "unix":  # the HAL's WDT only counts
-            import _thread
+def _cause(hal):
+    # why the board (re)started: the port's reset cause, or the watchdog emulation's marker
+    f = getattr(hal, "reset_cause", None)
+    if f:
+        return f()
+    import os
 
-            self.st = [ticks_ms(), ms, 1]
-            _thread.start_new_thread(_wdt_thread, (self.st,))
-        WDT = self
-
-    def feed(self):
-        self.hw.feed()
-        self.feeds += 1
-        if self.st:
-            self.st[0] = ticks_ms()
+    try:
+        os.remove(CAUSE_PATH)
+        return "watchdog"
+    except OSError:
+        return None
 
 
 def log(level, msg):
@@ -173,23 +164,10 @@ class Agent:
         self._read_worst = (m["retries"] + 1) * m["timeout_ms"] * len(self.meter_map.hot_plan)
         self.poll_due = ticks_add(now, WDT_BOOT_MS + self._read_worst + WDT_POLL_PERIODS * m["poll_ms"])
         self.journal.append("boot", {"build": BUILD, "resumed_trip": tripped, "mask": self.relays.mask,
-                                     "cause": self._cause(), "torn": self.journal.torn,
+                                     "cause": _cause(hal), "torn": self.journal.torn,
                                      "cmd_shed": self.cmd_shed, "lockout": self.lockout})
         if hold:  # the boot-time shed of a held input: journal it, persist it
             self.events(0, now)
-
-    def _cause(self):
-        # why the board (re)started: the port's reset cause, or the watchdog emulation's marker
-        f = getattr(self.hal, "reset_cause", None)
-        if f:
-            return f()
-        import os
-
-        try:
-            os.remove(CAUSE_PATH)
-            return "watchdog"
-        except OSError:
-            return None
 
     # ---- journal and events --------------------------------------------------------------
     def count(self, what):
@@ -313,7 +291,15 @@ class Agent:
         # Time-based progress (restore stagger, meter-loss timer) even when the meter is silent.
         # The watchdog is fed here and only while the poll task completes its cycles (good or
         # failed polls) on time: a hung poll task or a blocked loop lets the hardware reset.
-        self.wdt = wdt = Watchdog(self.hal, WDT_MS)
+        global WDT
+        self.wdt = WDT = w = [self.hal.wdt(WDT_MS), 0, 0, None]  # hw, feeds, starved, emulation
+        if self.hal.name == "unix":  # the HAL's WDT only counts: a thread plays the hardware
+            import _thread
+
+            w[3] = st = [ticks_ms(), WDT_MS, 1]
+            _thread.start_new_thread(_wdt_thread, (st,))
+        hw = w[0]
+        st = w[3]
         rec = self.recorder
         late = False
         while True:
@@ -326,11 +312,14 @@ class Agent:
                     gc.collect()
             over = ticks_diff(ticks_ms(), self.poll_due)
             if over <= 0:
-                wdt.feed()
+                hw.feed()
+                w[1] += 1
+                if st:
+                    st[0] = ticks_ms()
                 late = False
             elif not late:
                 late = True
-                wdt.starved += 1
+                w[2] += 1
                 log("E", "watchdog: poll task overdue (%d ms): not feeding" % over)
                 self.journal.append("watchdog", {"late_ms": over, "mask": self.relays.mask})
             await asyncio.sleep_ms(TICK_MS)
@@ -397,7 +386,7 @@ class Agent:
         ov = self.override
         st["override"] = ov and {"mode": ov.mode, "on": ov.on(), "changes": ov.input.changes}
         w = self.wdt
-        st["watchdog"] = w and {"feeds": w.feeds, "starved": w.starved}
+        st["watchdog"] = w and {"feeds": w[1], "starved": w[2]}
         st["journal"] = self.journal.stats()
         st["cmd_shed"] = self.cmd_shed
         return st

@@ -432,62 +432,12 @@ class Journal:
                 self.io_errors += 1
             self._f = None
 
-    # -- reading ---------------------------------------------------------------------------
-    def _first_seq(self, path):
-        try:
-            f = open(path, "rb")
-        except OSError:
-            return None
-        try:
-            obj, _ = _try_record(_FileReader(f), 0, _fsize(path), MAX_BODY)
-        except Exception:
-            obj = None
-        f.close()
-        return None if obj is None else obj["n"]
-
+    # -- reading: code in agent/journal_read.py, loaded by the console when a pull arrives ----
     def read(self, since_seq=0, limit=None):
-        """Yield record dicts with n > since_seq from all segments, oldest first.
+        """Yield record dicts with n > since_seq from all segments, oldest first."""
+        from agent.journal_read import read
 
-        Corrupt regions are skipped and counted in self.read_errors (reset per call).
-        """
-        self.read_errors = 0
-        segs = list(self._segs)
-        count = 0
-        firsts = [None] * len(segs)
-        if since_seq > 0:
-            for i in range(1, len(segs)):
-                firsts[i] = self._first_seq(self._path(segs[i]))
-        for i in range(len(segs)):
-            nxt = firsts[i + 1] if i + 1 < len(segs) else None
-            if nxt is not None and nxt <= since_seq + 1:
-                continue  # every record in this segment is older than since_seq
-            path = self._path(segs[i])
-            try:
-                f = open(path, "rb")
-                size = _fsize(path)
-            except OSError:
-                continue  # deleted by a rotation meanwhile
-            it = _scan(_FileReader(f), size)
-            try:
-                while True:
-                    try:
-                        off, end, obj, why = next(it)
-                    except StopIteration:
-                        break
-                    except Exception:  # unreadable segment: count it, go on with the next
-                        self.read_errors += 1
-                        break
-                    if obj is None:
-                        self.read_errors += 1
-                        continue
-                    if obj["n"] <= since_seq:
-                        continue
-                    yield obj
-                    count += 1
-                    if limit is not None and count >= limit:
-                        return
-            finally:
-                f.close()
+        return read(self, since_seq, limit)
 
     def stats(self):
         total = 0
@@ -507,28 +457,13 @@ class Journal:
 
 
 def jsonable(obj):
-    if isinstance(obj, (bytes, bytearray, memoryview)):
-        return {"b64": binascii.b2a_base64(bytes(obj)).decode().strip()}
-    if isinstance(obj, dict):
-        out = {}
-        for k in obj:
-            out[k if isinstance(k, str) else str(k)] = jsonable(obj[k])
-        return out
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
-        return None  # JSON has no NaN/inf
-    return obj
+    """JSON view of a record (bytes -> {"b64": ...}); in agent/journal_read.py."""
+    from agent.journal_read import jsonable as j
+
+    return j(obj)
 
 
 def from_jsonable(obj):
-    if isinstance(obj, dict):
-        if len(obj) == 1 and "b64" in obj and isinstance(obj["b64"], str):
-            return binascii.a2b_base64(obj["b64"])
-        out = {}
-        for k in obj:
-            out[k] = from_jsonable(obj[k])
-        return out
-    if isinstance(obj, list):
-        return [from_jsonable(v) for v in obj]
-    return obj
+    from agent.journal_read import from_jsonable as f
+
+    return f(obj)

@@ -362,7 +362,7 @@ async def blocker():
 
 async def done():
     await asyncio.sleep(4.0)
-    print("ALIVE feeds=%%d starved=%%d" %% (a.wdt.feeds, a.wdt.starved))
+    print("ALIVE feeds=%%d starved=%%d" %% (a.wdt[1], a.wdt[2]))
     sys.exit(0)
 
 if MODE == "hung":

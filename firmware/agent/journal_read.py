@@ -1,0 +1,95 @@
+"""Reading the journal back (console `@events`, host tools): not needed while the agent only
+appends, so it lives apart from agent.journal and is loaded on demand.
+
+JSON view of records (console replies, host exports): bytes fields such as a capture's "smp"
+become {"b64": "<base64>"}; from_jsonable() reverses it.
+"""
+import binascii
+
+from agent.journal import MAX_BODY, _FileReader, _fsize, _scan, _try_record
+
+
+def _first_seq(path):
+    try:
+        f = open(path, "rb")
+    except OSError:
+        return None
+    try:
+        obj, _ = _try_record(_FileReader(f), 0, _fsize(path), MAX_BODY)
+    except Exception:
+        obj = None
+    f.close()
+    return None if obj is None else obj["n"]
+
+def read(self, since_seq=0, limit=None):
+    """Yield record dicts with n > since_seq from all segments, oldest first.
+
+    Corrupt regions are skipped and counted in self.read_errors (reset per call).
+    """
+    self.read_errors = 0
+    segs = list(self._segs)
+    count = 0
+    firsts = [None] * len(segs)
+    if since_seq > 0:
+        for i in range(1, len(segs)):
+            firsts[i] = _first_seq(self._path(segs[i]))
+    for i in range(len(segs)):
+        nxt = firsts[i + 1] if i + 1 < len(segs) else None
+        if nxt is not None and nxt <= since_seq + 1:
+            continue  # every record in this segment is older than since_seq
+        path = self._path(segs[i])
+        try:
+            f = open(path, "rb")
+            size = _fsize(path)
+        except OSError:
+            continue  # deleted by a rotation meanwhile
+        it = _scan(_FileReader(f), size)
+        try:
+            while True:
+                try:
+                    off, end, obj, why = next(it)
+                except StopIteration:
+                    break
+                except Exception:  # unreadable segment: count it, go on with the next
+                    self.read_errors += 1
+                    break
+                if obj is None:
+                    self.read_errors += 1
+                    continue
+                if obj["n"] <= since_seq:
+                    continue
+                yield obj
+                count += 1
+                if limit is not None and count >= limit:
+                    return
+        finally:
+            f.close()
+
+
+
+def jsonable(obj):
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return {"b64": binascii.b2a_base64(bytes(obj)).decode().strip()}
+    if isinstance(obj, dict):
+        out = {}
+        for k in obj:
+            out[k if isinstance(k, str) else str(k)] = jsonable(obj[k])
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
+        return None  # JSON has no NaN/inf
+    return obj
+
+
+def from_jsonable(obj):
+    if isinstance(obj, dict):
+        if len(obj) == 1 and "b64" in obj and isinstance(obj["b64"], str):
+            return binascii.a2b_base64(obj["b64"])
+        out = {}
+        for k in obj:
+            out[k] = from_jsonable(obj[k])
+        return out
+    if isinstance(obj, list):
+        return [from_jsonable(v) for v in obj]
+    return obj

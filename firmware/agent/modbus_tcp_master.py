@@ -1,0 +1,201 @@
+"""Modbus TCP master over asyncio: the TCP half of agent.modbus_master (same API and counters).
+
+Split out so an RS-485 site never loads it; see agent/modbus_master.py for the waiting strategy.
+"""
+import asyncio
+
+from agent import modbus_rtu as rtu
+from agent import modbus_tcp as tcp
+from agent.compat import ticks_diff, ticks_ms
+from agent.modbus_errors import ModbusConnectionError, ModbusError, ModbusException, ModbusFrameError, ModbusTimeout
+from agent.modbus_master import _Master, _sleep_ms, _wait_for_ms, _written_count
+
+
+class TcpMaster(_Master):
+    """Modbus TCP master over asyncio.open_connection, reconnecting after
+    errors.  On MicroPython the connected non-blocking socket is driven
+    directly (same poll loop as RtuMaster); on CPython the asyncio streams
+    are used.  timeout_ms bounds the connect and each response.  A reply
+    whose transaction id is not the current one (a late answer to an
+    abandoned request) is skipped and counted in bad_frames."""
+
+    def __init__(self, host, port, timeout_ms=200, retries=1):
+        _Master.__init__(self, timeout_ms, retries)
+        self.host = host
+        self.port = port
+        self._tx = bytearray(tcp.MAX_ADU)
+        self._txmv = memoryview(self._tx)
+        self._rx = bytearray(tcp.MAX_ADU)
+        self._rxmv = memoryview(self._rx)
+        self._view = self._rxmv[9:9]
+        self._txv = self._txmv[:0]
+        self._off = 0
+        self._tid = 0
+        self._sock = None
+        self._reader = None
+        self._writer = None
+        self.connects = 0
+        self._n = self._fn = self._unit = self._got = self._want = self._t0 = 0
+        self._addr = self._arg = None
+        self._res = None
+
+    def close(self):
+        s = self._sock
+        w = self._writer
+        self._sock = self._reader = self._writer = None
+        try:
+            if s is not None:
+                s.close()
+            elif w is not None:
+                w.close()
+        except OSError:
+            pass
+
+    async def _connect(self):
+        try:
+            r, w = await _wait_for_ms(asyncio.open_connection(self.host, self.port), self.timeout_ms)
+        except (OSError, asyncio.TimeoutError) as e:
+            raise ModbusConnectionError(str(e))
+        self.connects += 1
+        s = getattr(r, "s", None)  # MicroPython Stream: the raw non-blocking socket
+        if s is not None and hasattr(s, "readinto"):
+            self._sock = s
+        else:
+            self._reader = r
+            self._writer = w
+
+    def _prepare(self, unit, fn, addr, arg, values):
+        self._tid = tid = tcp.next_tid(self._tid)
+        self._n = tcp.build_request(self._tx, tid, unit, fn, addr, arg, values)
+        if fn == 15 or fn == 16:
+            arg = _written_count(fn, self._tx, tcp.MBAP_LEN)
+        self._unit = unit
+        self._fn = fn
+        self._addr = addr
+        self._arg = arg
+        self._got = self._want = 0
+        self._off = 0
+        self._t0 = ticks_ms()
+        self.tx += 1
+
+    def _send(self):
+        # MicroPython socket: True when the whole request is out
+        n = self._n
+        off = self._off
+        if len(self._txv) != n:  # a poll repeats the same request size
+            self._txv = self._txmv[:n]
+        w = self._sock.write(self._txv if off == 0 else self._txv[off:])
+        if w:
+            off = self._off = off + w
+        if off >= n:
+            return True
+        if ticks_diff(ticks_ms(), self._t0) >= self.timeout_ms:
+            raise ModbusTimeout("tx")
+        return False
+
+    def _poll(self):
+        # MicroPython socket: True when the reply is in (_res), else False
+        rx = self._rx
+        mv = self._rxmv
+        got = self._got
+        r = self._sock.readinto(mv if got == 0 else mv[got:])
+        if r == 0:
+            raise ModbusConnectionError("closed")
+        if r:
+            got += r
+            tid = self._tid
+            want = self._want
+            while True:
+                if not want:
+                    want = tcp.frame_len(rx, got)
+                if not want or got < want:
+                    break
+                if rx[0] != tid >> 8 or rx[1] != tid & 0xFF:
+                    # late reply to an abandoned request: skip it
+                    self.bad_frames += 1
+                    for i in range(got - want):
+                        rx[i] = rx[i + want]
+                    got -= want
+                    want = 0
+                    continue
+                dl = self._check(want)
+                if got > want:
+                    self.junk += got - want
+                self._set_res(dl)
+                return True
+            self._got = got
+            self._want = want
+        if ticks_diff(ticks_ms(), self._t0) >= self.timeout_ms:
+            raise ModbusTimeout("timeout")
+        return False
+
+    def _check(self, n):
+        rx = self._rx
+        if tcp.frame_len(rx, n) != n or rx[6] != self._unit:
+            raise ModbusFrameError("mbap length / unit id")
+        return rtu.check_response_pdu(rx, tcp.MBAP_LEN, n, self._fn, self._addr, self._arg)
+
+    def _set_res(self, dl):
+        if self._fn <= 4:
+            if len(self._view) != dl:
+                self._view = self._rxmv[9:9 + dl]
+            self._res = self._view
+        else:
+            self._res = None
+
+    async def _xfer_cpython(self):
+        self._writer.write(self._tx[:self._n])
+        await self._writer.drain()
+        rx = self._rx
+        while True:
+            try:
+                head = await _wait_for_ms(self._reader.readexactly(6), self.timeout_ms)
+                rx[0:6] = head
+                want = tcp.frame_len(rx, 6)
+                body = await _wait_for_ms(self._reader.readexactly(want - 6), self.timeout_ms)
+            except asyncio.TimeoutError:
+                raise ModbusTimeout("timeout")
+            except asyncio.IncompleteReadError:
+                raise ModbusConnectionError("closed")
+            rx[6:want] = body
+            if rx[0] != self._tid >> 8 or rx[1] != self._tid & 0xFF:
+                self.bad_frames += 1
+                continue
+            self._set_res(self._check(want))
+            return
+
+    async def _transact(self, unit, fn, addr, arg, values):
+        while self._busy:  # tasks sharing the connection never interleave
+            await _sleep_ms(1)
+        self._busy = True
+        try:
+            attempt = 0
+            while True:
+                try:
+                    if self._sock is None and self._reader is None:
+                        await self._connect()
+                    self._prepare(unit, fn, addr, arg, values)
+                    if self._sock is None:
+                        await self._xfer_cpython()
+                    else:
+                        while not self._send():
+                            await _sleep_ms(1)
+                        while not self._poll():
+                            await _sleep_ms(1)
+                    self.ok += 1
+                    return self._res
+                except ModbusException:
+                    self.exceptions += 1
+                    raise
+                except ModbusError as e:
+                    err = e
+                except OSError as e:
+                    err = ModbusConnectionError(str(e))
+                self.close()
+                self._count(err)
+                if attempt >= self.max_retries:
+                    raise err
+                attempt += 1
+                self.retries += 1
+        finally:
+            self._busy = False
