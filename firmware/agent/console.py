@@ -87,6 +87,13 @@ def command(a, buf, src):
 
 
 def handle(a, line):
+    try:
+        _handle(a, line)
+    finally:
+        unload("agent.journal_read")  # the read side of the journal, loaded by @events/@config
+
+
+def _handle(a, line):
     parts = line.split(None, 1)
     verb = parts[0] if parts else ""
     arg = parts[1].strip() if len(parts) > 1 else ""

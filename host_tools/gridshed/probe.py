@@ -166,8 +166,8 @@ def evaluate(m: dict[str, Any], reader: Reader) -> Candidate:
         elif x != 0:
             c.reasons.append(f"{v} decodes to {x:.4g} V: implausible")
             score -= 20
-    for i in ("i1", "i2", "i3"):
-        x = c.values.get(i)
+    for name in ("i1", "i2", "i3"):
+        x = c.values.get(name)
         if x is None:
             continue
         if _finite(x) and abs(x) <= AMP_MAX:
@@ -307,21 +307,22 @@ def probe(*, port: str | None = None, tcp: str | None = None, bauds: list[int] |
         return {"transport": "tcp", "address": f"{host}:{tport}", "units": units, "found": found}
     bauds = bauds or [9600, 19200]
     done: set[int] = set()
+    assert port is not None
     for b in bauds:
-        client = ModbusSerialClient(port, baudrate=b, parity=parity, timeout=timeout, retries=0)
+        sclient = ModbusSerialClient(port, baudrate=b, parity=parity, timeout=timeout, retries=0)
         try:
-            if not client.connect():
+            if not sclient.connect():
                 raise UserError(f"cannot open serial port {port} (is the adapter plugged in? permissions?)")
             for u in units:
                 if u in done:
                     continue
                 say(f"{b} baud, unit {u}: trying {len(maps)} meter maps")
-                res = probe_reader(CachedReader(_pymodbus_reader(client, u)), maps)
+                res = probe_reader(CachedReader(_pymodbus_reader(sclient, u)), maps)
                 if res is not None:
                     done.add(u)
                     found.append({"unit": u, "transport": "rtu", "baud": b, "parity": parity, **res})
         finally:
-            client.close()
+            sclient.close()
     return {"transport": "rtu", "address": port, "bauds": bauds, "units": units, "found": found}
 
 

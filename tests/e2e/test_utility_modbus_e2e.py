@@ -13,7 +13,6 @@ import asyncio
 import json
 import random
 import re
-import shutil
 import socket
 import struct
 import subprocess
