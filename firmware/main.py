@@ -1,9 +1,10 @@
 """Board entry point: run the agent; on an unexpected error say why, wait, then reset.
 
 The pause before the reset keeps a persistent fault from becoming a tight crash loop, and the
-relays keep the state the agent last gave them (the watchdog covers a hang). Boot order is in
-agent/app.py run(): config read and validated first (a rejected config never touches a pin),
-then the relays take their safe state before any other part of the agent is built.
+relays keep the state the agent last gave them (the watchdog covers a hang). Boot order: the
+config is read and validated first (agent/boot.py, while the heap is empty; a rejected config
+never touches a pin), then agent/app.py run() sets the relays' safe state before any other part
+of the agent is built.
 """
 import sys
 import time
@@ -11,9 +12,13 @@ import time
 
 def _main():
     try:
+        from agent.boot import load_config
+
+        cfg, errors, chash = load_config()  # before the agent's modules: the heap is empty
+        del sys.modules["agent.boot"]
         import agent.app
 
-        agent.app.run()
+        agent.app.run(cfg, errors, chash)
     except KeyboardInterrupt:
         # A technician stopped the agent on purpose: park the watchdog (fed by a timer on
         # boards, emulation ended on the unix port) so the REPL is not reset under them.

@@ -13,7 +13,7 @@ import sys
 from agent import cbor
 from agent import control
 from agent.compat import ticks_ms, ticks_diff, ticks_add
-from agent.journal import Journal, jsonable
+from agent.journal import Journal
 from agent.meter import MeterMap
 from agent.relays import RelayBank
 
@@ -93,8 +93,15 @@ def unload(name):
 
 
 def reply(obj, end):
-    obj["end"] = end
-    print("@" + json.dumps(obj))
+    # One JSON object per line, written a value at a time: no whole-reply string in RAM.
+    w = sys.stdout.write
+    w("@{")
+    for k in obj:
+        w(json.dumps(k))
+        w(": ")
+        w(json.dumps(obj[k]))
+        w(", ")
+    w('"end": true}\n' if end else '"end": false}\n')
 
 
 class Agent:
@@ -131,12 +138,18 @@ class Agent:
             # boot_state "open": hold the load off until the first healthy decision restores it
             self.ctrl.shed(now)
         self.relays.apply(0 if self.lockout else self.ctrl.closed_mask)
+        # Relays are safe: now load every module this site will keep resident, before the
+        # long-lived buffers are allocated, so code and data do not fragment the heap.
+        self.features = self._load_features()
+        gc.collect()
         # held inputs as last persisted (cmd_shed | lockout << 1): a change is persisted at once
         self._p_held = self.cmd_shed | bool(persisted and persisted.get("lockout") is True) << 1
         jc = cfg.get("journal") or {}
         self.journal = Journal(".", seg_size=jc.get("segment_bytes", 16384), max_segs=jc.get("segments", 4),
                                clock=hal.wall_time)
         self.meter_map = MeterMap(cfg["meter"]["map"])
+        # the map now lives in meter_map's arrays; keep only what the host needs to name it
+        cfg["meter"]["map"] = {"model": self.meter_map.model}
         self.recorder = None
         try:
             from agent.recorder import Recorder
@@ -219,6 +232,10 @@ class Agent:
         if self.shed_kw is not None or self.curtailer is not None:
             self._partial(now)
         self.relays.apply(0 if self.lockout else self.ctrl.closed_mask)
+        # Relays are safe: now load every module this site will keep resident, before the
+        # long-lived buffers are allocated, so code and data do not fragment the heap.
+        self.features = self._load_features()
+        gc.collect()
         if self.ctrl.nevents or self._p_held != self.cmd_shed | self.lockout << 1:
             self.events(ev, now)
         return ev
@@ -237,10 +254,12 @@ class Agent:
 
     def _master(self):
         m = self.cfg["meter"]
-        from agent.modbus_master import RtuMaster, TcpMaster
-
         if m["transport"] == "tcp":
+            from agent.modbus_tcp_master import TcpMaster
+
             return TcpMaster(m["host"], m["port"], timeout_ms=m["timeout_ms"], retries=m["retries"])
+        from agent.modbus_master import RtuMaster
+
         de = None
         u = (self.cfg.get("uart") or {}).get("meter") or {}
         if u.get("de") is not None:
@@ -391,32 +410,28 @@ class Agent:
         st["cmd_shed"] = self.cmd_shed
         return st
 
-    def start_features(self):
+    def _load_features(self):
+        # (module, enabled) in start order; imported now, started by start_features()
         c = self.cfg
+        if c["meter"]["transport"] == "tcp":
+            import agent.modbus_tcp_master  # noqa: F401  (resident for the poll task)
+        else:
+            import agent.modbus_master  # noqa: F401
+        out = []
         if (c.get("signals") or {}).get("dry_contact") or self.override is not None:
             from agent import inputs
 
-            asyncio.create_task(inputs.run(self))
-        if (c.get("modbus_server") or {}).get("enabled"):
-            from agent import utility_server
+            out.append(inputs)
+        for sec, name in (("modbus_server", "utility_server"), ("udp", "udp_cmd"), ("mqtt", "fleet"),
+                          ("ac_sense", "freq"), ("miners", "miners")):
+            if (c.get(sec) or {}).get("enabled"):
+                out.append(__import__("agent." + name, None, None, ("start",)))
+        return out
 
-            utility_server.start(self)
-        if (c.get("udp") or {}).get("enabled"):
-            from agent import udp_cmd
-
-            udp_cmd.start(self)
-        if (c.get("mqtt") or {}).get("enabled"):
-            from agent import fleet
-
-            fleet.start(self)
-        if (c.get("ac_sense") or {}).get("enabled"):
-            from agent import freq
-
-            freq.start(self)
-        if (c.get("miners") or {}).get("enabled"):
-            from agent import miners
-
-            miners.start(self)
+    def start_features(self):
+        for mod in self.features:
+            mod.start(self)
+        self.features = None
 
     async def main(self):
         asyncio.create_task(self.tick_task())
@@ -439,25 +454,21 @@ async def refuse_forever(errors):
         await asyncio.sleep(10)
 
 
-def run():
+def run(cfg=None, errors=None, chash=None):
+    # main.py loads and checks the config first (agent/boot.py) while the heap is empty
     from agent import hal as halmod
 
-    cfg = read_cbor(CONFIG_PATH)
-    if cfg is None:
-        errors = ["no valid /%s: provision the board (gridshed provision)" % CONFIG_PATH]
-    else:
-        from agent import config as configmod
+    if errors is None:
+        from agent.boot import load_config
 
-        errors = configmod.validate(cfg)
-        # boot-only code: unload it so its RAM serves the running agent
-        del configmod
-        unload("agent.config")
-        gc.collect()
+        cfg, errors, chash = load_config()
+        unload("agent.boot")
     if errors:
         asyncio.run(refuse_forever(errors))
         return
     hal = halmod.load(cfg.get("board"))
     agent = Agent(cfg, hal)
+    agent.config_hash = chash
     unload("agent.meter_check")  # boot-only checks
     gc.collect()
     asyncio.run(agent.main())

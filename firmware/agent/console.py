@@ -24,6 +24,7 @@ def status(a):
         "journal_seq": a.journal.seq, "mem_free": gc.mem_free(),
         "signal": a.cmd_shed or (a.signal is not None and a.signal.shed()),
         "min_off_left_ms": c.min_off_left_ms(),
+        "config_hash": getattr(a, "config_hash", None),
     }
     if a.master is not None:
         st["modbus"] = a.master.counters()

@@ -154,3 +154,9 @@ def override_changed(a, now, log):
         a.relays.apply(0 if a.lockout else a.ctrl.closed_mask)
         if a.ctrl.nevents:
             a.events(ev, now)
+
+
+def start(a):
+    import asyncio
+
+    asyncio.create_task(run(a))

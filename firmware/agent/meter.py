@@ -21,7 +21,6 @@ halves in float arithmetic, f32 is rebuilt from sign / exponent / mantissa with 
 The only allocation is the float result (boxed on most ports).
 """
 import math
-import struct
 
 from agent.compat import const
 

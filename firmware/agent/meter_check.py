@@ -5,7 +5,7 @@ this module after boot).
 """
 import struct
 
-from agent.meter import TYPES, WORDS, QUANTITIES, REQUIRED, T_U16, T_S16, T_U32, T_S32, T_F32
+from agent.meter import MAX_READ, TYPES, WORDS, QUANTITIES, REQUIRED, T_U16, T_S16, T_U32, T_F32
 
 CONFIDENCE = ("reference", "manual", "community")
 MAP_KEYS = ("model", "title", "source", "confidence", "function", "resolution_hz", "quantities",

@@ -8,7 +8,7 @@ from agent import modbus_rtu as rtu
 from agent import modbus_tcp as tcp
 from agent.compat import ticks_diff, ticks_ms
 from agent.modbus_errors import ModbusConnectionError, ModbusError, ModbusException, ModbusFrameError, ModbusTimeout
-from agent.modbus_master import _Master, _sleep_ms, _wait_for_ms, _written_count
+from agent.modbus_base import _Master, _sleep_ms, _wait_for_ms, _written_count
 
 
 class TcpMaster(_Master):

@@ -1,0 +1,37 @@
+"""First step of a boot: read /config.cbor, hash it, validate it, before the agent's big
+modules are loaded (the validator is large and only needed once, so it runs while the heap is
+still empty, and is freed before the agent is built)."""
+import gc
+import sys
+
+CONFIG_PATH = "config.cbor"
+
+
+def load_config():
+    """(cfg or None, errors, config hash): the hash is the 16 hex digits the inventory records."""
+    from agent import cbor
+
+    try:
+        with open(CONFIG_PATH, "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None, ["no /%s: provision the board (gridshed provision)" % CONFIG_PATH], None
+    import binascii
+    import hashlib
+
+    chash = binascii.hexlify(hashlib.sha256(raw).digest()[:8]).decode()
+    try:
+        cfg = cbor.loads(raw)
+    except ValueError as e:
+        return None, ["/%s is not valid CBOR (%s): provision the board again" % (CONFIG_PATH, e)], chash
+    del raw
+    from agent import config
+
+    errors = config.validate(cfg)
+    del config
+    sys.modules.pop("agent.config", None)
+    pkg = sys.modules.get("agent")
+    if pkg is not None and "config" in pkg.__dict__:
+        delattr(pkg, "config")
+    gc.collect()
+    return cfg, errors, chash
