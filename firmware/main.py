@@ -12,10 +12,11 @@ import time
 
 def _main():
     try:
-        from agent.boot import load_config
+        import agent.boot
 
-        cfg, errors, chash = load_config()  # before the agent's modules: the heap is empty
+        cfg, errors, chash = agent.boot.load_config()  # before the agent's modules: the heap is empty
         del sys.modules["agent.boot"]
+        del agent.boot  # nothing keeps the boot code alive: its RAM goes to the agent
         import agent.app
 
         agent.app.run(cfg, errors, chash)
@@ -23,9 +24,9 @@ def _main():
         # A technician stopped the agent on purpose: park the watchdog (fed by a timer on
         # boards, emulation ended on the unix port) so the REPL is not reset under them.
         w = sys.modules.get("agent.app")
-        w = w and w.WDT  # [hw, feeds, starved, emulation state]
-        if w and w[3]:
-            w[3][2] = 0
+        w = w and w.WDT  # [hw, feeds, starved, -]
+        if w and hasattr(w[0], "park"):  # the virtual board's emulated watchdog
+            w[0].park()
         elif w:
             try:
                 import machine

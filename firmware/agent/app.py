@@ -23,43 +23,19 @@ STATE_PATH = "state.cbor"
 KEYS_PATH = "keys.cbor"
 SEQ_PATH = "seq.cbor"
 TICK_MS = 50
+CAPTURE_PART = 40     # samples per capture record (400 bytes)
 INPUT_MS = 10
 WDT_MS = 8000        # hardware watchdog timeout (rp2 allows at most 8388 ms)
 WDT_POLL_PERIODS = 3  # the poll task must finish its next cycle within 3 periods + its worst read
 WDT_BOOT_MS = 3000    # extra allowance for the first cycle (UART/socket open, first connect)
 WDT = None            # the running Agent's watchdog state (main.py parks it on Ctrl-C)
-CAUSE_PATH = "wdt_reset"
-
-
-def _wdt_thread(st):
-    # Unix port: a thread plays the hardware timer. st = [last feed ms, timeout ms, running].
-    # Not fed for timeout_ms: SIGKILL (as abrupt as a reset); the supervisor boots it again.
-    import time
-    import os
-
-    while st[2]:
-        time.sleep_ms(100)
-        if st[2] and ticks_diff(ticks_ms(), st[0]) > st[1]:
-            print("E %d watchdog: not fed: reset" % ticks_ms())
-            try:
-                open(CAUSE_PATH, "w").close()
-            except OSError:
-                pass
-            os.system("kill -9 $PPID")
 
 
 def _cause(hal):
-    # why the board (re)started: the port's reset cause, or the watchdog emulation's marker
+    # why the board (re)started, from the port (machine.reset_cause, or the virtual board's
+    # watchdog marker): journaled with the boot record
     f = getattr(hal, "reset_cause", None)
-    if f:
-        return f()
-    import os
-
-    try:
-        os.remove(CAUSE_PATH)
-        return "watchdog"
-    except OSError:
-        return None
+    return f() if f else None
 
 
 def log(level, msg):
@@ -140,6 +116,16 @@ class Agent:
         self.relays.apply(0 if self.lockout else self.ctrl.closed_mask)
         # Relays are safe: now load every module this site will keep resident, before the
         # long-lived buffers are allocated, so code and data do not fragment the heap.
+        self.master = None
+        self.recorder = None
+        try:  # long-lived buffers first, while the heap is still in one piece
+            from agent.recorder import Recorder
+
+            self.recorder = Recorder.from_config(cfg)
+        except (ImportError, MemoryError):
+            pass
+        gc.collect()
+        self.master = self._master()
         self.features = self._load_features()
         gc.collect()
         # held inputs as last persisted (cmd_shed | lockout << 1): a change is persisted at once
@@ -147,16 +133,9 @@ class Agent:
         jc = cfg.get("journal") or {}
         self.journal = Journal(".", seg_size=jc.get("segment_bytes", 16384), max_segs=jc.get("segments", 4),
                                clock=hal.wall_time)
-        self.meter_map = MeterMap(cfg["meter"]["map"])
+        self.meter_map = MeterMap(cfg["meter"]["map"], checked=True)  # checked in agent/boot.py
         # the map now lives in meter_map's arrays; keep only what the host needs to name it
         cfg["meter"]["map"] = {"model": self.meter_map.model}
-        self.recorder = None
-        try:
-            from agent.recorder import Recorder
-
-            self.recorder = Recorder.from_config(cfg)
-        except (ImportError, MemoryError):
-            pass
         self.hz = None
         self.kw = None
         self.meter_ok = False
@@ -170,7 +149,6 @@ class Agent:
         self.started = ticks_ms()
         self.signal = None
         self.seq_counters = None  # command counters survive the console module being freed
-        self.master = None
         self.wdt = None
         m = cfg["meter"]
         # worst case of one poll cycle's reads: every request timing out on every attempt
@@ -232,10 +210,6 @@ class Agent:
         if self.shed_kw is not None or self.curtailer is not None:
             self._partial(now)
         self.relays.apply(0 if self.lockout else self.ctrl.closed_mask)
-        # Relays are safe: now load every module this site will keep resident, before the
-        # long-lived buffers are allocated, so code and data do not fragment the heap.
-        self.features = self._load_features()
-        gc.collect()
         if self.ctrl.nevents or self._p_held != self.cmd_shed | self.lockout << 1:
             self.events(ev, now)
         return ev
@@ -269,7 +243,7 @@ class Agent:
 
     async def poll_task(self):
         m = self.cfg["meter"]
-        self.master = master = self._master()
+        master = self.master
         unit = m["unit"]
         mm = self.meter_map
         fn = mm.function
@@ -311,30 +285,25 @@ class Agent:
         # The watchdog is fed here and only while the poll task completes its cycles (good or
         # failed polls) on time: a hung poll task or a blocked loop lets the hardware reset.
         global WDT
-        self.wdt = WDT = w = [self.hal.wdt(WDT_MS), 0, 0, None]  # hw, feeds, starved, emulation
-        if self.hal.name == "unix":  # the HAL's WDT only counts: a thread plays the hardware
-            import _thread
-
-            w[3] = st = [ticks_ms(), WDT_MS, 1]
-            _thread.start_new_thread(_wdt_thread, (st,))
+        self.wdt = WDT = w = [self.hal.wdt(WDT_MS), 0, 0, None]  # hw, feeds, starved, (unused)
         hw = w[0]
-        st = w[3]
         rec = self.recorder
         late = False
         while True:
             now = ticks_ms()
             self.decide(now, False)
             if rec is not None and rec.ready():
-                cap = rec.capture(now)
-                if cap:
-                    self.journal.append("capture", cap)
-                    gc.collect()
+                try:  # one small part per tick: no window-sized allocation
+                    cap = rec.capture(now, CAPTURE_PART)
+                    if cap:
+                        self.journal.append("capture", cap)
+                except MemoryError:
+                    rec.cancel()
+                    self.count("capture_mem")
             over = ticks_diff(ticks_ms(), self.poll_due)
             if over <= 0:
                 hw.feed()
                 w[1] += 1
-                if st:
-                    st[0] = ticks_ms()
                 late = False
             elif not late:
                 late = True
@@ -413,10 +382,6 @@ class Agent:
     def _load_features(self):
         # (module, enabled) in start order; imported now, started by start_features()
         c = self.cfg
-        if c["meter"]["transport"] == "tcp":
-            import agent.modbus_tcp_master  # noqa: F401  (resident for the poll task)
-        else:
-            import agent.modbus_master  # noqa: F401
         out = []
         if (c.get("signals") or {}).get("dry_contact") or self.override is not None:
             from agent import inputs
@@ -469,6 +434,5 @@ def run(cfg=None, errors=None, chash=None):
     hal = halmod.load(cfg.get("board"))
     agent = Agent(cfg, hal)
     agent.config_hash = chash
-    unload("agent.meter_check")  # boot-only checks
     gc.collect()
     asyncio.run(agent.main())

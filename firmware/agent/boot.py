@@ -29,9 +29,19 @@ def load_config():
 
     errors = config.validate(cfg)
     del config
-    sys.modules.pop("agent.config", None)
-    pkg = sys.modules.get("agent")
-    if pkg is not None and "config" in pkg.__dict__:
-        delattr(pkg, "config")
+    _unload("config")
+    if not errors:
+        from agent import meter_check
+
+        errors = ["meter.map: " + e for e in meter_check.validate(cfg["meter"]["map"])]
+        del meter_check
+        _unload("meter_check")
     gc.collect()
     return cfg, errors, chash
+
+
+def _unload(short):
+    sys.modules.pop("agent." + short, None)
+    pkg = sys.modules.get("agent")
+    if pkg is not None and short in pkg.__dict__:
+        delattr(pkg, short)

@@ -12,11 +12,10 @@ if _sleep_ms is None:  # CPython
         await asyncio.sleep(ms / 1000)
 
 
-_wait_for_ms = getattr(asyncio, "wait_for_ms", None)
-if _wait_for_ms is None:  # CPython
-
-    def _wait_for_ms(aw, ms):  # type: ignore
-        return asyncio.wait_for(aw, ms / 1000)
+def _wait_for_ms(aw, ms):
+    # only the CPython TCP path waits this way; MicroPython's asyncio.wait_for_ms lives in a
+    # lazily loaded submodule the board never needs (it polls with sleep_ms instead)
+    return asyncio.wait_for(aw, ms / 1000)
 
 
 def _written_count(fn, buf, o):

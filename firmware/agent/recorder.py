@@ -66,6 +66,9 @@ class Recorder:
         self.t0m = 0
         self.pending = False
         self.last_ms = 0
+        self._left = 0  # samples of the capture in progress not yet handed out
+        self._pos = 0
+        self._part = 0
 
     @classmethod
     def from_config(cls, cfg):
@@ -102,44 +105,54 @@ class Recorder:
     def ready(self, ms=None):
         if not self.pending:
             return False
+        if self._left:
+            return True
         if ms is None:
             ms = self.last_ms
         return _diff(ms & _MASK, self.t0m) >= self.post_ms
 
     def cancel(self):
         self.pending = False
+        self._left = 0
 
-    def capture(self, ms=None):
+    def capture(self, ms=None, max_samples=0):
         """The capture record once post_s has elapsed after the trigger, else None.
 
         Holds the samples from t0 - pre_s to t0 + post_s still in the ring (all of them when
-        the poll rate is the configured one).
+        the poll rate is the configured one). With max_samples > 0 the window comes out as
+        several records ("part" 0, 1, ...), one per call, each decodable on its own: the board
+        writes one small record per tick instead of allocating the whole window at once.
         """
-        if not self.ready(ms):
-            return None
-        self.pending = False
+        if self._left == 0:
+            if not self.ready(ms):
+                return None
+            t0 = self.t0m
+            cap = self.cap
+            start = (self.head - self.count) % cap
+            first = -1
+            n = 0
+            for j in range(self.count):
+                d = _diff(self.ms[(start + j) % cap], t0)
+                if d < -self.pre_ms or d > self.post_ms:
+                    continue
+                if first < 0:
+                    first = j
+                n = j - first + 1
+            self._pos = (start + first) % cap if n else 0
+            self._left = n
+            self._part = 0
+            if n == 0:
+                self.pending = False
+                return None
+        n = self._left if max_samples <= 0 or self._left < max_samples else max_samples
         t0 = self.t0m
         cap = self.cap
-        start = (self.head - self.count) % cap
-        # first sample inside the window, last sample inside it
-        first = -1
-        n = 0
-        pre = 0
-        for j in range(self.count):
-            i = (start + j) % cap
-            d = _diff(self.ms[i], t0)
-            if d < -self.pre_ms or d > self.post_ms:
-                continue
-            if first < 0:
-                first = j
-            n = j - first + 1
-            if d < 0:
-                pre += 1
         out = bytearray(n * SAMPLE_SIZE)
         prev = None
         ms0 = 0
+        pre = 0
+        i = self._pos
         for j in range(n):
-            i = (start + first + j) % cap
             m = self.ms[i]
             if prev is None:
                 ms0 = _diff(m, t0)
@@ -150,6 +163,8 @@ class Recorder:
                     dms = 0
                 elif dms > 0xFFFF:
                     dms = 0xFFFF
+            if _diff(m, t0) < 0:
+                pre += 1
             prev = m
             hz = self.hz[i]
             if hz != hz or hz < 0 or hz >= 65.535:
@@ -157,7 +172,18 @@ class Recorder:
             else:
                 mhz = int(hz * 1000 + 0.5)
             struct.pack_into(_FMT, out, j * SAMPLE_SIZE, dms, mhz, self.kw[i], self.mask[i])
-        return {"v": 1, "t0": self.t0, "dt": self.poll_ms, "pre": pre, "ms0": ms0, "smp": bytes(out)}
+            i += 1
+            if i == cap:
+                i = 0
+        self._pos = i
+        self._left -= n
+        rec = {"v": 1, "t0": self.t0, "dt": self.poll_ms, "pre": pre, "ms0": ms0, "smp": out}
+        if max_samples > 0:
+            rec["part"] = self._part
+        self._part += 1
+        if self._left == 0:
+            self.pending = False
+        return rec
 
 
 def decode_capture(rec):

@@ -234,3 +234,26 @@ def test_decode_rejects_bad_records():
                 {"v": 2, "t0": 1, "ms0": 0, "smp": b""}):
         with pytest.raises(ValueError):
             decode_capture(bad)
+
+
+def test_capture_in_parts_equals_whole_window():
+    """The board writes the window as small parts (one per tick); together they are the window."""
+    def fill(r):
+        for k in range(160 + 61):  # up to t0 + post_s: the whole window is still in the ring
+            r.add(k * 50, 60.0 - (0.5 if 150 <= k < 170 else 0.0), 100.0 + k, k & 0xF)
+            if k == 160:
+                r.trigger(k * 50)
+
+    whole, parted = Recorder(2.0, 3.0, 50), Recorder(2.0, 3.0, 50)
+    fill(whole)
+    fill(parted)
+    ref = decode_capture(whole.capture())
+    parts = []
+    while parted.ready():
+        rec = parted.capture(None, 7)
+        assert rec is not None and len(rec["smp"]) <= 7 * SAMPLE_SIZE
+        parts.append(rec)
+    assert [p["part"] for p in parts] == list(range(len(parts))) and len(parts) > 3
+    got = [s for p in parts for s in decode_capture(p)]
+    assert got == ref
+    assert not parted.pending and parted.capture(None, 7) is None

@@ -51,15 +51,44 @@ class _InPin:
         return _inputs.get(self.pin, 0)
 
 
+CAUSE_PATH = "wdt_reset"
+
+
+def _wdt_thread(w):
+    # Plays the hardware timer: not fed for timeout_ms -> SIGKILL (as abrupt as a reset) after
+    # leaving a marker the next boot reports as its reset cause; the supervisor boots it again.
+    import os
+
+    while w.running:
+        time.sleep_ms(100)
+        if w.running and time.ticks_diff(time.ticks_ms(), w.last) > w.timeout_ms:
+            print("E %d watchdog: not fed: reset" % time.ticks_ms())
+            try:
+                open(CAUSE_PATH, "w").close()
+            except OSError:
+                pass
+            os.system("kill -9 $PPID")
+
+
 class _Wdt:
-    """No hardware watchdog on the host: the supervisor restarts a dead process; feed is counted."""
+    """machine.WDT for the virtual board: a thread resets (kills) the process when not fed."""
 
     def __init__(self, timeout_ms):
+        import _thread
+
         self.timeout_ms = timeout_ms
         self.feeds = 0
+        self.last = time.ticks_ms()
+        self.running = True
+        _thread.start_new_thread(_wdt_thread, (self,))
 
     def feed(self):
         self.feeds += 1
+        self.last = time.ticks_ms()
+
+    def park(self):
+        # Ctrl-C to the REPL: a technician at the console is not reset under their hands
+        self.running = False
 
 
 class UnixHal:
@@ -144,6 +173,15 @@ class UnixHal:
 
     def wall_time(self):
         return time.time()
+
+    def reset_cause(self):
+        import os
+
+        try:
+            os.remove(CAUSE_PATH)
+            return "watchdog"
+        except OSError:
+            return None
 
     def reset(self):
         import sys
