@@ -208,7 +208,11 @@ class Agent:
         else:
             ev = self.ctrl.tick(now, sig, rel)
         if self.shed_kw is not None or self.curtailer is not None:
-            self._partial(now)
+            if self.ctrl.nevents:  # ctrl.shed() below starts a new event list: keep this one
+                self.relays.apply(0 if self.lockout else self.ctrl.closed_mask)
+                self.events(ev, now)
+                self.ctrl.nevents = 0  # journaled: not again below
+            ev = self._partial(now) or ev
         self.relays.apply(0 if self.lockout else self.ctrl.closed_mask)
         if self.ctrl.nevents or self._p_held != self.cmd_shed | self.lockout << 1:
             self.events(ev, now)
@@ -221,10 +225,10 @@ class Agent:
             from agent.curtail import Curtailer
 
             self.curtailer = Curtailer(self)
-        if self.curtailer.step(now) and self.ctrl.nevents:
-            self.events(0, now)
+        changed = self.curtailer.step(now)  # its events are journaled by decide()
         if self.shed_kw is None and self.curtailer.idle():
             self.curtailer = None
+        return changed and self.ctrl.nevents and self.ctrl.events[0]
 
     def _master(self):
         m = self.cfg["meter"]

@@ -30,6 +30,17 @@ def status(a):
         st["modbus"] = a.master.counters()
     if a.seq_counters is not None:
         st["commands"] = a.seq_counters
+    # optional features' counters, when the site runs them
+    u = getattr(a, "utility", None)
+    if u is not None:
+        st["utility"] = {"requests": u.requests, "exceptions": u.exceptions, "bad": u.bad,
+                         "heartbeat_losses": u.hb_losses, "commands": u.commands}
+    f = getattr(a, "fleet", None)
+    if f is not None:
+        st["mqtt"] = f.client.stats()
+    f = getattr(a, "freq", None)
+    if f is not None:
+        st["ac_sense"] = f.status()
     if a.shed_kw is not None or a.curtailer is not None:
         st["shed_kw"] = a.shed_kw
         if a.curtailer is not None:
@@ -112,9 +123,23 @@ def _handle(a, line):
                 gc.collect()
         reply({"ok": True, "count": n}, True)
     elif verb == "config":
-        from agent.journal import jsonable
+        # written a section at a time: no copy of the config, no whole-reply string
+        import json
+        import sys
 
-        reply({"config": jsonable(a.cfg)}, True)
+        w = sys.stdout.write
+        w('@{"config": {')
+        sep = ""
+        for k in a.cfg:
+            w(sep)
+            w(json.dumps(k))
+            w(": ")
+            try:
+                w(json.dumps(a.cfg[k]))
+            except TypeError:  # a value JSON cannot carry (bytes): named, not dropped silently
+                w('"<binary>"')
+            sep = ", "
+        w('}, "end": true}\n')
     elif verb == "cmd":
         import binascii
 

@@ -27,10 +27,8 @@ from gridshed.vboard import VirtualBoard
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_SITE = ROOT / "scenarios" / "demo-site.toml"
 HEAP = "64wK"
-# The console pull runs the agent at 96wK: with the firmware as of this writing every console verb
-# (@status, @events, @config) answers MemoryError at 64wK (reported to the lead). GS_CONSOLE_HEAP
-# overrides it, e.g. GS_CONSOLE_HEAP=64wK to check the budget once that is fixed.
-CONSOLE_HEAP = os.environ.get("GS_CONSOLE_HEAP", "96wK")
+# The console pull runs at the budget too (console verbs load on demand and stream their replies).
+CONSOLE_HEAP = os.environ.get("GS_CONSOLE_HEAP", "64wK")
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

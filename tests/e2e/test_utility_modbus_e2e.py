@@ -9,6 +9,7 @@ board serves RTU over a paced pty pair.
 """
 from __future__ import annotations
 
+import os
 import asyncio
 import json
 import random
@@ -37,7 +38,7 @@ DEMO_SITE = ROOT / "scenarios" / "demo-site.toml"
 # 64wK the board runs out of memory at start (even without the server, @status does not fit
 # next to the TCP meter master). Smallest heap measured to pass this file: 68wK; 72wK leaves a
 # margin for the agent growing under other work (docs/utility-modbus.md, "Memory").
-HEAP = "72wK"
+HEAP = os.environ.get("GS_HEAP", "72wK")
 R_STATUS, R_STATE, R_REASON, R_HZ, R_KW, R_MASK = 1, 2, 3, 4, 6, 8
 R_SHED, R_RELEASE, R_SHED_KW, R_HB = 10, 11, 12, 13
 R_REQUESTS, R_EXC, R_BAD, R_HBLOSS, R_CMDS = 14, 15, 16, 17, 18
