@@ -64,6 +64,10 @@ def _board_termios(fd: int) -> None:
     attrs[6][termios.VMIN] = 1
     attrs[6][termios.VTIME] = 0
     attrs[6][termios.VINTR] = 3
+    # A board's USB serial knows only Ctrl-C: Ctrl-\ and Ctrl-Z must be plain bytes here too,
+    # not SIGQUIT / SIGTSTP (found by the console fuzz test).
+    attrs[6][termios.VQUIT] = 0
+    attrs[6][termios.VSUSP] = 0
     termios.tcsetattr(fd, termios.TCSANOW, attrs)
 
 
