@@ -149,6 +149,7 @@ class Agent:
         self.started = ticks_ms()
         self.signal = None
         self.seq_counters = None  # command counters survive the console module being freed
+        self.refused_at = None    # when a refused command was last journaled (rate limit)
         self.wdt = None
         m = cfg["meter"]
         # worst case of one poll cycle's reads: every request timing out on every attempt

@@ -65,8 +65,18 @@ def command(a, buf, src):
         try:
             c = v.verify(buf, a.hal.wall_time())
         except CommandRefused as e:
-            a.journal.append("cmd_refused", {"src": src, "why": e.reason})
-            log("W", "command refused (%s): %s" % (src, e.reason))
+            # journaled from a bucket of 20 that refills one a second (all are counted): a
+            # flood of forgeries must not rotate real evidence out of the journal
+            now = ticks_ms()
+            last, tokens = a.refused_at or (now, 20)
+            tokens = min(20, tokens + ticks_diff(now, last) // 1000)
+            if tokens > 0:
+                a.refused_at = (now, tokens - 1)
+                a.journal.append("cmd_refused", {"src": src, "why": e.reason})
+                log("W", "command refused (%s): %s" % (src, e.reason))
+            else:
+                a.refused_at = (last, 0)
+                a.count("cmd_refused_unjournaled")
             return {"ok": False, "refused": e.reason}
     finally:
         a.seq_counters = v.counters

@@ -297,12 +297,18 @@ class VirtualBoard:
         to_board = bytearray()
         to_host = bytearray()
         hold_until = 0.0  # after a Ctrl-C to a running agent: wait until its REPL owns the tty
+        last_drain = 0.0  # last time the host took bytes
         hm, bm, wake = self._host_m, self._board_m, self._wake_r
         while not self._stop.is_set():
             now = time.monotonic()
             if hold_until and (now >= hold_until or not self._board_isig()):
                 hold_until = 0.0
-            rlist = [wake, bm]
+            # USB serial has flow control: while the host drains what we hold, leave the board's
+            # output in its pty (its print blocks, as on a board); only a host that stopped
+            # reading for a second loses old bytes (the agent never blocks forever)
+            rlist = [wake]
+            if len(to_host) < HOST_BUFFER_MAX or now - last_drain > 1.0:
+                rlist.append(bm)
             if len(to_board) < 65536:
                 rlist.append(hm)
             wlist = []
@@ -344,6 +350,8 @@ class VirtualBoard:
                 try:
                     n = os.write(hm, to_host)
                     del to_host[:n]
+                    if n:
+                        last_drain = time.monotonic()
                 except OSError as exc:
                     if exc.errno not in (errno.EAGAIN, errno.EIO):
                         break
