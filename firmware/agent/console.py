@@ -131,7 +131,7 @@ def _handle(a, line):
             n += 1
             if n % 8 == 0:
                 gc.collect()
-        reply({"ok": True, "count": n}, True)
+        reply({"ok": True, "count": n, "read_errors": a.journal.read_errors}, True)
     elif verb == "config":
         # written a section at a time: no copy of the config, no whole-reply string
         import json

@@ -50,6 +50,8 @@ def read(self, since_seq=0, limit=None):
                     off, end, obj, why = next(it)
                 except StopIteration:
                     break
+                except MemoryError:  # not the flash's fault: the caller answers an error, retries
+                    raise
                 except Exception:  # unreadable segment: count it, go on with the next
                     self.read_errors += 1
                     break

@@ -6,11 +6,9 @@ API on loopback (sim/miners.py) and the others are nameplate load behind relays.
 signed (COSE_Mac0) with a key written into the board's keys.cbor and sent over its console.
 Timing assertions are causal (not before the timeout) or generous upper bounds against hangs.
 
-Heap: these boards run at 80wK, not 64wK. At 64wK the agent's boot (agent/app.py run(): config
-decoded, Agent built, then start_features() imports agent.miners) leaves the heap so fragmented
-(47 KB free, largest free block 2.5 KB) that importing agent.miners fails with MemoryError.
-Importing the enabled feature modules right after config validation, before Agent() is built,
-runs this same config at 64wK with 25 KB free (measured); app.py is not this module's to change.
+Heap: 88wK (88 KB on a 32-bit board). The miners feature plus signed commands (the verifier is
+loaded per command) measured unreliable at 80wK: a command now and then failed verification
+with MemoryError (counted as malformed, no crash). docs/architecture.md lists per-feature heaps.
 """
 from __future__ import annotations
 
@@ -30,7 +28,7 @@ from gridshed.sim.site import GpioServer, LoadModel, install_firmware
 from gridshed.transport import Console
 from gridshed.vboard import VirtualBoard
 
-HEAP = "80wK"  # see the module docstring: 64wK needs the app.py boot-order fix
+HEAP = "88wK"  # see the module docstring
 KID = b"ops-1"
 BASE_KW = 20.0
 
