@@ -22,7 +22,7 @@ import pytest
 
 from gridshed import siteconfig
 
-from rig import HEAP, Rig, built_firmware, install, journal_records, read_state, write_config
+from rig import HEAP, Rig, install, journal_records, read_state, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_SITE = ROOT / "scenarios" / "demo-site.toml"

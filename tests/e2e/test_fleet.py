@@ -94,7 +94,7 @@ class Watch:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory, agent_build):
+def fleet(tmp_path_factory, agent_build):  # noqa: F811  (pytest fixture imported above)
     # one fleet for the module (booting 20 boards is the slow part); the last-will test kills a
     # board, so it runs last
     tmp_path = tmp_path_factory.mktemp("fleet")

@@ -33,7 +33,6 @@ from pymodbus.pdu.register_message import (
 from agent import crc, modbus_rtu as rtu, modbus_tcp as tcp
 from agent.modbus_errors import (
     ModbusCRCError,
-    ModbusError,
     ModbusException,
     ModbusFrameError,
 )

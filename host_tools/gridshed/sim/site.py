@@ -8,7 +8,6 @@ utility would measure.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import tempfile
 import time
