@@ -245,9 +245,17 @@ class VirtualBoard:
         termios.tcflush(self._board_s, termios.TCIFLUSH)  # bytes sent during reset are lost
         cmd = self._command()
         self._marker("start %d: %s" % (self.restarts, " ".join(cmd[3:]) or "(REPL)"))
-        self.proc = subprocess.Popen(cmd, stdin=self._board_s, stdout=self._board_s, stderr=self._board_s,
-                                     cwd=str(self.fs_dir), env=self._environ(), preexec_fn=_make_ctty,
-                                     close_fds=True)
+        # stdout/stderr get their own open file description of the tty: the interpreter makes
+        # stdin non-blocking (the flag lives on the description), and a non-blocking stdout
+        # drops output whenever the tty buffer is full (a 6 KB `get` lost bytes that way). A
+        # board's USB serial blocks instead.
+        out_fd = os.open(os.ttyname(self._board_s), os.O_RDWR | os.O_NOCTTY)
+        try:
+            self.proc = subprocess.Popen(cmd, stdin=self._board_s, stdout=out_fd, stderr=out_fd,
+                                         cwd=str(self.fs_dir), env=self._environ(), preexec_fn=_make_ctty,
+                                         close_fds=True)
+        finally:
+            os.close(out_fd)
 
     def _supervise(self) -> None:
         fast_exits = 0
@@ -336,7 +344,8 @@ class VirtualBoard:
                     if self._log:
                         self._log.write(data)
                     to_host += data
-                    if len(to_host) > HOST_BUFFER_MAX:   # nobody reading: a UART drops bytes too
+                    if len(to_host) > HOST_BUFFER_MAX and now - last_drain > 1.0:
+                        # nobody has read for a second: drop the oldest, as a UART would
                         del to_host[:len(to_host) - HOST_BUFFER_MAX]
             if hm in r:
                 try:
