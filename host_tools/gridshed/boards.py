@@ -7,14 +7,11 @@ no schema library: each problem is one readable string naming the key.
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .datafiles import ROOT_ENV, list_entries, load_entry, repo_root  # noqa: F401
 
-ROOT_ENV = "GRIDSHED_ROOT"
 
 KEYS_REQUIRED = ("name", "title", "chip", "arch", "port", "firmware", "flash", "uarts", "relays",
                  "inputs", "led", "network", "usb")
@@ -82,39 +79,18 @@ def rp2_uart_function(pin: int) -> tuple[int, str] | None:
     return uart, ("tx", "rx", "cts", "rts")[pin % 4]
 
 
-def repo_root() -> Path:
-    env = os.environ.get(ROOT_ENV)
-    return Path(env) if env else Path(__file__).resolve().parents[2]
-
-
 def boards_dir() -> Path:
     return repo_root() / "boards"
 
 
 def list_boards() -> list[str]:
     """Names of the board files (sorted)."""
-    d = boards_dir()
-    return sorted(p.stem for p in d.glob("*.json")) if d.is_dir() else []
+    return list_entries("boards")
 
 
 def load_board(name: str) -> dict[str, Any]:
     """Board dict by name (file stem); UserError if missing or invalid."""
-    if not name or "/" in name or "\\" in name or name.startswith("."):
-        raise UserError(f"board {name!r}: not a board name")
-    path = boards_dir() / f"{name}.json"
-    if not path.is_file():
-        known = ", ".join(list_boards()) or "none"
-        raise UserError(f"board {name!r}: no file {path} (known boards: {known})")
-    try:
-        board = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: cannot read board file: {exc}") from None
-    errors = validate_board(board)
-    if not errors and board["name"] != name:
-        errors.append(f"name: {board['name']!r} differs from the file name {name!r}")
-    if errors:
-        raise UserError(f"{path}: " + "; ".join(errors))
-    return board
+    return load_entry("boards", "board", name, "name", validate_board)
 
 
 def _is_int(x: Any) -> bool:

@@ -5,13 +5,12 @@ image is made by the same data-driven encoder whose inverse the board runs.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from agent import meter as fwmeter
 
-from .boards import repo_root
+from .datafiles import list_entries, load_entry, repo_root
 from .errors import UserError
 
 LIBRARY_REQUIRED = ("title", "source", "confidence")
@@ -23,8 +22,7 @@ def meters_dir() -> Path:
 
 def list_meters() -> list[str]:
     """Model names of the library (sorted file stems)."""
-    d = meters_dir()
-    return sorted(p.stem for p in d.glob("*.json")) if d.is_dir() else []
+    return list_entries("meters")
 
 
 def validate_meter(m: Any) -> list[str]:
@@ -39,22 +37,7 @@ def validate_meter(m: Any) -> list[str]:
 
 def load_meter(model: str) -> dict[str, Any]:
     """Meter map dict by model name; UserError if missing or invalid."""
-    if not model or "/" in model or "\\" in model or model.startswith("."):
-        raise UserError(f"meter {model!r}: not a model name")
-    path = meters_dir() / f"{model}.json"
-    if not path.is_file():
-        known = ", ".join(list_meters()) or "none"
-        raise UserError(f"meter {model!r}: no file {path} (known meters: {known})")
-    try:
-        m = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: cannot read meter map: {exc}") from None
-    errors = validate_meter(m)
-    if not errors and m["model"] != model:
-        errors.append(f"model: {m['model']!r} differs from the file name {model!r}")
-    if errors:
-        raise UserError(f"{path}: " + "; ".join(errors))
-    return m
+    return load_entry("meters", "meter", model, "model", validate_meter)
 
 
 def register_image(m: dict[str, Any] | fwmeter.MeterMap, values: dict[str, float]) -> dict[int, int]:
