@@ -84,6 +84,7 @@ class Agent:
     def __init__(self, cfg, hal):
         self.cfg = cfg
         self.hal = hal
+        self.errors = {}
         persisted = read_cbor(STATE_PATH)
         if not isinstance(persisted, dict):
             persisted = None
@@ -91,6 +92,12 @@ class Agent:
         # Held inputs survive a reboot: a signed shed command not yet restored, a lockout in
         # place (kept until the switch reads released), and the override switch read right now.
         self.cmd_shed = bool(persisted and persisted.get("cmd_shed") is True)
+        self.shed_kw = self._resume = None  # partial curtailment: kW target, persisted episode
+        if persisted and persisted.get("shed_kw"):  # a kW target survives too (agent/curtail.py)
+            from agent.curtail import boot_target
+
+            boot_target(self, persisted, tripped)
+        self._p_kw = self.shed_kw
         self.override = None
         ov = cfg.get("override")
         if isinstance(ov, dict) and ov.get("enabled") and ov.get("pin") is not None:
@@ -140,12 +147,10 @@ class Agent:
         self.kw = None
         self.meter_ok = False
         self.ext_shed = False    # set by feature modules (utility Modbus server register, ...)
-        self.shed_kw = None      # partial curtailment target (kW) or None = all blocks
         self.curtailer = None
         self.release = False
         self.samples = 0
         self.meter_errors = 0
-        self.errors = {}
         self.started = ticks_ms()
         self.signal = None
         self.seq_counters = None  # command counters survive the console module being freed
@@ -177,7 +182,7 @@ class Agent:
             log("E", "%s hz=%s kw=%s mask=%d" % (name, self.hz, self.kw, c.closed_mask))
             if control.is_trip(code) and self.recorder is not None:
                 self.recorder.trigger(now)
-        if persist or self._p_held != self.cmd_shed | self.lockout << 1:
+        if persist or self._dirty():
             self.persist(now)
 
     def persist(self, now):
@@ -186,11 +191,18 @@ class Agent:
         s = self.ctrl.snapshot(now)
         s["cmd_shed"] = self.cmd_shed
         s["lockout"] = self.lockout
+        s["shed_kw"] = self._p_kw = self.shed_kw
+        if self.curtailer is not None:
+            s["curtail"] = self.curtailer.snapshot()
         self._p_held = self.cmd_shed | self.lockout << 1
         try:
             write_cbor_atomic(STATE_PATH, s)
         except OSError:
             self.count("state_write")
+
+    def _dirty(self):
+        # a held input or the kW target changed since state.cbor was written
+        return self._p_held != self.cmd_shed | self.lockout << 1 or self._p_kw != self.shed_kw
 
     # ---- control -------------------------------------------------------------------------
     def shed_requested(self):
@@ -215,7 +227,7 @@ class Agent:
                 self.ctrl.nevents = 0  # journaled: not again below
             ev = self._partial(now) or ev
         self.relays.apply(0 if self.lockout else self.ctrl.closed_mask)
-        if self.ctrl.nevents or self._p_held != self.cmd_shed | self.lockout << 1:
+        if self.ctrl.nevents or self._dirty():
             self.events(ev, now)
         return ev
 
@@ -225,7 +237,8 @@ class Agent:
         if self.curtailer is None:
             from agent.curtail import Curtailer
 
-            self.curtailer = Curtailer(self)
+            self.curtailer = Curtailer(self, self._resume, now)
+            self._resume = None
         changed = self.curtailer.step(now)  # its events are journaled by decide()
         if self.shed_kw is None and self.curtailer.idle():
             self.curtailer = None

@@ -23,8 +23,19 @@ TOL_FRAC = 0.05   # tolerance: 5 % of the target ...
 TOL_KW = 1.0      # ... but at least 1 kW
 
 
+def boot_target(agent, persisted, tripped):
+    # state.cbor had a kW target: it is active again; its episode resumes if blocks are still shed
+    kw = persisted.get("shed_kw")
+    if isinstance(kw, (int, float)) and not isinstance(kw, bool) and 0 < kw < 1e7:
+        agent.shed_kw = float(kw)
+        if tripped:
+            agent._resume = persisted.get("curtail")
+    else:
+        agent.count("state_shed_kw")
+
+
 class Curtailer:
-    def __init__(self, agent):
+    def __init__(self, agent, resume=None, now=0):
         self.a = agent
         c = agent.ctrl
         self.kw = c.kw
@@ -43,6 +54,32 @@ class Curtailer:
         self.short = False    # every candidate block is open and the target is still not met
         self.s0 = 0
         self.t0 = 0
+        if resume:
+            self._resume(resume, now)
+
+    def snapshot(self):
+        # persisted with the agent's state: a reboot mid-episode resumes it instead of taking the
+        # already-reduced site kW as a new baseline (which would shed more than asked)
+        return None if self.target is None else [self.base, self.opened, self.ratio, self.rounds]
+
+    def _resume(self, r, now):
+        a = self.a
+        try:
+            base, opened, ratio, rounds = r
+            self.base = None if base is None else float(base)
+            self.opened = int(opened) & a.ctrl.shed_mask
+            self.ratio = min(2.0, max(0.2, float(ratio)))
+            self.rounds = int(rounds)
+        except Exception:  # unreadable: a fresh episode (a baseline taken now sheds more, not less)
+            self.base = None
+            self.opened = self.rounds = 0
+            self.ratio = 1.0
+            a.count("curtail_resume")
+            return
+        self.target = a.shed_kw
+        a.ctrl.release_required = True
+        self.s0 = a.samples
+        self.t0 = now
 
     def idle(self):
         return self.target is None
