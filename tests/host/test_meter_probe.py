@@ -132,6 +132,8 @@ def loop():
 @pytest.mark.parametrize("model,ident,expect_same", [
     ("eastron_sdm630", None, {"eastron_sdm72"}),         # same registers: said so, better-sourced map wins
     ("abb_ab_series", None, set()),
+    ("abb_m4m", None, set()),                            # same 0x5Bxx block as A/B, other offsets
+    ("socomec_diris_a40", None, set()),
     ("siemens_pac3200", None, set()),
     ("carlo_gavazzi_em24", 1650, set()),                 # the model register decides against EM340
     ("carlo_gavazzi_em340", None, set()),

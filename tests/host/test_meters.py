@@ -111,6 +111,12 @@ VECTORS = [
     ("abb_ab_series", "hz", 0x5B2C, [5998], 59.98),
     # ABB s32 big-word power x0.01 W: -100000 (= -1 kW) = 0xFFFE7960
     ("abb_ab_series", "kw", 0x5B14, [0xFFFE, 0x7960], -1.0),
+    # ABB M4M: u16 frequency x0.01 Hz at 0x5B32 (not the A/B-series 0x5B2C); s32 power x0.01 W
+    ("abb_m4m", "hz", 0x5B32, [5002], 50.02),
+    ("abb_m4m", "kw", 0x5B1A, [0x0001, 0x86A0], 1.0),
+    # Socomec DIRIS A-40: u32 Hz/100 at 50526, s32 kW/100 at 50536 (-100 = -1 kW, export)
+    ("socomec_diris_a40", "hz", 50526, [0, 5000], 50.0),
+    ("socomec_diris_a40", "kw", 50536, [0xFFFF, 0xFF9C], -1.0),
     # DTSU666 frequency float carrying 5000.0 (0x459C4000) x0.01 -> 50.0
     ("chint_dtsu666", "hz", 0x2044, [0x459C, 0x4000], 50.0),
 ]
@@ -144,7 +150,7 @@ def test_vectors_in_micropython(board):
             got = mm.decode(name, binascii.unhexlify(hexregs), addr)
             out.append([got, mm.encode(name, value)])
         print(json.dumps(out))
-    """ % (json.dumps(maps), json.dumps(cases)))
+    """ % (json.dumps(maps), json.dumps(cases)), heapsize="256k")  # every map as one literal: the test's load
     out = json.loads(res.out.strip().splitlines()[-1])
     for (model, name, _addr, words, value), (got, enc) in zip(VECTORS, out):
         assert math.isclose(got, value, rel_tol=1e-6, abs_tol=1e-9), (model, name, got, value)
