@@ -8,7 +8,8 @@ Sections (``--only`` takes a comma list of these names):
   modbus   Modbus RTU master CPU and allocation per transaction (unix port, memory-backed UART)
   cycle    control cycle (decode + controller step + journal append): time, valgrind Ir, MCU estimates
   latency  end-to-end trip latency in the simulated site (RTU 9600, RTU 19200, TCP), many dips per run
-  memory   smallest -X heapsize that runs the agent through a dip (bisect), heap in use, .mpy sizes
+  memory   smallest -X heapsize that runs the agent through a dip (bisect; base agent and every
+           optional feature at once), heap in use, .mpy sizes
   fleet    one signed site command over a real Mosquitto -> last of N boards acting
   host     deploy time to a virtual board, provision throughput
 
@@ -118,8 +119,8 @@ def dist(vals: list[float]) -> dict[str, Any]:
             "max": round(max(vals), 2) if vals else None}
 
 
-def free_port() -> int:
-    s = socket.socket()
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    s = socket.socket(socket.AF_INET, kind)
     s.bind(("127.0.0.1", 0))
     p = s.getsockname()[1]
     s.close()
@@ -570,21 +571,18 @@ def heap_bytes(k: int) -> int:
     return k * 1024 * struct.calcsize("P") // 4
 
 
-def mem_try(k: int, work: Path) -> dict[str, Any]:
-    from .sim.site import run_site
+MEM_TRIP = {"delay_ms": 0, "samples": 1, "restore_hold_s": 0.5, "min_off_s": 1.0, "stagger_s": 0.1, "jitter_s": 0.0}
 
-    cfg = demo_cfg(delay_ms=0, samples=1, restore_hold_s=0.5, min_off_s=1.0, stagger_s=0.1, jitter_s=0.0)
+
+def mem_scenario():
+    """One dip (60 -> 59.5 Hz for 0.5 s at 0.8 s), then time to restore every block."""
     sc = dip_scenario(1, period=1.0, dip_s=0.5, lead=0.8)
     sc.t[-1] += 2.5  # time to restore
-    bdir = work / ("b%d" % k)
-    log = bdir.with_name(bdir.name + ".console.log")
-    r: dict[str, Any] = {"k": k}
-    try:
-        s = asyncio.run(run_site(sc, cfg, heapsize="%dwK" % k, keep_dir=bdir, settle_s=0.3))
-    except Exception as e:
-        r.update(ok=False, why="%s: %s" % (type(e).__name__, str(e)[:200]))
-        s = None
-    text = log.read_text(errors="replace") if log.exists() else ""
+    return sc
+
+
+def _mem_judge(r: dict[str, Any], s: dict[str, Any] | None, text: str) -> None:
+    """Fill r (control_ok, ok, mem_free, why) from a run_site summary and the console log."""
     ctl_memerr = any("MemoryError" in ln for ln in text.splitlines() if not ln.startswith("@"))
     r["memory_error_in_log"] = "MemoryError" in text
     if s is not None:
@@ -603,8 +601,238 @@ def mem_try(k: int, work: Path) -> dict[str, Any]:
                 opened, s["all_restored"], st.get("error") or bool(st), ctl_memerr, restarts)
     else:
         r["control_ok"] = False
+
+
+def mem_try(k: int, work: Path) -> dict[str, Any]:
+    from .sim.site import run_site
+
+    cfg = demo_cfg(**MEM_TRIP)
+    bdir = work / ("b%d" % k)
+    log = bdir.with_name(bdir.name + ".console.log")
+    r: dict[str, Any] = {"k": k}
+    try:
+        s = asyncio.run(run_site(mem_scenario(), cfg, heapsize="%dwK" % k, keep_dir=bdir, settle_s=0.3))
+    except Exception as e:
+        r.update(ok=False, why="%s: %s" % (type(e).__name__, str(e)[:200]))
+        s = None
+    text = log.read_text(errors="replace") if log.exists() else ""
+    _mem_judge(r, s, text)
     shutil.rmtree(bdir, ignore_errors=True)
+    log.unlink(missing_ok=True)
     return r
+
+
+# the agent with every optional feature configured at once (section 4, "full features")
+FULL_KID = b"bench-ops"
+FULL_MINERS = (("cgminer", 0), ("cgminer", 0), ("luxos", 1), ("luxos", 1))  # (firmware, block)
+FULL_FEATURES = ("modbus_server (tcp)", "udp", "mqtt", "signals.dry_contact", "override", "ac_sense (secondary)",
+                 "miners", "keys.cbor")
+
+
+def full_features_cfg(mqtt_port: int, udp_port: int, mb_port: int, miner_hosts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The demo site (RTU meter, memory-run trip timers) with every optional feature configured."""
+    from . import siteconfig
+
+    site = siteconfig.read_toml(DEMO_SITE)
+    site["trip"] = dict(site["trip"], **MEM_TRIP)
+    site["signals"] = {"dry_contact": True, "dry_contact_active": 1, "mode": "level"}
+    site["override"] = {"mode": "lockout"}  # switch to GND, pulled up: released unless driven
+    site["modbus_server"] = {"transport": "tcp", "port": mb_port}
+    site["udp"] = {"port": udp_port}
+    site["mqtt"] = {"host": "127.0.0.1", "port": mqtt_port, "keepalive_s": 30, "telemetry_s": 1.0}
+    site["ac_sense"] = {"role": "secondary"}  # fed zero-crossing edges by run_site (sim/acsense.py)
+    site["miners"] = {"api": "cgminer", "timeout_ms": 600, "stagger_ms": 100, "hosts": miner_hosts}
+    return siteconfig.normalize(site, source=str(DEMO_SITE))
+
+
+def _full_requests(cfg: dict[str, Any], key: bytes, udp_port: int, mb_port: int) -> Any:
+    """After the dip: one signed `test` on the console, one signed `ping` over UDP, one utility
+    Modbus read (function 3, the whole map), each recorded on its own."""
+    def ask(console_port: str) -> dict[str, Any]:
+        from .fleet_client import send_serial, send_udp
+        from .signing import make_command
+
+        out: dict[str, Any] = {}
+        dev = cfg["device"]
+        try:
+            out["cmd_console"] = send_serial(console_port, make_command(key, FULL_KID, "test", 1, target_device=dev), 5.0)
+        except Exception as e:
+            out["cmd_console"] = {"ok": False, "error": "%s: %s" % (type(e).__name__, e)}
+        try:
+            out["cmd_udp"] = send_udp("127.0.0.1", udp_port, make_command(key, FULL_KID, "status", 2, target_device=dev), 3.0)
+        except Exception as e:
+            out["cmd_udp"] = {"ok": False, "error": "%s: %s" % (type(e).__name__, e)}
+        try:
+            from pymodbus.client import ModbusTcpClient
+
+            c = ModbusTcpClient("127.0.0.1", port=mb_port, timeout=2, retries=0)
+            try:
+                c.connect()
+                rr = c.read_holding_registers(0, count=19, device_id=1)
+                out["modbus_read"] = {"ok": not rr.isError(), "regs": None if rr.isError() else list(rr.registers)}
+            finally:
+                c.close()
+        except Exception as e:
+            out["modbus_read"] = {"ok": False, "error": "%s: %s" % (type(e).__name__, e)}
+        return out
+
+    return ask
+
+
+async def _full_site(k: int, bdir: Path, mqtt_port: int) -> dict[str, Any]:
+    from agent import cbor
+
+    from .signing import new_key
+    from .sim.miners import MinerFarm, SimMiner
+    from .sim.site import run_site
+
+    farm = MinerFarm([SimMiner(block=b, firmware=fw) for fw, b in FULL_MINERS])
+    await farm.start()
+    try:
+        hosts = farm.hosts_config()
+        for h, m in zip(hosts, farm.miners):
+            if m.firmware == "luxos":
+                h["api"] = "luxos"
+        udp_port, mb_port = free_port(socket.SOCK_DGRAM), free_port()
+        cfg = full_features_cfg(mqtt_port, udp_port, mb_port, hosts)
+        key = new_key()
+        return await run_site(mem_scenario(), cfg, heapsize="%dwK" % k, keep_dir=bdir, settle_s=0.3,
+                              extra_files={"keys.cbor": cbor.dumps({FULL_KID: key})}, on_load=farm.attach,
+                              before_status=_full_requests(cfg, key, udp_port, mb_port))
+    finally:
+        await farm.stop()
+
+
+def full_try(k: int, work: Path, mqtt_port: int, tag: str = "") -> dict[str, Any]:
+    """The full-feature agent at -X heapsize=<k>wK: ok = the base criteria, no MemoryError
+    anywhere in the console log, both signed commands and the Modbus read answered, and every
+    feature present in @status (MQTT connected, AC sense measuring)."""
+    bdir = work / ("f%d%s" % (k, tag))
+    log = bdir.with_name(bdir.name + ".console.log")
+    r: dict[str, Any] = {"k": k}
+    try:
+        s = asyncio.run(_full_site(k, bdir, mqtt_port))
+    except Exception as e:
+        r.update(ok=False, why="%s: %s" % (type(e).__name__, str(e)[:200]))
+        s = None
+    text = log.read_text(errors="replace") if log.exists() else ""
+    _mem_judge(r, s, text)
+    if s is not None:
+        st = s.get("board_status") or {}
+        req = s.get("before_status") or {}
+        checks = {
+            "cmd_console": bool((req.get("cmd_console") or {}).get("ok")),
+            "cmd_udp": bool((req.get("cmd_udp") or {}).get("ok")),
+            "modbus_read": bool((req.get("modbus_read") or {}).get("ok")),
+            "utility": "utility" in st,
+            "mqtt": bool((st.get("mqtt") or {}).get("connected")),
+            "ac_sense": bool((st.get("ac_sense") or {}).get("ok")),
+            "miners": "miners" in st,
+            "override": bool(st.get("override")),
+        }
+        r["checks"] = checks
+        failed = [n for n, v in checks.items() if not v]
+        r["ok"] = bool(r["ok"]) and not r["memory_error_in_log"] and not failed
+        if not r["ok"]:
+            r["why"] = "; ".join(x for x in (r.get("why"), "MemoryError in log" if r["memory_error_in_log"] else None,
+                                             ("failed: " + ",".join(failed)) if failed else None) if x)
+            if failed:
+                r["requests"] = {n: (v if n != "modbus_read" else {kk: vv for kk, vv in v.items() if kk != "regs"})
+                                 for n, v in req.items()}
+    shutil.rmtree(bdir, ignore_errors=True)
+    log.unlink(missing_ok=True)
+    return r
+
+
+def bench_full_features(quick: bool, lo: int = 64, hi: int = 160, step: int = 4) -> dict[str, Any]:
+    """Bisect the heap floor of the full-feature agent in [lo, hi] wK (first guess 128wK)."""
+    out: dict[str, Any] = {"features": list(FULL_FEATURES), "miners": ["%s block %d" % m for m in FULL_MINERS],
+                           "search_wK": [lo, hi], "resolution_wK": step}
+    work = Path(tempfile.mkdtemp(prefix="gridshed-bench-full-"))
+    tried: dict[int, dict[str, Any]] = {}
+    broker = None
+    t0 = time.monotonic()
+    # the sim meter's pymodbus server logs every odd frame (boards that ran out of memory mid-poll)
+    import logging
+
+    mblog = logging.getLogger("pymodbus")
+    mblevel = mblog.level
+    mblog.setLevel(logging.CRITICAL)
+    try:
+        broker, mqtt_port = _start_mosquitto(work)
+
+        def at(k: int) -> dict[str, Any]:
+            if k not in tried:
+                _say("memory: full-feature agent at %dwK" % k)
+                tried[k] = full_try(k, work, mqtt_port)
+                _say("  %s" % ("ok, mem_free %s" % tried[k].get("mem_free") if tried[k]["ok"] else tried[k].get("why")))
+            return tried[k]
+
+        # first guess 128wK (near the floor measured so far), then halve the bracket (good
+        # passes, bad fails; 128 - 64 and 160 - 128 are step x a power of 2)
+        guess = 128
+        good: int | None
+        bad: int | None
+        if at(guess)["ok"]:
+            good, bad = guess, lo
+        elif at(hi)["ok"]:
+            good, bad = hi, guess
+        else:
+            good, bad = None, hi
+        while good is not None and bad is not None and good - bad > step:
+            mid = (good + bad) // 2
+            if at(mid)["ok"]:
+                good = mid
+            else:
+                bad = mid
+        if good is not None and bad == lo and at(lo)["ok"]:
+            good, bad = lo, None  # fits at the bottom of the search range
+        # the floor is confirmed by a second, fresh run; if that fails, the floor moves up a step
+        # (a heap this close to full fails on fragmentation, which depends on task timing)
+        confirm: list[dict[str, Any]] = []
+        flaky: list[int] = []
+        while good is not None and len(confirm) < 3:
+            _say("memory: full-feature agent at %dwK again (confirm)" % good)
+            c = full_try(good, work, mqtt_port, tag="again")
+            _say("  %s" % ("ok, mem_free %s" % c.get("mem_free") if c["ok"] else c.get("why")))
+            confirm.append(c)
+            if c["ok"]:
+                break
+            flaky.append(good)
+            nxt = good + step
+            while nxt <= hi and not at(nxt)["ok"]:
+                nxt += step
+            good = nxt if nxt <= hi else None
+        if good is None and all("checks" not in t for t in tried.values()):
+            # no board ever ran to the end (an exception on the host side): not a memory figure
+            out["error"] = "every run failed before the board's answers: %s" % tried[max(tried)].get("why")
+        out["min_heapsize_wK"] = good
+        out["confirmed"] = bool(confirm and confirm[-1]["ok"])
+        out["highest_failing_wK"] = max([x for x in [bad] + flaky if x is not None], default=None)
+        if flaky:
+            out["passed_once_failed_again_wK"] = flaky
+        out["confirm_tries"] = confirm
+        if good is not None:
+            g = at(good)
+            out["min_heapsize_bytes_unix64"] = heap_bytes(good)
+            out["min_heapsize_bytes_32bit_board"] = good * 1024
+            if g.get("mem_free") is not None:
+                out["in_use_at_status_min_heap_bytes"] = heap_bytes(good) - g["mem_free"]
+        # heap - mem_free at the final @status (after the commands), every passing run
+        passing = [t for t in list(tried.values()) + confirm if t["ok"]]
+        if passing:
+            out["peak_in_use_at_status_bytes"] = max(heap_bytes(t["k"]) - t["mem_free"] for t in passing)
+        out["in_use_at_status_bytes_by_wK"] = {str(k): heap_bytes(k) - t["mem_free"] for k, t in sorted(tried.items())
+                                               if t.get("mem_free") is not None}
+        out["tries"] = [tried[k] for k in sorted(tried)]
+        out["seconds"] = round(time.monotonic() - t0, 1)
+    finally:
+        mblog.setLevel(mblevel)
+        if broker is not None:
+            broker.kill()
+            broker.wait(5)
+        shutil.rmtree(work, ignore_errors=True)
+    return out
 
 
 def bench_memory(res: dict[str, Any], quick: bool) -> None:
@@ -653,6 +881,11 @@ def bench_memory(res: dict[str, Any], quick: bool) -> None:
         out["tries"] = [tried[k] for k in sorted(tried)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    # the agent with every optional feature configured at once (MQTT to a private Mosquitto)
+    try:
+        out["full_features"] = bench_full_features(quick)
+    except Exception as e:
+        out["full_features"] = {"error": "%s: %s" % (type(e).__name__, e)}
     # .mpy size per architecture
     from .boards import load_board
     from .build import build
@@ -1153,6 +1386,22 @@ def table(res: dict[str, Any]) -> str:
         if "in_use_at_status_min_heap_bytes" in mem:
             rows.append(("4 heap in use at @status (min heap)", "%d B" % mem["in_use_at_status_min_heap_bytes"],
                          "64-bit objects, gc.mem_free in the reply"))
+        ff = mem.get("full_features")
+        if ff:
+            name = "4 smallest heapsize, ALL features"
+            if "error" in ff:
+                rows.append((name, "ERROR", ff["error"][:60]))
+            elif ff.get("min_heapsize_wK"):
+                rows.append((name, "%dwK = %d B here (%d B on a 32-bit board)" % (
+                    ff["min_heapsize_wK"], ff["min_heapsize_bytes_unix64"], ff["min_heapsize_bytes_32bit_board"]),
+                    "fails at %swK; dip + signed cmds + @status, step %dwK%s" % (
+                        ff["highest_failing_wK"], ff["resolution_wK"], "" if ff.get("confirmed") else ", NOT confirmed")))
+            else:
+                rows.append((name, "none up to %swK" % ff.get("highest_failing_wK"), "see results.json tries"))
+            if "in_use_at_status_min_heap_bytes" in ff:
+                rows.append(("4   heap in use at @status (ALL, min heap)", "%d B (max over passing runs %d B)" % (
+                    ff["in_use_at_status_min_heap_bytes"], ff.get("peak_in_use_at_status_bytes", 0)),
+                    "64-bit objects, gc.mem_free in the reply"))
         for arch, s in mem.get("mpy_size", {}).items():
             if "error" in s:
                 rows.append(("4 .mpy " + arch, "ERROR", s["error"][:60]))

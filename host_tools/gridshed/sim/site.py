@@ -89,7 +89,10 @@ class GpioServer:
         self.writer = writer
         self.connected.set()
         while True:
-            line = await reader.readline()
+            try:
+                line = await reader.readline()
+            except ConnectionError:  # the board process died mid-line (e.g. out of memory)
+                line = b""
             t = time.monotonic()
             if not line:
                 break
@@ -172,8 +175,17 @@ async def run_site(scenario: Scenario, cfg: dict[str, Any], *, heapsize: str = "
                    meter_update_ms: float = 50.0, transport: str | None = None, baud: int | None = None,
                    on_line: Callable[[str], None] | None = None, keep_dir: Path | None = None,
                    settle_s: float = 1.0, firmware_dir: Path = FIRMWARE,
-                   ac_opts: Any = None) -> dict[str, Any]:
-    """Run the scenario in real time; returns the measured summary (see summary.py)."""
+                   ac_opts: Any = None, extra_files: dict[str, bytes] | None = None,
+                   on_load: Callable[[LoadModel], None] | None = None,
+                   before_status: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """Run the scenario in real time; returns the measured summary (see summary.py).
+
+    Optional hooks: ``extra_files`` are written into the board's filesystem before it boots
+    (e.g. ``{"keys.cbor": ...}``); ``on_load(load_model)`` runs once the load model exists (e.g.
+    ``MinerFarm.attach``); ``before_status(console_port)`` runs in a thread after the scenario,
+    before the final ``@status``, and its result is ``summary["before_status"]`` (an exception
+    is recorded there as ``{"error": ...}``).
+    """
     from ..vboard import VirtualBoard
     from .summary import summarize
 
@@ -188,8 +200,11 @@ async def run_site(scenario: Scenario, cfg: dict[str, Any], *, heapsize: str = "
     board_dir.mkdir(parents=True, exist_ok=True)
     run = SiteRun(cfg, scenario, board_dir)
     load = LoadModel(cfg)
+    if on_load is not None:
+        on_load(load)
     say = on_line or (lambda s: None)
     started = asyncio.Event()
+    before: Any = None  # before_status() result
 
     def sc_time(t: float) -> float:
         return t - run.t0 if started.is_set() else -1.0
@@ -233,6 +248,8 @@ async def run_site(scenario: Scenario, cfg: dict[str, Any], *, heapsize: str = "
         tasks.append(asyncio.create_task(meter.serve_tcp("127.0.0.1", port)))
     await asyncio.sleep(0.2)
     install_firmware(board_dir, cfg, sim_cfg, firmware_dir)
+    for name, data in (extra_files or {}).items():
+        (board_dir / name).write_bytes(data)
     board = VirtualBoard(board_dir, heapsize=heapsize)
     dry_pin = (cfg.get("signals") or {}).get("dry_contact_pin") or cfg.get("_dry_contact_pin")
     try:
@@ -283,6 +300,11 @@ async def run_site(scenario: Scenario, cfg: dict[str, Any], *, heapsize: str = "
                 say(f"{st:8.3f}s  {r.hz:7.3f} Hz  {load.kw(scenario.value('kw_base', st, 0.0)):8.1f} kW  "
                     f"blocks [{bar}]{'' if r.ok else '  METER SILENT'}")
             await asyncio.sleep(0.01)
+        if before_status is not None:
+            try:
+                before = await asyncio.to_thread(before_status, board.port)
+            except Exception as e:
+                before = {"error": "%s: %s" % (type(e).__name__, e)}
         status = None
         try:
             status = await asyncio.to_thread(_board_status, board.port)
@@ -302,6 +324,8 @@ async def run_site(scenario: Scenario, cfg: dict[str, Any], *, heapsize: str = "
         run.console = []
     summary = summarize(run, load)
     summary["board_status"] = status
+    if before_status is not None:
+        summary["before_status"] = before
     summary["board_dir"] = str(board_dir)
     if keep_dir is None:
         shutil.rmtree(board_dir, ignore_errors=True)
