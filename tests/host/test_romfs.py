@@ -1,0 +1,214 @@
+"""ROMFS (docs/romfs.md): the image, its memory effect, and `deploy --romfs` to a virtual board.
+
+The virtual board emulates the flash partition (host_tools/gridshed/vboard.py, ROM_BOOT); the
+import and heap figures come from the real unix-port micropython.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gridshed import build as buildmod
+from gridshed import cli, romfs
+from gridshed.deploy import deploy
+from gridshed.errors import UserError
+from gridshed.transport import Board
+from gridshed.vboard import VirtualBoard, make_romfs_partition, micropython_exe
+
+ROOT = Path(__file__).resolve().parents[2]
+PARTITION = 0x20000  # 128 KiB, as MicroPython's partitions-4MiB-romfs.csv
+# What the demo agent keeps loaded while it runs (sys.modules of a running demo board, minus
+# asyncio): the code a site always pays for.
+RESIDENT = ["agent", "agent.app", "agent.cbor", "agent.compat", "agent.control", "agent.crc", "agent.hal",
+            "agent.hal.unix", "agent.journal", "agent.meter", "agent.modbus_base", "agent.modbus_errors",
+            "agent.modbus_master", "agent.modbus_rtu", "agent.recorder", "agent.relays"]
+
+
+@pytest.fixture(scope="module")
+def fw(tmp_path_factory) -> dict:
+    """The real firmware built for the virtual board, with its ROMFS image."""
+    return buildmod.build("unix-sim", out=tmp_path_factory.mktemp("romfs") / "unix-sim", romfs=True)
+
+
+def mp(code: str, heap: str = "1m") -> str:
+    proc = subprocess.run([micropython_exe(), "-X", "heapsize=" + heap, "-c", code], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr or proc.stdout
+    return proc.stdout
+
+
+def test_build_writes_an_image_the_real_micropython_mounts_and_imports(fw):
+    d = Path(fw["path"])
+    rom = fw["romfs"]
+    image = (d / romfs.IMAGE).read_bytes()
+    assert rom["size"] == len(image) and romfs.image_size(image[:16]) == len(image)
+    mpys = sorted(e["file"] for e in fw["files"] if e["file"].endswith(".mpy"))
+    assert rom["files"] == mpys and "main.py" not in rom["files"]   # main.py stays on the filesystem
+    assert json.loads((d / "manifest.json").read_text())["romfs"]["sha256"] == rom["sha256"]
+    out = mp(f"""
+import vfs,sys,os
+f=open({str(d / romfs.IMAGE)!r},'rb');b=f.read();f.close()
+vfs.mount(vfs.VfsRom(b),'/rom')
+sys.path[:]=['/rom','.frozen']
+import agent.app
+print(agent.__path__, agent.app.BUILD, sorted(os.listdir('/rom')), len(os.listdir('/rom/agent')))
+""")
+    path, build_id, top, n = out.split(maxsplit=3)
+    assert path == "/rom/agent" and build_id == fw["build_id"]
+    assert top == "['agent']" and int(n) == len({f.split("/")[1] for f in mpys})
+    # a tampered image is refused like a tampered module
+    (d / romfs.IMAGE).write_bytes(image[:-1] + b"\x00")
+    try:
+        with pytest.raises(UserError, match="romfs.img does not match"):
+            buildmod.load_manifest(d)
+    finally:
+        (d / romfs.IMAGE).write_bytes(image)
+
+
+def test_importing_from_romfs_leaves_the_bytecode_out_of_the_heap(fw):
+    d = Path(fw["path"])
+    m = romfs.measure_imports(d / romfs.IMAGE, d, RESIDENT)
+    print("\nimport heap, %d resident modules (%d bytes of .mpy): ROMFS %d, files %d (files after the ROM "
+          "import in one process %d): saved %d, ratio %.3f" % (
+              m["modules"], m["mpy_bytes"], m["rom_heap"], m["files_heap"], m["files_heap_after_rom"],
+              m["saved"], m["ratio"]))
+    # the image buffer exists before the measurement and is not counted in either figure
+    assert m["image_buffer"] == fw["romfs"]["size"]
+    # what a file import copies into the heap (the bytecode and its names) stays in the image:
+    # measured 90 % of the .mpy bytes on this port
+    assert m["saved"] >= 0.8 * m["mpy_bytes"]
+    # what remains is the modules' runtime objects; measured 0.56 here (64-bit objects: on a
+    # 32-bit board they are about half the size, the saving is not)
+    assert m["ratio"] <= 2 / 3
+    # even when the files find every name already interned, the ROM import is cheaper
+    assert m["rom_heap"] < m["files_heap_after_rom"]
+
+
+def test_virtual_board_gives_the_agent_the_heap_it_asks_for(tmp_path):
+    """The partition buffer and the shim come on top of heapsize: main.py sees what a board without
+    ROMFS sees (the buffer is in flash on a real board)."""
+    main = "import gc\ngc.collect()\nprint('free', gc.mem_free())\n"
+    free = {}
+    for name, rom in (("plain", None), ("rom", PARTITION)):
+        fs = tmp_path / name
+        fs.mkdir()
+        (fs / "main.py").write_text(main)
+        with VirtualBoard(fs, heapsize="48wK", romfs=rom) as vb:
+            assert vb.wait_output("free ", 20) and vb.wait_output("\n", 5, since=vb.output().index(b"free "))
+            free[name] = int(re.search(rb"free (\d+)", vb.output()).group(1))
+    assert -256 <= free["rom"] - free["plain"] <= 512, free
+
+
+def test_deploy_romfs_to_a_virtual_board(fw, tmp_path, capsys):
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    (fs / "notes.txt").write_text("user file")
+    with VirtualBoard(fs, heapsize="64wK", romfs=PARTITION) as vb:
+        # the board runs the agent from its filesystem first
+        s = deploy(vb.port, fw["path"])
+        assert (fs / "agent" / "app.mpy").exists() and s["restarted"]
+        mark = vb.mark()
+        assert cli.main(["deploy", "--port", vb.port, "--build", fw["path"], "--romfs", "--json"]) == 0
+        s = json.loads(capsys.readouterr().out)
+        assert s["romfs"]["written"] and s["romfs"]["image_size"] == fw["romfs"]["size"]
+        assert s["romfs"]["partition_size"] == PARTITION
+        # the filesystem's agent, which would shadow /rom ('' is first on sys.path), is gone
+        assert not (fs / "agent").exists() and "agent/" in s["removed"]
+        assert sorted(p.name for p in fs.iterdir() if p.suffix != ".cbor" and not p.name.startswith("journal")) \
+            == ["build.json", "main.py", "notes.txt"]
+        assert json.loads((fs / "build.json").read_text())["mode"] == "romfs"
+        assert vb.romfs_path.read_bytes()[:fw["romfs"]["size"]] == (Path(fw["path"]) / romfs.IMAGE).read_bytes()
+        assert vb.wait_output("config", 30, since=mark)  # rebooted: the agent (unprovisioned) speaks
+        with Board(vb.port) as b:
+            assert b.eval("__import__('sys').path[:4]") == ["", ".frozen", "/rom", "/rom/lib"]
+            assert b.eval("__import__('agent').__path__") == "/rom/agent"
+            assert b.eval("__import__('agent.app').app.BUILD") == fw["build_id"]
+            b.restart_agent()
+        # again: the partition already holds the image, nothing is written
+        s = deploy(vb.port, fw["path"], romfs=True)
+        assert not s["romfs"]["written"] and s["written"] == [] and s["bytes_written"] == 0
+        # forced, through the progress-bar path of the CLI
+        assert cli.main(["deploy", "--port", vb.port, "--build", fw["path"], "--romfs", "--force"]) == 0
+        assert "ROMFS image %d bytes written" % fw["romfs"]["size"] in capsys.readouterr().out
+        with Board(vb.port) as b:
+            assert b.eval("__import__('agent').__path__") == "/rom/agent"
+
+
+def test_deploy_romfs_to_a_port_that_erases_the_whole_partition(fw, tmp_path):
+    """Older ports report no erase block: the image's length is prepared in one rom_ioctl(3, 0, n)."""
+    with VirtualBoard(tmp_path / "fs", heapsize="64wK", romfs=PARTITION, romfs_block=PARTITION) as vb:
+        vb.romfs_path.write_bytes(b"\x00" * PARTITION)   # not erased: the write relies on the prepare
+        s = deploy(vb.port, fw["path"], romfs=True, restart=False)
+        assert s["romfs"]["written"]
+        assert vb.romfs_path.read_bytes()[:fw["romfs"]["size"]] == (Path(fw["path"]) / romfs.IMAGE).read_bytes()
+
+
+@pytest.mark.parametrize("partition, message", [
+    (None, re.escape("has no ROMFS support (no vfs.rom_ioctl")),
+    (0, re.escape("has no ROMFS partition 0 (vfs.rom_ioctl(1) = 0)")),
+    (0x10000, r"the ROMFS image is \d+ bytes, the board's ROMFS partition 65536 bytes"),
+])
+def test_deploy_romfs_refusals_are_one_line(fw, tmp_path, capfd, partition, message):
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    (fs / "main.py").write_text("print('old firmware')\n")
+    with VirtualBoard(fs, heapsize="64wK", romfs=partition) as vb:
+        assert cli.main(["deploy", "--port", vb.port, "--build", fw["path"], "--romfs", "--json"]) == 2
+        err = capfd.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("gridshed: error: ") and re.search(message, err[0]), err
+        assert "docs/romfs.md" in err[0] and "Traceback" not in err[0]
+        assert (fs / "main.py").read_text() == "print('old firmware')\n"   # nothing was touched
+        if partition:
+            assert set(vb.romfs_path.read_bytes()) == {0xFF}
+
+
+def test_deploy_romfs_needs_a_romfs_build(tmp_path, capfd):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "main.py").write_text("print(1)\n")
+    (src / "app.py").write_text("X = 1\n")
+    out = tmp_path / "b"
+    buildmod.build("unix-sim", src=src, out=out)
+    assert cli.main(["deploy", "--port", "/dev/null", "--build", str(out), "--romfs"]) == 2
+    err = capfd.readouterr().err.strip()
+    assert err == f"gridshed: error: {out} has no ROMFS image; run `gridshed build --board unix-sim --romfs`"
+
+
+def test_demo_dip_runs_with_the_agent_in_romfs_at_48wK(fw, tmp_path):
+    """The point of ROMFS: the demo site at the 48wK target, counting only the agent's own heap
+    (the virtual board adds the partition buffer, which a board keeps in flash). Bisected on this
+    port: 46wK runs, 44wK does not; from the filesystem it needs 64wK (62wK fails)."""
+    from gridshed import siteconfig
+    from gridshed.sim.scenario import load_scenario
+    from gridshed.sim.site import run_site
+
+    scn = tmp_path / "dip.csv"
+    scn.write_text("t_s,hz\n0,60\n1.5,59.98\n2.0,59.62\n3.0,59.65\n4.0,59.95\n9,60\n")
+    text = (ROOT / "scenarios" / "demo-site.toml").read_text()
+    for k, v in dict(min_off_s=3, restore_hold_s=1, stagger_s=0.5, jitter_s=0.1).items():
+        text = re.sub(rf"(?m)^{k} = .*$", f"{k} = {json.dumps(v)}", text)
+    (tmp_path / "site.toml").write_text(text)
+    cfg = siteconfig.load_site(tmp_path / "site.toml")
+    main_only = tmp_path / "fw"
+    main_only.mkdir()
+    shutil.copyfile(Path(fw["path"]) / "main.py", main_only / "main.py")
+    board = tmp_path / "board"
+    board.mkdir()
+    make_romfs_partition(board, PARTITION, (Path(fw["path"]) / romfs.IMAGE).read_bytes())
+    s = asyncio.run(run_site(load_scenario(scn), cfg, heapsize="48wK", settle_s=0.3, keep_dir=board,
+                             firmware_dir=main_only))
+    log = Path(str(board) + ".console.log").read_text(errors="replace")
+    assert "ROMFS0 131072 bytes" in log and not (board / "agent").exists()   # code from the partition
+    assert log.count("] start ") == 1 and "MemoryError" not in log, log[-2000:]
+    uf = [t for t in s["trips"] if t["cause"] == "under-frequency"]
+    assert len(uf) == 1 and uf[0]["relay_open_s"] is not None
+    assert set(s["opens_per_block"].values()) == {1} and s["all_restored"]
+    st = s["board_status"]
+    assert st is not None and st["build"] == fw["build_id"]
+    print("\ndemo dip, agent in ROMFS, heap 48wK (+ partition): %d bytes free at the end" % st["mem_free"])
