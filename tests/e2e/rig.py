@@ -63,17 +63,28 @@ def write_config(board_dir: Path, cfg: dict[str, Any]) -> None:
 
 
 def journal_records(board_dir: Path) -> tuple[list[dict], list[tuple]]:
-    """Every record in the board's journal segments (host parser), and the skipped regions."""
+    """Every record in the board's journal segments (host parser), and the skipped regions.
+
+    Safe to call while the agent runs: a segment the agent rotates away between the listing and
+    the read (seen on a loaded runner) means a new listing is taken."""
     from agent.journal import parse_stream, segment_index
 
+    for _ in range(20):
+        segs = sorted((p for p in board_dir.glob("journal.*") if segment_index(p.name) is not None),
+                      key=lambda p: segment_index(p.name))
+        try:
+            blobs = [(p.name, p.read_bytes()) for p in segs]
+        except FileNotFoundError:
+            continue
+        break
+    else:
+        raise AssertionError(f"journal segments of {board_dir} keep vanishing while read")
     recs: list[dict] = []
     errs: list[tuple] = []
-    segs = sorted((p for p in board_dir.glob("journal.*") if segment_index(p.name) is not None),
-                  key=lambda p: segment_index(p.name))
-    for p in segs:
-        r, e = parse_stream(p.read_bytes())
+    for name, data in blobs:
+        r, e = parse_stream(data)
         recs += r
-        errs += [(p.name,) + tuple(x) for x in e]
+        errs += [(name,) + tuple(x) for x in e]
     return recs, errs
 
 
@@ -199,8 +210,9 @@ class Rig:
         return len([p for p in self.meter.polls if p.hz is not None]) if self.meter else 0
 
     # ---- the board -------------------------------------------------------------------------
-    async def wait_up(self, boot: int, timeout: float = 20.0) -> None:
-        """Until the boot-th process of this board is connected and says `agent up`."""
+    async def wait_up(self, boot: int, timeout: float = 60.0) -> None:
+        """Until the boot-th process of this board is connected and says `agent up` (generous
+        bound: a loaded CI runner boots the unix port much slower than a quiet machine)."""
         t_end = time.monotonic() + timeout
         while self.boot < boot:
             if time.monotonic() > t_end:
@@ -222,7 +234,7 @@ class Rig:
         if wait:
             await self.wait_up(n + 1)
 
-    async def status(self, timeout: float = 5.0) -> dict[str, Any]:
+    async def status(self, timeout: float = 20.0) -> dict[str, Any]:
         from gridshed.transport import Console
 
         def ask() -> dict[str, Any]:
@@ -238,7 +250,7 @@ class Rig:
 
         def ask() -> list[dict]:
             with Console(self.board.port) as con:
-                return con.events(since, timeout=10)
+                return con.events(since, timeout=30)
 
         return await asyncio.to_thread(ask)
 

@@ -49,7 +49,7 @@ class Commander:
 
         def ask() -> dict[str, Any]:
             with Console(self.rig.board.port) as con:
-                return con.request("cmd", base64.b64encode(buf).decode(), timeout=10)[-1]
+                return con.request("cmd", base64.b64encode(buf).decode(), timeout=30)[-1]
 
         return await asyncio.to_thread(ask)
 
@@ -66,13 +66,13 @@ def test_kw_target_and_its_episode_survive_a_reboot(tmp_path):
         async with Rig(cfg, board_dir, heapsize=HEAP) as rig:
             rig.kw_base = 40.0
             cmd = Commander(rig, key)
-            await rig.until(lambda: rig.good_polls() > 5, 15, "meter polls")
+            await rig.until(lambda: rig.good_polls() > 5, 30, "meter polls")
             # 100 kW: row-a (priority 1, 132 kW) covers it alone
             res = await cmd("shed", kw=100)
             assert res.get("ok") is True, res
-            await rig.until(lambda: not rig.closed()[a], 5, "row-a open")
+            await rig.until(lambda: not rig.closed()[a], 20, "row-a open")
             expect = [i != a for i in range(len(names))]
-            deadline = asyncio.get_running_loop().time() + 10
+            deadline = asyncio.get_running_loop().time() + 30
             while True:  # the meter confirms the target: met, nothing more to shed
                 st = await rig.status()
                 cur = st.get("curtail") or {}
@@ -87,7 +87,7 @@ def test_kw_target_and_its_episode_survive_a_reboot(tmp_path):
             assert state is not None and state["shed_kw"] == 100 and state["curtail"][1] == 1 << a
 
             await rig.kill_board()  # power cut mid-episode
-            await rig.until(lambda: rig.good_polls() > 5, 15, "meter polls after reboot")
+            await rig.until(lambda: rig.good_polls() > 5, 30, "meter polls after reboot")
             st = await rig.status()
             t_up = time.monotonic()
             assert st["shed_kw"] == 100, st
@@ -95,14 +95,18 @@ def test_kw_target_and_its_episode_survive_a_reboot(tmp_path):
             assert any(r.get("k") == "boot" and r.get("resumed_trip") for r in rig.journal()[0])
             # past min-off (2 s) + hold (1 s) + margin: the utility still wants 100 kW off
             await asyncio.sleep(5)
-            assert rig.closed() == expect, "a block moved after the reboot while the target was active"
+            # the unshed blocks are back (a slow runner may take longer: wait, bounded), row-a
+            # never closed in between
+            await rig.until(lambda: rig.closed() == expect, 20, "the unshed blocks closed, row-a open")
+            assert not [t for t, boot, i, closed in rig.block_log if t > t_up and closed and i == a], \
+                "a block moved after the reboot while the target was active"
             # (a resumed trip opens every relay at boot, then closes the unshed ones: not counted)
             opens_after = [t for t, boot, i, closed in rig.block_log if t > t_up and not closed and i != a]
             assert opens_after == [], "the resumed episode shed more than asked"
 
             res = await cmd("restore")
             assert res.get("ok") is True, res
-            await rig.until(rig.all_closed, 15, "restore after the restore command")
+            await rig.until(rig.all_closed, 40, "restore after the restore command")
             assert (rig.state() or {}).get("shed_kw") is None
 
     asyncio.run(main())

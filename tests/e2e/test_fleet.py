@@ -34,21 +34,32 @@ SITE = "fleet-site"
 class Mosquitto:
     def __init__(self, workdir: Path) -> None:
         self.exe = require_tool("mosquitto", "mosquitto")
-        self.port = free_port()
         self.conf = workdir / "mosquitto.conf"
         self.log = workdir / "mosquitto.log"
+        # free_port() then mosquitto binding it is a race with any other process on the machine:
+        # a broker that exits at start (port taken meanwhile) is retried on another port
+        for _ in range(3):
+            if self._start():
+                return
+        pytest.fail(f"mosquitto exited at start: {self.log.read_text() if self.log.exists() else ''}")
+
+    def _start(self) -> bool:
+        self.port = free_port()
         self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
                              f"user {pwd.getpwuid(os.getuid()).pw_name}\nlog_dest file {self.log}\n")
         self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"mosquitto exited: {self.log.read_text() if self.log.exists() else ''}"
+            if self.proc.poll() is not None:
+                return False
             try:
                 socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return
+                if self.proc.poll() is None:
+                    return True
             except OSError:
                 time.sleep(0.05)
+        self.stop()
         pytest.fail("mosquitto did not listen")
 
     def stop(self) -> None:
@@ -72,7 +83,7 @@ class Watch:
         self.c.connect("127.0.0.1", port, 30)
         self.c.loop_start()
         self.c.subscribe([(t, 1) for t in topics])
-        assert ok.wait(5)
+        assert ok.wait(30)
 
     def _on(self, c, u, m) -> None:
         obj = json.loads(m.payload)
@@ -113,9 +124,9 @@ def fleet(tmp_path_factory, agent_build):  # noqa: F811  (pytest fixture importe
             rigs.append(Rig(tmp_path, agent_build, cfg, inv, heap=HEAP, extra_keys={site_kid: site_key}).start())
         watch = Watch(broker.port, [f"gridshed/{SITE}/+/state", f"gridshed/{SITE}/+/telemetry"])
         for r in rigs:
-            r.wait_up(30)
+            r.wait_up(120)  # 20 boards booting at once: slow on a loaded 2-core runner
         topics = [f"gridshed/{SITE}/{r.dev}/state" for r in rigs]
-        assert watch.wait(lambda: all(watch.last.get(t, {}).get("online") for t in topics), 30), \
+        assert watch.wait(lambda: all(watch.last.get(t, {}).get("online") for t in topics), 90), \
             f"not every board came online: {sorted(t for t in topics if t not in watch.last)}"
         assert all(all(r.closed()) for r in rigs)
         yield rigs, watch, broker, inv, (site_kid, site_key)
@@ -143,7 +154,7 @@ def test_site_command_fans_out_exactly_once(fleet, tmp_path):
     marks = [r.gpio.mark() for r in rigs]
     t0 = time.monotonic()
     r = cli("shed", "--site", SITE, "--broker", f"127.0.0.1:{broker.port}", "--inventory", str(inv),
-            "--timeout", "30", "--json")
+            "--timeout", "60", "--json", timeout=180)
     took = time.monotonic() - t0
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr
     out = json.loads(r.stdout)
@@ -155,11 +166,11 @@ def test_site_command_fans_out_exactly_once(fleet, tmp_path):
         seqs[res["device"]] = res["seq"]
     # every board opened every relay exactly once (GPIO), and reports it (retained state)
     for r_, m in zip(rigs, marks):
-        assert r_.gpio.wait(lambda r_=r_: not any(r_.closed()), 10), r_.dev
+        assert r_.gpio.wait(lambda r_=r_: not any(r_.closed()), 30), r_.dev
         pins = [p for b in r_.cfg["blocks"] for p in b["pins"]]
         assert opens(r_, m) == {p: 1 for p in pins}, r_.dev
-    assert watch.wait(lambda: all(watch.last[f"gridshed/{SITE}/{r_.dev}/state"].get("mask") == 0 for r_ in rigs), 10)
-    assert took < 60  # generous bound against hangs only
+    assert watch.wait(lambda: all(watch.last[f"gridshed/{SITE}/{r_.dev}/state"].get("mask") == 0 for r_ in rigs), 30)
+    assert took < 120  # generous bound against hangs only (the CLI itself gives up at 60 s)
     print(f"\nfan-out to {N_BOARDS} boards: CLI start to every state carrying its seq {took:.2f} s")
 
     # a duplicate delivery (the same bytes again, as QoS 1 may do) is refused as a replay
@@ -169,12 +180,12 @@ def test_site_command_fans_out_exactly_once(fleet, tmp_path):
     topic = f"gridshed/{SITE}/{victim.dev}/cmd"
     st_topic = f"gridshed/{SITE}/{victim.dev}/state"
     watch.publish(topic, files[victim.dev].read_bytes())
-    assert watch.wait(lambda: watch.last[st_topic].get("acc") == 2, 10)
+    assert watch.wait(lambda: watch.last[st_topic].get("acc") == 2, 30)
     m = victim.gpio.mark()
     watch.publish(topic, files[victim.dev].read_bytes())
     watch.publish(topic, b"\x00garbage from the broker")
     watch.publish(topic, files[rigs[4].dev].read_bytes())   # another board's key and target
-    assert watch.wait(lambda: watch.last[st_topic].get("ref") == 3, 10), watch.last[st_topic]
+    assert watch.wait(lambda: watch.last[st_topic].get("ref") == 3, 30), watch.last[st_topic]
     st = watch.last[st_topic]
     assert st["acc"] == 2 and st["refused"] in ("unknown-kid", "bad-mac") and st["mask"] == 0
     refusals = [h.get("refused") for h in watch.history[st_topic] if h.get("refused")]
@@ -187,10 +198,10 @@ def test_site_command_fans_out_exactly_once(fleet, tmp_path):
     msg = make_command(site_key, site_kid, "restore", site_seq, target_site=SITE)
     watch.publish(f"gridshed/{SITE}/cmd", msg)
     for r_, mk in zip(rigs, marks):
-        assert r_.gpio.wait(lambda r_=r_: all(r_.closed()), 20), r_.dev
+        assert r_.gpio.wait(lambda r_=r_: all(r_.closed()), 60), r_.dev
         assert opens(r_, mk) == {}, r_.dev
     topics = [f"gridshed/{SITE}/{r_.dev}/state" for r_ in rigs]
-    assert watch.wait(lambda: all(watch.last[t]["mask"] == 15 for t in topics), 10)
+    assert watch.wait(lambda: all(watch.last[t]["mask"] == 15 for t in topics), 30)
     for t in topics:
         st = watch.last[t]
         assert st["cmd"] == "restore" and st["seq"] == site_seq and st["state"] == "normal"
@@ -206,12 +217,12 @@ def test_last_will_when_a_board_dies(fleet):
     topic = f"gridshed/{SITE}/{dead.dev}/state"
     assert watch.last[topic]["online"] is True
     dead.board.stop()  # SIGTERM to the process group: the board is gone, its TCP connection reset
-    assert watch.wait(lambda: watch.last[topic].get("online") is False, 20), watch.last[topic]
+    assert watch.wait(lambda: watch.last[topic].get("online") is False, 40), watch.last[topic]
     assert watch.last[topic] == {"dev": dead.dev, "online": False}
     # a host arriving later sees it too (retained), and the CLI reports the board offline
     late = Watch(broker.port, [topic])
     try:
-        assert late.wait(lambda: late.last.get(topic) == {"dev": dead.dev, "online": False}, 5)
+        assert late.wait(lambda: late.last.get(topic) == {"dev": dead.dev, "online": False}, 20)
     finally:
         late.close()
     r = cli("ping", "--device", dead.dev, "--broker", f"127.0.0.1:{broker.port}", "--inventory", str(inv),
@@ -220,5 +231,6 @@ def test_last_will_when_a_board_dies(fleet):
     assert "offline" in json.loads(r.stdout)["results"][0]["reply"]["error"]
     # the other boards are unaffected
     other = rigs[8]
-    r = cli("ping", "--device", other.dev, "--broker", f"127.0.0.1:{broker.port}", "--inventory", str(inv), "--json")
+    r = cli("ping", "--device", other.dev, "--broker", f"127.0.0.1:{broker.port}", "--inventory", str(inv),
+            "--timeout", "30", "--json")
     assert r.returncode == 0, r.stdout + r.stderr

@@ -104,11 +104,7 @@ class Rig:
         site = (self.tmp / "site.toml")
         site.write_text(SITE)
         cfg = siteconfig.load_site(site)
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        cfg["meter"]["host"], cfg["meter"]["port"] = "127.0.0.1", port
+        cfg["meter"]["host"] = "127.0.0.1"
         cfg["miners"] = {"enabled": True, "api": "cgminer", "timeout_ms": self.timeout_ms,
                          "stagger_ms": self.stagger_ms, "hosts": self.farm.hosts_config(),
                          "hard": False, "hard_signal": True}
@@ -120,10 +116,7 @@ class Rig:
         self.farm.attach(self.load)
         self.gpio = GpioServer(self._out)
         gport = await self.gpio.start()
-        self.meter = SimMeter(cfg["meter"]["map"], lambda t: Reading(self.hz, self.load.kw(BASE_KW)), unit=1,
-                              update_ms=50)
-        self.meter_task = asyncio.create_task(self.meter.serve_tcp("127.0.0.1", port))
-        await asyncio.sleep(0.2)
+        await self._start_meter(cfg)
         board_dir = self.tmp / "board"
         board_dir.mkdir()
         install_firmware(board_dir, cfg, {"gpio": f"127.0.0.1:{gport}", "uarts": {}})
@@ -131,13 +124,36 @@ class Rig:
         self.board_dir = board_dir
         self.board = VirtualBoard(board_dir, heapsize=HEAP)
         self.board.start()
-        await asyncio.wait_for(self.gpio.connected.wait(), 15)
-        deadline = time.monotonic() + 15
+        await asyncio.wait_for(self.gpio.connected.wait(), 60)
+        deadline = time.monotonic() + 60
         while len([p for p in self.meter.polls if p.hz is not None]) < 5:
             assert time.monotonic() < deadline, self.board.log_path.read_text()[-2000:]
             await asyncio.sleep(0.02)
         self.con = Console(self.board.port)
         return self
+
+    async def _start_meter(self, cfg: dict) -> None:
+        # a free port found here, bound by the server later: a race with the rest of the machine,
+        # so a server that could not bind (its task ends at once) is retried on another port
+        for _ in range(3):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            s.close()
+            cfg["meter"]["port"] = port
+            self.meter = SimMeter(cfg["meter"]["map"], lambda t: Reading(self.hz, self.load.kw(BASE_KW)), unit=1,
+                                  update_ms=50)
+            self.meter_task = asyncio.create_task(self.meter.serve_tcp("127.0.0.1", port))
+            deadline = time.monotonic() + 30
+            while not self.meter_task.done():
+                try:
+                    _, w = await asyncio.open_connection("127.0.0.1", port)
+                    w.close()
+                    return
+                except OSError:
+                    assert time.monotonic() < deadline, "pymodbus meter did not listen"
+                    await asyncio.sleep(0.05)
+        raise AssertionError("pymodbus meter could not bind a port")
 
     async def __aexit__(self, *exc: object) -> None:
         try:
@@ -158,7 +174,7 @@ class Rig:
         return [(t, lvl == b["active"]) for t, p, lvl in self.pins if p in b["pins"]]
 
     async def request(self, verb: str, arg: str = "") -> dict[str, Any]:
-        ans = await asyncio.to_thread(self.con.request, verb, arg, 5.0)
+        ans = await asyncio.to_thread(self.con.request, verb, arg, 20.0)
         return ans[-1]
 
     async def command(self, cmd: str, **kw: Any) -> dict[str, Any]:
@@ -200,7 +216,7 @@ def test_kw_shed_sleeps_miners_falls_back_and_restores_staggered(tmp_path):
             res = await rig.command("shed", kw=20)
             assert res["ok"] is True, res
             # the meter confirms: 20 kW asked; row-a (13.1 kW asleep) + row-b (13.2 kW on relay)
-            st = await rig.until(lambda s: (s.get("curtail") or {}).get("met"), 10, "target confirmed")
+            st = await rig.until(lambda s: (s.get("curtail") or {}).get("met"), 30, "target confirmed")
             cur = st["curtail"]
             assert cur["target_kw"] == 20
             assert cur["measured_kw"] >= 20 - 1.0
@@ -215,7 +231,7 @@ def test_kw_shed_sleeps_miners_falls_back_and_restores_staggered(tmp_path):
             opens_b = [t for t, closed in rig.block_pin_events(1) if not closed]
             assert len(opens_b) == 1
             assert opens_b[0] - t_cmd >= rig.timeout_ms / 1000 - 0.05
-            assert opens_b[0] - t_cmd < rig.timeout_ms / 1000 + 3.0  # generous bound against a hang
+            assert opens_b[0] - t_cmd < rig.timeout_ms / 1000 + 15.0  # generous bound against a hang
             assert [m.commands("curtail")[0][2].endswith(",sleep") for m in miners[4:7]] == [True] * 3
             assert all(not m.powered for m in miners[4:])  # relay open: no power, no session left
             mst = st["miners"]
@@ -228,7 +244,14 @@ def test_kw_shed_sleeps_miners_falls_back_and_restores_staggered(tmp_path):
             res = await rig.command("restore")
             assert res["ok"] is True
             await rig.until(lambda s: s["mask"] == 0b1111 and (s.get("miners") or {}).get("asleep") == 0,
-                            15, "restored")
+                            40, "restored")
+            # the status can answer before the host has logged the last GPIO line / miner
+            # command: wait for them (bounded), then check what they say
+            deadline = time.monotonic() + 20
+            while not (all(m.commands("ascenable") for m in miners[:4])
+                       and [t for t, closed in rig.block_pin_events(1) if closed and t > t_restore]):
+                assert time.monotonic() < deadline, "wakes / row-b close not seen by the host"
+                await asyncio.sleep(0.05)
             await asyncio.sleep(0.3)
             wakes = sorted(min(t for t, c, p in m.commands("ascenable")) for m in miners[:4])
             assert len(wakes) == 4 and wakes[0] > t_restore
@@ -241,7 +264,7 @@ def test_kw_shed_sleeps_miners_falls_back_and_restores_staggered(tmp_path):
             assert closes_b[0] - wakes[0] >= 1.0 - 0.1
             assert rig.load.kw(BASE_KW) > kw_before - 1.0
             # evidence in the journal
-            recs = await asyncio.to_thread(rig.con.events, 0, 5.0)
+            recs = await asyncio.to_thread(rig.con.events, 0, 30.0)
             kinds = [(r["k"], r.get("ev")) for r in recs]
             assert ("curtail", None) in kinds and ("miners", "fallback") in kinds
 
@@ -254,23 +277,29 @@ def test_error_reply_falls_back_at_once_and_full_shed_is_hard(tmp_path):
     miners += [SimMiner(block=1, firmware="luxos", concat=True) for _ in range(2)]
 
     async def scenario() -> None:
-        async with Rig(tmp_path, miners, timeout_ms=3000) as rig:
+        # a long miner timeout (10 s) so "did not wait for it" has a wide margin on a slow runner
+        async with Rig(tmp_path, miners, timeout_ms=10_000) as rig:
             t_cmd = time.monotonic()
             assert (await rig.command("shed", kw=5))["ok"]
-            st = await rig.until(lambda s: (s.get("curtail") or {}).get("met"), 10, "target confirmed")
+            st = await rig.until(lambda s: (s.get("curtail") or {}).get("met"), 30, "target confirmed")
             opens_a = [t for t, closed in rig.block_pin_events(0) if not closed]
-            # an error answer does not wait for the 3 s timeout
-            assert len(opens_a) == 1 and opens_a[0] - t_cmd < 2.5
+            # an error answer does not wait for the 10 s timeout
+            assert len(opens_a) == 1 and opens_a[0] - t_cmd < 7.0
             assert st["miners"]["errors"] >= 1 and st["miners"]["timeouts"] == 0
             assert st["mask"] == 0b1110
             # a full shed (no kW) is a guaranteed trip: every relay opens, no miner is asked
             asked = sum(len(m.log) for m in miners)
             assert (await rig.command("restore"))["ok"]
-            await rig.until(lambda s: s["mask"] == 0b1111, 10, "restored")
+            await rig.until(lambda s: s["mask"] == 0b1111, 40, "restored")
             asked = sum(len(m.log) for m in miners)
             t_full = time.monotonic()
             assert (await rig.command("shed"))["ok"]
-            st = await rig.until(lambda s: s["mask"] == 0, 5, "full shed")
+            st = await rig.until(lambda s: s["mask"] == 0, 20, "full shed")
+            # status answers before the host has read every GPIO line: wait (bounded) for them
+            deadline = time.monotonic() + 20
+            while not all(any(not closed and t > t_full for t, closed in rig.block_pin_events(i)) for i in range(4)):
+                assert time.monotonic() < deadline, "relay openings not seen by the host"
+                await asyncio.sleep(0.05)
             await asyncio.sleep(0.3)
             for i in range(4):
                 opens = [t for t, closed in rig.block_pin_events(i) if not closed and t > t_full]

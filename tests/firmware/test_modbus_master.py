@@ -243,7 +243,7 @@ async def main():
     R["junk_reply"] = regs(await m.read(4, 3, 120, 2))
     R["c_junk_reply"] = m.counters()
     R["trailing"] = regs(await m.read(5, 3, 130, 2))
-    await asyncio.sleep_ms(60)  # the relay's late noise arrives now: stale input
+    await asyncio.sleep_ms(250)  # the relay's late noise (sent 20 ms after the reply) arrives now: stale input
     R["after_stale"] = regs(await m.read(1, 3, 140, 2))
     R["c_end"] = m.counters()
     R["de"] = list(de.log)
@@ -284,7 +284,7 @@ asyncio.run(main())
 # mpy_dir: the whole firmware built by `gridshed build` (tests/conftest.py), as a board runs it
 
 
-def run_mpy(mp, mpy_dir, code, heapsize="64k", timeout=30):
+def run_mpy(mp, mpy_dir, code, heapsize="64k", timeout=120):
     env = dict(os.environ, MICROPYPATH="%s:.frozen" % mpy_dir)
     proc = subprocess.run([mp.exe, "-X", "heapsize=" + heapsize, "-c", code], capture_output=True,
                           timeout=timeout, env=env)
@@ -329,7 +329,9 @@ def test_rtu_silent_device_times_out_and_counts(result):
     assert after["timeouts"] - before["timeouts"] == 2  # first try + 1 retry
     assert after["retries"] - before["retries"] == 1
     assert after["tx"] - before["tx"] == 2
-    assert 300 <= ms < 1000  # two ~155 ms attempts, no hang
+    # two ~155 ms attempts (the counters above prove there were exactly two); the upper bound
+    # only catches a hang, with room for a loaded runner
+    assert 300 <= ms < 5000
     assert result["after_silent"] == [REGS[0], 4242]
 
 
@@ -367,7 +369,7 @@ def test_tcp_master_against_pymodbus(result):
 
 def test_tcp_silent_closed_and_flaky(result):
     name, _, ms = result["t_silent"]
-    assert name == "ModbusTimeout" and 200 <= ms < 1000
+    assert name == "ModbusTimeout" and 200 <= ms < 5000  # two ~100 ms attempts; upper bound: no hang
     assert result["t_silent_c"]["timeouts"] == 2
     assert result["t_closed"][0] == "ModbusConnectionError"
     assert result["t_closed_c"]["conn_errors"] == 3 and result["t_closed_c"]["retries"] == 2
@@ -385,7 +387,7 @@ def test_allocations_per_transaction(result):
     assert 0 < result["alloc_rtu_nde"] <= 320
     assert 0 < result["alloc_rtu"] <= 320
     assert 0 < result["alloc_tcp"] <= 320
-    assert result["_wall_s"] < 15
+    assert result["_wall_s"] < 60  # no hang (a few seconds normally; generous for a loaded runner)
 
 
 def test_tcp_master_under_cpython(rig):

@@ -43,25 +43,40 @@ class Mosquitto:
     def __init__(self, workdir: Path, port: int | None = None) -> None:
         self.exe = require_tool("mosquitto", "mosquitto")
         self.dir = workdir
+        self.auto_port = port is None
+        self.started = False
         self.port = port or free_port()
         self.conf = workdir / "mosquitto.conf"
         self.log = workdir / "mosquitto.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Mosquitto":
+        # an auto-chosen port is found free here and bound by mosquitto later: a race with the
+        # rest of the machine, so a first start that exits at once is retried on another port
+        for _ in range(3):
+            if self._start():  # False only for an auto-chosen port that never started
+                return self
+            self.port = free_port()
+        pytest.fail(f"mosquitto exited {self.proc.returncode}: {self.logtext()}")
+
+    def _start(self) -> bool:
         self.conf.write_text(
             f"listener {self.port} {HOST}\nallow_anonymous true\npersistence false\n"
             f"user {pwd.getpwuid(os.getuid()).pw_name}\nlog_dest file {self.log}\n"
             "log_type all\n")
         self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if self.auto_port and not self.started:
+                    return False
                 pytest.fail(f"mosquitto exited {self.proc.returncode}: {self.logtext()}")
             try:
                 socket.create_connection((HOST, self.port), timeout=0.2).close()
-                return self
+                if self.proc.poll() is None:
+                    self.started = True
+                    return True
             except OSError:
                 time.sleep(0.05)
         pytest.fail(f"mosquitto did not listen on {self.port}: {self.logtext()}")
@@ -96,14 +111,14 @@ class PahoSub:
         self.c.connect(HOST, port, keepalive=30)
         self.c.loop_start()
         self.c.subscribe(topic, qos=1)
-        assert subscribed.wait(5), "paho subscribe not acknowledged"
+        assert subscribed.wait(30), "paho subscribe not acknowledged"
 
     def _on(self, client, userdata, msg) -> None:
         with self.cv:
             self.msgs.append((msg.topic, bytes(msg.payload), bool(msg.retain), msg.qos))
             self.cv.notify_all()
 
-    def wait(self, pred, timeout: float = 5.0):
+    def wait(self, pred, timeout: float = 20.0):
         with self.cv:
             ok = self.cv.wait_for(lambda: any(pred(m) for m in self.msgs), timeout)
             assert ok, f"no matching message; got {self.msgs}"
@@ -119,7 +134,7 @@ def paho_publish(port: int, topic: str, payload: bytes, qos: int = 1, retain: bo
     c.connect(HOST, port)
     c.loop_start()
     info = c.publish(topic, payload, qos=qos, retain=retain)
-    info.wait_for_publish(5)
+    info.wait_for_publish(20)
     assert info.is_published()
     c.disconnect()
     c.loop_stop()
@@ -276,14 +291,14 @@ def test_paho_packets_decode():
     c.on_connect = lambda *a: connected.set()
     c.connect(HOST, fb.port, keepalive=17)
     c.loop_start()
-    assert connected.wait(5)
+    assert connected.wait(30)
     c.subscribe([("gridshed/site1/dev7/cmd", 1), ("gridshed/site1/cmd", 0)])
     big = bytes(range(256)) * 80  # 20480 bytes: 3-byte remaining length
-    c.publish("gridshed/site1/dev7/telemetry", b'{"kw":12.5}', qos=0, retain=False).wait_for_publish(5)
-    c.publish("gridshed/site1/dev7/state", big, qos=1, retain=True).wait_for_publish(5)
+    c.publish("gridshed/site1/dev7/telemetry", b'{"kw":12.5}', qos=0, retain=False).wait_for_publish(30)
+    c.publish("gridshed/site1/dev7/state", big, qos=1, retain=True).wait_for_publish(30)
     c.disconnect()
     c.loop_stop()
-    assert fb.done.wait(5)
+    assert fb.done.wait(30)
 
     pk = [decode_raw(r) for r in fb.raw]
     assert [p.type for p in pk] == [mc.CONNECT, mc.SUBSCRIBE, mc.PUBLISH, mc.PUBLISH, mc.DISCONNECT]
@@ -312,7 +327,7 @@ def test_paho_packets_decode():
 # ------------------------------------------------------------------------------ real Mosquitto
 
 def raw_client(port: int, **kw) -> socket.socket:
-    s = socket.create_connection((HOST, port), timeout=5)
+    s = socket.create_connection((HOST, port), timeout=20)
     s.sendall(mc.connect(**kw))
     return s
 
@@ -397,7 +412,7 @@ def test_mosquitto_rejects_protocol_violation_we_also_reject(broker):
     s = raw_client(broker.port, client_id="gs-bad")
     assert decode_raw(read_raw(s)).rc == 0
     s.sendall(bad)
-    s.settimeout(5)
+    s.settimeout(20)
     assert s.recv(10) == b""
     s.close()
 

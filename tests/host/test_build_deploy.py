@@ -89,7 +89,7 @@ def test_deploy_full_incremental_interrupted(tmp_path, board):
     b1 = buildmod.build("unix-sim", src=src, out=tmp_path / "b1")
     s = deploy(board.port, b1["path"])
     assert sorted(s["written"]) == sorted(e["file"] for e in b1["files"]) and s["restarted"]
-    assert board.wait_output("booted 1", 10)
+    assert board.wait_output("booted 1", 30)
     on_board = json.loads((board.fs_dir / "build.json").read_text())
     assert on_board["build_id"] == b1["build_id"]
 
@@ -100,7 +100,7 @@ def test_deploy_full_incremental_interrupted(tmp_path, board):
     s = deploy(board.port, b2["path"])
     assert s["written"] == ["appver.mpy"], s
     assert "main.py" in s["unchanged"] and s["removed"] == ["pkg/extra.mpy"]
-    assert board.wait_output("booted 2", 10, since=mark)
+    assert board.wait_output("booted 2", 30, since=mark)
     assert not (board.fs_dir / "pkg/extra.mpy").exists()
     assert (board.fs_dir / "notes.txt").exists()
 
@@ -121,19 +121,19 @@ def test_deploy_full_incremental_interrupted(tmp_path, board):
     mark = board.mark()
     with pytest.raises(KeyboardInterrupt):
         deploy(board.port, b3["path"], progress=pull_the_plug)
-    assert board.wait_output("booted 2", 10, since=mark)
+    assert board.wait_output("booted 2", 30, since=mark)
     assert json.loads((board.fs_dir / "build.json").read_text())["build_id"] == b2["build_id"]
     assert list(board.fs_dir.rglob("*" + STAGE))      # staged files beside the old ones
     # a hard reset (power cycle) also boots the old build
     mark = board.mark()
     board.reset()
-    assert board.wait_output("booted 2", 10, since=mark)
+    assert board.wait_output("booted 2", 30, since=mark)
 
     # the next deploy completes and cleans up
     mark = board.mark()
     s = deploy(board.port, b3["path"])
     assert set(s["written"]) == {"appver.mpy", "pkg/extra.mpy"}
-    assert board.wait_output("booted 3", 10, since=mark)
+    assert board.wait_output("booted 3", 30, since=mark)
     assert not list(board.fs_dir.rglob("*" + STAGE))
     for e in b3["files"]:
         assert hashlib.sha256((board.fs_dir / e["file"]).read_bytes()).hexdigest() == e["sha256"]
@@ -151,7 +151,7 @@ def test_deploy_finishes_a_switch_cut_by_power_loss(tmp_path, board):
     mark = board.mark()
     s = deploy(board.port, b5["path"])
     assert s["recovered"] is True and "appver.mpy" not in s["written"]
-    assert board.wait_output("booted 5", 10, since=mark)
+    assert board.wait_output("booted 5", 30, since=mark)
     assert not (board.fs_dir / PLAN).exists()
 
 
@@ -173,7 +173,7 @@ def test_cli_build_and_deploy_json(tmp_path, board, capsys):
     assert cli.main(["deploy", "--port", board.port, "--build", str(out), "--json"]) == 0
     s = json.loads(capsys.readouterr().out)
     assert s["build_id"] == m["build_id"] and len(s["written"]) == len(m["files"])
-    assert board.wait_output("booted 7", 10)
+    assert board.wait_output("booted 7", 30)
     # the progress-bar path (no --json)
     assert cli.main(["deploy", "--port", board.port, "--build", str(out), "--force"]) == 0
     assert "written" in capsys.readouterr().out

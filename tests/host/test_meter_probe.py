@@ -84,33 +84,42 @@ class Loop:
         self.servers: list[Any] = []
 
     def serve_tcp(self, meter: FakeMeter) -> int:
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        self._start(meter, lambda: ModbusTcpServer(meter.device(), address=("127.0.0.1", port),
-                                                        trace_packet=meter.trace(6)))
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                return port
-            except OSError:
-                time.sleep(0.02)
-        raise AssertionError("pymodbus server did not listen")
+        # a free port found here, bound by the server later: a race with the rest of the
+        # machine, so a server that could not bind is retried on another port
+        for _ in range(3):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            s.close()
+            task = self._start(meter, lambda: ModbusTcpServer(meter.device(), address=("127.0.0.1", port),
+                                                              trace_packet=meter.trace(6)))
+            deadline = time.monotonic() + 30
+            while not task.done():
+                try:
+                    socket.create_connection(("127.0.0.1", port), 0.2).close()
+                    if not task.done():
+                        return port
+                except OSError:
+                    assert time.monotonic() < deadline, "pymodbus server did not listen"
+                    time.sleep(0.02)
+        raise AssertionError("pymodbus server could not bind a port")
 
     def serve_rtu(self, meter: FakeMeter, path: str, baud: int) -> None:
-        self._start(meter, lambda: ModbusSerialServer(meter.device(), port=path, baudrate=baud,
-                                                           trace_packet=meter.trace(0)))
-        time.sleep(0.3)
+        task = self._start(meter, lambda: ModbusSerialServer(meter.device(), port=path, baudrate=baud,
+                                                                  trace_packet=meter.trace(0)))
+        # serving once the server has opened the port (its transport is set): wait, bounded
+        deadline = time.monotonic() + 30
+        while meter.server.transport is None:
+            assert not task.done() and time.monotonic() < deadline, "pymodbus serial server did not start"
+            time.sleep(0.02)
 
-    def _start(self, meter: FakeMeter, make) -> None:
-        async def go() -> None:  # pymodbus servers are made inside their running loop
+    def _start(self, meter: FakeMeter, make):
+        async def go():  # pymodbus servers are made inside their running loop
             meter.server = make()
             self.servers.append(meter.server)
-            asyncio.get_running_loop().create_task(meter.server.serve_forever())
+            return asyncio.get_running_loop().create_task(meter.server.serve_forever())
 
-        asyncio.run_coroutine_threadsafe(go(), self.loop).result(5)
+        return asyncio.run_coroutine_threadsafe(go(), self.loop).result(30)
 
     def close(self) -> None:
         for s in self.servers:
@@ -170,7 +179,9 @@ def test_probe_rtu_scans_units_on_a_pty_pair(loop):
         m = FakeMeter("abb_ab_series", unit=3)
         loop.serve_rtu(m, wire.meter_path, 19200)
         t0 = time.monotonic()
-        res = pr.probe(port=wire.board_path, bauds=[19200], units=[1, 2, 3], timeout=0.3)
+        # 1 s per answer: a loaded runner can be slow to answer, and a late answer would read
+        # as "nobody there" (silent units cost 3 timeouts each)
+        res = pr.probe(port=wire.board_path, bauds=[19200], units=[1, 2, 3], timeout=1.0)
         took = time.monotonic() - t0
     finally:
         wire.stop()
@@ -184,7 +195,7 @@ def test_cli_probe_json_and_text(loop):
     m = FakeMeter("siemens_pac3200", unit=2, values=dict(VALUES, hz=50.01))
     port = loop.serve_tcp(m)
     r = subprocess.run([sys.executable, "-m", "gridshed.cli", "meter", "probe", "--tcp", f"127.0.0.1:{port}",
-                        "--unit", "1..2", "--timeout", "0.3", "--json"], capture_output=True, text=True, timeout=120)
+                        "--unit", "1..2", "--timeout", "1.0", "--json"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert [f["unit"] for f in out["found"]] == [2] and out["found"][0]["suggested"] == "siemens_pac3200"

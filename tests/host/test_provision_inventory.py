@@ -63,7 +63,7 @@ def vb(tmp_path):
     fs.mkdir()
     (fs / "main.py").write_text(FAKE_AGENT)
     board = VirtualBoard(fs, firmware_dir=ROOT / "firmware", heapsize="256k").start()
-    assert board.wait_output("fake agent up", 10), board.output()
+    assert board.wait_output("fake agent up", 30), board.output()
     yield board
     board.stop()
 
@@ -84,7 +84,7 @@ def test_provision_writes_config_and_key_and_records(tmp_path, vb, capsys):
     assert len(key) == 32 and kid.hex() == res["key_id"]
     assert key.hex() not in out                     # never printed
     assert res["agent"]["device"] == "site1-ctl7"   # restarted agent read the new config
-    assert vb.wait_output("device=site1-ctl7", 10, since=mark)
+    assert vb.wait_output("device=site1-ctl7", 30, since=mark)
     with Inventory(inv_path) as inv:
         rec = inv.get("site1-ctl7", show_key=True)
         assert rec["key"] == key.hex() and rec["key_id"] == kid.hex()

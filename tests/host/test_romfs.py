@@ -100,7 +100,7 @@ def test_virtual_board_gives_the_agent_the_heap_it_asks_for(tmp_path):
         fs.mkdir()
         (fs / "main.py").write_text(main)
         with VirtualBoard(fs, heapsize="48wK", romfs=rom) as vb:
-            assert vb.wait_output("free ", 20) and vb.wait_output("\n", 5, since=vb.output().index(b"free "))
+            assert vb.wait_output("free ", 30) and vb.wait_output("\n", 30, since=vb.output().index(b"free "))
             free[name] = int(re.search(rb"free (\d+)", vb.output()).group(1))
     assert -256 <= free["rom"] - free["plain"] <= 512, free
 

@@ -3,8 +3,6 @@ same board works after the real agent ran (regression: the pty bridge dropped by
 one read of board output pushed its host-side buffer over 4 KB)."""
 from __future__ import annotations
 
-import time
-
 from gridshed.build import build
 from gridshed.deploy import deploy
 from gridshed.transport import Board
@@ -19,7 +17,7 @@ def test_big_file_comes_back_intact(tmp_path):
     (fs / "blob.bin").write_bytes(blob)
     vb = VirtualBoard(fs, heapsize="1m").start()
     try:
-        time.sleep(1.0)
+        assert vb.wait_output(">>> ", 30), vb.output()  # main.py ran, the REPL is up
         with Board(vb.port) as bd:
             for _ in range(3):
                 assert bd.get("blob.bin") == blob
@@ -31,9 +29,11 @@ def test_redeploy_after_the_agent_ran(tmp_path):
     b = build("unix-sim", out=tmp_path / "build")
     vb = VirtualBoard(tmp_path / "board", heapsize="1m").start()
     try:
+        mark = vb.mark()
         first = deploy(vb.port, b["path"], restart=True)
         assert first["written"]
-        time.sleep(1.5)  # the agent boots (no config: it says so and waits, as on a board)
+        # the agent boots (no config: it says so and waits, as on a board)
+        assert vb.wait_output("config: no /config.cbor", 30, since=mark), vb.output()[-1500:]
         again = deploy(vb.port, b["path"], restart=False)
         assert again["written"] == []  # nothing changed: nothing written, hashes verified
     finally:
