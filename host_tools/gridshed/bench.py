@@ -611,7 +611,7 @@ def mem_try(k: int, work: Path) -> dict[str, Any]:
     log = bdir.with_name(bdir.name + ".console.log")
     r: dict[str, Any] = {"k": k}
     try:
-        s = asyncio.run(run_site(mem_scenario(), cfg, heapsize="%dwK" % k, keep_dir=bdir, settle_s=0.3))
+        s = asyncio.run(run_site(mem_scenario(), cfg, heapsize="%dwK" % k, keep_dir=bdir, settle_s=0.3, boot_timeout=15, status_timeout=3))
     except Exception as e:
         r.update(ok=False, why="%s: %s" % (type(e).__name__, str(e)[:200]))
         s = None
@@ -696,7 +696,7 @@ async def _full_site(k: int, bdir: Path, mqtt_port: int) -> dict[str, Any]:
         udp_port, mb_port = free_port(socket.SOCK_DGRAM), free_port()
         cfg = full_features_cfg(mqtt_port, udp_port, mb_port, hosts)
         key = new_key()
-        return await run_site(mem_scenario(), cfg, heapsize="%dwK" % k, keep_dir=bdir, settle_s=0.3,
+        return await run_site(mem_scenario(), cfg, heapsize="%dwK" % k, keep_dir=bdir, settle_s=0.3, boot_timeout=15, status_timeout=3,
                               extra_files={"keys.cbor": cbor.dumps({FULL_KID: key})}, on_load=farm.attach,
                               before_status=_full_requests(cfg, key, udp_port, mb_port))
     finally:

@@ -163,11 +163,11 @@ class LoadModel:
         return base + sum(self.block_kw(i) for i, c in enumerate(self.closed) if c)
 
 
-def _board_status(port: str) -> dict[str, Any] | None:
+def _board_status(port: str, timeout: float) -> dict[str, Any] | None:
     from ..transport import Console
 
     with Console(port) as con:
-        answers = con.request("status", timeout=3.0)
+        answers = con.request("status", timeout=timeout)
     return answers[-1] if answers else None
 
 
@@ -177,7 +177,8 @@ async def run_site(scenario: Scenario, cfg: dict[str, Any], *, heapsize: str = "
                    settle_s: float = 1.0, firmware_dir: Path = FIRMWARE,
                    ac_opts: Any = None, extra_files: dict[str, bytes] | None = None,
                    on_load: Callable[[LoadModel], None] | None = None,
-                   before_status: Callable[[str], Any] | None = None) -> dict[str, Any]:
+                   before_status: Callable[[str], Any] | None = None,
+                   boot_timeout: float = 60.0, status_timeout: float = 15.0) -> dict[str, Any]:
     """Run the scenario in real time; returns the measured summary (see summary.py).
 
     Optional hooks: ``extra_files`` are written into the board's filesystem before it boots
@@ -185,6 +186,11 @@ async def run_site(scenario: Scenario, cfg: dict[str, Any], *, heapsize: str = "
     ``MinerFarm.attach``); ``before_status(console_port)`` runs in a thread after the scenario,
     before the final ``@status``, and its result is ``summary["before_status"]`` (an exception
     is recorded there as ``{"error": ...}``).
+
+    ``boot_timeout`` bounds the wait for the board's GPIO connection and first polls, and
+    ``status_timeout`` the final ``@status``: a healthy board needs well under a second for
+    either; the generous defaults only keep a loaded machine from failing a healthy run (the
+    memory bisection of ``make bench`` passes short ones, since it expects failures).
     """
     from ..vboard import VirtualBoard
     from .summary import summarize
@@ -255,12 +261,12 @@ async def run_site(scenario: Scenario, cfg: dict[str, Any], *, heapsize: str = "
     try:
         board.start()
         try:
-            await asyncio.wait_for(gpio.connected.wait(), 15)
+            await asyncio.wait_for(gpio.connected.wait(), boot_timeout)
         except asyncio.TimeoutError:
-            raise UserError("virtual board did not come up (no GPIO connection in 15 s); "
+            raise UserError(f"virtual board did not come up (no GPIO connection in {boot_timeout:g} s); "
                             f"console log: {board.log_path}") from None
         # wait for the first good polls: the site is "running" from here on
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + boot_timeout
         while len([p for p in meter.polls if p.hz is not None]) < 3:
             if time.monotonic() > deadline:
                 raise UserError(f"the board never polled the meter; console log: {board.log_path}")
@@ -307,7 +313,7 @@ async def run_site(scenario: Scenario, cfg: dict[str, Any], *, heapsize: str = "
                 before = {"error": "%s: %s" % (type(e).__name__, e)}
         status = None
         try:
-            status = await asyncio.to_thread(_board_status, board.port)
+            status = await asyncio.to_thread(_board_status, board.port, status_timeout)
         except Exception:
             status = None
     finally:
