@@ -603,15 +603,24 @@ def _mem_judge(r: dict[str, Any], s: dict[str, Any] | None, text: str) -> None:
         r["control_ok"] = False
 
 
-def mem_try(k: int, work: Path) -> dict[str, Any]:
-    from .sim.site import run_site
+def mem_try(k: int, work: Path, romfs_image: bytes | None = None, firmware_dir: Path | None = None) -> dict[str, Any]:
+    """One demo dip at -X heapsize=<k>wK; with romfs_image the agent's code is in the virtual
+    board's ROMFS partition (firmware_dir then holds main.py only) and the heap counted is the
+    agent's own (the virtual board adds the partition buffer, a board keeps it in flash)."""
+    from .sim.site import FIRMWARE, run_site
 
     cfg = demo_cfg(**MEM_TRIP)
-    bdir = work / ("b%d" % k)
+    bdir = work / ("%sb%d" % ("rom-" if romfs_image else "", k))
     log = bdir.with_name(bdir.name + ".console.log")
     r: dict[str, Any] = {"k": k}
+    if romfs_image is not None:
+        from .vboard import make_romfs_partition
+
+        bdir.mkdir(parents=True, exist_ok=True)
+        make_romfs_partition(bdir, ROMFS_PARTITION, romfs_image)
     try:
-        s = asyncio.run(run_site(mem_scenario(), cfg, heapsize="%dwK" % k, keep_dir=bdir, settle_s=0.3, boot_timeout=15, status_timeout=3))
+        s = asyncio.run(run_site(mem_scenario(), cfg, heapsize="%dwK" % k, keep_dir=bdir, settle_s=0.3, boot_timeout=15,
+                                 status_timeout=3, firmware_dir=firmware_dir or FIRMWARE))
     except Exception as e:
         r.update(ok=False, why="%s: %s" % (type(e).__name__, str(e)[:200]))
         s = None
@@ -620,6 +629,54 @@ def mem_try(k: int, work: Path) -> dict[str, Any]:
     shutil.rmtree(bdir, ignore_errors=True)
     log.unlink(missing_ok=True)
     return r
+
+
+ROMFS_PARTITION = 0x20000  # 128 KiB, as MicroPython's partitions-4MiB-romfs.csv
+
+
+def bench_romfs(quick: bool, lo: int = 32, hi: int = 64) -> dict[str, Any]:
+    """The agent's code in a ROMFS partition (docs/romfs.md): heap cost of importing the resident
+    modules from the image vs from .mpy files (fresh process each, image buffer excluded), and the
+    smallest heap at which the demo dip runs with the code in ROMFS."""
+    from . import romfs
+    from .build import build
+
+    work = Path(tempfile.mkdtemp(prefix="gridshed-bench-romfs-"))
+    out: dict[str, Any] = {}
+    try:
+        man = build("unix-sim", out=work / "unix-sim", romfs=True)
+        d = Path(man["path"])
+        image = (d / romfs.IMAGE).read_bytes()
+        out["image_bytes"] = len(image)
+        out["imports"] = romfs.measure_imports(d / romfs.IMAGE, d, romfs.RESIDENT)
+        main_only = work / "main-only"
+        main_only.mkdir()
+        shutil.copyfile(d / "main.py", main_only / "main.py")
+        tried: dict[int, dict[str, Any]] = {}
+
+        def at(k: int) -> bool:
+            if k not in tried:
+                _say("memory: agent in ROMFS at %dwK" % k)
+                tried[k] = mem_try(k, work, image, main_only)
+            return bool(tried[k]["ok"])
+
+        step = 4 if quick else 2
+        if at(hi):
+            while hi - lo > step:
+                mid = (hi + lo) // 2
+                if at(mid):
+                    hi = mid
+                else:
+                    lo = mid
+            out["min_heapsize_wK"] = hi
+        else:
+            out["min_heapsize_wK"] = None
+        out["highest_failing_wK"] = lo
+        out["resolution_wK"] = step
+        out["tries"] = [tried[k] for k in sorted(tried)]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
 
 
 # the agent with every optional feature configured at once (section 4, "full features")
@@ -881,6 +938,11 @@ def bench_memory(res: dict[str, Any], quick: bool) -> None:
         out["tries"] = [tried[k] for k in sorted(tried)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    # the agent's code in a ROMFS partition (bytecode in flash on a board)
+    try:
+        out["romfs"] = bench_romfs(quick)
+    except Exception as e:
+        out["romfs"] = {"error": "%s: %s" % (type(e).__name__, e)}
     # the agent with every optional feature configured at once (MQTT to a private Mosquitto)
     try:
         out["full_features"] = bench_full_features(quick)
@@ -1386,6 +1448,19 @@ def table(res: dict[str, Any]) -> str:
         if "in_use_at_status_min_heap_bytes" in mem:
             rows.append(("4 heap in use at @status (min heap)", "%d B" % mem["in_use_at_status_min_heap_bytes"],
                          "64-bit objects, gc.mem_free in the reply"))
+        rf = mem.get("romfs")
+        if rf:
+            name = "4 smallest heapsize, code in ROMFS"
+            if "error" in rf:
+                rows.append((name, "ERROR", rf["error"][:60]))
+            else:
+                rows.append((name, "%swK" % rf.get("min_heapsize_wK"),
+                             "fails at %swK; agent heap only (image %d B in flash)" % (
+                                 rf["highest_failing_wK"], rf["image_bytes"])))
+                im = rf.get("imports") or {}
+                if im:
+                    rows.append(("4   import heap ROMFS / files", "x%.2f" % im["ratio"],
+                                 "%d vs %d B, %d resident modules" % (im["rom_heap"], im["files_heap"], im["modules"])))
         ff = mem.get("full_features")
         if ff:
             name = "4 smallest heapsize, ALL features"

@@ -382,6 +382,13 @@ def _mp(exe: str, heapsize: str, code: str, tag: str) -> list[str]:
     return line[-1].split()[1:]
 
 
+# What the demo agent keeps loaded while it runs (sys.modules of a running demo board, minus
+# asyncio): the code every site pays for. Used by the import measurement (tests, make bench).
+RESIDENT = ["agent", "agent.app", "agent.cbor", "agent.compat", "agent.control", "agent.crc", "agent.hal",
+            "agent.hal.unix", "agent.journal", "agent.meter", "agent.modbus_base", "agent.modbus_errors",
+            "agent.modbus_master", "agent.modbus_rtu", "agent.recorder", "agent.relays"]
+
+
 def measure_imports(image: str | Path, files_dir: str | Path, modules: list[str], heapsize: str = "4m",
                     exe: str | None = None) -> dict[str, Any]:
     """Heap bytes that importing `modules` costs from the ROMFS `image` and from the .mpy files in

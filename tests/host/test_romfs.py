@@ -23,11 +23,7 @@ from gridshed.vboard import VirtualBoard, make_romfs_partition, micropython_exe
 
 ROOT = Path(__file__).resolve().parents[2]
 PARTITION = 0x20000  # 128 KiB, as MicroPython's partitions-4MiB-romfs.csv
-# What the demo agent keeps loaded while it runs (sys.modules of a running demo board, minus
-# asyncio): the code a site always pays for.
-RESIDENT = ["agent", "agent.app", "agent.cbor", "agent.compat", "agent.control", "agent.crc", "agent.hal",
-            "agent.hal.unix", "agent.journal", "agent.meter", "agent.modbus_base", "agent.modbus_errors",
-            "agent.modbus_master", "agent.modbus_rtu", "agent.recorder", "agent.relays"]
+RESIDENT = romfs.RESIDENT  # what the running demo agent keeps loaded
 
 
 @pytest.fixture(scope="module")
