@@ -69,13 +69,14 @@ def unload(name):
 
 
 def reply(obj, end):
-    # One JSON object per line, written a value at a time: no whole-reply string in RAM.
+    # One JSON object per line, streamed (json.dump): no reply or value string in RAM. obj: a
+    # dict, or (key, value) pairs made one at a time (the status).
     w = sys.stdout.write
     w("@{")
-    for k in obj:
+    for k, v in obj.items() if isinstance(obj, dict) else obj:
         w(json.dumps(k))
         w(": ")
-        w(json.dumps(obj[k]))
+        json.dump(v, sys.stdout)
         w(", ")
     w('"end": true}\n' if end else '"end": false}\n')
 
@@ -153,7 +154,7 @@ class Agent:
         self.meter_errors = 0
         self.started = ticks_ms()
         self.signal = None
-        self.seq_counters = None  # command counters survive the console module being freed
+        self.seq_counters = None  # command counters survive the command-step modules being freed
         self.refused_at = None    # when a refused command was last journaled (rate limit)
         self.wdt = None
         m = cfg["meter"]
@@ -330,18 +331,25 @@ class Agent:
                 self.journal.append("watchdog", {"late_ms": over, "mask": self.relays.mask})
             await asyncio.sleep_ms(TICK_MS)
 
-    # ---- console and commands: code loaded on demand (agent/console.py), freed after use ----
+    # ---- console and commands: code loaded on demand (agent/status.py, console.py,
+    # journal_read.py; mac0.py, cmdcheck.py, cmdrun.py for a signed command), freed after use ----
     def console_line(self, line):
         gc.collect()  # the console module loads into a fragmented heap otherwise
         if line == "status" or line.startswith("status "):
             reply(self.status(), True)
             return
-        import agent.console as con
-
-        try:
-            con.handle(self, line)
-        finally:
-            unload("agent.console")
+        if line[:3] == "cmd" and line[3:4] in " \t\r\v\f":  # "" (no argument) is in any str
+            # a signed command (base64): only the command path loads, not the console
+            out = self.signed_command(line[4:].strip(), "serial")
+            if "status" in out:  # the answer carries the status, streamed (agent/status.py)
+                self.step("status", "answer", self, out)
+            else:
+                reply(out, True)
+            return
+        if line[:6] == "events" and line[6:7] in " \t\r\v\f":  # read by agent/journal_read.py
+            self.step("journal_read", "events", self, line[7:].strip())
+            return
+        self.step("console", "handle", self, line)
 
     async def console_task(self):
         reader = asyncio.StreamReader(sys.stdin)
@@ -364,10 +372,12 @@ class Agent:
                 self.count("console_bad")
                 continue
             if line.startswith("@"):
+                line = line[1:]  # one copy of the line alive, not two
                 try:
-                    self.console_line(line[1:])
+                    self.console_line(line)
                 except Exception as e:
                     self.count("console_error")
+                    sys.stdout.write("\n")  # a reply cut short is a line of its own
                     reply({"error": repr(e)}, True)
                 gc.collect()
 
@@ -375,27 +385,40 @@ class Agent:
     # miners.py): each has start(agent) that creates its own tasks and talks to the agent
     # only through these methods and the input attributes above.
     def signed_command(self, buf, src):
-        import agent.console as con
+        # One step per module, each freed before the next one loads (a 64 KB heap has no room
+        # for the whole command path at once): the COSE_Mac0 (agent/mac0.py), the payload
+        # against this board and its seq store (agent/cmdcheck.py), count, journal and set the
+        # inputs (agent/cmdrun.py); then one control decision. The answer of a "status" /
+        # "test" command has "status": None, for the caller to fill with the status its
+        # transport carries. buf: the COSE_Mac0, or (the console) its base64 text.
+        c = self.step("mac0", "run", self, buf)
+        if c is None:  # the console's text is not base64: not even counted as a command
+            self.count("console_bad")
+            return {"ok": False, "refused": "malformed"}
+        c = self.step("cmdcheck", "run", self, c)
+        c = self.step("cmdrun", "run", self, c, src)
+        if c["ok"]:  # the decision runs with the command code freed
+            self.decide(ticks_ms(), False)
+        return c
 
+    def step(self, mod, fn, *args):
+        # agent.<mod>.<fn>(*args), the module loaded for this call only
+        gc.collect()
+        m = __import__("agent." + mod, None, None, (fn,))
         try:
-            return con.command(self, buf, src)
+            return getattr(m, fn)(*args)
         finally:
-            unload("agent.console")
+            unload("agent." + mod)
 
     def status(self):
-        import agent.console as con
-
-        try:
-            st = con.status(self)
-        finally:
-            unload("agent.console")
+        # @status: (key, value) pairs, streamed by reply() (agent/status.py)
+        yield from self.step("status", "status", self)
         ov = self.override
-        st["override"] = ov and {"mode": ov.mode, "on": ov.on(), "changes": ov.input.changes}
+        yield "override", ov and {"mode": ov.mode, "on": ov.on(), "changes": ov.input.changes}
         w = self.wdt
-        st["watchdog"] = w and {"feeds": w[1], "starved": w[2]}
-        st["journal"] = self.journal.stats()
-        st["cmd_shed"] = self.cmd_shed
-        return st
+        yield "watchdog", w and {"feeds": w[1], "starved": w[2]}
+        yield "journal", self.journal.stats()
+        yield "cmd_shed", self.cmd_shed
 
     def _load_features(self):
         # (module, enabled) in start order; imported now, started by start_features()

@@ -44,11 +44,8 @@ class Tag:
         self.tag = tag
         self.value = value
 
-    def __eq__(self, other):
+    def __eq__(self, other):  # (!= is its negation, in MicroPython and CPython)
         return isinstance(other, Tag) and self.tag == other.tag and self.value == other.value
-
-    def __ne__(self, other):
-        return not self.__eq__(other)
 
     def __repr__(self):
         return "Tag(%d, %r)" % (self.tag, self.value)
@@ -117,10 +114,6 @@ def _float(out, x):
     out.extend(struct.pack(">d", x))
 
 
-def _first(t):
-    return t[0]
-
-
 def _enc(out, obj, depth):
     if obj is None:
         out.append(0xF6)
@@ -169,7 +162,9 @@ def _enc(out, obj, depth):
                     kb = bytearray()
                     _enc(kb, k, depth)
                     items.append((bytes(kb), k))
-                items.sort(key=_first)
+                # by the encoded key: two keys of one dict never encode alike (NaN keys
+                # aside, whose tuples then compare their NaNs: False, not an error)
+                items.sort()
                 for kb, k in items:
                     out.extend(kb)
                     _enc(out, obj[k], depth)

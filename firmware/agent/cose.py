@@ -13,10 +13,13 @@ Verification rules (anything else is refused with ``CoseError(reason)``):
 - ``unknown-kid``: no kid, or kid not in ``keys``.
 - ``bad-mac``: the tag does not match (constant-time compare).
 The kid is taken from the unprotected header (label 4), or from the protected header.
-"""
-import hashlib
 
+The checks and the MAC are agent.mac0's, the code the board runs (it loads only that module to
+verify a command's COSE_Mac0); this module is their API for host tools and tests, plus
+``mac0_create``. An internal error is refused as ``malformed``.
+"""
 from agent import cbor
+from agent import mac0 as _m
 from agent.compat import const
 
 ALG_HMAC_256_256 = const(5)
@@ -29,7 +32,7 @@ MAX_MESSAGE = const(4096)
 
 PROTECTED_HMAC256 = b"\xa1\x01\x05"  # CBOR of {1: 5}
 
-_BLOCK = const(64)
+compare_digest = _m.compare_digest  # constant-time equality for equal-length byte strings
 
 
 class CoseError(ValueError):
@@ -42,31 +45,7 @@ class CoseError(ValueError):
 
 def hmac_sha256(key, msg):
     """HMAC-SHA256 (RFC 2104) over hashlib.sha256; MicroPython has no hmac module."""
-    key = bytes(key)
-    if len(key) > _BLOCK:
-        key = hashlib.sha256(key).digest()
-    key = key + bytes(_BLOCK - len(key))
-    ipad = bytes([b ^ 0x36 for b in key])
-    opad = bytes([b ^ 0x5C for b in key])
-    inner = hashlib.sha256(ipad)
-    inner.update(msg)
-    outer = hashlib.sha256(opad)
-    outer.update(inner.digest())
-    return outer.digest()
-
-
-def compare_digest(a, b):
-    """Constant-time equality for equal-length byte strings (the length is not secret)."""
-    if len(a) != len(b):
-        return False
-    acc = 0
-    for i in range(len(a)):
-        acc |= a[i] ^ b[i]
-    return acc == 0
-
-
-def _mac_structure(protected, payload, external_aad=b""):
-    return cbor.dumps(["MAC0", protected, external_aad, payload])
+    return _m.hmac_sha256(key, (msg,))
 
 
 def mac0_create(key, kid, payload, tagged=True):
@@ -74,7 +53,7 @@ def mac0_create(key, kid, payload, tagged=True):
     if not isinstance(kid, (bytes, bytearray)) or not isinstance(payload, (bytes, bytearray)):
         raise TypeError("kid and payload must be bytes")
     payload = bytes(payload)
-    tag = hmac_sha256(key, _mac_structure(PROTECTED_HMAC256, payload))
+    tag = _m.tag(key, PROTECTED_HMAC256, payload)
     msg = [PROTECTED_HMAC256, {HDR_KID: bytes(kid)}, payload, tag]
     if tagged:
         msg = cbor.Tag(COSE_MAC0_TAG, msg)
@@ -86,55 +65,7 @@ def mac0_verify(buf, keys):
 
     ``keys`` maps kid (bytes) -> key (bytes).
     """
-    if len(buf) > MAX_MESSAGE:
-        raise CoseError("malformed", "too long")
-    try:
-        msg = cbor.loads(buf, 4)
-    except ValueError as e:
-        raise CoseError("malformed", str(e))
-    if isinstance(msg, cbor.Tag):
-        if msg.tag != COSE_MAC0_TAG:
-            raise CoseError("malformed", "not a COSE_Mac0 tag")
-        msg = msg.value
-    if not isinstance(msg, list) or len(msg) != 4:
-        raise CoseError("malformed", "not a 4-element array")
-    protected, unprotected, payload, tag = msg
-    if not isinstance(protected, bytes) or not isinstance(unprotected, dict):
-        raise CoseError("malformed", "bad headers")
-    if not isinstance(payload, bytes):
-        raise CoseError("malformed", "payload missing or detached")
-    if not isinstance(tag, bytes):
-        raise CoseError("malformed", "bad tag")
-    if protected:
-        try:
-            phdr = cbor.loads(protected, 2)
-        except ValueError as e:
-            raise CoseError("malformed", "protected header: " + str(e))
-        if not isinstance(phdr, dict):
-            raise CoseError("malformed", "protected header not a map")
-    else:
-        phdr = {}
-    for label in phdr:
-        if label in unprotected:
-            raise CoseError("malformed", "label in both header buckets")
-    if HDR_CRIT in phdr or HDR_CRIT in unprotected:
-        raise CoseError("malformed", "critical headers not supported")
-    alg = phdr.get(HDR_ALG)
-    if not isinstance(alg, int) or isinstance(alg, bool) or alg != ALG_HMAC_256_256:
-        raise CoseError("bad-alg")
-    if HDR_ALG in unprotected:
-        raise CoseError("bad-alg", "alg must be protected")
-    if len(tag) != TAG_LEN:
-        raise CoseError("malformed", "tag length")
-    kid = unprotected.get(HDR_KID, phdr.get(HDR_KID))
-    if kid is None:
-        raise CoseError("unknown-kid", "no kid")
-    if not isinstance(kid, bytes):
-        raise CoseError("malformed", "kid not bytes")
-    key = keys.get(kid)
-    if key is None:
-        raise CoseError("unknown-kid")
-    expect = hmac_sha256(key, _mac_structure(protected, payload))
-    if not compare_digest(expect, tag):
-        raise CoseError("bad-mac")
-    return kid, payload
+    r = _m.verify(buf, keys, MAX_MESSAGE)
+    if isinstance(r, str):
+        raise CoseError(r)
+    return r

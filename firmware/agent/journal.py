@@ -58,6 +58,8 @@ def _try_record(read_at, off, size, max_body):
         return None, "crc"
     try:
         obj = cbor.loads(data[2 : 2 + ln])
+    except MemoryError:  # a good record must never be reported (or cut) as bad for want of RAM
+        raise
     except Exception:  # ValueError from the codec; anything else is still bad data
         return None, "cbor"
     if not isinstance(obj, dict):

@@ -1,10 +1,12 @@
 """Reading the journal back (console `@events`, host tools): not needed while the agent only
-appends, so it lives apart from agent.journal and is loaded on demand.
+appends, so it lives apart from agent.journal and is loaded on demand (the console's @events is
+answered from here, events(), with no other on-demand module loaded).
 
 JSON view of records (console replies, host exports): bytes fields such as a capture's "smp"
 become {"b64": "<base64>"}; from_jsonable() reverses it.
 """
 import binascii
+import gc
 
 from agent.journal import MAX_BODY, _FileReader, _fsize, _scan, _try_record
 
@@ -67,6 +69,23 @@ def read(self, since_seq=0, limit=None):
         finally:
             f.close()
 
+
+
+def events(a, arg):
+    """Console `@events [since]`: one reply line per record, then a summary line."""
+    from agent.app import reply
+
+    since = int(arg) if arg.isdigit() else 0
+    n = 0
+    for rec in read(a.journal, since):
+        reply({"rec": jsonable(rec)}, False)
+        rec = None
+        n += 1
+        # each record's garbage freed before the next is read: its allocations then reuse the
+        # same room instead of cutting up the heap's largest free blocks (a line on the serial
+        # link takes longer than a collection)
+        gc.collect()
+    reply({"ok": True, "count": n, "read_errors": a.journal.read_errors}, True)
 
 
 def jsonable(obj):

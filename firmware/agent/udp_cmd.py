@@ -1,20 +1,23 @@
 # Signed commands over UDP (config section "udp": enabled, port). See docs/security.md.
 #
-# One non-blocking datagram socket polled from its own task (nothing here can block the loop).
-# Each datagram is one COSE_Mac0; it goes to agent.signed_command(buf, "udp") and the sender
-# gets one small JSON datagram back. Untrusted input, cheap checks first, all counted in the
-# agent's status "errors":
+# One non-blocking datagram socket polled from its own task (nothing here can block the loop);
+# the receive buffer is allocated only when a datagram is waiting. Each datagram is one
+# COSE_Mac0; it goes to agent.signed_command(buf, "udp") and the sender gets one small JSON
+# datagram back. Untrusted input, cheap checks first, all counted in the agent's status "errors":
 #   udp_oversize  datagram longer than a command can be (never verified, no reply)
 #   udp_bad       too short / does not start like a COSE_Mac0 (never verified, no reply)
 #   udp_limited   over the verify rate (burst BURST, then one per REFILL_MS): refused "busy"
 #   udp_io        socket errors
+#   udp_mem       no RAM to receive a datagram now (read again later if the port left it queued)
 # No reply to the first two: a forged source address must not turn the board into an
 # amplifier, and a reply is never larger than a short JSON object.
 import asyncio
 import gc
 import json
+import select
 import socket
 
+from agent import control
 from agent.compat import const, ticks_ms, ticks_diff
 
 MAX_DATAGRAM = const(512)   # = agent.commands.MAX_COMMAND_LEN
@@ -24,42 +27,41 @@ REFILL_MS = const(250)
 IDLE_MS = const(50)
 
 
-def _looks_like_mac0(b):
-    # tag 17 (0xd1) + array(4) (0x84), or the untagged array(4)
-    return (b[0] == 0xD1 and b[1] == 0x84) or b[0] == 0x84
-
-
-def reply_bytes(res):
-    out = {"ok": res.get("ok", False)}
-    for k in ("cmd", "seq", "refused", "error"):
-        if k in res:
-            out[k] = res[k]
-    st = res.get("status")
-    if isinstance(st, dict):
-        # a short status, not the whole console one (the datagram stays small)
-        for k in ("device", "state", "armed", "mask", "hz", "kw"):
-            out[k] = st.get(k)
-    return json.dumps(out).encode()
-
-
-async def serve(agent, port):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    except (OSError, AttributeError):
-        pass
-    s.bind(socket.getaddrinfo("0.0.0.0", port)[0][-1])
-    s.setblocking(False)
-    try:
-        await _loop(agent, s)
-    finally:
-        s.close()
+async def _run(agent):
+    port = agent.cfg["udp"]["port"]
+    while True:
+        try:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                try:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                except (OSError, AttributeError):
+                    pass
+                s.bind(socket.getaddrinfo("0.0.0.0", port)[0][-1])
+                s.setblocking(False)
+                await _loop(agent, s)
+            finally:
+                s.close()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # bind failure...: say so, retry later
+            agent.count("udp_io")
+            print("W udp: %r" % (e,))
+            await asyncio.sleep(5)
 
 
 async def _loop(agent, s):
+    p = select.poll()
+    p.register(s, select.POLLIN)
     tokens = BURST
     last = ticks_ms()
     while True:
+        buf = None
+        for _ in p.ipoll(0):  # allocation-free
+            buf = True
+        if buf is None:  # nothing to read: no receive buffer either
+            await asyncio.sleep_ms(IDLE_MS)
+            continue
         try:
             buf, addr = s.recvfrom(MAX_DATAGRAM + 1)
         except OSError as e:
@@ -67,11 +69,16 @@ async def _loop(agent, s):
                 agent.count("udp_io")
             await asyncio.sleep_ms(IDLE_MS)
             continue
+        except MemoryError:  # no RAM now: read again later (unless the port took it already)
+            agent.count("udp_mem")
+            await asyncio.sleep_ms(IDLE_MS)
+            continue
         n = len(buf)
         if n > MAX_DATAGRAM:
             agent.count("udp_oversize")
             continue
-        if n < MIN_DATAGRAM or not _looks_like_mac0(buf):
+        # too short, or not tag 17 (0xd1) + array(4) (0x84) nor the untagged array(4)
+        if n < MIN_DATAGRAM or not (buf[0] == 0x84 or (buf[0] == 0xD1 and buf[1] == 0x84)):
             agent.count("udp_bad")
             continue
         now = ticks_ms()
@@ -91,26 +98,24 @@ async def _loop(agent, s):
                 agent.count("udp_error")
                 res = {"ok": False, "error": repr(e)[:60]}
         buf = None
+        # the answer: ok, cmd, seq or refused (or error); a "status" / "test" command adds a
+        # short status, not the console's (the datagram stays small, no console code loaded)
+        if "status" in res:
+            del res["status"]
+            c = agent.ctrl
+            res["device"] = agent.cfg["device"]
+            res["state"] = control.STATE_NAMES[c.state]
+            res["armed"] = c.armed
+            res["mask"] = agent.relays.mask
+            res["hz"] = agent.hz
+            res["kw"] = agent.kw
         try:
-            res = reply_bytes(res)
+            res = json.dumps(res).encode()
             gc.collect()
             s.sendto(res, addr)
         except OSError:
             agent.count("udp_io")
         await asyncio.sleep_ms(0)
-
-
-async def _run(agent):
-    port = agent.cfg["udp"]["port"]
-    while True:
-        try:
-            await serve(agent, port)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # bind failure, MemoryError...: say so, retry later
-            agent.count("udp_io")
-            print("W udp: %r" % (e,))
-            await asyncio.sleep(5)
 
 
 def start(agent):

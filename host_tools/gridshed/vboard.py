@@ -408,9 +408,11 @@ class VirtualBoard:
         if self.romfs_size is not None:
             # a port's order: '' (the filesystem, the cwd here), .frozen, /rom, /rom/lib (the shim
             # inserts those two when it mounts an image), /lib
-            path = [".frozen", str(self.fs_dir / "lib")]
+            path = [".frozen", "lib"]
         else:
-            path = [str(self.fs_dir), str(self.fs_dir / "lib")]
+            # '' and 'lib' relative to the cwd (the board filesystem), as a board's '' and '/lib':
+            # module paths are kept by the VM, so the host's directory must not lengthen them
+            path = ["", "lib"]
         if self.firmware_dir:
             path.append(str(self.firmware_dir))
         if ".frozen" not in path:

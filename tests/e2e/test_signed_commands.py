@@ -1,11 +1,16 @@
 """End to end: signed commands reach the real agent on a virtual board over serial and UDP.
 
-Rig: one virtual board (the real firmware, mpy-cross build, `-X heapsize=72wK` = 72 KB on a
-32-bit board: measured, the agent answers signed commands from 72wK up, with or without the UDP
-channel, while at 64wK the command path itself runs out of memory) polling a pymodbus TCP meter on loopback, its GPIO served by a small threaded
-server here (each relay pin write is observed), its key written as `gridshed provision` writes
-it (/keys.cbor, and the same key in an inventory). Commands come from the real CLI
-(`python -m gridshed.cli shed ...`), from pycose, and from hand-made attacks.
+Rig: one virtual board (the real firmware, mpy-cross build, `-X heapsize=65wK` = 65 KB on a
+32-bit board. The command path loads one small module per step and frees it before the next,
+see Agent.signed_command: measured, the base agent answers signed commands, @status and @events
+at the 64wK budget (these tests pass there without the UDP channel); with the UDP channel on,
+as in this rig, 64wK holds or not depending on how the heap happens to be laid out (a command
+now and then refused "malformed" for a MemoryError, an @events pull skipping records, counted
+in its read_errors), 65wK in every run) polling a pymodbus TCP meter on loopback,
+its GPIO served by a small threaded server here (each relay pin write is observed), its key
+written as `gridshed provision` writes it (/keys.cbor, and the same key in an inventory).
+Commands come from the real CLI (`python -m gridshed.cli shed ...`), from pycose, and from
+hand-made attacks.
 """
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ from gridshed.vboard import VirtualBoard
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_SITE = ROOT / "scenarios" / "demo-site.toml"
-HEAP = os.environ.get("GS_HEAP", "72wK")  # 72 KB on a 32-bit board (-X heapsize scales 'w' by the word size); see above
+HEAP = os.environ.get("GS_HEAP", "65wK")  # 65 KB on a 32-bit board (-X heapsize scales 'w' by the word size); see above
 
 
 # ---------------------------------------------------------------------------- rig pieces
@@ -115,19 +120,25 @@ class Meter:
         from gridshed.sim.meter import Reading, SimMeter
 
         self.hz, self.kw = hz, kw
-        self.port = free_port()
-        self.meter = SimMeter(meter_map, lambda t: Reading(self.hz, self.kw), update_ms=50)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.task = asyncio.run_coroutine_threadsafe(self.meter.serve_tcp("127.0.0.1", self.port), self.loop)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
+        # free_port() then the server binding it is a race with the rest of the machine: a
+        # server that could not bind (its task ends at once) is retried on another port
+        for _ in range(3):
+            self.port = free_port()
+            self.meter = SimMeter(meter_map, lambda t: Reading(self.hz, self.kw), update_ms=50)
+            self.task = asyncio.run_coroutine_threadsafe(self.meter.serve_tcp("127.0.0.1", self.port), self.loop)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not self.task.done():
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                    if not self.task.done():
+                        return
+                except OSError:
+                    time.sleep(0.05)
+            if not self.task.done():
+                break
         pytest.fail("pymodbus meter did not listen")
 
     def stop(self) -> None:
@@ -190,7 +201,7 @@ class Rig:
         self.board.start()
         return self
 
-    def wait_up(self, timeout: float = 20.0) -> None:
+    def wait_up(self, timeout: float = 60.0) -> None:
         ok = self.board.wait_output("agent up", timeout)
         assert ok, f"{self.dev} did not come up:\n{self.board.output()[-2000:].decode(errors='replace')}"
 
@@ -213,7 +224,7 @@ def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 def console(rig: Rig, verb: str, arg: str = "") -> dict[str, Any]:
     with Console(rig.board.port) as c:
-        ans = c.request(verb, arg, timeout=8)
+        ans = c.request(verb, arg, timeout=20)
     return ans[-1]
 
 
@@ -225,7 +236,7 @@ def send(rig: Rig, msg: bytes) -> dict[str, Any]:
 
 def journal(rig: Rig, since: int = 0) -> list[dict[str, Any]]:
     with Console(rig.board.port) as c:
-        return c.events(since, timeout=8)
+        return c.events(since, timeout=30)
 
 
 def _thaw(x: Any) -> Any:
@@ -280,9 +291,9 @@ def rig(tmp_path, agent_build, meter):
     r.inventory = tmp_path / "inv.sqlite"
     try:
         r.wait_up()
-        assert r.gpio.wait(lambda: all(r.closed()), 10), "relays not closed at boot"
+        assert r.gpio.wait(lambda: all(r.closed()), 30), "relays not closed at boot"
         # wait for healthy meter polls
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while console(r, "status").get("samples", 0) < 3:
             assert time.monotonic() < deadline, "board never polled the meter"
             time.sleep(0.1)
@@ -306,7 +317,7 @@ def test_cli_shed_and_restore_over_serial(rig, tmp_path):
     assert out["via"] == "serial" and out["ok"]
     res = out["results"][0]
     assert res["reply"] == {"ok": True, "cmd": "shed", "seq": res["seq"]}
-    assert rig.gpio.wait(lambda: not any(rig.closed()), 5), "relays did not open"
+    assert rig.gpio.wait(lambda: not any(rig.closed()), 20), "relays did not open"
     t_open = max(t for t, p, v in rig.gpio.since(m0) if p in relay_pins)
     st = console(rig, "status")
     assert st["state"] == "tripped" and st["mask"] == 0 and st["signal"] is True
@@ -317,7 +328,7 @@ def test_cli_shed_and_restore_over_serial(rig, tmp_path):
     r = cli("restore", "--device", rig.dev, "--port", rig.board.port, "--inventory", inv)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "accepted" in r.stdout and "seq=" in r.stdout
-    assert rig.gpio.wait(lambda: all(rig.closed()), 15), "relays never restored"
+    assert rig.gpio.wait(lambda: all(rig.closed()), 40), "relays never restored"
     closes: dict[int, float] = {}
     for t, p, v in rig.gpio.since(m1):
         for i, b in enumerate(rig.cfg["blocks"]):
@@ -340,7 +351,7 @@ def test_pycose_interop(rig, tmp_path):
     assert msg[:2] == b"\xd1\x84"
     rep = send(rig, msg)
     assert rep == {"ok": True, "cmd": "shed", "seq": now - 100}
-    assert rig.gpio.wait(lambda: not any(rig.closed()), 5)
+    assert rig.gpio.wait(lambda: not any(rig.closed()), 20)
     # the CLI's messages verify in pycose with the inventory's key
     out = tmp_path / "arm.cose"
     r = cli("sign", "arm", "--device", rig.dev, "-o", str(out), "--inventory", str(rig.inventory), "--json")
@@ -355,6 +366,10 @@ def test_pycose_interop(rig, tmp_path):
     r = cli("sign", "ping", "--device", rig.dev, "-o", str(tmp_path / "p.cose"), "--inventory",
             str(rig.inventory), "--json")
     assert json.loads(r.stdout)["signed"][0]["seq"] > info["seq"]
+    # a signed status over serial answers with the console's status
+    rep = send(rig, make_command(rig.key, rig.kid, "status", info["seq"] + 1, target_device=rig.dev))
+    assert rep["ok"] and rep["cmd"] == "status" and rep["status"]["device"] == rig.dev
+    assert rep["status"]["commands"]["accepted"] == 3
 
 
 def attacks(rig: Rig) -> dict[str, tuple[bytes, str]]:
@@ -391,10 +406,10 @@ def test_refusals_are_counted_journaled_and_change_nothing(rig, tmp_path):
     good = (tmp_path / "s.cose").read_bytes()
     rep = send(rig, good)
     assert rep["ok"]
-    assert rig.gpio.wait(lambda: not any(rig.closed()), 5)
+    assert rig.gpio.wait(lambda: not any(rig.closed()), 20)
     rep = send(rig, make_command(rig.key, rig.kid, "restore", int(time.time()) + 500, target_device=rig.dev))
     assert rep["ok"]
-    assert rig.gpio.wait(lambda: all(rig.closed()), 15), "did not restore"
+    assert rig.gpio.wait(lambda: all(rig.closed()), 40), "did not restore"
     time.sleep(0.3)
     before = counters(rig)
     seq0 = console(rig, "status")["journal_seq"]
@@ -420,7 +435,9 @@ def test_refusals_are_counted_journaled_and_change_nothing(rig, tmp_path):
     # the console's own garbage (not base64) is counted too, and the agent keeps running
     rep = console(rig, "cmd", "!!!not-base64!!!")
     assert rep["ok"] is False
-    assert console(rig, "status")["state"] == "normal"
+    st = console(rig, "status")
+    assert st["state"] == "normal"
+    assert "console_error" not in st["errors"], st["errors"]  # no command ran out of memory
 
 
 def test_udp_shed_restore_and_garbage(rig):
@@ -430,14 +447,14 @@ def test_udp_shed_restore_and_garbage(rig):
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.loads(r.stdout)
     assert out["via"] == "udp" and out["results"][0]["reply"]["ok"]
-    assert rig.gpio.wait(lambda: not any(rig.closed()), 5)
+    assert rig.gpio.wait(lambda: not any(rig.closed()), 20)
     # garbage datagrams: counted, no reply, no relay change, the agent keeps serving
     m = rig.gpio.mark()
     junk = [b"", b"x", bytes(300), b"GET / HTTP/1.0\r\n\r\n" + b"." * 60,   # not a COSE_Mac0
             b"\xff" * 513, bytes(2000)]                                         # oversize
     replies = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(2)
+        s.settimeout(20)
         for j in junk:
             s.sendto(j, ("127.0.0.1", rig.udp_port))
         # COSE-shaped garbage and a forgery get a (short) refusal reply
@@ -449,9 +466,16 @@ def test_udp_shed_restore_and_garbage(rig):
             data, _ = s.recvfrom(2048)
             replies.append(json.loads(data))
     assert replies == [{"ok": False, "refused": "malformed"}, {"ok": False, "refused": "bad-mac"}]
-    time.sleep(0.2)
-    st = console(rig, "status")
-    errs = st["errors"]
+    # the junk went first on the same socket, so its counters are normally already there; wait
+    # (bounded) rather than trust a fixed pause, then check the exact counts
+    deadline = time.monotonic() + 20
+    while True:
+        st = console(rig, "status")
+        errs = st["errors"]
+        if errs.get("udp_oversize", 0) >= 2 and errs.get("udp_bad", 0) >= 4:
+            break
+        assert time.monotonic() < deadline, errs
+        time.sleep(0.1)
     assert errs.get("udp_oversize") == 2 and errs.get("udp_bad") == 4
     assert st["mask"] == 0 and [e for e in rig.gpio.since(m) if e[1] in rig.pins()] == []
     # ping (signed status) answers with a short status
@@ -460,7 +484,8 @@ def test_udp_shed_restore_and_garbage(rig):
     assert rep["ok"] and rep["cmd"] == "status" and rep["device"] == rig.dev and rep["mask"] == 0
     r = cli("restore", *args)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert rig.gpio.wait(lambda: all(rig.closed()), 15)
+    assert rig.gpio.wait(lambda: all(rig.closed()), 40)
+    assert "udp_error" not in console(rig, "status")["errors"]  # no command ran out of memory
     recs = [x for x in journal(rig) if x["k"] in ("cmd", "cmd_refused")]
     assert [(x["k"], x.get("cmd") or x.get("why"), x["src"]) for x in recs] == [
         ("cmd", "shed", "udp"), ("cmd_refused", "malformed", "udp"), ("cmd_refused", "bad-mac", "udp"), ("cmd", "status", "udp"), ("cmd", "restore", "udp")]

@@ -250,6 +250,81 @@ def test_seq_counter_never_reuses(tmp_path) -> None:
         c2.next(KID)
 
 
+# ------------------------------------------------------------------ the board's steps
+
+class StepAgent:
+    """What the board's command steps (agent.mac0, agent.cmdcheck, agent.cmdrun) use of the Agent."""
+
+    def __init__(self) -> None:
+        self.cfg = {"device": DEV, "site": SITE}
+        self.hal = self
+        self.seq_counters = None
+        self.refused_at = None
+        self.signal = None
+        self.cmd_shed = False
+        self.shed_kw = None
+        self.release = False
+        self.journal = self
+        self.records: list[tuple[str, dict]] = []
+        self.errors: dict[str, int] = {}
+
+    def wall_time(self):
+        return T0
+
+    def append(self, kind, fields):
+        self.records.append((kind, fields))
+
+    def count(self, what):
+        self.errors[what] = self.errors.get(what, 0) + 1
+
+
+def test_board_steps_persist_the_seq_before_acting(tmp_path, monkeypatch) -> None:
+    """Agent.signed_command's three steps, each its own module on the board (freed before the
+    next loads): the same verdicts as CommandVerifier, the seq written by the last step before it
+    acts, so a command that never reaches that step has consumed nothing."""
+    from agent import cmdcheck, cmdrun, mac0
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keys.cbor").write_bytes(cbor.dumps({KID: KEY}))
+    a = StepAgent()
+
+    def command(buf: bytes) -> dict:
+        return cmdrun.run(a, cmdcheck.run(a, mac0.run(a, buf)), "serial")
+
+    assert command(cmd(5)) == {"ok": True, "cmd": "shed", "seq": 5} and a.cmd_shed
+    assert FileSeqStore(str(tmp_path / "seq.cbor")).load() == {KID: 5}
+    assert a.seq_counters == {"accepted": 1, **{r: 0 for r in REASONS}}
+    pending = cmdcheck.run(a, mac0.run(a, cmd(6, "restore")))  # checked, never carried out
+    assert isinstance(pending, tuple) and pending[0]["seq"] == 6
+    assert FileSeqStore(str(tmp_path / "seq.cbor")).load() == {KID: 5} and not a.release
+    assert command(cmd(6, "restore")) == {"ok": True, "cmd": "restore", "seq": 6}
+    assert a.release and not a.cmd_shed
+    assert command(cmd(6)) == {"ok": False, "refused": "replay"}
+    assert command(cmd(7, key=OTHER_KEY)) == {"ok": False, "refused": "bad-mac"}
+    assert command(cmd(7, expires_s=-1)) == {"ok": False, "refused": "expired"}
+    # a status / test command: the transport adds the status it carries
+    assert command(cmd(7, "test")) == {"ok": True, "cmd": "test", "seq": 7, "status": None}
+    assert [(k, f.get("cmd") or f["why"]) for k, f in a.records] == [
+        ("cmd", "shed"), ("cmd", "restore"), ("cmd_refused", "replay"), ("cmd_refused", "bad-mac"),
+        ("cmd_refused", "expired"), ("cmd", "test")]
+
+    def no_room(path, data):
+        raise OSError(28, "ENOSPC")
+
+    monkeypatch.setattr(cmdrun, "save", no_room)
+    a.cmd_shed = False
+    assert command(cmd(8)) == {"ok": False, "refused": "store-error"} and not a.cmd_shed
+    assert FileSeqStore(str(tmp_path / "seq.cbor")).load() == {KID: 7}
+    assert a.seq_counters == {"accepted": 3, "malformed": 0, "unknown-kid": 0, "bad-mac": 1,
+                              "bad-cmd": 0, "wrong-target": 0, "expired": 1, "replay": 1,
+                              "store-error": 1}
+    # unreadable store: fail closed; no keys file: unknown-kid
+    (tmp_path / "seq.cbor").write_bytes(b"\xa2\x61")
+    assert command(cmd(9)) == {"ok": False, "refused": "store-error"}
+    (tmp_path / "keys.cbor").unlink()
+    assert command(cmd(9)) == {"ok": False, "refused": "unknown-kid"}
+
+
 # ------------------------------------------------------------------ under MicroPython
 
 MP_VERIFY = """
