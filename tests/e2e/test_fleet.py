@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import secrets
-import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -22,50 +19,13 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 
-from conftest import require_tool
+from mosquitto_broker import Mosquitto
 from gridshed.signing import make_command
 from test_signed_commands import Meter, Rig, agent_build, cli, free_port, site_config  # noqa: F401
 
 HEAP = os.environ.get("GS_FLEET_HEAP", "88wK")
 N_BOARDS = 20
 SITE = "fleet-site"
-
-
-class Mosquitto:
-    def __init__(self, workdir: Path) -> None:
-        self.exe = require_tool("mosquitto", "mosquitto")
-        self.conf = workdir / "mosquitto.conf"
-        self.log = workdir / "mosquitto.log"
-        # free_port() then mosquitto binding it is a race with any other process on the machine:
-        # a broker that exits at start (port taken meanwhile) is retried on another port
-        for _ in range(3):
-            if self._start():
-                return
-        pytest.fail(f"mosquitto exited at start: {self.log.read_text() if self.log.exists() else ''}")
-
-    def _start(self) -> bool:
-        self.port = free_port()
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                             f"user {pwd.getpwuid(os.getuid()).pw_name}\nlog_dest file {self.log}\n")
-        self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                if self.proc.poll() is None:
-                    return True
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        pytest.fail("mosquitto did not listen")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
 
 
 class Watch:
@@ -109,7 +69,7 @@ def fleet(tmp_path_factory, agent_build):  # noqa: F811  (pytest fixture importe
     # one fleet for the module (booting 20 boards is the slow part); the last-will test kills a
     # board, so it runs last
     tmp_path = tmp_path_factory.mktemp("fleet")
-    broker = Mosquitto(tmp_path)
+    broker = Mosquitto(tmp_path).start()
     meter = Meter(site_config()["meter"]["map"])
     site_kid, site_key = b"site-" + secrets.token_bytes(4), secrets.token_bytes(32)
     inv = tmp_path / "inv.sqlite"

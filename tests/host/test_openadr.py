@@ -16,9 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import pwd
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -31,7 +28,8 @@ from openleadr import OpenADRServer, objects
 
 from agent import cbor
 from agent.commands import CommandRefused, CommandVerifier, MemorySeqStore
-from conftest import ROOT, require_tool
+from conftest import ROOT
+from mosquitto_broker import Mosquitto
 from gridshed.errors import UserError
 from gridshed.inventory import Inventory
 from gridshed.openadr import (FULL, KW, NONE, Action, LevelMap, SiteSender, VenBridge, combine,
@@ -87,46 +85,6 @@ class Vtn:
         return ev_id
 
 
-class Mosquitto:
-    def __init__(self, workdir: Path) -> None:
-        self.exe = require_tool("mosquitto", "mosquitto")
-        self.conf = workdir / "mosquitto.conf"
-        self.log = workdir / "mosquitto.log"
-        # a free port found here, bound by mosquitto later: a race with the rest of the machine,
-        # so a broker that exits at start (port taken meanwhile) is retried on another port
-        for _ in range(3):
-            if self._start():
-                return
-        pytest.fail(f"mosquitto did not start: {self.log.read_text() if self.log.exists() else ''}")
-
-    def _start(self) -> bool:
-        with socket.socket() as s:
-            s.bind((HOST, 0))
-            self.port = s.getsockname()[1]
-        self.conf.write_text(f"listener {self.port} {HOST}\nallow_anonymous true\npersistence false\n"
-                             f"user {pwd.getpwuid(os.getuid()).pw_name}\nlog_dest file {self.log}\n")
-        self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection((HOST, self.port), timeout=0.2).close()
-                if self.proc.poll() is None:
-                    return True
-            except OSError:
-                if self.proc.poll() is not None:
-                    return False
-                if time.monotonic() > deadline:
-                    self.stop()
-                    pytest.fail(f"mosquitto did not listen: {self.log.read_text() if self.log.exists() else ''}")
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-
-
 class CmdSub:
     """paho subscriber to every device cmd topic."""
 
@@ -153,7 +111,7 @@ class CmdSub:
 
 @pytest.fixture
 def broker(tmp_path):
-    b = Mosquitto(tmp_path)
+    b = Mosquitto(tmp_path).start()
     yield b
     b.stop()
 
