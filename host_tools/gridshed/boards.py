@@ -15,7 +15,7 @@ from .datafiles import ROOT_ENV, list_entries, load_entry, repo_root  # noqa: F4
 
 KEYS_REQUIRED = ("name", "title", "chip", "arch", "port", "firmware", "flash", "uarts", "relays",
                  "inputs", "led", "network", "usb")
-KEYS_OPTIONAL = ("notes", "reserved")
+KEYS_OPTIONAL = ("notes", "reserved", "memory")
 CHIPS: dict[str, tuple[str, str]] = {  # chip -> (arch, port)
     "esp32": ("xtensawin", "esp32"),
     "esp32s3": ("xtensawin", "esp32"),
@@ -134,6 +134,44 @@ def _check_flash(flash: Any, errors: list[str]) -> None:
         errors.append("flash: filesystem runs past the end of the flash")
 
 
+MEMORY_KEYS = ("gc_heap_bytes", "source", "margin_bytes", "agent_budget_kb", "margin_reason")
+
+
+def _check_memory(mem: Any, errors: list[str]) -> None:
+    """The heap a board leaves MicroPython, where that figure comes from, and the agent's share."""
+    if not isinstance(mem, dict) or set(mem) != set(MEMORY_KEYS):
+        errors.append(f"memory: must be an object with exactly {', '.join(MEMORY_KEYS)}")
+        return
+    for k in ("gc_heap_bytes", "margin_bytes", "agent_budget_kb"):
+        if not _is_int(mem[k]) or mem[k] <= 0:
+            errors.append(f"memory.{k}: must be a positive integer")
+            return
+    for k in ("source", "margin_reason"):
+        if not isinstance(mem[k], str) or not mem[k]:
+            errors.append(f"memory.{k}: must say where the figure comes from")
+    if mem["agent_budget_kb"] * 1024 > mem["gc_heap_bytes"] - mem["margin_bytes"]:
+        errors.append("memory.agent_budget_kb: larger than gc_heap_bytes less margin_bytes")
+
+
+def agent_budget_kb(board: dict[str, Any]) -> int:
+    """The heap (KB on the board) every agent flow must work in: its board file's stated budget."""
+    return int(board["memory"]["agent_budget_kb"])
+
+
+def smallest_budget_kb() -> int:
+    """The smallest supported board's budget: the heap the virtual board and the tests run at.
+
+    The unix port is 64-bit, so it is given as MicroPython's word-scaled `-X heapsize=<k>wK`
+    (k KB on a 32-bit board).
+    """
+    return min(agent_budget_kb(load_board(n)) for n in list_boards() if load_board(n)["chip"] != "unix")
+
+
+def budget_heapsize(board: dict[str, Any] | None = None) -> str:
+    """`-X heapsize=` value for a board's budget (the smallest board's when None)."""
+    return "%dwK" % (agent_budget_kb(board) if board else smallest_budget_kb())
+
+
 def validate_board(board: Any) -> list[str]:
     """Problems with a board dict (empty list: usable)."""
     if not isinstance(board, dict):
@@ -170,6 +208,8 @@ def validate_board(board: Any) -> list[str]:
             reserved = set(r)
     if "flash" in board:
         _check_flash(board["flash"], errors)
+    if "memory" in board:
+        _check_memory(board["memory"], errors)
     used: dict[Any, str] = {}
 
     def claim(where: str, pin: Any) -> None:

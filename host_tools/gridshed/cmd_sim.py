@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--transport", choices=["rtu", "tcp"], help="override the meter transport")
     p.add_argument("--baud", type=int, help="override the RTU baud rate")
     p.add_argument("--meter-update-ms", type=float, default=50.0, help="how often the meter refreshes its registers")
-    p.add_argument("--heapsize", default="64wK", help="micropython -X heapsize for the virtual board (default 64wK: 64 KB on a 32-bit board, word-scaled)")
+    p.add_argument("--heapsize", default=None, help="micropython -X heapsize for the virtual board (default: the board file's memory budget, word-scaled: 80wK is 80 KB on a 32-bit board)")
     p.add_argument("--keep", metavar="DIR", help="keep the board's filesystem (journal, state) in DIR")
     p.add_argument("--report", metavar="FILE", help="also write an event report (.png or .html)")
     p.set_defaults(func=run)
@@ -51,7 +51,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {w}", file=sys.stderr)
     live = None if args.json else (lambda line: print(line, flush=True))
     keep = Path(args.keep) if args.keep else None
-    summary = asyncio.run(run_site(scenario, cfg, heapsize=args.heapsize, meter_update_ms=args.meter_update_ms,
+    from .boards import budget_heapsize, load_board
+
+    heap = args.heapsize or budget_heapsize(load_board("unix-sim"))
+    summary = asyncio.run(run_site(scenario, cfg, heapsize=heap, meter_update_ms=args.meter_update_ms,
                                    transport=args.transport, baud=args.baud, on_line=live, keep_dir=keep))
     if args.report:
         try:

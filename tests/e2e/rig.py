@@ -27,7 +27,10 @@ from gridshed.sim.site import FIRMWARE, GpioServer, LoadModel
 from gridshed.sim.wire import Wire
 from gridshed.vboard import VirtualBoard
 
-HEAP = "64wK"  # 64 KB on a 32-bit board (the unix port scales 'w' sizes by the word size)
+from gridshed.boards import budget_heapsize
+
+# the smallest supported board's budget (boards/*.json "memory"), word-scaled: k KB on a 32-bit board
+HEAP = budget_heapsize()
 _BUILD: dict[str, Any] = {}
 
 
