@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--baud", type=int, help="override the RTU baud rate")
     p.add_argument("--meter-update-ms", type=float, default=50.0, help="how often the meter refreshes its registers")
     p.add_argument("--heapsize", default=None, help="micropython -X heapsize for the virtual board (default: the board file's memory budget, word-scaled: 80wK is 80 KB on a 32-bit board)")
+    p.add_argument("--firmware", metavar="DIR", help="firmware source tree to build and run (default: this checkout's firmware/)")
     p.add_argument("--keep", metavar="DIR", help="keep the board's filesystem (journal, state) in DIR")
     p.add_argument("--report", metavar="FILE", help="also write an event report (.png or .html)")
     p.set_defaults(func=run)
@@ -40,7 +41,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 def run(args: argparse.Namespace) -> int:
     from . import siteconfig
     from .sim.scenario import load_scenario
-    from .sim.site import run_site
+    from .sim.site import FIRMWARE, run_site
     from .sim.summary import render_text
 
     scenario = load_scenario(args.scenario)
@@ -54,8 +55,12 @@ def run(args: argparse.Namespace) -> int:
     from .boards import budget_heapsize, load_board
 
     heap = args.heapsize or budget_heapsize(load_board("unix-sim"))
+    fw = Path(args.firmware) if args.firmware else FIRMWARE
+    if not (fw / "main.py").is_file() or not (fw / "agent").is_dir():
+        raise UserError(f"{fw} is not a firmware tree (main.py and agent/)")
     summary = asyncio.run(run_site(scenario, cfg, heapsize=heap, meter_update_ms=args.meter_update_ms,
-                                   transport=args.transport, baud=args.baud, on_line=live, keep_dir=keep))
+                                   transport=args.transport, baud=args.baud, on_line=live, keep_dir=keep,
+                                   firmware_dir=fw))
     if args.report:
         try:
             from .report import report_from_sim
@@ -66,5 +71,13 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2, default=str))
     else:
         print(render_text(summary))
+    from .sim.site import health_problems
+
+    bad = health_problems(summary["health"])
+    if bad:  # an agent that crashed or stopped answering fails the run, whatever the relays did
+        err = UserError("the board was not healthy: %s; console log: %s" % (
+            "; ".join(bad), summary["health"]["console_log"]))
+        err.exit_code = 1  # the run failed, as a missed trip does
+        raise err
     ok = all(t.get("relay_open_s") is not None for t in summary["trips"])
     return 0 if ok else 1

@@ -100,6 +100,40 @@ def read_state(board_dir: Path) -> dict | None:
         return None
 
 
+def check_board(board: VirtualBoard, restarts: int = 0, status: bool = True,
+                status_timeout: float = 30.0) -> dict[str, Any]:
+    """The checks every end-to-end test makes when it is done with a board (each rig's teardown
+    calls this): the agent answered `@status` now (a crash since boot that the board's restart
+    hid is caught below), and its console shows no restart beyond the `restarts` the test caused
+    on purpose, no MemoryError, no traceback and no "agent crashed". Returns the health dict."""
+    from gridshed.sim.site import console_health, health_problems
+    from gridshed.transport import Console
+
+    h = console_health(board.output(), board.restarts)
+    if status:
+        h["status_answered"], h["status_error"] = False, "board not running"
+        if board.running:
+            try:
+                with Console(board.port) as con:
+                    st = con.status(timeout=status_timeout)
+                h["status_error"] = st.get("error") and "error answer: %s" % st["error"]
+                h["status_answered"] = not h["status_error"]
+            except Exception as e:
+                h["status_error"] = "%s: %s" % (type(e).__name__, e)
+        h.update(console_health(board.output(), board.restarts))  # the status request's output too
+    bad = health_problems(h, restarts)
+    assert not bad, "board %s: %s (console log: %s)" % (board.fs_dir.name, "; ".join(bad), board.log_path)
+    return h
+
+
+def check_summary(summary: dict[str, Any], restarts: int = 0) -> None:
+    """check_board for a `run_site` summary (its health is measured by run_site itself)."""
+    from gridshed.sim.site import health_problems
+
+    bad = health_problems(summary["health"], restarts)
+    assert not bad, "%s (console log: %s)" % ("; ".join(bad), summary["health"]["console_log"])
+
+
 class _Gpio(GpioServer):
     """GpioServer that counts connections (one per boot) and re-sends input levels to each."""
 
@@ -136,14 +170,20 @@ class Rig:
         self.gpio: _Gpio | None = None
         self.board: VirtualBoard | None = None
         self.kills = 0
+        self.expect_restarts = 0   # reboots the test causes besides kill_board (reset, deploy...)
+        self.check = True          # check_board at close (off only for a test that checks itself)
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def __aenter__(self) -> "Rig":
         await self.start()
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    async def __aexit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            if exc_type is None and self.check and self.board is not None:
+                await asyncio.to_thread(check_board, self.board, self.kills + self.expect_restarts)
+        finally:
+            await self.close()
 
     async def start(self, wait: bool = True) -> None:
         m = self.cfg["meter"]

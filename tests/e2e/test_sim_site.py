@@ -16,11 +16,14 @@ import pytest
 
 from gridshed import siteconfig
 from gridshed.sim.scenario import load_scenario
+from gridshed.boards import budget_heapsize
 from gridshed.sim.site import run_site
+
+from rig import check_summary
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_SITE = ROOT / "scenarios" / "demo-site.toml"
-HEAP = "64wK"  # 64 KB on a 32-bit board; -X heapsize scales 'w' sizes by the word size
+HEAP = budget_heapsize()  # the smallest board's budget (boards/*.json "memory"), word-scaled
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -40,7 +43,9 @@ def site(tmp_path: Path, extra: str = "", **trip: object) -> dict:
 
 
 def run(scn: Path, cfg: dict, **kw) -> dict:
-    return asyncio.run(run_site(load_scenario(scn), cfg, settle_s=0.3, **kw))
+    s = asyncio.run(run_site(load_scenario(scn), cfg, settle_s=0.3, **kw))
+    check_summary(s)  # no restart, MemoryError or traceback; the final @status answered
+    return s
 
 
 def block_kw(cfg: dict) -> float:
@@ -51,7 +56,6 @@ def test_ercot_dip_trips_and_restores_staggered(tmp_path):
     scn = write(tmp_path, "dip.csv", "t_s,hz\n0,60\n1.5,59.98\n2.0,59.62\n3.0,59.65\n4.0,59.95\n14,60\n")
     cfg = site(tmp_path, min_off_s=4, restore_hold_s=2, stagger_s=1.0, jitter_s=0.2)
     s = run(scn, cfg, heapsize=HEAP, keep_dir=tmp_path / "board")
-    assert s["board_status"] is not None, "board did not answer @status"
     uf = [t for t in s["trips"] if t["cause"] == "under-frequency"]
     assert len(uf) == 1
     t = uf[0]
@@ -171,3 +175,52 @@ def test_cli_bad_site_toml(tmp_path, mutation, needle):
     r = cli("sim", str(scn), "--site", str(p))
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- a crash mid-scenario is never a pass ------------------------------------------------------
+def crashing_firmware(tmp_path: Path) -> Path:
+    """A copy of firmware/ whose agent runs out of memory once the frequency is low (an injected
+    fault): the board prints the MemoryError, resets and boots again with the trip persisted, so
+    the relays alone would look right."""
+    import shutil
+
+    fw = tmp_path / "fw"
+    shutil.copytree(ROOT / "firmware", fw)
+    app = fw / "agent" / "app.py"
+    text = app.read_text()
+    hook = "        sig = self.shed_requested()\n"
+    assert text.count(hook) == 1
+    app.write_text(text.replace(hook, hook + "        if sample and self.hz is not None and self.hz < 59.65 and not self.ctrl.closed_mask:\n"
+                                             "            raise MemoryError('injected')\n"))
+    return fw
+
+
+CRASH_DIP = "t_s,hz\n0,60\n1.0,60\n1.5,59.6\n9.0,59.6\n9.5,59.62\n"  # main.py resets 5 s after a crash
+
+
+def test_run_site_reports_a_crash(tmp_path):
+    scn = write(tmp_path, "dip.csv", CRASH_DIP)
+    cfg = site(tmp_path, min_off_s=30)
+    s = asyncio.run(run_site(load_scenario(scn), cfg, settle_s=0.3, heapsize=HEAP,
+                             firmware_dir=crashing_firmware(tmp_path)))
+    h = s["health"]
+    assert s["trips"][0]["relay_open_s"] is not None  # the relays alone look fine
+    assert h["restarts"] >= 1 and h["memory_errors"] >= 1 and h["tracebacks"] >= 1 and h["crashes"] >= 1, h
+    with pytest.raises(AssertionError, match="board restarted"):
+        check_summary(s)
+
+
+def test_cli_sim_fails_on_a_crash_with_one_line(tmp_path):
+    scn = write(tmp_path, "dip.csv", CRASH_DIP)
+    r = cli("sim", str(scn), "--firmware", str(crashing_firmware(tmp_path)))
+    assert r.returncode == 1, r.stdout[-1500:] + r.stderr
+    assert "board: " in r.stdout and "MemoryError" in r.stdout
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gridshed: error: the board was not healthy: board restarted"), err
+    assert "MemoryError" in err[0] and "Traceback" not in r.stderr
+
+
+def test_cli_sim_refuses_a_firmware_dir_that_is_not_one(tmp_path):
+    r = cli("sim", str(ROOT / "scenarios" / "ercot_ffr_dip.csv"), "--firmware", str(tmp_path))
+    assert r.returncode == 2 and "is not a firmware tree" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -171,6 +171,32 @@ def _board_status(port: str, timeout: float) -> dict[str, Any] | None:
     return answers[-1] if answers else None
 
 
+TRACEBACK = "Traceback (most recent call last)"
+
+
+def console_health(output: bytes | str, restarts: int) -> dict[str, Any]:
+    """What the board's console says about its health: process restarts (reboots: the
+    supervisor's count), MemoryErrors and tracebacks anywhere in its output, and
+    "agent crashed" lines (main.py's last line of defence)."""
+    text = output.decode(errors="replace") if isinstance(output, (bytes, bytearray)) else output
+    return {"restarts": restarts, "memory_errors": text.count("MemoryError"),
+            "tracebacks": text.count(TRACEBACK), "crashes": text.count("agent crashed")}
+
+
+def health_problems(h: dict[str, Any], restarts: int = 0) -> list[str]:
+    """Everything wrong in a health dict (console_health + "status_answered"/"status_error"),
+    as short phrases; `restarts` is how many reboots the caller caused on purpose."""
+    out = []
+    if h.get("restarts", 0) != restarts:
+        out.append("board restarted %d time(s)%s" % (h["restarts"], " (expected %d)" % restarts if restarts else ""))
+    for key, what in (("memory_errors", "MemoryError"), ("tracebacks", "traceback"), ("crashes", "agent crash")):
+        if h.get(key):
+            out.append("%d %s(s) on the console" % (h[key], what))
+    if "status_answered" in h and not h["status_answered"]:
+        out.append("@status not answered (%s)" % (h.get("status_error") or "no answer"))
+    return out
+
+
 async def run_site(scenario: Scenario, cfg: dict[str, Any], *, heapsize: str = "64wK",
                    meter_update_ms: float = 50.0, transport: str | None = None, baud: int | None = None,
                    on_line: Callable[[str], None] | None = None, keep_dir: Path | None = None,
@@ -186,6 +212,11 @@ async def run_site(scenario: Scenario, cfg: dict[str, Any], *, heapsize: str = "
     ``MinerFarm.attach``); ``before_status(console_port)`` runs in a thread after the scenario,
     before the final ``@status``, and its result is ``summary["before_status"]`` (an exception
     is recorded there as ``{"error": ...}``).
+
+    ``summary["health"]`` says whether the board stayed well (see ``console_health``): its
+    restarts, MemoryErrors, tracebacks and crashes on the console, whether the final
+    ``@status`` answered (``status_answered``, else ``status_error`` says why) and the console
+    log's path; ``health_problems(summary["health"])`` lists what is wrong.
 
     ``boot_timeout`` bounds the wait for the board's GPIO connection and first polls, and
     ``status_timeout`` the final ``@status``: a healthy board needs well under a second for
@@ -312,10 +343,15 @@ async def run_site(scenario: Scenario, cfg: dict[str, Any], *, heapsize: str = "
             except Exception as e:
                 before = {"error": "%s: %s" % (type(e).__name__, e)}
         status = None
+        status_error = None
         try:
             status = await asyncio.to_thread(_board_status, board.port, status_timeout)
-        except Exception:
-            status = None
+        except Exception as e:  # recorded in summary["health"], never swallowed
+            status_error = "%s: %s" % (type(e).__name__, e)
+        if status is None and status_error is None:
+            status_error = "no answer in %g s" % status_timeout
+        elif status is not None and "error" in status:
+            status_error = "the board answered an error: %s" % status["error"]
     finally:
         board.stop()
         await gpio.stop()
@@ -330,6 +366,11 @@ async def run_site(scenario: Scenario, cfg: dict[str, Any], *, heapsize: str = "
         run.console = []
     summary = summarize(run, load)
     summary["board_status"] = status
+    health = console_health(board.output(), board.restarts)
+    health["status_answered"] = status_error is None
+    health["status_error"] = status_error
+    health["console_log"] = str(board.log_path)
+    summary["health"] = health
     if before_status is not None:
         summary["before_status"] = before
     summary["board_dir"] = str(board_dir)

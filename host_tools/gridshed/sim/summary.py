@@ -135,4 +135,9 @@ def render_text(s: dict[str, Any]) -> str:
     lines.append("opens per block: " + ", ".join(f"{k} {v}" for k, v in s["opens_per_block"].items()))
     lines.append("at end: " + ("all blocks closed (load restored)" if s["all_restored"]
                                else "closed: " + (", ".join(s["closed_at_end"]) or "none")))
+    h = s.get("health")
+    if h:
+        lines.append("board: %d restart(s), %d MemoryError(s), %d traceback(s), @status %s" % (
+            h["restarts"], h["memory_errors"], h["tracebacks"],
+            "answered" if h["status_answered"] else "NOT answered (%s)" % h["status_error"]))
     return "\n".join(lines)
