@@ -1,0 +1,170 @@
+"""Every refusal of agent/config.py `validate` (the board's boot gate and the host's check),
+one table row each, under CPython and under the real MicroPython unix port.
+
+Each row mutates a valid normalized config (the demo site) and names the exact error list the
+validator must return: the path, the problem and the value as the technician reads them on the
+console. The same table runs through both interpreters; their answers must be identical.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agent import config
+from gridshed import siteconfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# the mutation language, run as-is under both interpreters: ops on a config dict
+MUTATE = r'''
+def _walk(cfg, path):
+    keys = path.split(".")
+    d = cfg
+    for k in keys[:-1]:
+        d = d[int(k)] if isinstance(d, list) else d[k]
+    last = keys[-1]
+    return d, int(last) if isinstance(d, list) else last
+
+
+def mutate(cfg, ops):
+    for op in ops:
+        if op[0] == "root":
+            return op[1]
+        d, k = _walk(cfg, op[1])
+        if op[0] == "del":
+            del d[k]
+        else:
+            d[k] = op[2]
+    return cfg
+'''
+_ns: dict = {}
+exec(MUTATE, _ns)
+mutate = _ns["mutate"]
+
+
+def S(path, value):  # set
+    return ("set", path, value)
+
+
+def D(path):  # delete
+    return ("del", path)
+
+
+STAGE = {"pickup_hz": 59.5, "delay_ms": 0, "blocks": [0]}
+
+# (id, ops, exact error list)
+ROWS = [
+    ("not-a-map", [("root", [1, 2])], ["config: must be a map"]),
+    ("version", [S("v", 2)], ["v: config version 2 not supported (want 1)"]),
+    ("site-empty", [S("site", "")], ["site: must be a non-empty string of at most 64 characters"]),
+    ("device-too-long", [S("device", "d" * 65)], ["device: must be a non-empty string of at most 64 characters"]),
+    ("board-not-str", [S("board", 7)], ["board: must be a non-empty string of at most 64 characters"]),
+    ("nominal", [S("nominal_hz", 55)], ["nominal_hz: must be 50 or 60, got 55"]),
+    ("section-missing", [D("failsafe")], ["failsafe: section missing or not a table"]),
+    ("section-not-table", [S("journal", 3)], ["journal: section missing or not a table"]),
+    ("key-missing", [D("meter.baud")], ["meter.baud: missing"]),
+    ("choice", [S("meter.parity", "X")], ["meter.parity: must be one of N/E/O, got 'X'"]),
+    ("bool", [S("trip.release_required", 1)], ["trip.release_required: must be true or false, got 1"]),
+    ("string", [S("meter.host", 5)], ["meter.host: must be a string, got 5"]),
+    ("whole-number", [S("meter.unit", 1.5)], ["meter.unit: must be a whole number, got 1.5"]),
+    ("whole-number-bool", [S("trip.samples", True)], ["trip.samples: must be a whole number, got True"]),
+    ("number", [S("trip.min_off_s", "8")], ["trip.min_off_s: must be a number, got '8'"]),
+    ("range-int", [S("meter.poll_ms", 5)], ["meter.poll_ms: 5 is outside 10..10000"]),
+    ("range-float", [S("trip.deadband_hz", 1.5)], ["trip.deadband_hz: 1.5 is outside 0.0..1.0"]),
+    ("pin-kind", [S("signals.dry_contact_pin", "GPIO4")], ["signals.dry_contact_pin: must be a whole number, got 'GPIO4'"]),
+    ("pin-range", [S("signals.dry_contact_pin", 300)], ["signals.dry_contact_pin: 300 is outside 0..255"]),
+    ("unknown-key", [S("trip.pickup", 59.7)], ["trip.pickup: unknown key"]),
+    ("optional-not-table", [S("mqtt", True)], ["mqtt: must be a table"]),
+    ("optional-unknown-key", [S("udp", {"enabled": True, "prot": 4700})], ["udp.prot: unknown key"]),
+    ("optional-list", [S("miners", {"hosts": "10.0.0.2"})], ["miners.hosts: must be a list, got '10.0.0.2'"]),
+    ("optional-range", [S("mqtt", {"keepalive_s": 2})], ["mqtt.keepalive_s: 2 is outside 5..3600"]),
+    ("pickup-above-restore", [S("trip.pickup_hz", 59.95)],
+     ["trip.pickup_hz: must be below trip.restore_hz (59.95 >= 59.9)"]),
+    ("pickup-implausible", [S("trip.pickup_hz", 45.0)],
+     ["trip.pickup_hz: 45.0 is not a plausible under-frequency pickup for a 60 Hz grid"]),
+    ("restore-above-nominal", [S("trip.restore_hz", 61.5)], ["trip.restore_hz: 61.5 is above nominal + 1 Hz"]),
+    ("stages-not-list", [S("trip.stages", {"a": 1})], ["trip.stages: must be a list of 1 to 4 stages"]),
+    ("stages-too-many", [S("trip.stages", [STAGE] * 5)], ["trip.stages: must be a list of 1 to 4 stages"]),
+    ("stage-bad", [S("trip.stages", [STAGE, dict(STAGE, blocks=[4])])],
+     ["trip.stages[1]: need pickup_hz (<= restore_hz - deadband_hz) or rocof_hz_s (-20..0), "
+      "delay_ms 0..600000, blocks = [0..3]; other keys: below_hz, deadband_hz_s, name"]),
+    ("stage-both-triggers", [S("trip.stages", [dict(STAGE, rocof_hz_s=-1.0)])],
+     ["trip.stages[0]: need pickup_hz (<= restore_hz - deadband_hz) or rocof_hz_s (-20..0), "
+      "delay_ms 0..600000, blocks = [0..3]; other keys: below_hz, deadband_hz_s, name"]),
+    ("dry-contact-no-pin", [S("signals.dry_contact", True)], ["signals.dry_contact: the board has no dry-contact input pin"]),
+    ("map-missing", [D("meter.map")], ["meter.map: missing meter register map"]),
+    ("map-no-hz", [D("meter.map.quantities.hz")], ["meter.map: quantity 'hz' missing"]),
+    ("blocks-empty", [S("blocks", [])], ["blocks: at least one relay block is required"]),
+    ("blocks-too-many", [S("blocks", [{"name": "b%d" % i, "miners": 0, "kw_per_miner": 0.0, "priority": 1,
+                                       "active": 1, "pins": [i]} for i in range(17)])],
+     ["blocks: at most 16 blocks"]),
+    ("block-not-table", [S("blocks.1", "row-b")], ["blocks[1]: must be a table"]),
+    ("block-key-missing", [D("blocks.0.priority")], ["blocks[0].priority: missing"]),
+    ("block-value", [S("blocks.2.active", 2)], ["blocks[2].active: 2 is outside 0..1"]),
+    ("block-no-pins", [S("blocks.0.pins", [])], ["blocks[0].pins: at least one relay pin is required"]),
+    ("block-bad-pin", [S("blocks.1.pins", [-1])], ["blocks[1].pins: bad pin -1"]),
+    ("block-pin-reused", [S("blocks.3.pins", [12])], ["blocks[3].pins: pin 12 already used by blocks[1]"]),
+]
+
+# paths refused by _check: every kind of SCHEMA/OPTIONAL/BLOCK_SCHEMA has a row above
+KINDS_COVERED = {"choice", "b", "s", "i", "f", "p", "l"}
+
+
+def base() -> dict:
+    cfg = siteconfig.load_site(ROOT / "scenarios" / "demo-site.toml")
+    assert config.validate(cfg) == []
+    return json.loads(json.dumps(cfg))
+
+
+def cpython_answers() -> dict[str, list[str]]:
+    out = {}
+    for rid, ops, _ in ROWS:
+        out[rid] = config.validate(mutate(base(), ops))
+    return out
+
+
+@pytest.mark.parametrize("rid,ops,want", ROWS, ids=[r[0] for r in ROWS])
+def test_refusal_cpython(rid, ops, want):
+    assert config.validate(mutate(base(), ops)) == want
+
+
+def test_every_schema_kind_has_a_row():
+    kinds = set()
+    for table in list(config.SCHEMA.values()) + list(config.OPTIONAL.values()) + [config.BLOCK_SCHEMA]:
+        for _, kind, _, _ in table.values():
+            kinds.add("choice" if isinstance(kind, tuple) else kind)
+    assert kinds == KINDS_COVERED, kinds
+
+
+def test_every_refusal_message_of_validate_has_a_row():
+    """Each refusal format string in config.py's source (every errors.append and the early
+    return) matches an error some row expects: a new refusal without a row fails here."""
+    import re
+
+    src = (ROOT / "firmware" / "agent" / "config.py").read_text()
+    fmts = re.findall(r'(?:errors\.append\(|return \[)(?:p \+ )?"([^"]+)"(?: \+ e)?', src)
+    assert len(fmts) >= 28, fmts
+    produced = [e for _, _, want in ROWS for e in want]
+    missing = []
+    for f in fmts:
+        pat = re.escape(f)
+        for spec in (r"%r", r"%s", r"%d"):
+            pat = pat.replace(re.escape(spec), ".+")
+        if not any(re.search(pat, e) for e in produced):  # a literal split over lines: its first part
+            missing.append(f)
+    assert missing == [], missing
+
+
+def test_same_refusals_under_micropython(mp):
+    """The whole table through the real unix port (the board's own check at boot)."""
+    rows = [[rid, ops] for rid, ops, _ in ROWS]
+    code = MUTATE + "\nimport json\nfrom agent import config\nbase = %r\nrows = json.loads(%r)\nout = {}\n" \
+        "for rid, ops in rows:\n    out[rid] = config.validate(mutate(json.loads(base), ops))\n" \
+        "print(json.dumps(out))\n" % (json.dumps(base()), json.dumps(rows))
+    res = mp.run(code, heapsize="256k")
+    got = json.loads(res.out.strip().splitlines()[-1])
+    want = {rid: w for rid, _, w in ROWS}
+    assert got == want
+    assert got == cpython_answers()
