@@ -119,7 +119,60 @@ VECTORS = [
     ("socomec_diris_a40", "kw", 50536, [0xFFFF, 0xFF9C], -1.0),
     # DTSU666 frequency float carrying 5000.0 (0x459C4000) x0.01 -> 50.0
     ("chint_dtsu666", "hz", 0x2044, [0x459C, 0x4000], 50.0),
+    # The maps below are checked against a public driver written by others (VECTOR_SOURCES):
+    # the driver gives the register, function and type; the raw words are IEEE 754 / two's
+    # complement values written out by hand, never produced by the firmware's encoder.
+    # Acuvim II: frequency f4 at 16384 (0x4000), total active power f4 (W) at 16418 (0x4022)
+    ("accuenergy_acuvim2", "hz", 16384, [0x4270, 0x0000], 60.0),
+    ("accuenergy_acuvim2", "kw", 16418, [0xC61C, 0x4000], -10.0),
+    # EM340 (EM/ET 330/340 protocol): Hz int16 x0.1 at 0x33; power int32 LSW first, W x0.1 at 0x28
+    ("carlo_gavazzi_em340", "hz", 0x33, [500], 50.0),
+    ("carlo_gavazzi_em340", "kw", 0x28, [0x1DC0, 0xFFFE], -12.3456),
+    # SDM120: input registers, float: frequency 0x46, active power (W) 0x0C
+    ("eastron_sdm120", "hz", 0x46, [0x4248, 0x0000], 50.0),
+    ("eastron_sdm120", "kw", 0x0C, [0x450F, 0xC000], 2.3),
+    # SDM72D-M v2: input registers, float: frequency 0x46, total system power (W) 0x34
+    ("eastron_sdm72", "hz", 0x46, [0x4270, 0x0000], 60.0),
+    ("eastron_sdm72", "kw", 0x34, [0x461C, 0x4000], 10.0),
+    # UMG 96RM(-E): holding, float: frequency 19050, active power sum (W) 19026
+    ("janitza_umg96rm", "hz", 19050, [0x4248, 0x0000], 50.0),
+    ("janitza_umg96rm", "kw", 19026, [0xC4FA, 0x0000], -2.0),
+    # iEM3155: holding, FP32: frequency 3109, total active power (kW) 3059
+    ("schneider_iem3xxx", "hz", 3109, [0x4270, 0x0000], 60.0),
+    ("schneider_iem3xxx", "kw", 3059, [0x4120, 0x0000], 10.0),
+    # PAC (nymea plugin's register table): holding, float: frequency 55, total active power (W) 65
+    ("siemens_pac3200", "hz", 55, [0x4248, 0x0000], 50.0),
+    ("siemens_pac3200", "kw", 65, [0x461C, 0x4000], 10.0),
 ]
+
+# Where the register, function and type of the vectors above come from, for the maps whose
+# own source is a recollection of the manual: a public driver (GitHub repository, path).
+VECTOR_SOURCES = {
+    "accuenergy_acuvim2": "rick-jennings/xeto-cc cc.accuenergy.acuvim2/base.xeto (freqSensor 16384 f4, "
+                          "totalNetActivePowerSensor 16418 f4 scale 0.001)",
+    "carlo_gavazzi_em340": "volkszaehler/mbmd meters/rs485/carlogavazzi-ex3x0.go (Frequency 0x33 int16 /10, "
+                           "Power 0x28 int32 swapped /10, input registers)",
+    "eastron_sdm120": "volkszaehler/mbmd meters/rs485/sdm120.go (Frequency 0x0046, Power 0x000C, ReadInputReg, IEEE 754)",
+    "eastron_sdm72": "volkszaehler/mbmd meters/rs485/sdm72v2.go (Frequency 0x0046, Power 0x0034, ReadInputReg, IEEE 754)",
+    "janitza_umg96rm": "OpenEMS/openems io.openems.edge.meter.janitza/src/io/openems/edge/meter/janitza/umg96rme/"
+                       "MeterJanitzaUmg96rmeImpl.java (FC3 float 19050 frequency, 19026 active power)",
+    "schneider_iem3xxx": "htvekov/iem3155_esphome iem3155_8266_modbus_esphome.yml (holding FP32 3109 frequency, "
+                         "3059 total active power x1000 = W)",
+    "siemens_pac3200": "ConsolinnoEnergy/nymea-plugins-modbus siemens/pac-registers.json (holding float 55 "
+                       "frequency, 65 total active power W)",
+}
+
+
+def test_every_map_has_an_independent_vector():
+    """Each meter map has a hand vector for its frequency and its power; the maps the vectors
+    above took from a public driver name it (repository and path)."""
+    have = {(v[0], v[1]) for v in VECTORS}
+    assert [m for m in MODELS if (m, "hz") not in have and (m, "kw") not in have] == []
+    assert set(VECTOR_SOURCES) <= set(MODELS)
+    for model, src in VECTOR_SOURCES.items():
+        assert (model, "hz") in have and (model, "kw") in have, model
+        repo, path = src.split()[:2]
+        assert repo.count("/") == 1 and "." in path.rsplit("/", 1)[-1], src  # owner/name, then a file
 
 
 def _words_bytes(words):
