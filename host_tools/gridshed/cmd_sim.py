@@ -7,9 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+from .datafiles import repo_root
 from .errors import UserError
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = repo_root()
 
 EXAMPLES = """examples:
   gridshed sim scenarios/ercot_ffr_dip.csv --site scenarios/demo-site.toml

@@ -12,8 +12,19 @@ ROOT_ENV = "GRIDSHED_ROOT"
 
 
 def repo_root() -> Path:
+    """The folder holding boards/, meters/, scenarios/ and firmware/.
+
+    $GRIDSHED_ROOT when set; the checkout when the package runs from one (editable install,
+    tests); otherwise the copies shipped inside the installed wheel (gridshed/_data).
+    """
     env = os.environ.get(ROOT_ENV)
-    return Path(env) if env else Path(__file__).resolve().parents[2]
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    checkout = here.parents[1]
+    if (checkout / "boards").is_dir() and (checkout / "firmware" / "agent").is_dir():
+        return checkout
+    return here / "_data"
 
 
 def list_entries(folder: str) -> list[str]:
@@ -42,3 +53,13 @@ def load_entry(folder: str, what: str, name: str, key: str,
     if errors:
         raise UserError(f"{path}: " + "; ".join(errors))
     return entry
+
+
+def shipped(path: str | Path, folder: str) -> Path:
+    """`path` as given when it exists, else the file of that name shipped in `folder` (so an
+    installed CLI runs `gridshed sim ercot_ffr_dip.csv --site demo-site.toml` anywhere)."""
+    p = Path(path)
+    if p.exists() or p.parent != Path("."):
+        return p
+    alt = repo_root() / folder / p.name
+    return alt if alt.is_file() else p

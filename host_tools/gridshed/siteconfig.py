@@ -155,6 +155,9 @@ def _stage_blocks(stages: Any, blocks: list[dict[str, Any]], source: str) -> Any
 
 
 def load_site(path: str | Path, board_name: str | None = None, device_id: str | None = None) -> dict[str, Any]:
+    from .datafiles import shipped
+
+    path = shipped(path, "scenarios")
     return normalize(read_toml(path), board_name=board_name, device_id=device_id, source=str(path))
 
 

@@ -78,7 +78,9 @@ class Scenario:
 
 
 def load_scenario(path: str | Path) -> Scenario:
-    p = Path(path)
+    from ..datafiles import shipped
+
+    p = shipped(path, "scenarios")
     try:
         text = p.read_text()
     except OSError as exc:

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import siteconfig
+from ..datafiles import repo_root
 from ..errors import UserError
 from .meter import Reading, SimMeter
 from .scenario import Scenario
 from .wire import Wire
 
-FIRMWARE = Path(__file__).resolve().parents[3] / "firmware"
+FIRMWARE = repo_root() / "firmware"
 
 
 @dataclass
