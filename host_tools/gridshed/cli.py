@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "gridshed.cmd_provision",
     "gridshed.cmd_openadr",
     "gridshed.cmd_meter",
+    "gridshed.cmd_completion",
 ]
 
 EPILOG = """examples:
