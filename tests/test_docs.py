@@ -98,3 +98,16 @@ def test_doc_commands_exist():
             if m.group(1) not in known:
                 bad.setdefault(doc.name, set()).add(m.group(1))
     assert not bad, f"docs name gridshed commands that do not exist: {bad} (known: {sorted(known)})"
+
+
+def test_hal_contract_matches_both_hals():
+    """The HAL table in docs/architecture.md names exactly the public methods of both HALs."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    section = text.split("## HAL contract", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `(\w+)\(", section, re.M))
+    for path, cls in (("mcu.py", "McuHal"), ("unix.py", "UnixHal")):
+        src = (ROOT / "firmware" / "agent" / "hal" / path).read_text()
+        body = src.split("class %s" % cls, 1)[1]
+        body = re.split(r"^class |^def ", body, flags=re.M)[0]
+        methods = {m for m in re.findall(r"^    (?:async )?def (\w+)", body, re.M) if not m.startswith("_")}
+        assert methods == documented, (path, sorted(methods ^ documented))

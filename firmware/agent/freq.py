@@ -1,7 +1,7 @@
 # AC sense: grid frequency and ROCOF measured on the board from zero crossings (docs/ac-sense.md).
 #
 # start(agent) (cfg["ac_sense"] enabled): rising edges of the AC sense pin are timestamped by a
-# GPIO interrupt (hal.edge_input on the virtual board, machine.Pin.irq on MCUs) into the
+# GPIO interrupt (hal.edge_input: a hard IRQ on boards, the GPIO socket on the virtual board) into the
 # preallocated ring of agent/freqmeter.py; a task wakes every WAKE_MS, drains the ring and, when
 # new cycles were measured:
 #   role "primary":   agent.hz = local frequency and one control decision per measured cycle;
@@ -45,21 +45,9 @@ class Freq:
         self._attach(c["pin"])
 
     def _attach(self, pin):
-        fm = self.fm
-        ei = getattr(self.agent.hal, "edge_input", None)
-        if ei is not None:
-            ei(pin, fm.edge)
-            return
-        import machine
-
-        def irq(p):  # hard IRQ: one ticks_us() and an array store, nothing allocated
-            fm.edge(ticks_us())
-
-        self._pin = p = machine.Pin(pin, machine.Pin.IN)
-        try:
-            p.irq(irq, machine.Pin.IRQ_RISING, hard=True)
-        except (TypeError, ValueError):  # port without hard IRQs: soft IRQ still timestamps first
-            p.irq(irq, machine.Pin.IRQ_RISING)
+        # Rising edges reach FreqMeter.edge(t_us) through the HAL: a hard IRQ on a board
+        # (hal/mcu.py), the GPIO socket's edge lines on the virtual board (hal/unix.py).
+        self._pin = self.agent.hal.edge_input(pin, self.fm.edge)
 
     def wrap_poll(self):
         # Primary role: the poll task calls agent.decide(now, True) after setting hz from the

@@ -15,6 +15,21 @@ class McuHal:
     def in_pin(self, pin, pull_up=False):
         return machine.Pin(pin, machine.Pin.IN, machine.Pin.PULL_UP if pull_up else None)
 
+    def edge_input(self, pin, sink):
+        # Rising edges of `pin` -> sink(t_us), timestamped in a hard IRQ (one ticks_us() and
+        # the sink's array store, nothing allocated); returns the Pin so it stays referenced.
+        import time
+
+        def irq(p):
+            sink(time.ticks_us())
+
+        p = machine.Pin(pin, machine.Pin.IN)
+        try:
+            p.irq(irq, machine.Pin.IRQ_RISING, hard=True)
+        except (TypeError, ValueError):  # a port without hard IRQs: a soft IRQ still timestamps first
+            p.irq(irq, machine.Pin.IRQ_RISING)
+        return p
+
     def uart(self, role, cfg=None):
         u = self.board["uarts"][role]
         cfg = cfg or {}
