@@ -42,20 +42,40 @@ def log(level, msg):
     print("%s %d %s" % (level, ticks_ms(), msg))
 
 
-def read_cbor(path):
+def read_checked(path):
+    # A settings file in its integrity wrapper (agent/integrity.py): (obj, None); (None, None)
+    # when there is no such file; (None, reason) when it is there but fails its check.
     try:
         with open(path, "rb") as f:
-            return cbor.loads(f.read())
-    except (OSError, ValueError):
-        return None
+            raw = f.read()
+    except OSError:
+        return None, None
+    from agent import integrity  # loaded for the read only (2.3 KB resident otherwise)
+
+    body, why = integrity.unwrap(raw)
+    unload("agent.integrity")
+    if why is None:
+        try:
+            return cbor.loads(body), None
+        except ValueError:
+            why = "sound CRC but not CBOR"
+    return None, why
+
+
+def read_cbor(path):
+    return read_checked(path)[0]
 
 
 def write_cbor_atomic(path, obj):
     import os
 
+    from agent.integrity import wrap
+
+    data = wrap(cbor.dumps(obj))
+    unload("agent.integrity")
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
-        f.write(cbor.dumps(obj))
+        f.write(data)
     os.rename(tmp, path)
 
 
@@ -86,9 +106,23 @@ class Agent:
         self.cfg = cfg
         self.hal = hal
         self.errors = {}
-        persisted = read_cbor(STATE_PATH)
-        if not isinstance(persisted, dict):
+        # settings files that failed their integrity check: {file: reason}, shown in @status,
+        # journaled at boot, sent with telemetry (docs/failsafes.md, "Settings integrity")
+        self.integrity = None
+        persisted, why = read_checked(STATE_PATH)
+        if why is None and persisted is not None and not isinstance(persisted, dict):
+            why = "not a state record"
+        if why is not None:
+            # a damaged state file: whatever it held is unknown, so boot shed (every block
+            # open, full min-off, restore by the normal rules), never closed on a guess
+            self.integrity = {STATE_PATH: why}
+            persisted = {"tripped": True, "reason": control.REASON_BOOT, "min_off_left_ms": 1 << 30}
+        elif not isinstance(persisted, dict):
             persisted = None
+        why = read_checked(KEYS_PATH)[1]
+        if why is not None:
+            self.integrity = self.integrity or {}
+            self.integrity[KEYS_PATH] = why
         tripped = bool(persisted and persisted.get("tripped"))
         # Held inputs survive a reboot: a signed shed command not yet restored, a lockout in
         # place (kept until the switch reads released), and the override switch read right now.
@@ -164,6 +198,10 @@ class Agent:
         self.journal.append("boot", {"build": BUILD, "resumed_trip": tripped, "mask": self.relays.mask,
                                      "cause": _cause(hal), "torn": self.journal.torn,
                                      "cmd_shed": self.cmd_shed, "lockout": self.lockout})
+        if self.integrity:
+            for k in self.integrity:
+                log("E", "ALARM %s refused: %s" % (k, self.integrity[k]))
+                self.journal.append("integrity", {"file": k, "why": self.integrity[k], "mask": self.relays.mask})
         if hold:  # the boot-time shed of a held input: journal it, persist it
             self.events(0, now)
 
@@ -198,7 +236,7 @@ class Agent:
         self._p_held = self.cmd_shed | self.lockout << 1
         try:
             write_cbor_atomic(STATE_PATH, s)
-        except OSError:
+        except (OSError, MemoryError):
             self.count("state_write")
 
     def _dirty(self):
@@ -352,25 +390,9 @@ class Agent:
         self.step("console", "handle", self, line)
 
     async def console_task(self):
-        reader = asyncio.StreamReader(sys.stdin)
+        lines = ConsoleLines(self.count)
         while True:
-            try:
-                line = await reader.readline()
-            except Exception:
-                self.count("console_io")
-                await asyncio.sleep_ms(500)
-                continue
-            if not line:
-                await asyncio.sleep_ms(200)
-                continue
-            if len(line) > 1024:
-                self.count("console_bad")
-                continue
-            try:
-                line = line.decode().strip()
-            except Exception:
-                self.count("console_bad")
-                continue
+            line = await lines.next()
             if line.startswith("@"):
                 line = line[1:]  # one copy of the line alive, not two
                 try:
@@ -452,12 +474,80 @@ class Agent:
         await self.poll_task()
 
 
-async def refuse_forever(errors):
-    # Bad config: keep the relays untouched, keep saying why, never crash-loop.
-    while True:
-        for e in errors:
-            log("E", "config: " + e)
-        await asyncio.sleep(10)
+LINE_MAX = 1024  # longest console line kept; a longer one is discarded as it arrives
+
+
+def _chunk(s):
+    # (awaited) the next piece of a console line, at most 256 bytes, up to and with its
+    # newline: the wait is asyncio's (as in its Stream), the read is the stream's own readline
+    from asyncio import core
+
+    yield core._io_queue.queue_read(s)
+    return s.readline(256)
+
+
+class ConsoleLines:
+    # Console request lines (str, stripped). A line that arrives in one piece (every request
+    # but a long signed command) is taken as read; a longer one is gathered in a buffer made for
+    # it (LINE_MAX) and freed after it. An over-long line is thrown away a piece at a time as it
+    # arrives (counted console_long, never held in RAM), a line that is not UTF-8 is counted
+    # console_utf8, a read error console_io.
+    def __init__(self, count):
+        self.count = count
+        self.s = getattr(sys.stdin, "buffer", sys.stdin)
+
+    async def next(self):
+        buf = None
+        n = 0
+        long = False
+        while True:
+            try:
+                c = await _chunk(self.s)
+            except Exception:
+                self.count("console_io")
+                await asyncio.sleep_ms(500)
+                continue
+            if not c:
+                await asyncio.sleep_ms(50)
+                continue
+            if isinstance(c, str):  # a port whose stdin has no binary buffer
+                c = c.encode()
+            k = len(c)
+            end = c[k - 1] == 10
+            if end and n == 0 and not long:
+                line = c
+            else:
+                if not long:
+                    if n + k > LINE_MAX:
+                        long = True
+                    else:
+                        if buf is None:
+                            try:
+                                buf = bytearray(LINE_MAX)
+                            except MemoryError:
+                                long = True
+                        if buf is not None:
+                            buf[n:n + k] = c
+                            n += k
+                del c
+                if not end:
+                    continue
+                if long:
+                    self.count("console_long")
+                    buf = None
+                    long = False
+                    n = 0
+                    continue
+                line = bytes(buf[:n])
+                buf = None
+                n = 0
+            try:
+                line = line.decode().strip()
+            except UnicodeError:
+                line = None
+                self.count("console_utf8")
+            if line:
+                return line
 
 
 def run(cfg=None, errors=None, chash=None):
@@ -470,7 +560,9 @@ def run(cfg=None, errors=None, chash=None):
         cfg, errors, chash = load_config()
         unload("agent.boot")
     if errors:
-        asyncio.run(refuse_forever(errors))
+        from agent.refused import refuse_forever
+
+        asyncio.run(refuse_forever(errors, chash))
         return
     hal = halmod.load(cfg.get("board"))
     agent = Agent(cfg, hal)

@@ -20,11 +20,18 @@ def load_config():
     import hashlib
 
     chash = binascii.hexlify(hashlib.sha256(raw).digest()[:8]).decode()
+    from agent import integrity  # the CRC-32 wrapper made at provisioning (docs/site-config.md)
+
+    body, why = integrity.unwrap(raw)
+    del integrity
+    _unload("integrity")
+    if why is not None:
+        return None, ["/%s integrity: %s: refused, provision the board again" % (CONFIG_PATH, why)], chash
     try:
-        cfg = cbor.loads(raw)
+        cfg = cbor.loads(body)
     except ValueError as e:
         return None, ["/%s is not valid CBOR (%s): provision the board again" % (CONFIG_PATH, e)], chash
-    del raw
+    del raw, body
     from agent import config
 
     errors = config.validate(cfg)

@@ -78,9 +78,11 @@ class Fleet:
             t = int(a.hal.wall_time())
         except Exception:
             pass
-        self.client.publish(self.t_tele, json.dumps({
-            "t": t, "hz": a.hz, "kw": a.kw, "mask": a.relays.mask,
-            "state": control.STATE_NAMES[a.ctrl.state]}), False, 0)
+        d = {"t": t, "hz": a.hz, "kw": a.kw, "mask": a.relays.mask,
+             "state": control.STATE_NAMES[a.ctrl.state]}
+        if a.integrity:  # a settings file refused at boot: the alarm rides every telemetry message
+            d["integrity"] = a.integrity
+        self.client.publish(self.t_tele, json.dumps(d), False, 0)
 
     def handle(self, buf):
         gc.collect()  # the verifier's modules load into a small heap: room first

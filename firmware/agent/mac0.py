@@ -98,7 +98,7 @@ def verify(buf, keys, max_len=4096):
 def run(a, buf):
     # The agent's step (Agent.signed_command): verify with the provisioned keys (/keys.cbor).
     # buf may be the console's base64 text: None when it is not base64.
-    from agent.app import KEYS_PATH
+    from agent.app import KEYS_PATH, read_cbor
 
     if isinstance(buf, str):
         import binascii
@@ -108,9 +108,5 @@ def run(a, buf):
         except Exception:
             return None
 
-    try:
-        with open(KEYS_PATH, "rb") as f:
-            keys = cbor.loads(f.read(f.seek(0, 2) + f.seek(0)))  # read(): a 256-byte start
-    except (OSError, ValueError):
-        keys = None
+    keys = read_cbor(KEYS_PATH)  # None when missing or failing its integrity check (alarm at boot)
     return verify(buf, keys if isinstance(keys, dict) else {}, 512)

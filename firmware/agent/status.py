@@ -34,6 +34,7 @@ def status(a):
     yield "signal", a.cmd_shed or (a.signal is not None and a.signal.shed())
     yield "min_off_left_ms", c.min_off_left_ms()
     yield "config_hash", getattr(a, "config_hash", None)
+    yield "integrity", a.integrity  # {file: reason} of a refused state/keys file, else None
     if a.master is not None:
         yield "modbus", a.master.counters()
     if a.seq_counters is not None:

@@ -737,8 +737,7 @@ def _full_requests(cfg: dict[str, Any], key: bytes, udp_port: int, mb_port: int)
 
 
 async def _full_site(k: int, bdir: Path, mqtt_port: int) -> dict[str, Any]:
-    from agent import cbor
-
+    from . import siteconfig
     from .signing import new_key
     from .sim.miners import MinerFarm, SimMiner
     from .sim.site import run_site
@@ -754,7 +753,7 @@ async def _full_site(k: int, bdir: Path, mqtt_port: int) -> dict[str, Any]:
         cfg = full_features_cfg(mqtt_port, udp_port, mb_port, hosts)
         key = new_key()
         return await run_site(mem_scenario(), cfg, heapsize="%dwK" % k, keep_dir=bdir, settle_s=0.3, boot_timeout=15, status_timeout=3,
-                              extra_files={"keys.cbor": cbor.dumps({FULL_KID: key})}, on_load=farm.attach,
+                              extra_files={"keys.cbor": siteconfig.keys_bytes({FULL_KID: key})}, on_load=farm.attach,
                               before_status=_full_requests(cfg, key, udp_port, mb_port))
     finally:
         await farm.stop()
@@ -1131,7 +1130,7 @@ def _fleet_boards_agent(work: Path, n: int, port: int, kid: bytes, key: bytes, s
         cfg["failsafe"] = dict(cfg["failsafe"], meter_loss="hold")
         cfg["mqtt"] = {"enabled": True, "host": "127.0.0.1", "port": port, "keepalive_s": 60, "telemetry_s": 3600.0}
         (d / "config.cbor").write_bytes(siteconfig.config_bytes(cfg))
-        (d / "keys.cbor").write_bytes(cbor.dumps({kid: key}))
+        (d / "keys.cbor").write_bytes(siteconfig.keys_bytes({kid: key}))
         (d / "sim.json").write_text(json.dumps({"gpio": "127.0.0.1:%d" % sink.port, "uarts": {}}))
         env = dict(os.environ)
         env["MICROPYPATH"] = "%s:%s/lib:.frozen" % (d, d)

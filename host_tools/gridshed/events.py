@@ -78,10 +78,10 @@ def slim_config(cfg: Any) -> dict[str, Any]:
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
-    from agent import cbor
+    from .siteconfig import read_settings
 
     try:
-        obj = cbor.loads(path.read_bytes())
+        obj = read_settings(path.read_bytes())
     except (OSError, ValueError):
         return {}
     return slim_config(obj)

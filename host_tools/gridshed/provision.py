@@ -76,7 +76,7 @@ def provision(port: str, site_path: str | Path, device_id: str | None = None, bo
                 kid, key = secrets.token_bytes(KID_LEN), signing.new_key()
             if len(key) != 32:
                 raise UserError("command key must be 256 bits")
-            blobs = {CONFIG_FILE: siteconfig.config_bytes(cfg), KEYS_FILE: cbor.dumps({kid: key})}
+            blobs = {CONFIG_FILE: siteconfig.config_bytes(cfg), KEYS_FILE: siteconfig.keys_bytes({kid: key})}
             want = {f: hashlib.sha256(d).hexdigest() for f, d in blobs.items()}
             say("writing config and key")
             for f, data in blobs.items():

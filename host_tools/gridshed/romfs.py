@@ -155,9 +155,9 @@ def agent_pins(b: Board, board: dict[str, Any]) -> list[int]:
     raw = b.get("config.cbor")
     if raw:
         try:
-            import cbor2
+            from .siteconfig import read_settings
 
-            acs = cbor2.loads(raw).get("ac_sense") or {}
+            acs = read_settings(raw).get("ac_sense") or {}
             if isinstance(acs.get("pin"), int):
                 pins.add(acs["pin"])
         except Exception:

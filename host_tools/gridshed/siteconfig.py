@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import cbor
+from agent import integrity
 from agent import config as fwconfig
 
 from .boards import load_board
@@ -162,8 +163,20 @@ def load_site(path: str | Path, board_name: str | None = None, device_id: str | 
 
 
 def config_bytes(cfg: dict[str, Any]) -> bytes:
-    """The exact /config.cbor bytes (warnings are host-side only)."""
-    return cbor.dumps({k: v for k, v in cfg.items() if k != "warnings"})
+    """The exact /config.cbor bytes (warnings are host-side only), in the integrity wrapper the
+    board checks at boot (agent/integrity.py: CRC-32 over magic, length and CBOR)."""
+    return integrity.wrap(cbor.dumps({k: v for k, v in cfg.items() if k != "warnings"}))
+
+
+def keys_bytes(keys: dict[bytes, bytes]) -> bytes:
+    """The exact /keys.cbor bytes ({kid: key}) in the same integrity wrapper."""
+    return integrity.wrap(cbor.dumps(keys))
+
+
+def read_settings(data: bytes) -> Any:
+    """The object in a settings file's bytes (/config.cbor, /keys.cbor, /state.cbor); ValueError
+    naming the reason when its integrity check fails."""
+    return integrity.load(data, cbor)
 
 
 def config_hash(cfg: dict[str, Any]) -> str:

@@ -92,10 +92,8 @@ def journal_records(board_dir: Path) -> tuple[list[dict], list[tuple]]:
 
 
 def read_state(board_dir: Path) -> dict | None:
-    import cbor2
-
     try:
-        return cbor2.loads((board_dir / "state.cbor").read_bytes())
+        return siteconfig.read_settings((board_dir / "state.cbor").read_bytes())
     except (OSError, ValueError, EOFError):
         return None
 

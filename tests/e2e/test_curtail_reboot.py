@@ -62,7 +62,7 @@ def test_kw_target_and_its_episode_survive_a_reboot(tmp_path):
         key = new_key()
         board_dir = tmp_path / "board"
         board_dir.mkdir()
-        (board_dir / "keys.cbor").write_bytes(cbor.dumps({KID: key}))
+        (board_dir / "keys.cbor").write_bytes(siteconfig.keys_bytes({KID: key}))
         async with Rig(cfg, board_dir, heapsize=HEAP) as rig:
             rig.kw_base = 40.0
             cmd = Commander(rig, key)

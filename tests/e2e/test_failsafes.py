@@ -69,7 +69,9 @@ def test_rejected_config_at_boot_keeps_relays_untouched(tmp_path):
         # written raw: the host's own validation would refuse it before it reached the board
         import cbor2
 
-        (board_dir / "config.cbor").write_bytes(cbor2.dumps(cfg))
+        from agent import integrity
+
+        (board_dir / "config.cbor").write_bytes(integrity.wrap(cbor2.dumps(cfg)))
         from gridshed.vboard import VirtualBoard
 
         board = VirtualBoard(board_dir, heapsize=HEAP).start()

@@ -120,7 +120,7 @@ class Rig:
         board_dir = self.tmp / "board"
         board_dir.mkdir()
         install_firmware(board_dir, cfg, {"gpio": f"127.0.0.1:{gport}", "uarts": {}})
-        (board_dir / "keys.cbor").write_bytes(cbor.dumps({KID: self.key}))
+        (board_dir / "keys.cbor").write_bytes(siteconfig.keys_bytes({KID: self.key}))
         self.board_dir = board_dir
         self.board = VirtualBoard(board_dir, heapsize=HEAP)
         self.board.start()

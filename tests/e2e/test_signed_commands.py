@@ -36,6 +36,7 @@ import pytest
 
 from agent import cbor, cose
 from gridshed import siteconfig
+from gridshed.boards import budget_heapsize
 from gridshed.inventory import Inventory
 from gridshed.signing import make_command
 from gridshed.transport import Console
@@ -43,7 +44,7 @@ from gridshed.vboard import VirtualBoard
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_SITE = ROOT / "scenarios" / "demo-site.toml"
-HEAP = os.environ.get("GS_HEAP", "65wK")  # 65 KB on a 32-bit board (-X heapsize scales 'w' by the word size); see above
+HEAP = os.environ.get("GS_HEAP", budget_heapsize())  # the smallest supported board's budget (boards/*.json "memory")
 
 
 # ---------------------------------------------------------------------------- rig pieces
@@ -191,7 +192,7 @@ class Rig:
         self.kid, self.key = secrets.token_bytes(8), secrets.token_bytes(32)
         keys = {self.kid: self.key}
         keys.update(extra_keys or {})
-        (self.dir / "keys.cbor").write_bytes(cbor.dumps(keys))
+        (self.dir / "keys.cbor").write_bytes(siteconfig.keys_bytes(keys))
         with Inventory(inventory) as inv:
             inv.record_provision(self.dev, cfg["board"], cfg["site"], self.kid.hex(), self.key, None,
                                  siteconfig.config_hash(cfg))

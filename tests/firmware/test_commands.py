@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from agent import cbor, cose
+from agent import cbor, cose, integrity
 from agent.commands import (COMMANDS, REASONS, CommandRefused, CommandVerifier, FileSeqStore,
                             MemorySeqStore)
 from gridshed.errors import UserError
@@ -285,7 +285,7 @@ def test_board_steps_persist_the_seq_before_acting(tmp_path, monkeypatch) -> Non
     from agent import cmdcheck, cmdrun, mac0
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "keys.cbor").write_bytes(cbor.dumps({KID: KEY}))
+    (tmp_path / "keys.cbor").write_bytes(integrity.wrap(cbor.dumps({KID: KEY})))
     a = StepAgent()
 
     def command(buf: bytes) -> dict:

@@ -20,11 +20,11 @@ SITE = ROOT / "scenarios" / "demo-site.toml"
 # A stand-in agent speaking the console protocol (docs/architecture.md), reading the real files.
 FAKE_AGENT = r"""
 import sys, json, select
-from agent import cbor
+from agent import cbor, integrity
 def load(p):
     try:
         with open(p, 'rb') as f:
-            return cbor.loads(f.read())
+            return integrity.load(f.read(), cbor)
     except OSError:
         return None
 cfg = load('config.cbor')
@@ -76,10 +76,10 @@ def test_provision_writes_config_and_key_and_records(tmp_path, vb, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     res = json.loads(out)
-    cfg = cbor.loads((vb.fs_dir / "config.cbor").read_bytes())
+    cfg = siteconfig.read_settings((vb.fs_dir / "config.cbor").read_bytes())
     assert cfg["device"] == "site1-ctl7" and cfg["board"] == "unix-sim" and cfg["site"] == "demo-site"
-    assert cfg == cbor.loads(siteconfig.config_bytes(prepare_config(SITE, "unix-sim", "site1-ctl7")))
-    keys = cbor.loads((vb.fs_dir / "keys.cbor").read_bytes())
+    assert cfg == siteconfig.read_settings(siteconfig.config_bytes(prepare_config(SITE, "unix-sim", "site1-ctl7")))
+    keys = siteconfig.read_settings((vb.fs_dir / "keys.cbor").read_bytes())
     (kid, key), = keys.items()
     assert len(key) == 32 and kid.hex() == res["key_id"]
     assert key.hex() not in out                     # never printed
@@ -107,7 +107,7 @@ def test_status_and_monitor_over_console(tmp_path, vb, capsys):
     mark = vb.mark()
     assert cli.main(["status", "--port", vb.port, "--json", "--inventory", str(inv_path)]) == 0
     st = json.loads(capsys.readouterr().out)
-    cfg = cbor.loads((vb.fs_dir / "config.cbor").read_bytes())
+    cfg = siteconfig.read_settings((vb.fs_dir / "config.cbor").read_bytes())
     assert st["device"] == "dev-s" and st["hz"] == 60.01 and st["build"] == "fakebuild"
     assert st["config_hash"] == siteconfig.config_hash(cfg)
     assert [e["ev"] for e in st["events"]] == ["boot", "trip"]
