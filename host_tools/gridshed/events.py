@@ -78,10 +78,16 @@ def slim_config(cfg: Any) -> dict[str, Any]:
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
+    from agent import cbor
+
     from .siteconfig import read_settings
 
     try:
-        obj = read_settings(path.read_bytes())
+        raw = path.read_bytes()
+        try:
+            obj = read_settings(raw)
+        except ValueError:  # a folder pulled from an older board: a bare CBOR config (labels only)
+            obj = cbor.loads(raw)
     except (OSError, ValueError):
         return {}
     return slim_config(obj)
