@@ -152,13 +152,15 @@ def run_report(args: argparse.Namespace) -> int:
         ev.site = ev.site or site_cfg.get("site")
         ev.device = ev.device or site_cfg.get("device")
     e = report(ev, args.output, trip_seq=args.trip)
+    for why in e.incomplete:
+        print(f"warning: incomplete records: {why}", file=sys.stderr)
     if args.json:
         print(json.dumps({"output": args.output, "site": e.site, "device": e.device,
                           "trips": [{"cause": t.cause, "relay_open_s": t.t_open, "trigger_s": t.t_trigger,
                                      "response_ms": t.response_ms, "kw_before": t.kw_before, "kw_after": t.kw_after,
                                      "kw_shed": t.kw_shed, "when": t.when or None} for t in e.trips],
                           "restores": [{"block": r.block, "t_s": r.t, "when": r.when or None} for r in e.restores],
-                          "notes": e.notes}, indent=1))
+                          "notes": e.notes, "incomplete": e.incomplete}, indent=1))
         return 0
     print(f"report written: {args.output}")
     for k, t in enumerate(e.trips):

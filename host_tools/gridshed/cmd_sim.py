@@ -18,7 +18,12 @@ EXAMPLES = """examples:
   gridshed sim scenarios/ercot_ffr_dip.csv --baud 9600 --json > run.json
 
 scenario CSV: header t_s,hz plus optional meter_ok (0 = meter silent), signal (1 = utility
-shed asserted), kw_base; rows at any time step, linear in between (see docs/quickstart.md)."""
+shed asserted), kw_base; rows at any time step, linear in between; hz may be 0 (a meter that
+lost its voltage reference) or nan (a meter answering Not-a-Number). See docs/quickstart.md.
+
+exit status: 0 every expectation met, 1 an expectation failed (a trip condition that opened no
+relay, or a relay that opened with no trip condition; one line on stderr says which),
+2 usage errors (bad scenario, bad site file, --keep DIR in use)."""
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -34,7 +39,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--meter-update-ms", type=float, default=50.0, help="how often the meter refreshes its registers")
     p.add_argument("--heapsize", default=None, help="micropython -X heapsize for the virtual board (default: the board file's memory budget, word-scaled: 80wK is 80 KB on a 32-bit board)")
     p.add_argument("--firmware", metavar="DIR", help="firmware source tree to build and run (default: this checkout's firmware/)")
-    p.add_argument("--keep", metavar="DIR", help="keep the board's filesystem (journal, state) in DIR")
+    p.add_argument("--keep", metavar="DIR", help="keep the board's filesystem (journal, state) in DIR; a board "
+                                                  "directory left by an earlier run is cleared first (said on "
+                                                  "stderr), one in use by a running sim is refused")
     p.add_argument("--report", metavar="FILE", help="also write an event report (.png or .html)")
     p.set_defaults(func=run)
 
@@ -43,25 +50,25 @@ def run(args: argparse.Namespace) -> int:
     from . import siteconfig
     from .sim.scenario import load_scenario
     from .sim.site import FIRMWARE, run_site
-    from .sim.summary import render_text
+    from .sim.summary import failure_line, render_text
 
     scenario = load_scenario(args.scenario)
     cfg = siteconfig.load_site(args.site, board_name=args.board)
     if args.board and args.board != "unix-sim":
         raise UserError(f"the simulator runs the virtual board only (unix-sim); {args.board} is a real board")
-    for w in cfg.get("warnings", []):
+    for w in cfg.get("warnings", []) + scenario_warnings(scenario, cfg, args.site):
         print(f"warning: {w}", file=sys.stderr)
     live = None if args.json else (lambda line: print(line, flush=True))
-    keep = Path(args.keep) if args.keep else None
     from .boards import budget_heapsize, load_board
 
     heap = args.heapsize or budget_heapsize(load_board("unix-sim"))
     fw = Path(args.firmware) if args.firmware else FIRMWARE
     if not (fw / "main.py").is_file() or not (fw / "agent").is_dir():
         raise UserError(f"{fw} is not a firmware tree (main.py and agent/)")
-    summary = asyncio.run(run_site(scenario, cfg, heapsize=heap, meter_update_ms=args.meter_update_ms,
-                                   transport=args.transport, baud=args.baud, on_line=live, keep_dir=keep,
-                                   firmware_dir=fw))
+    with keep_dir(args.keep) as keep:
+        summary = asyncio.run(run_site(scenario, cfg, heapsize=heap, meter_update_ms=args.meter_update_ms,
+                                       transport=args.transport, baud=args.baud, on_line=live, keep_dir=keep,
+                                       firmware_dir=fw))
     if args.report:
         try:
             from .report import report_from_sim
@@ -80,5 +87,80 @@ def run(args: argparse.Namespace) -> int:
             "; ".join(bad), summary["health"]["console_log"]))
         err.exit_code = 1  # the run failed, as a missed trip does
         raise err
-    ok = all(t.get("relay_open_s") is not None for t in summary["trips"])
-    return 0 if ok else 1
+    why = failure_line(summary)
+    if why:
+        print(f"gridshed: sim: {why}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def scenario_warnings(scenario, cfg: dict, site_path: str) -> list[str]:
+    """What the scenario plays that this site cannot see as meant (said before the run)."""
+    from .sim.scenario import nominal_of
+
+    out = []
+    nom = nominal_of(scenario)
+    if nom is not None and nom != cfg.get("nominal_hz"):
+        out.append(f"scenario {scenario.name} plays a {nom} Hz grid but {site_path} is a "
+                   f"{cfg.get('nominal_hz')} Hz site (nominal_hz): its frequencies do not mean there what the "
+                   f"scenario intends; use a {nom} Hz site (e.g. scenarios/gb-site.toml for 50 Hz)")
+    sig = cfg.get("signals") or {}
+    if scenario.has("signal") and not sig.get("dry_contact"):
+        out.append(f"scenario {scenario.name} has a signal column but {site_path} has no dry contact "
+                   f"([signals] dry_contact = true): the signal is not played")
+    return out
+
+
+LOCK = ".gridshed-sim.lock"
+
+
+class keep_dir:
+    """--keep DIR for one run: locked against a second sim on the same DIR, and cleared of an
+    earlier run's board files (a persisted trip or journal would otherwise carry over)."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = Path(path) if path else None
+        self.fd = None
+
+    def __enter__(self) -> Path | None:
+        import fcntl
+        import os
+        import shutil
+
+        d = self.path
+        if d is None:
+            return None
+        if d.exists() and not d.is_dir():
+            raise UserError(f"--keep {d}: not a directory")
+        d.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(d / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            raise UserError(f"--keep {d}: another gridshed sim is using this directory; give each run its own "
+                            f"--keep DIR") from None
+        old = [p for p in d.iterdir() if p.name != LOCK]
+        if old:
+            if not any((d / f).exists() for f in ("sim.json", "config.cbor", "main.py")):
+                raise UserError(f"--keep {d}: the directory holds other files ({old[0].name}, ...), not a board "
+                                f"kept by gridshed sim; give an empty or new directory")
+            for p in old:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+            print(f"note: --keep {d}: cleared the board files of an earlier run ({len(old)} entries)",
+                  file=sys.stderr)
+        log = d.resolve().with_name(d.resolve().name + ".console.log")
+        if log.exists():
+            log.unlink()
+        return d
+
+    def __exit__(self, *exc: object) -> None:
+        import os
+
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

@@ -32,7 +32,7 @@ TRIP_EVENTS = {"trip_uf": "underfrequency", "trip_signal": "signal", "trip_meter
                "trip_command": "command"}
 CAUSE_TEXT = {"underfrequency": "under-frequency", "signal": "utility signal", "meter_loss": "meter loss (fail-safe)",
               "command": "signed command", "under-frequency": "under-frequency", "utility signal": "utility signal",
-              "meter silent": "meter loss (fail-safe)"}
+              "meter silent": "meter loss (fail-safe)", "meter invalid": "no valid meter frequency (fail-safe)"}
 KW_AFTER_WINDOW_S = 3.0  # kW after a trip: lowest reading within this many seconds (meter lag)
 
 
@@ -83,6 +83,7 @@ class Evidence:
     final_mask: int | None = None
     dense: bool = True      # trace = meter samples (True) or only the readings logged with events
     logged: list[tuple[float, float | None, float | None]] = field(default_factory=list)  # event readings
+    incomplete: list[str] = field(default_factory=list)  # why these records are not the whole story
 
 
 def _num(v: Any) -> float | None:
@@ -272,17 +273,39 @@ def evidence_from_events(ev: EventSet, trip_seq: int | None = None) -> Evidence:
         rows.append({"n": r["n"], "when": wall(r["ms"]), "t": x(r["ms"]), "what": what,
                      "hz": _num(r.get("hz")), "kw": _num(r.get("kw")), "closed": _closed_names(rmask, blocks)})
     final_mask = masks[-1][1] if masks else None
+    incomplete = incompleteness(ev)
+    if incomplete:
+        final_mask = None  # the state after the last record pulled is not the board's end state
     site = ev.site or cfg.get("site")
     device = ev.device or cfg.get("device")
     if pickup is None:
         notes.append("no site config in these records (pickup/restore lines not drawn): pull with "
                      "`gridshed events --port` or read a board directory that holds config.cbor")
-    return Evidence(title=f"Load-shed event report: {site or 'site ?'} / {device or 'device ?'}", source=ev.source,
+    return Evidence(title=f"Load-shed event report: {site or 'site ?'} / {device or 'device ?'}"
+                          + (" (INCOMPLETE records)" if incomplete else ""), source=ev.source,
                     site=site, device=device, blocks=blocks, pickup_hz=pickup, restore_hz=restore_hz,
                     axis_label="seconds from the trip (board uptime)" if trip_recs else "seconds (board uptime)",
                     trace=samples_tr if n_samples else logged, masks=masks, trips=trips, restores=restores,
                     rows=rows, notes=notes, final_mask=final_mask, dense=n_samples > 0,
-                    logged=logged if n_samples else [])
+                    logged=logged if n_samples else [], incomplete=incomplete)
+
+
+def incompleteness(ev: EventSet) -> list[str]:
+    """Why a pull does not hold the whole journal: stopped early, records missing, board ahead."""
+    out = []
+    if not ev.complete:
+        out.append(f"the pull stopped after {len(ev.records)} records (the board stopped answering): "
+                   "pull again with `gridshed events` and report from the complete file")
+    seqs = sorted({r["n"] for r in ev.records if isinstance(r.get("n"), int)})
+    holes = [(a + 1, b - 1) for a, b in zip(seqs, seqs[1:]) if b - a > 1]
+    if holes:
+        n = sum(b - a + 1 for a, b in holes)
+        first = holes[0]
+        out.append(f"{n} records missing between the ones pulled (first: seq {first[0]}"
+                   f"{'..%d' % first[1] if first[1] > first[0] else ''})")
+    if isinstance(ev.board_seq, int) and seqs and seqs[-1] < ev.board_seq:
+        out.append(f"the records end at seq {seqs[-1]}, the board's journal was at seq {ev.board_seq}")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,22 +348,27 @@ def evidence_from_sim(s: dict[str, Any]) -> Evidence:
         cause = t.get("cause", "trip")
         trip = Trip(float(t["relay_open_s"]), cause)
         if cause == "under-frequency":
-            if t.get("poll_s") is not None:
+            # the headline figure is the console's first one: from the frequency crossing the
+            # pickup (a trip on the scenario's first sample has no crossing: from the first poll)
+            if t.get("latency_ms") is not None:
+                trip.t_trigger = float(t["crossing_s"])
+                trip.trigger_label = f"frequency crossing {s.get('pickup_hz')} Hz"
+                trip.response_ms = t["latency_ms"]
+            elif t.get("poll_s") is not None:
                 trip.t_trigger = float(t["poll_s"])
-                trip.trigger_label = "first meter poll below pickup"
+                trip.trigger_label = "first meter poll below pickup (scenario starts below it)"
                 trip.response_ms = t.get("latency_from_poll_ms")
-            trip.extra.append(f"frequency crossed {s.get('pickup_hz')} Hz at {t['crossing_s']:.3f} s; "
-                              f"relay open {t['latency_ms']:.0f} ms after the crossing")
             if t.get("latency_from_meter_ms") is not None:
-                trip.extra.append(f"meter registers showed it at {t['meter_update_s']:.3f} s "
-                                  f"({t['latency_from_meter_ms']:.0f} ms before the opening)")
+                trip.extra.append(f"meter registers showed it at {t['meter_update_s']:.3f} s, polled at "
+                                  f"{t['poll_s']:.3f} s: relay open {t['latency_from_meter_ms']:.0f} ms after the "
+                                  f"meter update, {t['latency_from_poll_ms']:.0f} ms after the poll")
         elif cause == "utility signal":
             trip.t_trigger = float(t["asserted_s"])
             trip.trigger_label = "utility signal asserted"
             trip.response_ms = t.get("latency_ms")
-        elif cause == "meter silent":
+        elif cause in ("meter silent", "meter invalid"):
             trip.t_trigger = float(t["silent_from_s"])
-            trip.trigger_label = "meter silent from"
+            trip.trigger_label = t.get("detail") or cause
             trip.response_ms = (t["after_s"] * 1000.0) if t.get("after_s") is not None else None
         if i == 0 or not trips:
             trip.kw_before, trip.kw_after = _num(s.get("kw_before")), _num(s.get("kw_after"))
@@ -581,7 +609,11 @@ def summary_lines(e: Evidence) -> list[tuple[str, str]]:
         gaps = [b.t - a.t for a, b in zip(e.restores, e.restores[1:])]
         if gaps:
             out.append(("", "gaps between blocks: " + ", ".join(f"{g:.2f} s" for g in gaps)))
-    if e.final_mask is not None:
+    if e.incomplete:
+        out[0:0] = [("INCOMPLETE", "these records are not the whole journal; the end state is unknown")] + \
+            [("", why) for why in e.incomplete]
+        out.append(("at the end", "unknown (incomplete records)"))
+    elif e.final_mask is not None:
         closed = _closed_names(e.final_mask, e.blocks)
         out.append(("at the end", "all blocks closed (load restored)" if e.final_mask == (1 << len(e.blocks)) - 1
                     else f"closed: {closed}"))

@@ -312,10 +312,12 @@ def test_report_from_sim_summary(tmp_path):
          "all_restored": False, "trace": trace, "board_status": {"site": "demo-site", "device": "ctl-1"}}
     e = evidence_from_sim(s)
     assert e.masks[0][1] == 0b111 and e.final_mask == 0b110
-    assert e.trips[0].response_ms == 30.0 and e.trips[0].t_trigger == 4.12
+    # the headline is the console's first figure and names its reference point (the crossing)
+    assert e.trips[0].response_ms == 83.3 and e.trips[0].t_trigger == 4.0667
     e = report_from_sim(s, tmp_path / "sim.html")
     text = (tmp_path / "sim.html").read_text()
-    assert "83 ms after the crossing" in text and "closed: row-b, row-c" in text and "demo-site" in text
+    assert "response 83 ms from frequency crossing 59.7 Hz" in text and "30 ms after the poll" in text
+    assert "closed: row-b, row-c" in text and "demo-site" in text
     report_from_sim(s, tmp_path / "sim.png")
     assert png_size((tmp_path / "sim.png").read_bytes())[0] >= 1000
 
@@ -329,3 +331,26 @@ def test_report_from_csv_with_site_file(board_dir, tmp_path, capsys):
     assert rc == 0, err
     text = page.read_text()
     assert "pickup 59.7 Hz, restore 59.9 Hz" in text and "demo-site" in text and "row-a" in text
+
+
+def test_report_from_an_incomplete_pull_says_so(tmp_path, journal, capsys):
+    """A pull that stopped early (complete: false) or lost records never states an end state."""
+    recs = journal[0]
+    last_restore = max(r["n"] for r in recs if r.get("ev") == "restore_block")
+    cut = [r for r in recs if r["n"] < last_restore]   # the pull stopped before the last restore
+    doc = evmod.to_document(evmod.EventSet(cut, source="port:/dev/pts/9", config=site_config(), complete=False))
+    f = tmp_path / "partial.json"
+    f.write_text(json.dumps(doc))
+    page = tmp_path / "r.html"
+    rc, out, err = cli(capsys, "report", str(f), "-o", str(page))
+    assert rc == 0 and "warning: incomplete records: the pull stopped after" in err
+    text = page.read_text()
+    assert "INCOMPLETE" in text and "end state is unknown" in text
+    assert "all blocks closed" not in text and "closed: row-b, row-c" not in text
+    # records missing in the middle (a hole in the sequence numbers)
+    holed = [r for r in recs if r["n"] != 3]
+    e = evidence_from_events(evmod.EventSet(holed, source="x", config=site_config()))
+    assert e.final_mask is None and any("1 records missing" in w and "seq 3" in w for w in e.incomplete)
+    # the complete journal states the end state
+    whole = evidence_from_events(evmod.EventSet(recs, source="x", config=site_config()))
+    assert whole.incomplete == [] and whole.final_mask == 0b111

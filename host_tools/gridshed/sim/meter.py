@@ -59,7 +59,21 @@ class SimMeter:
             self._reading = r
             values = {"hz": r.hz, "kw": r.kw}
             values.update(r.extra)
-            self._image = register_image(self.map, values)
+            nan = [k for k, v in values.items() if v != v]
+            image = register_image(self.map, {k: v for k, v in values.items() if k not in nan})
+            for k in nan:
+                image.update(self._nan_words(k))
+            self._image = image
+
+    def _nan_words(self, name: str) -> dict[int, int]:
+        """A quantity the meter answers as Not-a-Number: the float NaN pattern for f32 registers,
+        all ones (0xFFFF..., the "not available" value of integer meters) otherwise."""
+        q = self.map["quantities"][name]
+        try:
+            return register_image(self.map, {name: float("nan")})
+        except Exception:
+            n = 1 if q["type"] in ("u16", "s16") else 2
+            return {q["addr"] + i: 0xFFFF for i in range(n)}
 
     async def _action(self, fc, start, addr, count, regs, set_values):
         now = time.monotonic()

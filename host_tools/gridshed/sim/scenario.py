@@ -1,7 +1,10 @@
 """Scenario CSV (DESIGN.md): `t_s,hz` plus optional `meter_ok`, `signal`, `kw_base`.
 
 Rows may come at any time step; hz and kw_base are linear in between, meter_ok and signal are
-steps (they hold their last value until the next row), as a switch would.
+steps (they hold their last value until the next row), as a switch would. `hz` may be 0 (what
+real meters report when they lose their voltage reference) or `nan` (a meter that answers
+Not-a-Number); next to a `nan` row the value steps instead of interpolating. A UTF-8 byte-order
+mark (spreadsheet exports) is accepted.
 """
 from __future__ import annotations
 
@@ -40,8 +43,8 @@ class Scenario:
         if t >= ts[-1]:
             return ys[-1]
         i = bisect.bisect_right(ts, t) - 1
-        if col not in LINEAR:
-            return ys[i]
+        if col not in LINEAR or ys[i] != ys[i] or ys[i + 1] != ys[i + 1]:
+            return ys[i]  # a step (NaN is never interpolated)
         t0, t1 = ts[i], ts[i + 1]
         if t1 == t0:
             return ys[i + 1]
@@ -53,7 +56,7 @@ class Scenario:
         for i in range(len(ts)):
             if ts[i] < after:
                 continue
-            if ys[i] < threshold:
+            if ys[i] == ys[i] and ys[i] < threshold:
                 if i == 0 or ts[i - 1] < after:
                     return ts[i]
                 y0, y1 = ys[i - 1], ys[i]
@@ -71,7 +74,7 @@ class Scenario:
             out.append(c)
             # skip to where it is back above
             ts, ys = self.t, self.cols["hz"]
-            nxt = [ts[i] for i in range(len(ts)) if ts[i] > c and ys[i] >= threshold]
+            nxt = [ts[i] for i in range(len(ts)) if ts[i] > c and not ys[i] < threshold]
             if not nxt:
                 return out
             t = nxt[0]
@@ -82,9 +85,11 @@ def load_scenario(path: str | Path) -> Scenario:
 
     p = shipped(path, "scenarios")
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8-sig")  # a BOM (spreadsheet export) is not part of the header
     except OSError as exc:
         raise UserError(f"cannot read scenario {p}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{p}: not a UTF-8 text file (a scenario is a CSV: t_s,hz,...)") from None
     rows = list(csv.reader(line for line in text.splitlines() if line.strip() and not line.startswith("#")))
     if not rows:
         raise UserError(f"{p}: empty scenario (header t_s,hz expected)")
@@ -109,11 +114,25 @@ def load_scenario(path: str | Path) -> Scenario:
         rec = dict(zip(header, vals))
         if t and rec["t_s"] < t[-1]:
             raise UserError(f"{p}:{n}: t_s goes backwards ({rec['t_s']} after {t[-1]})")
-        if not (0 < rec["hz"] < 100):
-            raise UserError(f"{p}:{n}: hz {rec['hz']} is not a grid frequency")
+        for h, v in rec.items():
+            if v != v and h != "hz":
+                raise UserError(f"{p}:{n}: {h} is nan (only hz may be nan: a meter answering Not-a-Number)")
+            if v in (float("inf"), float("-inf")):
+                raise UserError(f"{p}:{n}: {h} is infinite")
+        if not (0 <= rec["hz"] < 100) and rec["hz"] == rec["hz"]:
+            raise UserError(f"{p}:{n}: hz {rec['hz']} is not a grid frequency (0..100; 0 = the meter "
+                            f"lost its voltage reference, nan = it answers Not-a-Number)")
         t.append(rec["t_s"])
         for h in cols:
             cols[h].append(rec[h])
     if len(t) < 2:
         raise UserError(f"{p}: need at least two rows")
     return Scenario(p.stem, t, cols)
+
+
+def nominal_of(sc: Scenario) -> int | None:
+    """The grid the scenario plays (50 or 60 Hz), from its first plausible frequency; None if none."""
+    for v in sc.cols["hz"]:
+        if v == v and 40 <= v <= 70:
+            return 50 if abs(v - 50) < abs(v - 60) else 60
+    return None

@@ -34,9 +34,10 @@ class PinEvent:
 
 @dataclass
 class BlockEvent:
-    t: float        # scenario seconds
+    t: float        # scenario seconds (-1.0 before the scenario started)
     block: int
     closed: bool
+    at: float | None = None   # host monotonic time of the pin write (times before the start too)
 
 
 @dataclass
@@ -259,7 +260,7 @@ async def run_site(scenario: Scenario, cfg: dict[str, Any], *, heapsize: str = "
         run.pin_events.append(PinEvent(t, pin, level))
         i = load.pin(pin, level)
         if i is not None:
-            ev = BlockEvent(sc_time(t), i, load.closed[i])
+            ev = BlockEvent(sc_time(t), i, load.closed[i], t)
             run.block_events.append(ev)
             if started.is_set():
                 say(f"{ev.t:8.3f}s  relay {cfg['blocks'][i]['name']:<10} {'CLOSED (load on)' if ev.closed else 'OPEN   (shed)'}")
