@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from . import __version__
@@ -43,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gridshed {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    # SUPPRESS: a subcommand's own --json default must not reset one given before it
+    # (`gridshed inventory --json list`); main() sets False when it was given nowhere
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="machine-readable JSON output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -59,12 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not hasattr(args, "json"):
+        args.json = False
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
         rc = args.func(args)
+        sys.stdout.flush()
         return int(rc or 0)
+    except BrokenPipeError:
+        # the reader went away (`gridshed meters | head`): stop quietly, as a Unix tool does;
+        # stdout is pointed at /dev/null so the interpreter's final flush cannot fail again
+        try:
+            fd = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(fd, sys.stdout.fileno())
+            os.close(fd)
+        except (OSError, ValueError):
+            pass
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool stopped by a closed pipe
     except UserError as exc:
         if args.debug:
             raise

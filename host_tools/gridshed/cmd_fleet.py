@@ -35,11 +35,14 @@ target and transport:
 exit status: 0 all accepted, 1 a board refused or did not answer, 2 usage errors."""
 
 
-def _add_target(p: argparse.ArgumentParser, with_via: bool = True) -> None:
+def _add_target(p: argparse.ArgumentParser, with_via: bool = True, kw: bool = True) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--device", help="target device id (as in the inventory)")
     g.add_argument("--site", help="target every device of this site")
-    p.add_argument("--kw", type=float, help="partial shed target in kW (shed only)")
+    if kw:  # only shed takes a kW target: restore, arm, disarm, test and ping do not offer it
+        p.add_argument("--kw", type=float, help="partial shed target in kW (shed only)")
+    else:
+        p.set_defaults(kw=None)
     p.add_argument("--expires", default="60s", help="command lifetime, e.g. 30s, 5m (default 60s)")
     p.add_argument("--inventory", help="inventory database (default: user data dir, or $GRIDSHED_INVENTORY)")
     p.add_argument("--seq-file", help="seq counter file (default: seq.json beside the inventory)")
@@ -65,7 +68,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         p = sub.add_parser(verb, parents=[common], help=text, description=text,
                            epilog="examples:\n" + ex + TARGET_HELP,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        _add_target(p)
+        _add_target(p, kw=verb == "shed")
         p.set_defaults(func=cmd_send, verb=verb)
 
     p = sub.add_parser("sign", parents=[common], help="write a signed command (raw COSE bytes) to a file",

@@ -21,9 +21,15 @@ def _out(args: argparse.Namespace, obj: Any) -> None:
 
 
 def _console():
+    """Rich console for tables: on a terminal its width; into a pipe or file (not a tty, no
+    $COLUMNS) wide enough that no name is cut at 80 columns. Name columns fold, never truncate."""
+    import os
+
     from rich.console import Console
 
-    return Console()
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return Console()
+    return Console(width=240)
 
 
 def _port(args: argparse.Namespace) -> str:
@@ -160,7 +166,7 @@ def cmd_boards(args: argparse.Namespace) -> int:
 
     t = Table(title="supported boards")
     for c in ("board", "chip", "port", "RS-485 meter (uart tx/rx/de)", "relays (pins)"):
-        t.add_column(c)
+        t.add_column(c, overflow="fold")
     for r in rows:
         m = r["rs485_meter"]
         rs = f"UART{m['id']} {m['tx']}/{m['rx']}/{m['de']}" if m.get("id") is not None else "-"
@@ -293,7 +299,7 @@ def cmd_inventory(args: argparse.Namespace) -> int:
 
             t = Table(title=f"inventory {inv.path}")
             for c in ("device", "board", "site", "key id", "firmware", "config", "provisioned", "last seen"):
-                t.add_column(c)
+                t.add_column(c, overflow="fold")
             for r in rows:
                 t.add_row(r["device_id"], r["board"], r["site"] or "", r["key_id"], r["firmware_build"] or "",
                           r["config_hash"] or "", r["provisioned_at"], r["last_seen"] or "")
@@ -329,8 +335,8 @@ def _status_table(st: dict[str, Any]):
     from rich.table import Table
 
     t = Table(show_header=False, title=f"{st.get('device', '?')} @ {st.get('site', '?')}")
-    t.add_column("key", style="bold")
-    t.add_column("value")
+    t.add_column("key", style="bold", no_wrap=True)
+    t.add_column("value", overflow="fold")
     blocks = st.get("blocks") or []
     mask = st.get("mask")
     relays = ", ".join(f"{b}={'closed' if (mask or 0) >> i & 1 else 'OPEN'}" for i, b in enumerate(blocks)) \

@@ -89,7 +89,15 @@ class Board:
             # so without one a silent board would block read_until() forever
             self.t = SerialTransport(port, baudrate=baudrate, timeout=1)
         except TransportError as exc:
-            raise BoardError(f"cannot open {port}: {exc} (is another program using it?)") from None
+            import os
+
+            if not os.path.exists(port):
+                why = "no such port (is the board plugged in? `gridshed ports` lists the attached ones)"
+            elif not os.access(port, os.R_OK | os.W_OK):
+                why = "permission denied (on Linux: add yourself to the dialout group and log in again)"
+            else:
+                why = f"{exc} (is another program using it?)"
+            raise BoardError(f"cannot open {port}: {why}") from None
         except Exception as exc:  # serial.SerialException and OSError
             raise BoardError(f"cannot open {port}: {exc}") from None
         self.raw = False

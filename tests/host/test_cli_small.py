@@ -1,0 +1,73 @@
+"""CLI details a technician trips over (issue 11, smaller items), each through the real `gridshed`."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gridshed.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+GRIDSHED = [sys.executable, "-m", "gridshed.cli"]
+
+
+def run(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*GRIDSHED, *args], capture_output=True, text=True, timeout=120, **kw)
+
+
+def test_closed_pipe_is_quiet():
+    # `gridshed meters | head -1`: the reader leaves after one line
+    p = subprocess.run(f"{sys.executable} -m gridshed.cli meters | head -1; "
+                       f"{sys.executable} -m gridshed.cli boards | head -1; "
+                       f"{sys.executable} -m gridshed.cli meters --json | head -c 10",
+                       shell=True, capture_output=True, text=True, timeout=120)
+    assert p.stdout.startswith("model")
+    assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
+
+
+def test_kw_is_offered_by_shed_only(capsys):
+    for verb in ("restore", "arm", "disarm", "test", "ping"):
+        with pytest.raises(SystemExit):
+            main([verb, "--help"])
+        assert "--kw" not in capsys.readouterr().out, verb
+        with pytest.raises(SystemExit) as exc:
+            main([verb, "--device", "d1", "--port", "/dev/null", "--kw", "5"])
+        assert exc.value.code == 2 and "unrecognized arguments: --kw 5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["shed", "--help"])
+    assert "--kw" in capsys.readouterr().out
+
+
+def test_json_before_the_subcommand_counts(tmp_path, capsys):
+    from gridshed.inventory import Inventory
+
+    db = tmp_path / "inv.sqlite"
+    with Inventory(db) as inv:
+        inv.record_provision("a-very-long-device-name-that-is-wider-than-a-column-01", "esp32-devkitc-max3485",
+                             "a-site-with-a-long-name", "00" * 8, b"k" * 32, "build1", "0123456789abcdef")
+    for argv in (["inventory", "--inventory", str(db), "--json", "list"],
+                 ["inventory", "--json", "--inventory", str(db), "list"],
+                 ["inventory", "--inventory", str(db), "list", "--json"]):
+        assert main(argv) == 0
+        rows = json.loads(capsys.readouterr().out)
+        assert rows[0]["device_id"].startswith("a-very-long-device-name"), argv
+    # names are never cut, also when the output is not a terminal (80 columns by default)
+    p = run("inventory", "--inventory", str(db), "list", env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert p.returncode == 0, p.stderr
+    assert "a-very-long-device-name-that-is-wider-than-a-column-01" in p.stdout
+    assert "a-site-with-a-long-name" in p.stdout and "…" not in p.stdout
+    p = run("boards", env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert "esp32-devkitc-max3485" in p.stdout and "…" not in p.stdout
+
+
+def test_missing_port_is_named_as_missing():
+    from gridshed.errors import UserError
+    from gridshed.transport import Board
+
+    with pytest.raises(UserError) as exc:
+        Board("/dev/ttyGRIDSHED-NOPE")
+    msg = str(exc.value)
+    assert "no such port" in msg and "another program" not in msg
