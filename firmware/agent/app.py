@@ -186,6 +186,15 @@ class Agent:
         self.release = False
         self.samples = 0
         self.meter_errors = 0
+        self.kw_ms = None    # when kw was last read (status: kw_age_ms, kw_stale)
+        self.word_order = None  # "as mapped" after a plausible first sample, or the swap hint
+        # communication quality (journaled as summaries, docs/meters.md): polls and failures in
+        # the current minute, the burst in progress [start ms, first error, last error, n]
+        self.q_polls = self.q_fail = 0
+        self.q_t0 = ticks_ms()
+        self.q_first = self.q_last = None
+        self.q_burst = None
+        self.q_logged = None  # when a burst record was last journaled (rate limit)
         self.started = ticks_ms()
         self.signal = None
         self.seq_counters = None  # command counters survive the command-step modules being freed
@@ -216,7 +225,7 @@ class Agent:
             code = c.events[i]
             persist = persist or control.persist_wanted(code)
             name = control.EVENT_NAMES[code]
-            self.journal.append("ctl", {"ev": name, "hz": self.hz, "kw": self.kw, "mask": c.closed_mask,
+            self.journal.append("ctl", {"ev": name, "hz": None if c.bad_why else self.hz, "kw": self.kw, "mask": c.closed_mask,
                                         "reason": control.REASON_NAMES[c.reason]})
             log("E", "%s hz=%s kw=%s mask=%d" % (name, self.hz, self.kw, c.closed_mask))
             if control.is_trip(code) and self.recorder is not None:
@@ -307,26 +316,45 @@ class Agent:
         plan = list(zip(mm.hot_plan, mm.hot_items))
         i_hz = mm.names.index("hz")
         i_kw = mm.names.index("kw")
+        i_v = mm.hot_v1  # phase-1 voltage when it comes with the hot read (undervoltage block)
         period = m["poll_ms"]
         rec = self.recorder
+        ctrl = self.ctrl
         while True:
             t0 = ticks_ms()
+            err = None
             try:
                 for (addr, count), items in plan:
                     regs = await master.read(unit, fn, addr, count)
                     mm.update(regs, addr, items)
-                self.hz = mm.values[i_hz]
-                self.kw = mm.values[i_kw]
+                self.hz = mm.values[i_hz]  # checked by the controller (plausibility) below
+                kw = mm.values[i_kw]
+                if i_v >= 0:
+                    ctrl.volts = mm.values[i_v]
                 self.meter_ok = True
                 self.samples += 1
+                if kw == kw and -1e300 < kw < 1e300:  # NaN / inf never shown or journaled
+                    self.kw = kw
+                    self.kw_ms = t0
             except Exception as e:  # ModbusError and friends: counted; the fail-safe policy decides
                 self.meter_ok = False
                 self.hz = None
                 self.meter_errors += 1
+                err = e
                 if self.meter_errors < 4 or self.meter_errors % 200 == 0:
                     log("W", "meter: %r (errors %d)" % (e, self.meter_errors))
             now = ticks_ms()
             self.decide(now, True)
+            if ctrl.bad_why and self.meter_ok:  # implausible: never shown as the frequency
+                self.hz = None
+                err = control.BAD_NAMES[ctrl.bad_why]
+                if self.word_order is None:
+                    self._word_hint(mm)
+            if err is not None or self.q_burst:
+                self._quality(now, err)
+            elif self.word_order is None:
+                self.word_order = "as mapped"
+            self.q_polls += 1
             if rec is not None:
                 rec.add(now, self.hz if self.hz is not None else -1.0, self.kw if self.kw is not None else 0.0,
                         self.relays.mask)
@@ -336,6 +364,56 @@ class Agent:
             # the watchdog promise: the next cycle ends by then, or the tick stops feeding
             self.poll_due = ticks_add(ticks_ms(), left + self._read_worst + WDT_POLL_PERIODS * period)
             await asyncio.sleep_ms(left)
+
+    def _quality(self, now, err):
+        # failure path only (and the first good poll after a burst): the summaries
+        if err is not None:
+            name = err if isinstance(err, str) else err.__class__.__name__
+            self.q_fail += 1
+            self.q_last = name
+            if self.q_first is None:
+                self.q_first = name
+            b = self.q_burst
+            if b is None:
+                self.q_burst = [now, name, name, 1]
+                if self.q_logged is None or ticks_diff(now, self.q_logged) >= 10000:
+                    self.q_logged = now  # at most one burst record in 10 s; the minute summary has all
+                    log("E", "ALARM meter: %s (polls failing; hz %s)" % (name, self.ctrl.bad_hz if isinstance(err, str) else None))
+                    self.journal.append("meter_comm", {"ev": "start", "first": name})
+            else:
+                b[2] = name
+                b[3] += 1
+            return
+        b = self.q_burst  # a good poll ends the burst
+        self.q_burst = None
+        if self.q_logged is None or ticks_diff(now, self.q_logged) >= 10000 or b[3] > 1:
+            self.q_logged = now
+            self.journal.append("meter_comm", {"ev": "burst", "failed": b[3], "ms": ticks_diff(now, b[0]),
+                                               "first": b[1], "last": b[2]})
+
+    def quality_minute(self, now):
+        # from the tick task: one summary a minute while anything failed in it
+        if ticks_diff(now, self.q_t0) < 60000:
+            return
+        if self.q_fail:
+            self.journal.append("meter_comm", {"ev": "minute", "polls": self.q_polls, "failed": self.q_fail,
+                                               "first": self.q_first, "last": self.q_last,
+                                               "ongoing": self.q_burst is not None})
+        self.q_t0 = now
+        self.q_polls = self.q_fail = 0
+        self.q_first = self.q_last = None
+
+    def _word_hint(self, mm):
+        # an implausible frequency from a 32-bit register: would the other word order be a
+        # frequency? (a float decoding to a denormal such as 2.4e-41 is the classic sign)
+        alt = mm.swapped("hz")
+        if alt is None:
+            return
+        nom = self.cfg["nominal_hz"]
+        if nom * 0.85 < alt < nom * 1.15:
+            self.word_order = "swapped? the meter reads %.3f Hz with the other word order" % alt
+            log("E", "ALARM meter word order: " + self.word_order)
+            self.journal.append("meter_words", {"map": mm.words("hz"), "alt_hz": alt})
 
     async def tick_task(self):
         # Time-based progress (restore stagger, meter-loss timer) even when the meter is silent.
@@ -349,6 +427,7 @@ class Agent:
         while True:
             now = ticks_ms()
             self.decide(now, False)
+            self.quality_minute(now)
             if rec is not None and rec.ready():
                 try:  # one small part per tick: no window-sized allocation
                     cap = rec.capture(now, CAPTURE_PART)

@@ -61,6 +61,17 @@ EVENT_NAMES = (
     "restore_start", "restore_block", "restore_done", "meter_lost", "meter_back",
     "armed", "disarmed", "release_seen", "signal_on", "signal_off",
 )
+# implausible samples (Controller.bad_why, bad_counts[i]): docs/control.md, "Plausibility"
+BAD_NONE = const(0)
+BAD_NAN = const(1)   # NaN or infinite
+BAD_BAND = const(2)  # outside the plausible band around nominal
+BAD_RATE = const(3)  # moved faster than ROCOF_MAX_HZ_S allows since the last plausible sample
+BAD_UV = const(4)    # voltage below UV_BLOCK_V: the meter's frequency is not trusted
+BAD_NAMES = ("none", "nan", "band", "rate", "undervoltage")
+BAND = 0.15          # plausible band: nominal -15 % (or 1 Hz under the lowest pickup) .. +15 %
+ROCOF_MAX_HZ_S = 10  # |df/dt| no power system reaches (big grids < 1 Hz/s, islands ~ 5 Hz/s)
+RATE_SLACK_HZ = 0.1  # meter resolution and averaging-window slack on top of it
+UV_BLOCK_V = 40.0    # frequency blocked while phase-1 voltage (where the map has it) is below
 # events after which the caller persists snapshot(): trips, restores, release, arm/disarm
 PERSIST_MASK = const(0x1CC1E)
 _NEV = const(16)
@@ -121,8 +132,8 @@ class Controller:
         self._low = [0] * n    # last good sample below this stage's pickup
         self._count = [0] * n  # low samples since pickup (capped at samples)
         self._t0 = [0] * n     # pickup start, ms
-        self._hz_lo = nom * 0.5  # plausible sample window; outside counts as a bad sample
-        self._hz_hi = nom * 1.5
+        self._hz_lo = nom * (1 - BAND)  # plausible band (lowered below the lowest pickup)
+        self._hz_hi = nom * (1 + BAND)
         pk = None
         for i in range(n):
             st = sts[i]
@@ -148,6 +159,23 @@ class Controller:
             if d < 0 or not 0 < m <= am or (not self._rocof[i] and self.restore_hz < p + db - 1e-9):
                 raise ValueError("stage %d: delay, blocks or restore_hz < pickup+deadband" % i)
         self.pickup_hz = g("pickup_hz", nom - 0.3) if pk is None else pk
+        for i in range(n):
+            if not self._rocof[i] and self._pick[i] - 1.0 < self._hz_lo:
+                self._hz_lo = self._pick[i] - 1.0
+        # rate check: a grid of cells (half the step a poll may make) over the band; a sample
+        # more than 2 cells (>= 1 step, < 1.5 steps) from the last plausible one is implausible
+        # unless the previous sample agrees with it. Built once: the check only compares.
+        pm = (cfg.get("meter") or {}).get("poll_ms")
+        self.rate_step_hz = None
+        self._grid = None
+        self._rate_ms = 0
+        if pm:
+            self.rate_step_hz = stp = ROCOF_MAX_HZ_S * pm / 1000 + RATE_SLACK_HZ
+            k = int((self._hz_hi - self._hz_lo) / (stp / 2)) + 2
+            if k <= 64:  # wider steps than the band: the band alone decides
+                self._grid = [self._hz_lo + j * stp / 2 for j in range(k)]
+                self._rate_ms = 3 * pm  # older reference (failed polls between): band only
+        self.volts = None  # input: phase-1 voltage this sample (where the map has it) or None
         self.delay_ms = self._delay[0]
         mode = fs.get("meter_loss", "hold")
         if mode not in ("hold", "shed"):
@@ -170,6 +198,12 @@ class Controller:
         # shed_mask: opened by the controller and not yet restored; trip_mask: by the last trip
         self.closed_mask = am
         self.nevents = self.events_dropped = self._ret = self.bad_samples = self.now_ms = 0
+        self.bad_counts = [0] * 5  # per BAD_* reason
+        self.bad_why = 0           # reason of the last sample (0: it was plausible)
+        self.bad_last = 0          # reason of the last implausible sample
+        self.bad_hz = None         # the last implausible value (may be NaN / inf)
+        self._cell = self._raw_cell = -1  # rate grid cell of the last plausible / last in-band sample
+        self._cell_ms = self._raw_ms = 0
         self.shed_mask = self.trip_mask = self.reason = self.last_reason = self._npick = 0
         self._good_ms = self._trip_ms = self._hold_t0 = self._next_ref = self._next_wait = 0
         self._min_off_need = self._last_close = 0
@@ -321,10 +355,15 @@ class Controller:
         if not meter_ok:
             self._stale()
         elif hz is not None:
-            if hz == hz and self._hz_lo < hz < self._hz_hi:
+            why = self._plausible(now_ms, hz)
+            self.bad_why = why
+            if not why:
                 sample = True
             else:
                 self.bad_samples += 1
+                self.bad_counts[why] += 1
+                self.bad_hz = hz
+                self.bad_last = why
                 self._stale()
         if sample:
             self._good_ms = now_ms
@@ -360,6 +399,34 @@ class Controller:
             self._restore(now_ms, hz, sample)
         self._update_state()
         return self._ret
+
+    # 0 when hz is a plausible sample, else its BAD_* reason. Comparisons and small ints only:
+    # no float is made here (the step path allocates nothing).
+    def _plausible(self, now_ms, hz):
+        if not hz == hz or hz > 1e300 or hz < -1e300:  # NaN or +-inf
+            return BAD_NAN
+        if not self._hz_lo < hz < self._hz_hi:
+            return BAD_BAND
+        v = self.volts
+        if v is not None and v < UV_BLOCK_V:
+            return BAD_UV
+        g = self._grid
+        if g is None:
+            return 0
+        c = 0  # this sample's cell
+        n = len(g) - 1
+        while c < n and hz >= g[c + 1]:
+            c += 1
+        ok = self._cell < 0 or ticks_diff(now_ms, self._cell_ms) > self._rate_ms or -2 <= c - self._cell <= 2
+        if not ok and self._raw_cell >= 0 and ticks_diff(now_ms, self._raw_ms) <= self._rate_ms:
+            ok = -2 <= c - self._raw_cell <= 2  # confirmed by the sample before: a real step
+        self._raw_cell = c
+        self._raw_ms = now_ms
+        if not ok:
+            return BAD_RATE
+        self._cell = c
+        self._cell_ms = now_ms
+        return 0
 
     def tick(self, now_ms, signal_shed=False, release=False):
         return self.step(now_ms, None, True, signal_shed, release)

@@ -95,7 +95,16 @@ class MeterMap:
             self._little.append(q.get("words", "big") == "little")
             self._scale.append(float(q.get("scale", 1)))
         self.values = [0.0] * len(names)
+        self._w0 = [0] * len(names)  # the last raw words of each quantity (word-order hint)
+        self._w1 = [0] * len(names)
         self.hot_plan = self.plan_for(HOT)
+        # phase-1 voltage rides the hot read when it costs no extra request (undervoltage block)
+        self.hot_v1 = -1
+        if "v1" in self._index:
+            p = self.plan_for(HOT + ("v1",))
+            if len(p) == len(self.hot_plan):
+                self.hot_plan = p
+                self.hot_v1 = self._index["v1"]
         self.full_plan = self.plan_for(names)
         # For each read of full_plan/hot_plan: the indices of the quantities it covers.
         self.hot_items = [self._covered(s, c) for s, c in self.hot_plan]
@@ -135,6 +144,7 @@ class MeterMap:
             raise ValueError("register not in this read")
         t = self._type[i]
         w0 = (regs[o] << 8) | regs[o + 1]
+        self._w0[i] = w0
         if t == T_U16:
             return w0 * self._scale[i]
         if t == T_S16:
@@ -142,6 +152,7 @@ class MeterMap:
                 w0 -= 0x10000
             return w0 * self._scale[i]
         w1 = (regs[o + 2] << 8) | regs[o + 3]
+        self._w1[i] = w1
         if self._little[i]:
             hi = w1
             lo = w0
@@ -168,6 +179,19 @@ class MeterMap:
         if self._scale[i] == 1.0:
             return v
         return v * self._scale[i]
+
+    def words(self, name):
+        """The word order the map gives a quantity ("big" | "little")."""
+        return "little" if self._little[self._index[name]] else "big"
+
+    def swapped(self, name):
+        """The last value of a 32-bit quantity decoded with the other word order (None for a
+        16-bit one): what the meter means if the map's word order is wrong."""
+        i = self._index[name]
+        if self._span(i) != 2:
+            return None
+        w = bytes(((self._w1[i] >> 8) & 0xFF, self._w1[i] & 0xFF, (self._w0[i] >> 8) & 0xFF, self._w0[i] & 0xFF))
+        return self._decode_i(i, w, self._addr[i])
 
     def decode(self, name, regs, base):
         """Value of quantity `name` (float, scaled) from register bytes read at address `base`."""

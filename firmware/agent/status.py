@@ -19,9 +19,28 @@ def status(a):
     yield "state", control.STATE_NAMES[c.state]
     yield "reason", control.REASON_NAMES[c.reason]
     yield "armed", c.armed
-    yield "hz", a.hz
-    yield "kw", a.kw
+    # always valid JSON: a value that is not a finite number is null with a reason
+    yield "hz", _num(a.hz)
+    yield "kw", _num(a.kw)
     yield "meter_ok", a.meter_ok
+    age = None if a.kw_ms is None else ticks_diff(ticks_ms(), a.kw_ms)
+    yield "kw_age_ms", age
+    # kW is stale when the meter is not answering (or never did): shown, never taken as current
+    yield "kw_stale", not a.meter_ok or age is None
+    bad = c.bad_counts
+    last = None
+    if c.bad_hz is not None:
+        v = _num(c.bad_hz)
+        last = {"hz": v, "why": control.BAD_NAMES[c.bad_last]}
+        if v is None:
+            last["value"] = "nan" if c.bad_hz != c.bad_hz else "inf"
+    yield "implausible", {"total": c.bad_samples, "nan": bad[1], "band": bad[2], "rate": bad[3],
+                          "undervoltage": bad[4], "now": c.bad_why != 0, "last": last,
+                          "band_hz": [c._hz_lo, c._hz_hi], "rate_step_hz": c.rate_step_hz}
+    yield "word_order", a.word_order
+    yield "meter_comm", {"polls_this_min": a.q_polls, "failed_this_min": a.q_fail, "first": a.q_first,
+                         "last": a.q_last, "burst": a.q_burst and {"failed": a.q_burst[3], "first": a.q_burst[1],
+                                                                    "last": a.q_burst[2]}}
     yield "mask", a.relays.mask
     yield "blocks", [b["name"] for b in a.cfg["blocks"]]
     yield "samples", a.samples
@@ -56,6 +75,13 @@ def status(a):
             yield "curtail", a.curtailer.status()
     if getattr(a, "miners", None) is not None:
         yield "miners", a.miners.status()
+
+
+def _num(v):
+    # a finite number, else None (NaN and inf are not JSON)
+    if v is None or v != v or v > 1e300 or v < -1e300:
+        return None
+    return v
 
 
 def answer(a, out):

@@ -646,3 +646,113 @@ def test_default_jitter_is_bounded_deterministic_and_per_device():
     a, b = seq("site-a"), seq("site-b")
     assert a == seq("site-a") and a != b
     assert all(0 <= x < 700 for x in a + b) and max(a) > 600 and min(a) < 100
+
+
+# ---------------------------------------------------------------- plausibility (docs/control.md)
+
+def plaus_cfg(**trip):
+    cfg = make_cfg(nblocks=2, trip=dict({"delay_ms": 0, "samples": 1}, **trip),
+                   failsafe={"meter_loss": "shed", "meter_loss_after_s": 1.0})
+    cfg["meter"] = {"poll_ms": 100}
+    return cfg
+
+
+def test_single_30_1_hz_reading_never_trips_even_with_samples_1():
+    rec = Rec(Controller(plaus_cfg(), 2))
+    t = feed(rec, 0, 60.0, 5, dt=100)
+    rec.step(t, 30.1)
+    assert rec.ctl.closed_mask == 0b11 and not rec.times(C.TRIP_UF)
+    assert rec.ctl.bad_counts[C.BAD_BAND] == 1 and rec.ctl.bad_why == C.BAD_BAND
+    feed(rec, t + 100, 60.0, 3, dt=100)
+    assert rec.ctl.bad_why == 0 and rec.ctl.closed_mask == 0b11
+
+
+def test_89_9_hz_and_nan_inf_are_counted_implausible():
+    rec = Rec(Controller(plaus_cfg(), 2))
+    t = feed(rec, 0, 60.0, 3, dt=100)
+    for hz, why in ((89.9, C.BAD_BAND), (float("nan"), C.BAD_NAN), (float("inf"), C.BAD_NAN),
+                    (float("-inf"), C.BAD_NAN), (0.0, C.BAD_BAND), (1e30, C.BAD_BAND), (2.4e-41, C.BAD_BAND)):
+        rec.step(t, hz)
+        assert rec.ctl.bad_why == why and rec.ctl.bad_last == why, hz
+        t += 100
+    assert rec.ctl.bad_samples == 7 and rec.ctl.closed_mask == 0b11
+    assert C.BAD_NAMES[C.BAD_BAND] == "band"
+
+
+def test_a_one_sample_spike_faster_than_physics_is_implausible_a_real_step_is_confirmed():
+    rec = Rec(Controller(plaus_cfg(), 2))
+    ctl = rec.ctl
+    assert ctl.rate_step_hz == pytest.approx(1.1)  # 10 Hz/s x 0.1 s + 0.1 Hz
+    t = feed(rec, 0, 60.0, 5, dt=100)
+    rec.step(t, 58.0)  # 2 Hz in 100 ms: a spike
+    assert ctl.bad_why == C.BAD_RATE and ctl.closed_mask == 0b11
+    rec.step(t + 100, 60.0)  # back: the spike was noise
+    assert ctl.bad_why == 0 and ctl.closed_mask == 0b11 and not rec.times(C.TRIP_UF)
+    # a step that stays: the second sample agrees with the first and trips
+    rec.step(t + 200, 58.0)
+    assert ctl.bad_why == C.BAD_RATE and ctl.closed_mask == 0b11
+    rec.step(t + 300, 58.0)
+    assert ctl.bad_why == 0 and rec.times(C.TRIP_UF) == [t + 300]
+    # within one step: accepted at once (a fast but physical fall)
+    rec2 = Rec(Controller(plaus_cfg(), 2))
+    t = feed(rec2, 0, 60.0, 3, dt=100)
+    rec2.step(t, 59.0)
+    assert rec2.ctl.bad_why == 0 and rec2.times(C.TRIP_UF) == [t]
+
+
+def test_undervoltage_blocks_the_frequency():
+    ctl = Controller(plaus_cfg(), 2)
+    rec = Rec(ctl)
+    t = feed(rec, 0, 60.0, 3, dt=100)
+    ctl.volts = 3.0  # reference lost: the meter's 59.0 is not a frequency
+    rec.step(t, 59.0)
+    assert ctl.bad_why == C.BAD_UV and ctl.closed_mask == 0b11
+    ctl.volts = 230.0
+    rec.step(t + 100, 59.0)
+    assert ctl.bad_why == 0 and ctl.closed_mask == 0
+
+
+def test_persistently_implausible_follows_the_meter_loss_policy():
+    rec = Rec(Controller(plaus_cfg(), 2))
+    t = feed(rec, 0, 60.0, 3, dt=100)
+    for _ in range(15):
+        rec.step(t, 89.9)
+        t += 100
+    assert rec.times(C.METER_LOST) and rec.times(C.TRIP_METER_LOSS) and not rec.times(C.TRIP_UF)
+    assert rec.ctl.last_reason == C.REASON_METER_LOSS
+
+
+def test_band_reaches_below_the_lowest_pickup():
+    cfg = plaus_cfg(pickup_hz=50.0, restore_hz=59.9)
+    c = Controller(cfg, 2)
+    assert c._hz_lo == pytest.approx(49.0) and c._hz_hi == pytest.approx(69.0)
+
+
+def test_micropython_plausibility_allocates_nothing(mp, mpy_dir):
+    code = """
+import sys, gc, micropython
+sys.path.insert(0, %r)
+from agent.control import Controller
+cfg = {"nominal_hz": 60, "device": "d", "meter": {"poll_ms": 100},
+       "trip": {"pickup_hz": 59.7, "delay_ms": 0, "samples": 1, "restore_hz": 59.95},
+       "failsafe": {"meter_loss": "hold", "meter_loss_after_s": 5.0, "boot_state": "closed"},
+       "blocks": [{"name": "a", "priority": 1}, {"name": "b", "priority": 2}]}
+c = Controller(cfg, 2)
+bad = (float("nan"), float("inf"), 89.9, 30.1, 0.0, 1e30, 57.5, 62.5, 2.4e-41)
+good = (60.0, 59.99, 60.01, 59.98)
+v_ok = 230.0
+v_lo = 2.0
+t = 0
+c.step(t, 60.0, True)
+gc.collect()
+micropython.heap_lock()
+for i in range(900):
+    t += 100
+    c.volts = v_lo if i %% 13 == 0 else v_ok
+    c.step(t, bad[i %% 9] if i & 1 else good[i & 3], True)
+micropython.heap_unlock()
+print(c.bad_samples, c.closed_mask, c.bad_counts[1], c.bad_counts[2], c.bad_counts[3], c.bad_counts[4])
+""" % str(mpy_dir)
+    res = mp.run(code, heapsize="64k")
+    n, mask, nan, band, rate, uv = map(int, res.out.split())
+    assert mask == 3 and nan > 0 and band > 0 and rate > 0 and uv > 0, res.out
