@@ -194,7 +194,7 @@ class Agent:
         self.q_t0 = ticks_ms()
         self.q_first = self.q_last = None
         self.q_burst = None
-        self.q_logged = None  # when a burst record was last journaled (rate limit)
+        self.q_logged = self.q_ended = None  # when a burst start / end was last journaled
         self.started = ticks_ms()
         self.signal = None
         self.seq_counters = None  # command counters survive the command-step modules being freed
@@ -386,8 +386,8 @@ class Agent:
             return
         b = self.q_burst  # a good poll ends the burst
         self.q_burst = None
-        if self.q_logged is None or ticks_diff(now, self.q_logged) >= 10000 or b[3] > 1:
-            self.q_logged = now
+        if self.q_ended is None or ticks_diff(now, self.q_ended) >= 10000:
+            self.q_ended = now  # burst ends, likewise at most one in 10 s
             self.journal.append("meter_comm", {"ev": "burst", "failed": b[3], "ms": ticks_diff(now, b[0]),
                                                "first": b[1], "last": b[2]})
 
