@@ -202,7 +202,9 @@ class Agent:
         self.wdt = None
         m = cfg["meter"]
         # worst case of one poll cycle's reads: every request timing out on every attempt
-        self._read_worst = (m["retries"] + 1) * m["timeout_ms"] * len(self.meter_map.hot_plan)
+        # (an RTU attempt that times out then listens up to another timeout for a late reply,
+        # and at most 4 timeouts for a babbling line to fall silent: 6 timeouts an attempt)
+        self._read_worst = (m["retries"] + 1) * 6 * m["timeout_ms"] * len(self.meter_map.hot_plan)
         self.poll_due = ticks_add(now, WDT_BOOT_MS + self._read_worst + WDT_POLL_PERIODS * m["poll_ms"])
         self.journal.append("boot", {"build": BUILD, "resumed_trip": tripped, "mask": self.relays.mask,
                                      "cause": _cause(hal), "torn": self.journal.torn,

@@ -36,6 +36,7 @@ class _Master:
         self.retries = 0
         self.junk = 0
         self.conn_errors = 0
+        self.late = 0  # replies that came after their timeout (discarded, RTU)
         self._busy = False
 
     def counters(self):
@@ -43,7 +44,7 @@ class _Master:
             "tx": self.tx, "ok": self.ok, "timeouts": self.timeouts,
             "crc_errors": self.crc_errors, "exceptions": self.exceptions,
             "bad_frames": self.bad_frames, "retries": self.retries,
-            "junk": self.junk, "conn_errors": self.conn_errors,
+            "junk": self.junk, "conn_errors": self.conn_errors, "late": self.late,
         }
 
     def _count(self, e):

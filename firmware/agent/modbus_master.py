@@ -66,6 +66,15 @@ except ImportError:  # CPython
 
 from agent.modbus_base import _Master, _sleep_ms, _wait_for_ms, _written_count  # noqa: F401
 
+_FNS = (1, 2, 3, 4, 5, 6, 15, 16)
+BUSY = 6  # exception "slave device busy": retried after a back-off (docs/modbus.md)
+
+
+def _backoff(timeout_ms, attempt):
+    # wait before retrying a busy device: 25 ms, doubling, at most timeout_ms
+    b = 25 << (attempt - 1) if attempt < 8 else timeout_ms
+    return b if b < timeout_ms else timeout_ms
+
 
 class RtuMaster(_Master):
     """Modbus RTU master over a UART-like stream.
@@ -127,23 +136,35 @@ class RtuMaster(_Master):
                 return
             self.junk += r
 
-    async def _quiet(self):
+    async def _quiet(self, late=False):
         # error path: read and discard until the line is silent for a frame
-        # gap (+1 ms), bounded by timeout_ms
+        # gap (+1 ms) after the last byte seen, bounded by timeout_ms. late
+        # (after a timeout): first listen up to timeout_ms for a reply still
+        # on its way; one that comes is a late reply (counted), never the
+        # answer to the next request.
         u = self.uart
         mv = self._rxmv
         t0 = ticks_ms()
-        last = t0
+        last = None
+        n = 0
         while True:
             r = u.readinto(mv)
             now = ticks_ms()
             if r:
                 self.junk += r
+                n += r
                 last = now
-            elif ticks_diff(now, last) >= self._quiet_ms or ticks_diff(now, t0) >= self.timeout_ms:
-                return
-            else:
-                await _sleep_ms(1)
+                if ticks_diff(now, t0) >= 4 * self.timeout_ms:  # a babbling line: give up
+                    break
+            elif last is None:
+                if not late or ticks_diff(now, t0) >= self.timeout_ms:
+                    break
+            elif ticks_diff(now, last) >= self._quiet_ms:
+                break
+            await _sleep_ms(1)
+        if n and late:
+            self.late += 1
+        self._last_us = ticks_us()
 
     def _write(self, n):
         mv = self._tx8 if n == 8 else self._txmv[:n]
@@ -197,10 +218,14 @@ class RtuMaster(_Master):
         self.junk += k
         return got - k
 
-    def _head_ok(self, k, got):
-        # can a response start at rx[k] (given what has arrived)?
+    def _head_ok(self, k, got, strict=False):
+        # can a response start at rx[k] (given what has arrived)? Ours, or (not strict) a
+        # foreign one worth reading whole to tell a wrong reply (bad_frames) from noise:
+        # another unit answering our function with our byte count, or our unit answering
+        # another read function with our byte count, or another function's exception.
         rx = self._rx
-        if rx[k] != self._unit:
+        u = rx[k]
+        if u != self._unit and (strict or not 1 <= u <= 247):
             return False
         if k + 1 >= got:
             return True
@@ -209,8 +234,23 @@ class RtuMaster(_Master):
         if f == (fn | 0x80):
             return True
         if f != fn:
-            return False
+            if strict or u != self._unit:
+                return False
+            if f & 0x80:
+                return (f & 0x7F) in _FNS
+            if not (1 <= f <= 4 and self._bc >= 0):
+                return False
         return self._bc < 0 or k + 2 >= got or rx[k + 2] == self._bc
+
+    def _len_at(self, got):
+        # length of the frame starting at rx[0] (0 until enough has arrived to know)
+        rx = self._rx
+        f = rx[1]
+        if f == self._fn and rx[0] == self._unit:
+            return self._need
+        if f & 0x80:
+            return rtu.EXC_LEN
+        return self._need  # another read function with our byte count (_head_ok)
 
     # -- transaction steps (synchronous: no allocation) ----------------------
     def _prepare(self, unit, fn, addr, arg, values):
@@ -267,9 +307,22 @@ class RtuMaster(_Master):
                 got = self._shift(k, got)
             want = self._want
             if got >= 2:
-                want = self._want = rtu.EXC_LEN if rx[1] == (self._fn | 0x80) else self._need
+                want = self._want = self._len_at(got) or self._need
             if got < want:
                 break
+            if rx[0] != self._unit or (rx[1] & 0x7F) != self._fn:
+                # a whole foreign frame: a sound one is a wrong reply (bad frame), else noise
+                if rtu.check_crc(rx, want):
+                    self._shift(want, got)
+                    self.junk -= want
+                    return self._fail(ModbusFrameError("reply from unit %d function %d" % (rx[0], rx[1])))
+                k = 1
+                while k < got and not self._head_ok(k, got):
+                    k += 1
+                got = self._shift(k, got)
+                self._want = self._need
+                check = got > 0
+                continue
             try:
                 dl = self._check(want)
             except ModbusException:
@@ -279,7 +332,7 @@ class RtuMaster(_Master):
             except ModbusError as e:
                 # maybe noise that only looked like a head: resync
                 k = 1
-                while k < got and not self._head_ok(k, got):
+                while k < got and not self._head_ok(k, got, True):
                     k += 1
                 if k < got:
                     got = self._shift(k, got)
@@ -340,19 +393,28 @@ class RtuMaster(_Master):
                     while not self._de_done():
                         await _sleep_ms(0)
                 self._start()
-                w = self._poll()
-                while w > 0:
-                    await _sleep_ms(w)
+                try:
                     w = self._poll()
+                    while w > 0:
+                        await _sleep_ms(w)
+                        w = self._poll()
+                except ModbusException as e:
+                    if e.code != BUSY or attempt >= self.max_retries:
+                        raise
+                    attempt += 1  # busy: the device asks for time; back off, then again
+                    self.retries += 1
+                    await _sleep_ms(_backoff(self.timeout_ms, attempt))
+                    continue
                 if w == 0:
                     return self._res
                 err = self._err
+                # the line must be silent before anything else goes out, after the last
+                # attempt too: the next request must never meet this one's late reply
+                await self._quiet(isinstance(err, ModbusTimeout))
                 if attempt >= self.max_retries:
                     raise err
                 attempt += 1
                 self.retries += 1
-                if not isinstance(err, ModbusTimeout):
-                    await self._quiet()
         finally:
             if self._de_on:  # an error or a cancel while transmitting
                 self._de_on = False

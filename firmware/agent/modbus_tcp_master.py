@@ -6,9 +6,13 @@ import asyncio
 
 from agent import modbus_rtu as rtu
 from agent import modbus_tcp as tcp
-from agent.compat import ticks_diff, ticks_ms
+from agent.compat import ticks_add, ticks_diff, ticks_ms
 from agent.modbus_errors import ModbusConnectionError, ModbusError, ModbusException, ModbusFrameError, ModbusTimeout
 from agent.modbus_base import _Master, _sleep_ms, _wait_for_ms, _written_count
+
+
+class ReconnectWait(ModbusConnectionError):
+    """A request refused at once: the last connect failed and its back-off has not passed."""
 
 
 class TcpMaster(_Master):
@@ -35,9 +39,20 @@ class TcpMaster(_Master):
         self._reader = None
         self._writer = None
         self.connects = 0
+        # reconnect back-off: after a failed connect, no new one before _next (ms ticks);
+        # the wait doubles from 100 ms to 2 s and resets at the next good reply
+        self._wait_ms = 0
+        self._next = 0
+        self.backoffs = 0  # requests failed at once while waiting to reconnect
         self._n = self._fn = self._unit = self._got = self._want = self._t0 = 0
         self._addr = self._arg = None
         self._res = None
+
+    def counters(self):
+        c = _Master.counters(self)
+        c["connects"] = self.connects
+        c["backoffs"] = self.backoffs
+        return c
 
     def close(self):
         s = self._sock
@@ -52,9 +67,15 @@ class TcpMaster(_Master):
             pass
 
     async def _connect(self):
+        if self._wait_ms and ticks_diff(ticks_ms(), self._next) < 0:
+            self.backoffs += 1
+            raise ReconnectWait("reconnect back-off")
         try:
             r, w = await _wait_for_ms(asyncio.open_connection(self.host, self.port), self.timeout_ms)
         except (OSError, asyncio.TimeoutError) as e:
+            w = self._wait_ms
+            self._wait_ms = w = 100 if not w else (w * 2 if w < 1000 else 2000)
+            self._next = ticks_add(ticks_ms(), w)
             raise ModbusConnectionError(str(e))
         self.connects += 1
         s = getattr(r, "s", None)  # MicroPython Stream: the raw non-blocking socket
@@ -183,10 +204,18 @@ class TcpMaster(_Master):
                         while not self._poll():
                             await _sleep_ms(1)
                     self.ok += 1
+                    self._wait_ms = 0
                     return self._res
-                except ModbusException:
+                except ModbusException as e:
                     self.exceptions += 1
-                    raise
+                    if e.code != 6 or attempt >= self.max_retries:
+                        raise
+                    attempt += 1  # busy: back off, then ask again on the same connection
+                    self.retries += 1
+                    await _sleep_ms(min(25 << (attempt - 1), self.timeout_ms))
+                    continue
+                except ReconnectWait:
+                    raise  # not an attempt: nothing sent, counted in backoffs only
                 except ModbusError as e:
                     err = e
                 except OSError as e:
