@@ -243,6 +243,45 @@ def save_state(path: Path | None, ev: EventSet) -> None:
 # Export
 
 
+# A 32-bit board's ticks_ms period (MicroPython: 2**30 ms, 12.4 days): a record's "ms" (uptime)
+# starts again from 0 after that. The 64-bit unix port's period (2**62) never wraps in practice.
+TICKS_PERIOD = 1 << 30
+
+
+def ticks_diff(a: int, b: int) -> int:
+    """a - b on the board's ticks clock (correct across one wrap; |a - b| < 6.2 days)."""
+    d = (a - b) % TICKS_PERIOD
+    return d - TICKS_PERIOD if d >= TICKS_PERIOD // 2 else d
+
+
+def unwrap_ms(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of records (in journal order) whose "ms" never goes back within a boot: uptime
+    that wrapped (ticks_ms past 2**30 on a board) gets the period added, and a capture's "t0"
+    (its trigger, a little before the record) is moved along with it. A boot record starts a
+    new uptime."""
+    out = []
+    raw_prev = None
+    add = 0
+    for r in records:
+        ms = r.get("ms")
+        if r.get("k") == "boot":
+            raw_prev, add = None, 0
+        if not isinstance(ms, int) or isinstance(ms, bool):
+            out.append(r)
+            continue
+        if raw_prev is not None and ms < raw_prev:
+            add += TICKS_PERIOD
+        raw_prev = ms
+        if add == 0 and not (r.get("k") == "capture" and isinstance(r.get("t0"), int)):
+            out.append(r)
+            continue
+        r = dict(r, ms=ms + add)
+        if r.get("k") == "capture" and isinstance(r.get("t0"), int):
+            r["t0"] = r["ms"] + ticks_diff(r["t0"], ms)
+        out.append(r)
+    return out
+
+
 def capture_samples(rec: dict[str, Any]) -> list[tuple[int, float | None, float, int]]:
     """(ms, hz or None, kw, mask) per sample of a capture record ([] when undecodable)."""
     from agent.recorder import decode_capture
@@ -266,7 +305,7 @@ def sample_rows(rec: dict[str, Any]) -> list[dict[str, Any]]:
     for sms, hz, kw, mask in capture_samples(rec):
         st = None
         if isinstance(t, (int, float)) and isinstance(ms, int):
-            st = round(t + (sms - ms) / 1000.0, 3)
+            st = round(t + ticks_diff(sms, ms) / 1000.0, 3)  # the uptime may wrap within a capture
         rows.append({"n": rec["n"], "t": st, "ms": sms, "kind": "sample",
                      "hz": None if hz is None else round(hz, 3), "kw": _finite(round(kw, 3)), "mask": mask})
     return rows

@@ -122,7 +122,10 @@ def _sessions(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 
 
 def evidence_from_events(ev: EventSet, trip_seq: int | None = None) -> Evidence:
-    recs = [r for r in ev.records if isinstance(r.get("ms"), int)]
+    from .events import unwrap_ms
+
+    # uptime made monotonic within each boot: a board's ticks_ms wraps every 12.4 days
+    recs = unwrap_ms([r for r in ev.records if isinstance(r.get("ms"), int)])
     if not recs:
         raise UserError(f"{ev.source}: no journal records to report on")
     cfg = ev.config or {}

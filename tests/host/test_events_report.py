@@ -26,6 +26,7 @@ BLOCKS = [("row-a", 132.0), ("row-b", 132.0), ("row-c", 105.0)]
 PICKUP, RESTORE = 59.7, 59.9
 T_WALL = 1795000000.0  # unix seconds at ms = 0
 TRIP_DELAY_MS = 100    # trip.delay_ms: the relay opens 100 ms after the first sample below pickup
+TICKS_PERIOD = 1 << 30  # a board's ticks_ms period
 
 
 def site_config() -> dict:
@@ -49,8 +50,11 @@ def hz_at(ms: int) -> float:
     return min(60.0, 59.55 + (s - 7.0) * 0.15)
 
 
-def synthetic_journal() -> tuple[list[dict], dict]:
-    """Records as the agent writes them for a dip: boot, pickup, trip, restores, a capture."""
+def synthetic_journal(shift: int = 0) -> tuple[list[dict], dict]:
+    """Records as the agent writes them for a dip: boot, pickup, trip, restores, a capture.
+
+    shift: added to the board's uptime ms, modulo a board's ticks period (2**30): with a shift
+    just below 2**30 the dip happens while ticks_ms wraps around (12.4 days after boot)."""
     rec = Recorder(pre_s=2.0, post_s=4.0, poll_ms=50)
     full = 0b111
     records: list[dict] = []
@@ -59,7 +63,7 @@ def synthetic_journal() -> tuple[list[dict], dict]:
     def add(ms: int, k: str, **f) -> None:
         nonlocal n
         n += 1
-        d = {"n": n, "t": T_WALL + ms / 1000.0, "ms": ms, "k": k}
+        d = {"n": n, "t": T_WALL + ms / 1000.0, "ms": (ms + shift) % TICKS_PERIOD, "k": k}
         d.update(f)
         records.append(d)
 
@@ -79,7 +83,7 @@ def synthetic_journal() -> tuple[list[dict], dict]:
             trip_ms = ms
             mask = 0
             add(ms, "ctl", ev="trip_uf", hz=hz, kw=369.0, mask=mask, reason="underfrequency")
-            rec.trigger(ms)
+            rec.trigger((ms + shift) % TICKS_PERIOD)
         if ms in restore_at:
             mask = restore_at[ms]
             add(ms, "ctl", ev="restore_block", hz=hz, kw=kw_hist[-1], mask=mask, reason="underfrequency")
@@ -89,9 +93,9 @@ def synthetic_journal() -> tuple[list[dict], dict]:
         kw = sum(kw for i, (_, kw) in enumerate(BLOCKS) if mask >> i & 1)
         kw_hist.append(kw)
         seen_kw = kw_hist[-3] if len(kw_hist) >= 3 else kw_hist[0]
-        rec.add(ms, hz, seen_kw, mask)
-        if not captured and rec.ready(ms):
-            add(ms, "capture", **rec.capture(ms))
+        rec.add((ms + shift) % TICKS_PERIOD, hz, seen_kw, mask)
+        if not captured and rec.ready((ms + shift) % TICKS_PERIOD):
+            add(ms, "capture", **rec.capture((ms + shift) % TICKS_PERIOD))
             captured = True
     assert captured and first_below is not None and trip_ms is not None
     return records, {"first_below": first_below, "trip_ms": trip_ms}
@@ -354,3 +358,31 @@ def test_report_from_an_incomplete_pull_says_so(tmp_path, journal, capsys):
     # the complete journal states the end state
     whole = evidence_from_events(evmod.EventSet(recs, source="x", config=site_config()))
     assert whole.incomplete == [] and whole.final_mask == 0b111
+
+
+# ---- a dip while the board's ticks_ms wraps (12.4 days of uptime) ----------------------------------
+def test_report_and_csv_across_a_ticks_wrap(tmp_path, journal):
+    """The same dip journaled 12.4 days after boot, the board's ticks_ms wrapping between the trip
+    and the restores (and inside the capture window): the report and the CSV say the same as
+    for the dip journaled without the wrap."""
+    recs, marks = journal
+    shift = TICKS_PERIOD - marks["trip_ms"] - 2000  # the wrap 2 s after the relay opened
+    wrecs, wmarks = synthetic_journal(shift)
+    ms = [r["ms"] for r in wrecs]
+    assert any(b < a for a, b in zip(ms, ms[1:])), "the shifted journal never wrapped"
+    d = tmp_path / "wrapped"
+    write_board_dir(d, wrecs, torn=False)
+    e = evidence_from_events(evmod.load_dir(d))
+    ref_dir = tmp_path / "plain"
+    write_board_dir(ref_dir, recs, torn=False)
+    ref = evidence_from_events(evmod.load_dir(ref_dir))
+    assert len(e.trips) == 1 and e.trips[0].response_ms == TRIP_DELAY_MS
+    assert e.trips[0].t_trigger == pytest.approx(ref.trips[0].t_trigger)
+    assert [(r.block, round(r.t, 3)) for r in e.restores] == [(r.block, round(r.t, 3)) for r in ref.restores]
+    assert [r.t for r in e.restores] == [pytest.approx((m - marks["trip_ms"]) / 1000) for m in (14000, 15500, 17000)]
+    assert [(round(t, 3), hz) for t, hz, _ in e.trace] == [(round(t, 3), hz) for t, hz, _ in ref.trace]
+    assert e.masks == ref.masks and e.final_mask == 0b111
+    # CSV: sample rows carry the wall time of the plain journal's samples
+    rows = [r for r in evmod.to_rows(wrecs, samples=True) if r["kind"] == "sample"]
+    ref_rows = [r for r in evmod.to_rows(recs, samples=True) if r["kind"] == "sample"]
+    assert [r["t"] for r in rows] == [r["t"] for r in ref_rows] and len(rows) > 100
