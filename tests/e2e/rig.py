@@ -124,6 +124,25 @@ def check_board(board: VirtualBoard, restarts: int = 0, status: bool = True,
     return h
 
 
+def agent_window(port: str, ms: int, polled: bool = True, timeout: float = 90.0) -> dict[str, Any]:
+    """Wait until the agent's own clock (`@status` uptime_ms) has advanced `ms` from now and, with
+    `polled`, it took new meter samples meanwhile: the positive marker that a window passed on
+    the board (whatever the host's load), after which a test may assert that nothing happened in
+    it. Returns the last status."""
+    from gridshed.transport import Console
+
+    with Console(port) as con:
+        st = con.status(timeout=30)
+        u0, s0 = st["uptime_ms"], st["samples"]
+        t_end = time.monotonic() + timeout
+        while not (st["uptime_ms"] >= u0 + ms and (not polled or st["samples"] > s0)):
+            if time.monotonic() > t_end:
+                raise AssertionError(f"the agent's clock did not advance {ms} ms in {timeout:g} s: {st}")
+            time.sleep(0.1)
+            st = con.status(timeout=30)
+    return st
+
+
 def check_summary(summary: dict[str, Any], restarts: int = 0) -> None:
     """check_board for a `run_site` summary (its health is measured by run_site itself)."""
     from gridshed.sim.site import health_problems
@@ -294,6 +313,10 @@ class Rig:
                 return con.events(since, timeout=30)
 
         return await asyncio.to_thread(ask)
+
+    async def agent_window(self, ms: int, polled: bool = True) -> dict[str, Any]:
+        """agent_window() on this board: returns once the agent itself saw `ms` pass."""
+        return await asyncio.to_thread(agent_window, self.board.port, ms, polled)
 
     def journal(self) -> tuple[list[dict], list[tuple]]:
         return journal_records(self.board_dir)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gridshed import siteconfig
 
-from rig import Rig
+from rig import HEAP, Rig
 
 ROOT = Path(__file__).resolve().parents[2]
 VERBS = [b"@status", b"@events 0", b"@events 99999", b"@config", b"@cmd AAAA", b"@cmd", b"@", b"@nope"]
@@ -72,9 +72,8 @@ def test_console_garbage_is_counted_never_crashes_or_moves_a_relay(tmp_path):
     cfg = siteconfig.load_site(ROOT / "scenarios" / "demo-site.toml")
 
     async def main() -> None:
-        # 72wK: the heap a site that takes signed commands needs (docs/architecture.md, Memory);
-        # at 64wK the @cmd path answers MemoryError (still counted, still no crash)
-        async with Rig(cfg, tmp_path / "board", heapsize="72wK") as rig:
+        # at the budget (rig.HEAP); Rig's teardown checks no restart, MemoryError or traceback
+        async with Rig(cfg, tmp_path / "board", heapsize=HEAP) as rig:
             before = len(rig.block_log)
             import serial
 

@@ -274,13 +274,14 @@ asyncio.run(main())
         assert a.wait_line(lambda x: x.startswith("FLUSHED"), timeout=60) == "FLUSHED 8"
         sub = PahoSub(port, "gridshed/site1/dev9/telemetry/#")
         try:
-            # the retained ones arrive in the broker's order: wait (bounded) for eight topics,
-            # then leave room for any extra one to show up
+            # the retained ones arrive at the subscription, before anything published after it:
+            # a marker published now, once received, proves every retained one was delivered
+            paho_publish(port, "gridshed/site1/dev9/telemetry/marker", b"m", qos=1)
             deadline = time.monotonic() + 20
-            while len({m[0] for m in sub.msgs}) < 8 and time.monotonic() < deadline:
+            while not any(m[0].endswith("/marker") for m in sub.msgs) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            time.sleep(0.3)
-            got = sorted(int(m[0].rsplit("/", 1)[1]) for m in sub.msgs)
+            assert any(m[0].endswith("/marker") for m in sub.msgs), sub.msgs
+            got = sorted(int(m[0].rsplit("/", 1)[1]) for m in sub.msgs if not m[0].endswith("/marker"))
         finally:
             sub.close()
         assert got == list(range(12, 20))  # oldest dropped, newest 8 delivered (retained)
@@ -301,13 +302,20 @@ def test_fanout_site_command_reaches_20_processes_once(broker, spawn):
         deadline = time.monotonic() + 30
         for d in devs:
             sub.wait(is_state(d, ack), timeout=max(0.1, deadline - time.monotonic()))
-        time.sleep(0.5)  # room for any duplicate to show up
+        # a second site command: each device answers it after anything more of the first (one
+        # connection each, messages in order), so its 20 acks close the window for duplicates
+        payload2 = b"\xd2\x84site-mark"
+        paho_publish(broker.port, "gridshed/site1/cmd", payload2, qos=1)
+        ack2 = ('"ack":"%s"' % payload2.hex()).encode()
+        deadline = time.monotonic() + 30
+        for d in devs:
+            sub.wait(is_state(d, ack2), timeout=max(0.1, deadline - time.monotonic()))
         acks = [m for m in sub.msgs if ack in m[1]]
     finally:
         sub.close()
     assert sorted(json.loads(m[1])["dev"] for m in acks) == devs  # one ack per device
     for d, a in agents.items():
-        assert a.count(lambda x: x.startswith("MSG gridshed/site1/cmd ")) == 1, d
+        assert a.count(lambda x: x.startswith("MSG gridshed/site1/cmd " + payload.hex())) == 1, d
         assert a.p.poll() is None, d
 
 
@@ -404,7 +412,6 @@ def test_dead_broker_detected_by_missing_pingresp(spawn):
         # healthy broker: pings answered, connection kept. A client that missed the PINGRESP
         # drops the connection instead of sending its next ping (keepalive 2 s: a ping every
         # 1 s, 1 s to answer), so two pings on connection 1 and no close prove it (bounded wait)
-        time.sleep(2.5)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and fb.when(1, "closed") is None:
             with fb.lock:
@@ -451,11 +458,12 @@ def test_malformed_oversize_and_refusals_counted_then_recovers(spawn):
         while fb.when(5, "PUBACK") is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert [e[3].pid for e in fb.events if e[1] == 5 and e[2] == "PUBACK"] == [77]
-        # exponential back-off after refusals: gaps 0.2*(1..1.5), 0.4*(1..1.5), 0.8*(1..1.5) s
+        # exponential back-off after refusals: gaps 0.2*(1..1.5), 0.4*(1..1.5), 0.8*(1..1.5) s;
+        # never sooner (how much later on a loaded host is a figure of make bench, not a test)
         t = [fb.when(i, "CONNECT") for i in range(4)]
-        for i in range(3):  # a refused socket is closed at once (no fd leak per attempt)
-            assert fb.when(i, "closed") - t[i] < 5.0  # (left open, the broker's read gives up at 15 s)
+        for i in range(3):  # a refused socket is closed before the next attempt (no fd leak per
+            assert fb.when(i, "closed") < t[i + 1]  # attempt; left open, the broker's read gives up at 15 s)
         gaps = [b - a_ for a_, b in zip(t, t[1:])]
-        assert 0.18 < gaps[0] < 0.8 and 0.38 < gaps[1] < 1.2 and 0.78 < gaps[2] < 2.0, gaps
+        assert gaps[0] > 0.18 and gaps[1] > 0.38 and gaps[2] > 0.78, gaps
     finally:
         fb.close()

@@ -134,6 +134,26 @@ def verifier(keys: dict[str, tuple[bytes, bytes]], dev: str, site: str) -> Comma
     return CommandVerifier({kid: key}, dev, site, MemorySeqStore())
 
 
+async def quiet(b: VenBridge, timeout: float) -> None:
+    """The positive marker before asserting that nothing more was sent: no send in flight (every
+    "send" record has its "sent" or "send-failed"), no reconcile holding the lock, no retry
+    pending, and the event loop then ran a good many rounds with that still true (everything the
+    bridge schedules at once has run by then; a timed boundary or retry would show as pending)."""
+    deadline = time.monotonic() + timeout
+
+    def idle() -> bool:
+        kinds = [r["kind"] for r in b.records]
+        return (kinds.count("send") == kinds.count("sent") + kinds.count("send-failed")
+                and not (b._lock is not None and b._lock.locked())
+                and (b._retry is None or b._retry.done()))
+
+    rounds = 0
+    while rounds < 50:
+        assert time.monotonic() < deadline, b.records[-5:]
+        rounds = rounds + 1 if idle() else 0
+        await asyncio.sleep(0 if rounds else 0.02)
+
+
 # ------------------------------------------------------------------------------ VTN -> bridge
 def test_events_from_openleadr_vtn_shed_and_restore():
     sent: list[dict] = []
@@ -171,7 +191,9 @@ def test_events_from_openleadr_vtn_shed_and_restore():
         deadline = time.time() + 30  # bounded: normally done ~5 s from here
         while time.time() < deadline and len(sent) < 10:
             await asyncio.sleep(0.1)
-        await asyncio.sleep(0.5)  # nothing more may come
+        # nothing more may come: every event ended (its plan gone) and no send is in flight
+        await quiet(bridge, 30)
+        assert bridge.plans == {}, bridge.plans
         await bridge.stop()
         await vtn.server.stop()
         return ids, {"starts": starts, "ends": ends}, vtn.opts, bridge  # type: ignore[return-value]
@@ -238,7 +260,9 @@ def test_failed_send_is_retried():
         while len(calls) < 2:
             assert time.monotonic() < deadline, calls
             await asyncio.sleep(0.02)
-        await asyncio.sleep(0.4)  # room for a wrong third send (two retry periods)
+        # the retry succeeded and is over, nothing in flight: a third send could only come now
+        await quiet(b, 20)
+        assert b._retry is not None and b._retry.done()
         for p in b.plans.values():
             p.task.cancel()
         return b
@@ -275,7 +299,7 @@ def test_vtn_resending_a_completed_event_does_not_hide_new_ones():
         while not sent:
             assert time.monotonic() < deadline, b.records
             await asyncio.sleep(0.02)
-        await asyncio.sleep(0.3)  # room for a wrong second send
+        await quiet(b, 20)  # every plan's first decision made, nothing in flight
         for p in b.plans.values():
             p.task.cancel()
         return b
