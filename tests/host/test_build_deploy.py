@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from gridshed import build as buildmod
+from gridshed import deploy as deploymod
 from gridshed import cli
 from gridshed.deploy import PLAN, STAGE, deploy
 from gridshed.errors import UserError
@@ -176,7 +178,10 @@ def test_cli_build_and_deploy_json(tmp_path, board, capsys):
     assert board.wait_output("booted 7", 30)
     # the progress-bar path (no --json)
     assert cli.main(["deploy", "--port", board.port, "--build", str(out), "--force"]) == 0
-    assert "written" in capsys.readouterr().out
+    total = sum(e["size"] for e in m["files"]) + len(deploymod.board_manifest_bytes(m))
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"deployed build %s to %s: %d written, 0 unchanged, 0 removed, %d bytes in [\d.]+ s; "
+                        r"agent restarted" % (m["build_id"], re.escape(board.port), len(m["files"]), total), line), line
 
 
 def test_real_firmware_deploys_to_virtual_board(tmp_path):
