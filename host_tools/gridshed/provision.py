@@ -61,40 +61,48 @@ def provision(port: str, site_path: str | Path, device_id: str | None = None, bo
     inv = Inventory(inventory_path)
     try:
         with Board(port) as b:
-            say("stopping the agent")
-            b.enter_raw()
-            build = read_board_build(b)
-            board_on_device = build.get("board") if build else None
-            if board_name and board_on_device and board_on_device != board_name:
-                raise UserError(f"{port}: the board runs a build for {board_on_device}, not {board_name}")
-            cfg = prepare_config(site_path, board_name or board_on_device, device_id)
-            dev = cfg["device"]
-            existing = inv.get(dev, show_key=True)
-            if keep_key and existing:
-                kid, key = bytes.fromhex(existing["key_id"]), bytes.fromhex(existing["key"])
-            else:
-                kid, key = secrets.token_bytes(KID_LEN), signing.new_key()
-            if len(key) != 32:
-                raise UserError("command key must be 256 bits")
-            blobs = {CONFIG_FILE: siteconfig.config_bytes(cfg), KEYS_FILE: siteconfig.keys_bytes({kid: key})}
-            want = {f: hashlib.sha256(d).hexdigest() for f, d in blobs.items()}
-            say("writing config and key")
-            for f, data in blobs.items():
-                b.put(f + STAGE, data)
-            staged = b.hashes([f + STAGE for f in blobs])
-            bad = [f for f in blobs if staged.get(f + STAGE) != want[f]]
-            if bad:
-                raise BoardError(f"{port}: {bad[0]} does not verify after writing; nothing was changed")
-            b.run_plan([(f + STAGE, f) for f in blobs], [], "provision-plan.json")
-            final = b.hashes(list(blobs))
-            if any(final.get(f) != want[f] for f in blobs):
-                raise BoardError(f"{port}: config/key files differ after the switch-over; provision again")
-            firmware_build = build.get("build_id") if build else None
-            rec = inv.record_provision(dev, cfg["board"], cfg.get("site"), kid.hex(), key, firmware_build,
-                                       siteconfig.config_hash(cfg), port=port)
-            if restart:
-                say("restarting the agent")
-                b.restart_agent()
+            try:
+                say("stopping the agent")
+                b.enter_raw()
+                build = read_board_build(b)
+                board_on_device = build.get("board") if build else None
+                if board_name and board_on_device and board_on_device != board_name:
+                    raise UserError(f"{port}: the board runs a build for {board_on_device}, not {board_name}")
+                cfg = prepare_config(site_path, board_name or board_on_device, device_id)
+                dev = cfg["device"]
+                existing = inv.get(dev, show_key=True)
+                if keep_key and existing:
+                    kid, key = bytes.fromhex(existing["key_id"]), bytes.fromhex(existing["key"])
+                else:
+                    kid, key = secrets.token_bytes(KID_LEN), signing.new_key()
+                if len(key) != 32:
+                    raise UserError("command key must be 256 bits")
+                blobs = {CONFIG_FILE: siteconfig.config_bytes(cfg), KEYS_FILE: siteconfig.keys_bytes({kid: key})}
+                want = {f: hashlib.sha256(d).hexdigest() for f, d in blobs.items()}
+                say("writing config and key")
+                for f, data in blobs.items():
+                    b.put(f + STAGE, data)
+                staged = b.hashes([f + STAGE for f in blobs])
+                bad = [f for f in blobs if staged.get(f + STAGE) != want[f]]
+                if bad:
+                    raise BoardError(f"{port}: {bad[0]} does not verify after writing; nothing was changed")
+                b.run_plan([(f + STAGE, f) for f in blobs], [], "provision-plan.json")
+                final = b.hashes(list(blobs))
+                if any(final.get(f) != want[f] for f in blobs):
+                    raise BoardError(f"{port}: config/key files differ after the switch-over; provision again")
+                firmware_build = build.get("build_id") if build else None
+                rec = inv.record_provision(dev, cfg["board"], cfg.get("site"), kid.hex(), key, firmware_build,
+                                           siteconfig.config_hash(cfg), port=port)
+                if restart:
+                    say("restarting the agent")
+                    b.restart_agent()
+            except BaseException:
+                if restart:  # a refusal or a failed write never leaves the agent stopped
+                    try:
+                        b.restart_agent()
+                    except Exception:
+                        pass
+                raise
     finally:
         inv.close()
     result: dict[str, Any] = {"device_id": dev, "board": cfg["board"], "site": cfg.get("site"),
@@ -134,12 +142,16 @@ def read_status(port: str, timeout: float = 5.0, events: int = 10) -> dict[str, 
                 last = exc
         if st is None:
             raise last or BoardError(f"{port}: no status")
-        try:
-            cfg = c.request("config", timeout=3.0)[-1].get("config")
-            if isinstance(cfg, dict):
-                st["config_hash"] = config_hash_of(cfg)
-        except UserError:
-            pass
+        # the agent's own hash of the /config.cbor it booted with (what the inventory records);
+        # only an agent too old to report it gets one made from its @config answer (which is
+        # the config as it runs: its meter map reduced to the model, so it may not match)
+        if not st.get("config_hash"):
+            try:
+                cfg = c.request("config", timeout=3.0)[-1].get("config")
+                if isinstance(cfg, dict):
+                    st["config_hash"] = config_hash_of(cfg)
+            except UserError:
+                pass
         if events:
             since = max(0, int(st.get("journal_seq") or 0) - events + 1)
             try:

@@ -224,3 +224,16 @@ def test_cli_sim_refuses_a_firmware_dir_that_is_not_one(tmp_path):
     r = cli("sim", str(ROOT / "scenarios" / "ercot_ffr_dip.csv"), "--firmware", str(tmp_path))
     assert r.returncode == 2 and "is not a firmware tree" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_console_health_tells_a_ctrl_c_from_a_crash():
+    from gridshed.sim.site import console_health
+
+    stop = ("agent stopped (Ctrl-C): REPL\nTraceback (most recent call last):\n  File \"main.py\", line 51, "
+            "in <module>\nKeyboardInterrupt: \nMicroPython v1\n>>> ")
+    crash = ("Traceback (most recent call last):\n  File \"agent/app.py\", line 9, in decide\n"
+             "MemoryError: memory allocation failed\nE agent crashed; resetting in 5 s\n")
+    assert console_health(stop, 0) == {"restarts": 0, "memory_errors": 0, "tracebacks": 0, "interrupts": 1,
+                                       "crashes": 0}
+    assert console_health((stop + crash).encode(), 1) == {"restarts": 1, "memory_errors": 1, "tracebacks": 1,
+                                                           "interrupts": 1, "crashes": 1}

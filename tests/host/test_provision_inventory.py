@@ -42,7 +42,7 @@ while True:
     line, buf = buf.decode().strip(), b''
     if line == '@status':
         st = {'build': 'fakebuild', 'device': cfg and cfg.get('device'), 'site': cfg and cfg.get('site'),
-              'board': 'unix-sim', 'state': 'armed', 'reason': 'none', 'hz': 60.01, 'kw': 420.5,
+              'board': 'unix-sim', 'state': 'normal', 'reason': 'none', 'hz': 60.01, 'kw': 420.5,
               'meter_ok': True, 'mask': 5, 'blocks': ['row-a', 'row-b', 'row-c'], 'samples': 12,
               'meter_errors': 0, 'transitions': 3, 'errors': {}, 'uptime_ms': 1500, 'journal_seq': 2,
               'mem_free': 1000, 'end': True}
@@ -120,7 +120,7 @@ def test_status_and_monitor_over_console(tmp_path, vb, capsys):
     assert "420.5 kW" in text and "row-b=OPEN" in text
     assert cli.main(["monitor", "--port", vb.port, "--json", "--count", "2", "--interval", "0.05"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2 and json.loads(lines[1])["state"] == "armed"
+    assert len(lines) == 2 and json.loads(lines[1])["state"] == "normal"
     assert cli.main(["monitor", "--port", vb.port, "--count", "1", "--interval", "0.01"]) == 0
     assert "60.01 Hz" in capsys.readouterr().out
 

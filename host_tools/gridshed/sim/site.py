@@ -179,10 +179,20 @@ TRACEBACK = "Traceback (most recent call last)"
 def console_health(output: bytes | str, restarts: int) -> dict[str, Any]:
     """What the board's console says about its health: process restarts (reboots: the
     supervisor's count), MemoryErrors and tracebacks anywhere in its output, and
-    "agent crashed" lines (main.py's last line of defence)."""
+    "agent crashed" lines (main.py's last line of defence). A traceback that ends in
+    KeyboardInterrupt is a technician's Ctrl-C (deploy, provision: "agent stopped (Ctrl-C)"),
+    counted apart as "interrupts", not as a traceback."""
     text = output.decode(errors="replace") if isinstance(output, (bytes, bytearray)) else output
+    tracebacks = interrupts = 0
+    for part in text.split(TRACEBACK)[1:]:
+        # the exception line: the first one after the header that is not a "  File ..." frame
+        exc = next((ln for ln in part.splitlines()[1:] if ln and not ln.startswith(" ")), "")
+        if exc.startswith("KeyboardInterrupt"):
+            interrupts += 1
+        else:
+            tracebacks += 1
     return {"restarts": restarts, "memory_errors": text.count("MemoryError"),
-            "tracebacks": text.count(TRACEBACK), "crashes": text.count("agent crashed")}
+            "tracebacks": tracebacks, "interrupts": interrupts, "crashes": text.count("agent crashed")}
 
 
 def health_problems(h: dict[str, Any], restarts: int = 0) -> list[str]:
