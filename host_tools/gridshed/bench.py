@@ -1108,7 +1108,6 @@ FLEET_AGENT_HEAP = "88wK"  # the agent with MQTT enabled (measured in tests/e2e/
 
 def _fleet_boards_agent(work: Path, n: int, port: int, kid: bytes, key: bytes, site: str) -> list[subprocess.Popen]:
     """N full agents (mqtt enabled) as unix-port processes; GPIO to a sink, meter unreachable (hold)."""
-    from agent import cbor
 
     from . import siteconfig
     from .build import build

@@ -50,7 +50,6 @@ def prepare_config(site_path: str | Path, board_name: str | None = None,
 def provision(port: str, site_path: str | Path, device_id: str | None = None, board_name: str | None = None,
               inventory_path: str | Path | None = None, keep_key: bool = False, restart: bool = True,
               verify_agent: float = 0.0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    from agent import cbor
 
     from . import siteconfig, signing
     from .inventory import Inventory

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent import cbor
 from gridshed import siteconfig
 from gridshed.signing import make_command, new_key
 from gridshed.sim.meter import Reading, SimMeter

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from agent import cbor
 from gridshed import cli, siteconfig
 from gridshed.errors import UserError
 from gridshed.inventory import Inventory
