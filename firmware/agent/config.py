@@ -112,6 +112,12 @@ BLOCK_SCHEMA = {
 
 MAX_BLOCKS = 16
 
+# Plausible band of the trip thresholds around nominal_hz (docs/site-config.md): a pickup (and a
+# stage's) lies in [nominal - BAND_HZ, nominal), a restore in [nominal - BAND_HZ, nominal + 1].
+# 3 Hz holds the deepest published under-frequency load-shedding stages (ERCOT 58.3 Hz, GB LFDD
+# 47.8 Hz, AEMO 47.5..49 Hz) and refuses the settings of the other grid (49.7 on a 60 Hz site).
+BAND_HZ = 3.0
+
 
 def _check(path, value, kind, lo, hi, errors):
     if isinstance(kind, tuple):
@@ -155,7 +161,7 @@ def _check_stages(trip, nominal, nblocks, errors):
         try:
             f = s.get("pickup_hz")
             r = s.get("rocof_hz_s")
-            ok = ((f is None) != (r is None) and (f is None or nominal * 0.8 <= f <= trip["restore_hz"] - trip["deadband_hz"])
+            ok = ((f is None) != (r is None) and (f is None or nominal - BAND_HZ <= f <= trip["restore_hz"] - trip["deadband_hz"])
                   and (r is None or -20 <= r < 0) and 0 <= s.get("delay_ms", 0) <= 600000
                   and 40 <= s.get("below_hz", 50) <= 70 and 0 <= s.get("deadband_hz_s", 0) <= 10
                   and s["blocks"] and all(0 <= x < nblocks for x in s["blocks"])
@@ -239,10 +245,13 @@ def validate(cfg):
         nominal = cfg["nominal_hz"]
         if not trip["pickup_hz"] < trip["restore_hz"]:
             errors.append("trip.pickup_hz: must be below trip.restore_hz (%r >= %r)" % (trip["pickup_hz"], trip["restore_hz"]))
-        if not (nominal * 0.8 <= trip["pickup_hz"] < nominal):
-            errors.append("trip.pickup_hz: %r is not a plausible under-frequency pickup for a %d Hz grid" % (trip["pickup_hz"], nominal))
+        if not (nominal - BAND_HZ <= trip["pickup_hz"] < nominal):
+            errors.append("trip.pickup_hz: %r is not a plausible under-frequency pickup for a %d Hz grid (%r..%d Hz)"
+                          % (trip["pickup_hz"], nominal, nominal - BAND_HZ, nominal))
         if trip["restore_hz"] > nominal + 1:
             errors.append("trip.restore_hz: %r is above nominal + 1 Hz" % trip["restore_hz"])
+        elif trip["restore_hz"] < nominal - BAND_HZ:
+            errors.append("trip.restore_hz: %r is more than %r Hz below the %d Hz nominal" % (trip["restore_hz"], BAND_HZ, nominal))
         if "stages" in trip:
             _check_stages(trip, nominal, len(cfg.get("blocks") or ()), errors)
     sig = cfg.get("signals")

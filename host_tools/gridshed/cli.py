@@ -16,6 +16,7 @@ from .errors import UserError
 
 COMMAND_MODULES = [
     "gridshed.cmd_sim",
+    "gridshed.cmd_vboard",
     "gridshed.cmd_events",
     "gridshed.cmd_fleet",
     "gridshed.cmd_provision",

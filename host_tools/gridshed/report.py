@@ -218,6 +218,11 @@ def evidence_from_events(ev: EventSet, trip_seq: int | None = None) -> Evidence:
             label = "utility signal asserted"
             sig = [r for r in before if (r.get("k") == "signal" and r.get("on")) or _event_of(r) == "signal_on"]
             trig_ms = sig[-1]["ms"] if sig else None
+            # a shed command holds its own shed entry, journaled as signal_on right after the
+            # accepted command: the cause is the command, not a utility signal
+            cmd = [r for r in before if r.get("k") == "cmd" and r.get("cmd") == "shed"]
+            if cmd and sig and sig[-1]["n"] - cmd[-1]["n"] <= 2 and sig[-1]["ms"] - cmd[-1]["ms"] < 1000:
+                cause, label, trig_ms = "command", "shed command accepted", cmd[-1]["ms"]
         elif cause == "command":
             label = "shed command accepted"
             cmd = [r for r in before if r.get("k") == "cmd" and r.get("cmd") == "shed"]

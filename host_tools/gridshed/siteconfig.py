@@ -26,7 +26,9 @@ BLOCK_KEYS = {"name", "relays", "miners", "kw_per_miner", "priority", "active"}
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
+    from .datafiles import shipped
+
+    p = shipped(path, "scenarios")  # a bare name of a shipped site (demo-site.toml) works anywhere
     try:
         text = p.read_text()
     except OSError as exc:

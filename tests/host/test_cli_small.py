@@ -71,3 +71,21 @@ def test_missing_port_is_named_as_missing():
         Board("/dev/ttyGRIDSHED-NOPE")
     msg = str(exc.value)
     assert "no such port" in msg and "another program" not in msg
+
+
+def test_other_grid_settings_are_refused(tmp_path, capsys):
+    """50 Hz settings on a 60 Hz site (and the reverse): one line naming the keys, exit 2."""
+    demo = (ROOT / "scenarios" / "demo-site.toml").read_text()
+    site = tmp_path / "site.toml"
+    site.write_text(demo.replace("pickup_hz = 59.7", "pickup_hz = 49.7").replace("restore_hz = 59.9", "restore_hz = 49.9"))
+    assert main(["provision", "--site", str(site), "--check"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"gridshed: error: {site}: trip.pickup_hz: 49.7 is not a plausible under-frequency pickup for a "
+                   f"60 Hz grid (57.0..60 Hz); trip.restore_hz: 49.9 is more than 3.0 Hz below the 60 Hz nominal"]
+    site.write_text(demo.replace("nominal_hz = 60", "nominal_hz = 50"))
+    assert main(["provision", "--site", str(site), "--check"]) == 2
+    assert "59.7 is not a plausible under-frequency pickup for a 50 Hz grid" in capsys.readouterr().err
+    # the shipped sites are inside the band
+    for name in ("demo-site.toml", "gb-site.toml", "signal-site.toml"):
+        assert main(["provision", "--site", name, "--check"]) == 0, name
+        capsys.readouterr()

@@ -386,3 +386,20 @@ def test_report_and_csv_across_a_ticks_wrap(tmp_path, journal):
     rows = [r for r in evmod.to_rows(wrecs, samples=True) if r["kind"] == "sample"]
     ref_rows = [r for r in evmod.to_rows(recs, samples=True) if r["kind"] == "sample"]
     assert [r["t"] for r in rows] == [r["t"] for r in ref_rows] and len(rows) > 100
+
+
+def test_a_shed_command_is_reported_as_a_command(tmp_path):
+    """A signed shed holds its own shed entry: the journal says signal_on / trip_signal right
+    after the accepted command; the report names the command as the cause, not a utility signal."""
+    recs = [{"n": 1, "t": T_WALL, "ms": 1000, "k": "boot", "mask": 0b111},
+            {"n": 2, "t": T_WALL + 4, "ms": 5000, "k": "cmd", "cmd": "shed", "seq": 9, "src": "serial"},
+            {"n": 3, "t": T_WALL + 4, "ms": 5001, "k": "ctl", "ev": "signal_on", "hz": 60.0, "kw": 369.0, "mask": 0b111,
+             "reason": "signal"},
+            {"n": 4, "t": T_WALL + 4, "ms": 5002, "k": "ctl", "ev": "trip_signal", "hz": 60.0, "kw": 369.0, "mask": 0,
+             "reason": "signal"}]
+    e = evidence_from_events(evmod.EventSet(recs, source="x", config=site_config()))
+    assert [(t.cause, t.trigger_label, t.response_ms) for t in e.trips] == [("command", "shed command accepted", 2.0)]
+    # a dry-contact signal (no command before it) stays a utility signal
+    sig = [recs[0]] + [dict(r, n=r["n"] - 1) for r in recs[2:]]
+    e = evidence_from_events(evmod.EventSet(sig, source="x", config=site_config()))
+    assert e.trips[0].cause == "signal"

@@ -65,6 +65,10 @@ def install_firmware(board_dir: Path, cfg: dict[str, Any], sim_cfg: dict[str, An
             dst = board_dir / e["file"]
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(out / e["file"], dst)
+        # /build.json as `gridshed deploy` leaves it: provision and inventory name the build
+        from ..deploy import board_manifest_bytes
+
+        (board_dir / "build.json").write_bytes(board_manifest_bytes(manifest))
     (board_dir / "config.cbor").write_bytes(siteconfig.config_bytes(cfg))
     import json
 
