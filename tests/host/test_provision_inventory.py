@@ -27,6 +27,12 @@ def load(p):
     except OSError:
         return None
 cfg = load('config.cbor')
+import hashlib, binascii
+try:  # the hash the real agent reports: sha256 of the /config.cbor bytes it booted from (agent/boot.py)
+    with open('config.cbor', 'rb') as f:
+        chash = binascii.hexlify(hashlib.sha256(f.read()).digest()[:8]).decode()
+except OSError:
+    chash = None
 print('I 0 fake agent up device=%s' % (cfg and cfg.get('device')))
 poll = select.poll()
 poll.register(sys.stdin, select.POLLIN)
@@ -44,7 +50,7 @@ while True:
               'board': 'unix-sim', 'state': 'normal', 'reason': 'none', 'hz': 60.01, 'kw': 420.5,
               'meter_ok': True, 'mask': 5, 'blocks': ['row-a', 'row-b', 'row-c'], 'samples': 12,
               'meter_errors': 0, 'transitions': 3, 'errors': {}, 'uptime_ms': 1500, 'journal_seq': 2,
-              'mem_free': 1000, 'end': True}
+              'mem_free': 1000, 'config_hash': chash, 'end': True}
         print('@' + json.dumps(st))
     elif line == '@config':
         print('@' + json.dumps({'config': cfg, 'end': True}))
