@@ -32,9 +32,17 @@ def _fmt_s(v: float | None) -> str:
 
 def _kinds(sc: Any, cfg: dict[str, Any]) -> list[tuple[float, str, float]]:
     """[(t, kind, hz)] every STEP_S: kind 'ok', 'silent' (meter not answering), 'invalid' (0 Hz,
-    NaN or outside the agent's plausible window, nominal x 0.5..1.5: agent/control.py)."""
+    NaN or outside the agent's plausible band: agent/control.py, docs/control.md "Plausibility")."""
+    from agent.control import BAND
+
     nom = cfg.get("nominal_hz", 60)
-    lo, hi = nom * 0.5, nom * 1.5
+    lo, hi = nom * (1 - BAND), nom * (1 + BAND)
+    trip = cfg.get("trip") or {}
+    picks = [trip.get("pickup_hz")] + [st.get("pickup_hz") for st in trip.get("stages") or ()
+                                       if isinstance(st, dict)]
+    picks = [p for p in picks if isinstance(p, (int, float))]
+    if picks and min(picks) - 1.0 < lo:
+        lo = min(picks) - 1.0  # the band reaches 1 Hz under the lowest pickup, as the agent's does
     out = []
     n = int(round(sc.duration / STEP_S))
     for k in range(n + 1):
