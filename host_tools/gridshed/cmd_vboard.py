@@ -107,6 +107,12 @@ def run(args: argparse.Namespace) -> int:
     for w in cfg.get("warnings", []):
         print(f"warning: {w}", file=sys.stderr)
     heap = args.heapsize or budget_heapsize(load_board("unix-sim"))
+    from .vboard import heap_bytes
+
+    try:
+        heap_bytes(heap, 4)
+    except (ValueError, KeyError):
+        raise UserError(f"--heapsize {heap}: not a heap size (e.g. 80wK, 96k, 131072)") from None
     return asyncio.run(_serve(args, cfg, scenario, heap))
 
 
@@ -252,8 +258,12 @@ async def _serve(args: argparse.Namespace, site_cfg: dict[str, Any], scenario: A
             except asyncio.TimeoutError:
                 pass
     finally:
+        health = None
         if board is not None:
             board.stop()
+            from .sim.site import console_health
+
+            health = console_health(board.output(), board.restarts)
         await gpio.stop()
         await meter.stop()
         for t in tasks:
@@ -266,5 +276,9 @@ async def _serve(args: argparse.Namespace, site_cfg: dict[str, Any], scenario: A
             shutil.rmtree(board_dir, ignore_errors=True)
             if board is not None:
                 Path(board.log_path).unlink(missing_ok=True)
-    _say(args, "stopped", f"{st():9.3f}s  stopped: board and simulated meter shut down", t_s=round(st(), 3))
+    h = health or {}
+    _say(args, "stopped", f"{st():9.3f}s  stopped: board and simulated meter shut down"
+                          + (f" (over the run: {h['restarts']} restart(s), {h['memory_errors']} MemoryError(s), "
+                             f"{h['tracebacks']} traceback(s), {h['crashes']} crash(es))" if h else ""),
+         t_s=round(st(), 3), health=h)
     return 0

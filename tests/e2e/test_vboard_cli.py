@@ -51,17 +51,12 @@ class VboardProc:
     def interrupt(self) -> tuple[int, str, str]:
         self.p.send_signal(signal.SIGINT)  # what Ctrl-C in its terminal does
         rc = self.p.wait(60)
-        rest = self.p.stdout.read() if not self.p.stdout.closed else ""
-        return rc, "\n".join(self.seen) + rest + "".join(iter_lines(self.lines)), self.p.stderr.read()
-
-
-def iter_lines(q: queue.Queue) -> list[str]:
-    out = []
-    while True:
-        try:
-            out.append(q.get_nowait() + "\n")
-        except queue.Empty:
-            return out
+        while True:  # the reader thread puts "" at EOF
+            line = self.lines.get(timeout=30)
+            if line == "":  # gridshed vboard prints no empty line
+                break
+            self.seen.append(line)
+        return rc, "\n".join(self.seen), self.p.stderr.read()
 
 
 def gs(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -96,7 +91,11 @@ def test_vboard_status_provision_same_hash_then_ctrl_c(tmp_path):
     finally:
         rc, out, err = vb.interrupt()
     assert rc == 0, err
-    assert out.rstrip().splitlines()[-1].endswith("stopped: board and simulated meter shut down")
+    last = out.rstrip().splitlines()[-1]
+    assert "stopped: board and simulated meter shut down" in last
+    # the agent's health over the session (provision restarted it once): no MemoryError, no
+    # traceback, no crash on its console
+    assert last.endswith("1 restart(s), 0 MemoryError(s), 0 traceback(s), 0 crash(es))"), last
     assert "Traceback" not in err, err
     # the board's files stay in --dir: a second start boots the provisioned config
     vb = VboardProc("--dir", str(tmp_path / "board"), "--json", env=env)
@@ -111,6 +110,9 @@ def test_vboard_status_provision_same_hash_then_ctrl_c(tmp_path):
     finally:
         rc, out, err = vb.interrupt()
     assert rc == 0 and "Traceback" not in err, err
+    stopped = json.loads(out.rstrip().splitlines()[-1])
+    assert stopped["event"] == "stopped" and stopped["health"]["memory_errors"] == 0
+    assert stopped["health"]["tracebacks"] == 0 and stopped["health"]["restarts"] == 0
 
 
 def test_vboard_plays_a_scenario_and_the_trip_shows(tmp_path):
@@ -127,4 +129,5 @@ def test_vboard_plays_a_scenario_and_the_trip_shows(tmp_path):
     finally:
         rc, out, err = vb.interrupt()
     assert rc == 0 and "Traceback" not in err, err
+    assert "0 restart(s), 0 MemoryError(s), 0 traceback(s), 0 crash(es)" in out
     assert not Path(out.splitlines()[1].split("files in ")[1].split(" ")[0]).exists()  # temporary dir removed

@@ -89,3 +89,18 @@ def test_other_grid_settings_are_refused(tmp_path, capsys):
     for name in ("demo-site.toml", "gb-site.toml", "signal-site.toml"):
         assert main(["provision", "--site", name, "--check"]) == 0, name
         capsys.readouterr()
+
+
+def test_vboard_user_errors_are_one_line(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    for argv, why in ((["--heapsize", "abc"], "--heapsize abc: not a heap size"),
+                      (["--dir", str(f)], "not a directory"),
+                      (["--scenario", str(tmp_path / "nope.csv")], "cannot read scenario"),
+                      (["--site", "gb-site.toml", "--scenario", "ercot_ffr_dip.csv", "--heapsize", "1x"],
+                       "not a heap size")):
+        assert main(["vboard", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert why in err and "Traceback" not in err, err
+    # a 60 Hz scenario on a 50 Hz site is warned about before anything starts
+    assert "plays a 60 Hz grid but gb-site.toml is a 50 Hz site" in err
