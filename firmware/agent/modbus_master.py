@@ -391,6 +391,12 @@ class RtuMaster(_Master):
                     if w:
                         await _sleep_ms(w)
                     while not self._de_done():
+                        # a transmitter that never reports done (txdone() stuck) must not hold
+                        # DE, and the bus, for ever: past the frame time plus the timeout the
+                        # attempt is a timeout (counted; DE released below)
+                        if ticks_diff(ticks_us(), self._de_t0) > self._de_us + self.timeout_ms * 1000:
+                            self.timeouts += 1
+                            raise ModbusTimeout("tx stuck")
                         await _sleep_ms(0)
                 self._start()
                 try:

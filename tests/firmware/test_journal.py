@@ -451,3 +451,151 @@ def test_host_parse_stream_fuzz_never_raises_never_invents():
         assert [r["n"] for r in recs] == sorted(r["n"] for r in recs)
         if len(recs) < len(originals):
             assert errs or len(b) < len(good)
+
+
+# ---- paths that never ran: a full flash, an oversize body, no RAM while reading back ---------------
+RAMBLOCK = """
+import vfs
+
+class RAMBlock:
+    def __init__(self, bs, n):
+        self.bs = bs
+        self.data = bytearray(bs * n)
+    def readblocks(self, b, buf, off=0):
+        a = b * self.bs + off
+        buf[:] = self.data[a:a + len(buf)]
+    def writeblocks(self, b, buf, off=None):
+        a = b * self.bs + (off or 0)
+        self.data[a:a + len(buf)] = buf
+    def ioctl(self, op, arg):
+        if op == 4:
+            return len(self.data) // self.bs
+        if op == 5:
+            return self.bs
+        if op == 6:
+            for i in range(self.bs):
+                self.data[arg * self.bs + i] = 0xFF
+            return 0
+"""
+
+
+def test_full_flash_enospc_counted_never_raises_and_recovers(board, tmp_path):
+    """A real LittleFS2 that runs out of blocks (ENOSPC, or a short write): every append after
+    that returns False and is counted, never raises, never reuses a sequence number; once space
+    is freed the journal writes again, and what it holds parses whole."""
+    out = run(board, RAMBLOCK + """
+bd = RAMBlock(256, 24)            # 6 KB: littlefs keeps a few blocks for itself
+vfs.VfsLfs2.mkfs(bd)
+vfs.mount(vfs.VfsLfs2(bd), "/flash")
+ballast = open("/flash/ballast", "wb")
+try:
+    while True:
+        ballast.write(bytes(256))
+        ballast.flush()
+except OSError:
+    pass
+ballast.close()
+os.remove("/flash/ballast")
+ballast = open("/flash/ballast", "wb")  # the flash again nearly full: room for a few records
+for i in range(13):
+    ballast.write(bytes(256))
+ballast.close()
+j = Journal("/flash", seg_size=4096, max_segs=2)
+res = []
+for i in range(40):
+    res.append(j.append("trip", {"i": i, "pad": "x" * 60}))
+first_fail = res.index(False)
+dump([first_fail, res[first_fail:].count(True), j.io_errors, j.dropped, j.seq])
+os.remove("/flash/ballast")       # the technician frees space
+ok = [j.append("trip", {"i": 100 + i}) for i in range(3)]
+j.close()
+j2 = Journal("/flash", seg_size=4096, max_segs=2)
+dump([ok, [r["n"] for r in j2.read()], j2.torn, [r.get("i") for r in j2.read()][-3:]])
+""", tmp_path, heapsize="256k")
+    (first_fail, later_ok, io_errors, dropped, seq), (ok, seqs, torn, last_i) = out
+    print("\nfull flash: first failed append %d, io_errors %d, dropped %d, kept %s" % (first_fail, io_errors, dropped, seqs))
+    assert first_fail > 0 and io_errors >= 1 and dropped == 40 - first_fail - later_ok
+    assert seq == 40  # a failed write still used its sequence number: never reused
+    assert ok == [True, True, True] and last_i == [100, 101, 102]
+    assert seqs == sorted(set(seqs)) and seqs[-3:] == [41, 42, 43] and torn <= 1
+    assert set(range(1, first_fail + 1)) <= set(seqs)  # everything written before the flash filled
+
+
+OVERSIZE = """
+j = Journal(".", seg_size=65536)
+ok = j.append("trip", {"hz": 59.5})
+size = os.stat("journal.0")[6]
+big = j.append("blob", {"data": "x" * (MAX + 10)})
+after = os.stat("journal.0")[6]
+fine = j.append("trip", {"hz": 59.6})
+dump([ok, big, fine, size == after, j.dropped, j.io_errors, [r["n"] for r in j.read()]])
+"""
+
+
+def test_oversize_body_dropped_and_counted(board, tmp_path):
+    out = run(board, OVERSIZE.replace("MAX", str(hj.MAX_BODY)), tmp_path, heapsize="256k")[0]
+    # the oversize record: not written, counted as dropped (not an I/O error), its seq not used
+    assert out == [True, False, True, True, 1, 0, [1, 2]]
+
+
+def test_oversize_body_dropped_and_counted_cpython(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    j = hj.Journal(".", seg_size=65536)
+    assert j.append("trip", {"hz": 59.5})
+    size = (tmp_path / "journal.0").stat().st_size
+    assert j.append("blob", {"data": "x" * (hj.MAX_BODY + 10)}) is False
+    assert (tmp_path / "journal.0").stat().st_size == size and j.dropped == 1 and j.io_errors == 0
+    assert j.append("trip", {"hz": 59.6}) and [r["n"] for r in j.read()] == [1, 2]
+
+
+def test_no_ram_while_reading_back_is_never_a_bad_record(board, tmp_path):
+    """Recovery and reads under memory pressure: a good record that cannot be decoded for want
+    of RAM raises MemoryError (the caller answers an error and retries), it is never reported
+    bad nor cut from the flash; with RAM back, every record is there."""
+    out = run(board, """
+from agent.journal import _try_record
+j = Journal(".")
+for i in range(5):
+    j.append("trip", {"i": i, "text": "y" * 300})
+j.close()
+data = open("journal.0", "rb").read()
+def read_at(off, n):
+    return data[off:off + n]
+hog = []
+try:
+    while True:
+        hog.append(bytearray(64))
+except MemoryError:
+    pass
+hog.pop()
+try:
+    r = _try_record(read_at, 0, len(data), 8192)
+    got = "no error: %r" % (r[1],)
+except MemoryError:
+    got = "MemoryError"
+hog = None
+import gc
+gc.collect()
+size_before = len(data)
+hog = []
+try:
+    while True:
+        hog.append(bytearray(64))
+except MemoryError:
+    pass
+for _ in range(8):
+    hog.pop()
+try:
+    j2 = Journal(".")            # boot-time recovery with almost no RAM
+    rec = "ok %d %d" % (j2.seq, j2.torn)
+except MemoryError:
+    rec = "MemoryError"
+hog = None
+gc.collect()
+j3 = Journal(".")
+dump([got, rec, os.stat("journal.0")[6] == size_before, [r["n"] for r in j3.read()], j3.torn])
+""", tmp_path, heapsize="64k")[0]
+    got, rec, unchanged, seqs, torn = out
+    assert got == "MemoryError"
+    assert rec in ("MemoryError", "ok 5 0"), rec  # it may have fit; it never cuts a good record
+    assert unchanged and seqs == [1, 2, 3, 4, 5] and torn == 0

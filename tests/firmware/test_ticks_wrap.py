@@ -45,7 +45,7 @@ def run(spec, steps, shift):
         else:
             r = c.step(now, None if mhz < 0 else mhz / 1000, ok == 1, sig == 1, rel == 1)
         snap = c.snapshot(now)
-        out.append([r, c.closed_mask, c.state, c.min_off_left_ms(now), snap and snap.get("off_ms")]
+        out.append([r, c.closed_mask, c.state, c.min_off_left_ms(now), snap and snap.get("min_off_left_ms")]
                    + [c.events[i] for i in range(c.nevents)])
     return out
 """
