@@ -756,3 +756,33 @@ print(c.bad_samples, c.closed_mask, c.bad_counts[1], c.bad_counts[2], c.bad_coun
     res = mp.run(code, heapsize="64k")
     n, mask, nan, band, rate, uv = map(int, res.out.split())
     assert mask == 3 and nan > 0 and band > 0 and rate > 0 and uv > 0, res.out
+
+
+OVERFLOW = """
+from agent.control import Controller, EVENT_NAMES
+cfg = %r
+c = Controller(cfg, 3)
+c._begin(1000)
+for i in range(40):   # more events than one decision can hold (no input makes this many today)
+    c._emit(1 + i %% (len(EVENT_NAMES) - 1))
+kept = [c.events[i] for i in range(c.nevents)]
+r = c.step(1050, 60.0, True)
+print(repr([len(kept), kept[:3], c.events_dropped, c.nevents, r]))
+"""
+
+
+def test_event_overflow_is_counted_and_the_next_decision_starts_clean(mp):
+    """The event list of one decision holds 16 codes: more are dropped and counted, never an
+    exception or a write past the buffer, and the next decision starts with an empty list."""
+    code = OVERFLOW % (make_cfg(),)
+    ns: dict = {}
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        exec(code, ns)
+    want = buf.getvalue().strip()
+    assert want == repr([16, [1, 2, 3], 24, 0, 0])
+    res = mp.run(code, heapsize="128k")
+    assert res.out.strip() == want
