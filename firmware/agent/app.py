@@ -350,7 +350,7 @@ class Agent:
             if ctrl.bad_why and self.meter_ok:  # implausible: never shown as the frequency
                 self.hz = None
                 err = control.BAD_NAMES[ctrl.bad_why]
-                if self.word_order is None:
+                if self.word_order is None or self.word_order == "as mapped":
                     self._word_hint(mm)
             if err is not None or self.q_burst:
                 self._quality(now, err)

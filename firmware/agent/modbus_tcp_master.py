@@ -44,9 +44,15 @@ class TcpMaster(_Master):
         self._wait_ms = 0
         self._next = 0
         self.backoffs = 0  # requests failed at once while waiting to reconnect
+        self._fresh = False
         self._n = self._fn = self._unit = self._got = self._want = self._t0 = 0
         self._addr = self._arg = None
         self._res = None
+
+    def _back_off(self):
+        w = self._wait_ms
+        self._wait_ms = w = 100 if not w else (w * 2 if w < 1000 else 2000)
+        self._next = ticks_add(ticks_ms(), w)
 
     def counters(self):
         c = _Master.counters(self)
@@ -73,11 +79,10 @@ class TcpMaster(_Master):
         try:
             r, w = await _wait_for_ms(asyncio.open_connection(self.host, self.port), self.timeout_ms)
         except (OSError, asyncio.TimeoutError) as e:
-            w = self._wait_ms
-            self._wait_ms = w = 100 if not w else (w * 2 if w < 1000 else 2000)
-            self._next = ticks_add(ticks_ms(), w)
+            self._back_off()
             raise ModbusConnectionError(str(e))
         self.connects += 1
+        self._fresh = True  # no good reply on this connection yet
         s = getattr(r, "s", None)  # MicroPython Stream: the raw non-blocking socket
         if s is not None and hasattr(s, "readinto"):
             self._sock = s
@@ -194,6 +199,10 @@ class TcpMaster(_Master):
             while True:
                 try:
                     if self._sock is None and self._reader is None:
+                        if attempt and self._wait_ms:  # a retry waits out the back-off (<= timeout)
+                            w = ticks_diff(self._next, ticks_ms())
+                            if 0 < w <= self.timeout_ms:
+                                await _sleep_ms(w)
                         await self._connect()
                     self._prepare(unit, fn, addr, arg, values)
                     if self._sock is None:
@@ -205,6 +214,7 @@ class TcpMaster(_Master):
                             await _sleep_ms(1)
                     self.ok += 1
                     self._wait_ms = 0
+                    self._fresh = False
                     return self._res
                 except ModbusException as e:
                     self.exceptions += 1
@@ -220,6 +230,9 @@ class TcpMaster(_Master):
                     err = e
                 except OSError as e:
                     err = ModbusConnectionError(str(e))
+                if self._fresh:  # a connection that never gave a good reply: back off too
+                    self._fresh = False
+                    self._back_off()
                 self.close()
                 self._count(err)
                 if attempt >= self.max_retries:

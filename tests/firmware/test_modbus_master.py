@@ -371,8 +371,11 @@ def test_tcp_silent_closed_and_flaky(result):
     name, _, ms = result["t_silent"]
     assert name == "ModbusTimeout" and 200 <= ms < 5000  # two ~100 ms attempts; upper bound: no hang
     assert result["t_silent_c"]["timeouts"] == 2
-    assert result["t_closed"][0] == "ModbusConnectionError"
-    assert result["t_closed_c"]["conn_errors"] == 3 and result["t_closed_c"]["retries"] == 2
+    # refused, refused again after the 100 ms back-off, then the 200 ms back-off is longer than
+    # the timeout: the last attempt ends at once (ReconnectWait, a ModbusConnectionError)
+    assert result["t_closed"][0] == "ReconnectWait"
+    c = result["t_closed_c"]
+    assert c["conn_errors"] == 2 and c["retries"] == 2 and c["backoffs"] == 1, c
     tid1 = result["t_flaky"][0]
     assert result["t_flaky"] == [tid1, 4321] and result["t_flaky2"] == [tid1 + 1, 4321]
     c = result["t_flaky_c"]
