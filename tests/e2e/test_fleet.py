@@ -134,7 +134,6 @@ def test_site_command_fans_out_exactly_once(fleet, tmp_path):
         pins = [p for b in r_.cfg["blocks"] for p in b["pins"]]
         assert opens(r_, m) == {p: 1 for p in pins}, r_.dev
     assert watch.wait(lambda: all(watch.last[f"gridshed/{SITE}/{r_.dev}/state"].get("mask") == 0 for r_ in rigs), 30)
-    assert took < 120  # generous bound against hangs only (the CLI itself gives up at 60 s)
     print(f"\nfan-out to {N_BOARDS} boards: CLI start to every state carrying its seq {took:.2f} s")
 
     # a duplicate delivery (the same bytes again, as QoS 1 may do) is refused as a replay

@@ -390,7 +390,6 @@ def test_allocations_per_transaction(result):
     assert 0 < result["alloc_rtu_nde"] <= 320
     assert 0 < result["alloc_rtu"] <= 320
     assert 0 < result["alloc_tcp"] <= 320
-    assert result["_wall_s"] < 60  # no hang (a few seconds normally; generous for a loaded runner)
 
 
 def test_tcp_master_under_cpython(rig):
