@@ -131,3 +131,39 @@ def test_vboard_plays_a_scenario_and_the_trip_shows(tmp_path):
     assert rc == 0 and "Traceback" not in err, err
     assert "0 restart(s), 0 MemoryError(s), 0 traceback(s), 0 crash(es)" in out
     assert not Path(out.splitlines()[1].split("files in ")[1].split(" ")[0]).exists()  # temporary dir removed
+
+
+def doc_walkthrough() -> list[str]:
+    """The technician's commands of docs/bring-up.md's training walk-through (terminal 2)."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "bring-up.md").read_text()
+    part = text.split("## Practising without hardware", 1)[1].split("Terminal 2", 1)[1]
+    block = part.split("```", 2)[1]
+    cmds = []
+    for line in block.splitlines():
+        line = line.split("  #", 1)[0].strip()
+        if line.startswith("gridshed "):
+            cmds.append(line)
+    return cmds
+
+
+def test_bring_up_training_walkthrough_runs_as_written(tmp_path):
+    """Every command of the walk-through, as the doc writes it, against a running gridshed vboard."""
+    cmds = doc_walkthrough()
+    assert len(cmds) >= 9 and any(c.startswith("gridshed shed ") for c in cmds), cmds
+    env = dict(os.environ, GRIDSHED_INVENTORY=str(tmp_path / "inventory.sqlite"))
+    vb = VboardProc("--dir", str(tmp_path / "board1"), env=env)
+    try:
+        port = vb.wait_line("", timeout=60).split()[1]
+        vb.wait_line("ready: the agent polls the meter")
+        for c in cmds:
+            argv = [a.replace("$P", port) for a in c.split()[1:]]
+            r = subprocess.run([*GRIDSHED, *argv], capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+            assert r.returncode == 0 and "Traceback" not in r.stderr, (c, r.stdout[-2000:], r.stderr[-2000:])
+            if argv[0] == "shed":
+                vb.wait_line("relay row-a      OPEN   (shed)")
+                assert "accepted" in r.stdout
+        page = (tmp_path / "training.html").read_text()
+        assert "signed command" in page and "train-1" in page
+    finally:
+        rc, out, err = vb.interrupt()
+    assert rc == 0 and "Traceback" not in err, err
