@@ -11,6 +11,7 @@ The body is a CBOR map {"n": seq, "t": unix s or None, "ms": uptime ms, "k": kin
 Segments are files <prefix>.<index> in one directory; the index only grows, at most max_segs
 segments are kept (the oldest is deleted when a new one is started), each at most seg_size bytes.
 """
+import gc
 import os
 import struct
 import binascii
@@ -201,6 +202,7 @@ class Journal:
         self.dropped = 0
         self.rotations = 0
         self.read_errors = 0
+        self.mem_errors = 0
         try:
             self._recover()
         except Exception:
@@ -365,17 +367,30 @@ class Journal:
 
         Never raises: an unencodable body or an I/O error is counted and returns False. After
         an I/O error the next append re-runs recovery (truncating a partial record) first.
+        Short of RAM (MemoryError) is not an I/O error: the heap is collected and the record
+        encoded again once (mem_errors counts each), the open segment is kept as it is, and a
+        record longer than the write buffer goes out in pieces, never through a second copy.
         """
-        try:
-            seq = self.seq + 1
-            d = {"n": seq, "t": self.clock() if self.clock else None, "ms": self.uptime(),
-                 "k": kind}
-            if fields:
-                for key in fields:
-                    if key not in d:
-                        d[key] = fields[key]
-            body = cbor.dumps(d)
-        except Exception:
+        d = body = None
+        for _ in range(2):
+            try:
+                seq = self.seq + 1
+                d = {"n": seq, "t": self.clock() if self.clock else None, "ms": self.uptime(),
+                     "k": kind}
+                if fields:
+                    for key in fields:
+                        if key not in d:
+                            d[key] = fields[key]
+                body = cbor.dumps(d)
+                break
+            except MemoryError:
+                d = body = None
+                self.mem_errors += 1
+                gc.collect()
+            except Exception:
+                self.dropped += 1
+                return False
+        if body is None:
             self.dropped += 1
             return False
         ln = len(body)
@@ -394,26 +409,42 @@ class Journal:
                     n = ln + OVERHEAD
             if self._size > 0 and self._size + n > self.seg_size:
                 self._rotate()
-            if n <= len(self._buf):
-                mv = self._mv
-            else:
-                mv = memoryview(bytearray(n))
+            mv = self._mv
             lb = self._lenb
             lb[0] = ln >> 8
             lb[1] = ln & 0xFF
+            crc = binascii.crc32(body, binascii.crc32(lb)) & 0xFFFFFFFF
             mv[0] = MAGIC
             mv[1] = lb[0]
             mv[2] = lb[1]
-            mv[HDR : HDR + ln] = body
-            crc = binascii.crc32(body, binascii.crc32(lb)) & 0xFFFFFFFF
-            struct.pack_into(">I", mv, HDR + ln, crc)
             self.seq = seq  # never reused, even if the write below fails halfway
-            w = self._f.write(mv[:n])
+            f = self._f
+            if n <= len(self._buf):
+                mv[HDR : HDR + ln] = body
+                struct.pack_into(">I", mv, HDR + ln, crc)
+                w = f.write(mv[:n])
+            else:  # header, body, CRC: three writes from what exists (a cut is a torn tail)
+                struct.pack_into(">I", mv, HDR, crc)
+                w = f.write(mv[:HDR])
+                if w is None or w == HDR:
+                    w = f.write(body)
+                    if w is None or w == ln:
+                        w = f.write(mv[HDR:HDR + TRAILER])
+                        n = HDR + ln + TRAILER if w is None or w == TRAILER else -1
+                    else:
+                        n = -1
+                else:
+                    n = -1
+                w = n
             if w is not None and w != n:
                 raise OSError(28)
-            self._f.flush()
+            f.flush()
             self._size += n
             return True
+        except MemoryError:  # the segment is sound (a cut record is a torn tail): keep it open
+            self.mem_errors += 1
+            self.dropped += 1
+            return False
         except Exception:
             self.io_errors += 1
             self.dropped += 1
@@ -450,7 +481,7 @@ class Journal:
                 pass
         return {"seq": self.seq, "segments": len(self._segs), "bytes": total, "torn": self.torn,
                 "io_errors": self.io_errors, "dropped": self.dropped,
-                "rotations": self.rotations, "read_errors": self.read_errors}
+                "rotations": self.rotations, "read_errors": self.read_errors, "mem_errors": self.mem_errors}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -599,3 +599,65 @@ dump([got, rec, os.stat("journal.0")[6] == size_before, [r["n"] for r in j3.read
     assert got == "MemoryError"
     assert rec in ("MemoryError", "ok 5 0"), rec  # it may have fit; it never cuts a good record
     assert unchanged and seqs == [1, 2, 3, 4, 5] and torn == 0
+
+
+def test_large_record_written_without_a_second_copy(board, tmp_path):
+    """A capture part (400-byte body) goes out as header, body, CRC: the append allocates no
+    record-sized buffer of its own (the dry-contact drop of issue 11: capture and restore
+    records lost to MemoryError, counted as I/O errors, on a tight heap)."""
+    out = run(board, """
+import gc
+from agent import cbor
+def main():
+    j = Journal(".", seg_size=1 << 20)
+    f = {"smp": bytes(400), "part": 0}
+    d = {"n": 1, "t": None, "ms": 5, "k": "capture", "smp": bytes(400), "part": 0}
+    j.append("capture", f)
+    gc.collect()
+    gc.disable()
+    a = gc.mem_alloc()
+    for i in range(20):
+        j.append("capture", f)
+    b = gc.mem_alloc()
+    for i in range(20):
+        cbor.dumps(d)
+    c = gc.mem_alloc()
+    gc.enable()
+    dump([(b - a) // 20, (c - b) // 20, j.seq, j.dropped, j.io_errors])
+main()
+""", tmp_path, heapsize="512k")[0]
+    per_append, per_dumps, seq, dropped, io = out
+    assert seq == 21 and dropped == 0 and io == 0
+    assert per_append - per_dumps < 300, out  # was > 400: a bytearray(n) copy of every record
+    recs, errs = host_records(tmp_path)
+    assert len(recs) == 21 and not errs and all(r["smp"] == bytes(400) for r in recs)
+
+
+def test_no_ram_is_not_an_io_error_and_keeps_the_segment(tmp_path, monkeypatch):
+    """MemoryError while encoding: the heap is collected and the record encoded again; the
+    segment stays open (no recovery scan, which would need more RAM again); counted as
+    mem_errors, never io_errors."""
+    from agent import journal as jm
+
+    j = jm.Journal(str(tmp_path), seg_size=4096)
+    assert j.append("boot", {"x": 1})
+    real = jm.cbor.dumps
+    fail = {"n": 1}
+
+    def flaky(obj):
+        if fail["n"] > 0:
+            fail["n"] -= 1
+            raise MemoryError("memory allocation failed")
+        return real(obj)
+
+    monkeypatch.setattr(jm.cbor, "dumps", flaky)
+    f = j._f
+    assert j.append("ctl", {"ev": "restore_done"})  # one MemoryError, then written
+    assert j._f is f and j.mem_errors == 1 and j.io_errors == 0 and j.dropped == 0
+    fail["n"] = 2  # no RAM twice: this record is dropped (counted), the next one is written
+    assert not j.append("capture", {"part": 0})
+    assert j._f is f and j.dropped == 1 and j.io_errors == 0 and j.mem_errors == 3
+    assert j.append("capture", {"part": 1})
+    recs, errs = host_records(tmp_path)
+    assert [r["k"] for r in recs] == ["boot", "ctl", "capture"] and not errs
+    assert [r["n"] for r in recs] == [1, 2, 3]
