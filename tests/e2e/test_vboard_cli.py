@@ -150,7 +150,8 @@ def test_bring_up_training_walkthrough_runs_as_written(tmp_path):
     """Every command of the walk-through, as the doc writes it, against a running gridshed vboard."""
     cmds = doc_walkthrough()
     assert len(cmds) >= 9 and any(c.startswith("gridshed shed ") for c in cmds), cmds
-    env = dict(os.environ, GRIDSHED_INVENTORY=str(tmp_path / "inventory.sqlite"))
+    env = dict(os.environ, GRIDSHED_INVENTORY=str(tmp_path / "inventory.sqlite"),
+               GRIDSHED_EVENTS_STATE=str(tmp_path / "events-state.json"))
     vb = VboardProc("--dir", str(tmp_path / "board1"), env=env)
     try:
         port = vb.wait_line("", timeout=60).split()[1]
