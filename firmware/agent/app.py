@@ -124,14 +124,19 @@ class Agent:
             self.integrity = self.integrity or {}
             self.integrity[KEYS_PATH] = why
         tripped = bool(persisted and persisted.get("tripped"))
-        # Held inputs survive a reboot: a signed shed command not yet restored, a lockout in
-        # place (kept until the switch reads released), and the override switch read right now.
-        self.cmd_shed = bool(persisted and persisted.get("cmd_shed") is True)
+        # Held inputs survive a reboot: every issuer's shed not yet released (control.Authority,
+        # docs/control.md "Shed authority"), a lockout in place (kept until the switch reads
+        # released), and the override switch read right now.
+        self.auth = control.Authority(persisted)
+        tr = (cfg.get("authority") or {}).get("trusted") or ()
+        self.trusted = ((1 << control.I_MODBUS if "modbus" in tr else 0)
+                        | (1 << control.I_CONTACT if "dry_contact" in tr else 0))
         self.shed_kw = self._resume = None  # partial curtailment: kW target, persisted episode
         if persisted and persisted.get("shed_kw"):  # a kW target survives too (agent/curtail.py)
             from agent.curtail import boot_target
 
             boot_target(self, persisted, tripped)
+        self.auth_sync()
         self._p_kw = self.shed_kw
         self.override = None
         ov = cfg.get("override")
@@ -140,7 +145,7 @@ class Agent:
 
             self.override = boot_override(cfg, hal, persisted)
         self.lockout = self.override is not None and self.override.lockout()
-        hold = self.cmd_shed or self.lockout
+        hold = self.auth.held != 0 or self.lockout
         closed = cfg["failsafe"]["boot_state"] == "closed" and not tripped and not hold
         # Relays first: the safe state is set before anything else is built.
         self.relays = RelayBank(hal, cfg["blocks"], closed)
@@ -170,20 +175,23 @@ class Agent:
         self.master = self._master()
         self.features = self._load_features()
         gc.collect()
-        # held inputs as last persisted (cmd_shed | lockout << 1): a change is persisted at once
-        self._p_held = self.cmd_shed | bool(persisted and persisted.get("lockout") is True) << 1
+        # held inputs as last persisted (authority changes, lockout): a change is persisted at once
+        self._p_held = self.auth.changes | bool(persisted and persisted.get("lockout") is True) << 30
+        # the clock counts as known only after a signed time from the host (agent/cmdrun.py):
+        # time_off = trusted unix time - time.time(); the port's RTC default never counts
+        self.time_off = None
+        self.nonce = None  # the current command nonce (Agent.get_nonce), single use
         jc = cfg.get("journal") or {}
         self.journal = Journal(".", seg_size=jc.get("segment_bytes", 16384), max_segs=jc.get("segments", 4),
-                               clock=hal.wall_time)
+                               clock=self.now_unix)
         self.meter_map = MeterMap(cfg["meter"]["map"], checked=True)  # checked in agent/boot.py
         # the map now lives in meter_map's arrays; keep only what the host needs to name it
         cfg["meter"]["map"] = {"model": self.meter_map.model}
         self.hz = None
         self.kw = None
         self.meter_ok = False
-        self.ext_shed = False    # set by feature modules (utility Modbus server register, ...)
         self.curtailer = None
-        self.release = False
+        self.release = False  # one-shot: a release that satisfies trip.release_required
         self.samples = 0
         self.meter_errors = 0
         self.kw_ms = None    # when kw was last read (status: kw_age_ms, kw_stale)
@@ -208,7 +216,8 @@ class Agent:
         self.poll_due = ticks_add(now, WDT_BOOT_MS + self._read_worst + WDT_POLL_PERIODS * m["poll_ms"])
         self.journal.append("boot", {"build": BUILD, "resumed_trip": tripped, "mask": self.relays.mask,
                                      "cause": _cause(hal), "torn": self.journal.torn,
-                                     "cmd_shed": self.cmd_shed, "lockout": self.lockout})
+                                     "cmd_shed": self.cmd_shed, "held": self.auth.held,
+                                     "lockout": self.lockout})
         if self.integrity:
             for k in self.integrity:
                 log("E", "ALARM %s refused: %s" % (k, self.integrity[k]))
@@ -240,11 +249,12 @@ class Agent:
         # inputs; written after each trip/restore event and whenever a held input changes.
         s = self.ctrl.snapshot(now)
         s["cmd_shed"] = self.cmd_shed
+        s["auth"] = self.auth.snapshot()
         s["lockout"] = self.lockout
         s["shed_kw"] = self._p_kw = self.shed_kw
         if self.curtailer is not None:
             s["curtail"] = self.curtailer.snapshot()
-        self._p_held = self.cmd_shed | self.lockout << 1
+        self._p_held = self.auth.changes | self.lockout << 30
         try:
             write_cbor_atomic(STATE_PATH, s)
         except (OSError, MemoryError):
@@ -252,14 +262,30 @@ class Agent:
 
     def _dirty(self):
         # a held input or the kW target changed since state.cbor was written
-        return self._p_held != self.cmd_shed | self.lockout << 1 or self._p_kw != self.shed_kw
+        return self._p_held != self.auth.changes | self.lockout << 30 or self._p_kw != self.shed_kw
 
     # ---- control -------------------------------------------------------------------------
     def shed_requested(self):
-        # Every utility channel (signed command, dry contact, Modbus server, MQTT, OpenADR via a
-        # signed command) ends up here as an input of the next decision.
-        return (self.cmd_shed or self.ext_shed or self.lockout
-                or (self.signal is not None and self.signal.shed()))
+        # Every issuer (signed commands per key, dry contact, Modbus server, heartbeat, OpenADR)
+        # holds its own entry in self.auth; any full shed held is an input of the next decision.
+        return self.auth.held != 0 or self.lockout
+
+    def issue(self, i, shed, kw=None, full=True):
+        # Issuer i (control.I_*) sheds (everything, or to kw) or releases its own entry (its
+        # full shed and/or its kW target). Nothing here releases another issuer's entry or
+        # sets the release that trip.release_required waits for. Returns True on a change.
+        a = self.auth
+        n = a.changes
+        if shed:
+            a.shed(i, kw)
+        else:
+            a.release(1 << i, full, kw is not None)
+        self.auth_sync()
+        return a.changes != n
+
+    def auth_sync(self):
+        self.cmd_shed = self.auth.held & control.SIGNED_MASK != 0
+        self.shed_kw = self.auth.target()
 
     def decide(self, now, sample):
         # One control decision; relays change here and only here.
@@ -465,6 +491,9 @@ class Agent:
             else:
                 reply(out, True)
             return
+        if line == "nonce":  # freshness for restore / disarm / time while the clock is untrusted
+            reply({"nonce": self.get_nonce(), "time_trusted": self.time_off is not None}, True)
+            return
         if line[:6] == "events" and line[6:7] in " \t\r\v\f":  # read by agent/journal_read.py
             self.step("journal_read", "events", self, line[7:].strip())
             return
@@ -503,6 +532,28 @@ class Agent:
         if c["ok"]:  # the decision runs with the command code freed
             self.decide(ticks_ms(), False)
         return c
+
+    def now_unix(self):
+        # trusted unix seconds, or None until the host's signed time arrived (docs/security.md)
+        if self.time_off is None:
+            return None
+        import time
+
+        return time.time() + self.time_off
+
+    def get_nonce(self):
+        # the board's current nonce (hex): a restore / disarm / time command carries it while
+        # the clock is not trusted; used once (agent/cmdrun.py drops it), then a new one
+        if self.nonce is None:
+            import os
+
+            try:
+                self.nonce = os.urandom(8)
+            except Exception:  # a port without urandom
+                import random
+
+                self.nonce = bytes(random.getrandbits(8) for _ in range(8))
+        return "".join("%02x" % b for b in self.nonce)
 
     def step(self, mod, fn, *args):
         # agent.<mod>.<fn>(*args), the module loaded for this call only

@@ -6,18 +6,23 @@
 # (Comments, not docstrings: less RAM when this is compiled from source.)
 from agent import cbor
 
-COMMANDS = ("shed", "restore", "arm", "disarm", "test", "status")
+COMMANDS = ("shed", "restore", "arm", "disarm", "test", "status", "time")
+# the restore / disarm direction (and the clock itself): fresh by the board's trusted clock
+# (exp), or by carrying the board's current nonce while the clock is not trusted
+FRESH = ("restore", "disarm", "time")
 
 
 def _is_int(v):
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def check(r, dev_id, site_id, now, hwm, save):
+def check(r, dev_id, site_id, now, hwm, save, nonce=None):
     # r: what agent.mac0.verify returned. The accepted command (dict), or why it is refused (a
     # reason of agent.commands.REASONS), the first failing check winning. hwm: {kid: highest
     # seq accepted}, raised here before save(new marks) is called, or None when the store could
-    # not be read (fail closed). Never raises: an internal error is "malformed".
+    # not be read (fail closed). now: the board's trusted unix time or None (agent.app
+    # Agent.now_unix); nonce: the board's current nonce (bytes) or None. Never raises: an
+    # internal error is "malformed".
     try:
         if isinstance(r, str):  # refused by agent.mac0; a wrong alg counts as malformed here
             return "malformed" if r == "bad-alg" else r
@@ -53,6 +58,25 @@ def check(r, dev_id, site_id, now, hwm, save):
                 if not (isinstance(x, str) or (_is_int(x) and 0 <= x < 256)):
                     return "malformed"
             out["blocks"] = b
+        if "iss" in p:  # the signer's issuer label (the OpenADR bridge: "openadr"): its own entry
+            v = p["iss"]
+            if not isinstance(v, str) or not 0 < len(v) <= 16 or "#" in v:
+                return "malformed"
+            out["iss"] = v
+        if "all" in p:  # restore: every issuer's entry (authority.restore_all decides who may)
+            if p["all"] is not True:
+                return "malformed"
+            out["all"] = True
+        if "nonce" in p:
+            v = p["nonce"]
+            if not isinstance(v, bytes) or not 4 <= len(v) <= 32:
+                return "malformed"
+            out["nonce"] = v
+        if "t" in p or name == "time":
+            v = p.get("t")
+            if not _is_int(v) or not 1600000000 < v < 1 << 40:
+                return "malformed"
+            out["t"] = v
         if not isinstance(name, str) or name not in COMMANDS:
             return "bad-cmd"
         if dev is not None:
@@ -69,6 +93,11 @@ def check(r, dev_id, site_id, now, hwm, save):
             return "store-error"  # unreadable at boot: fail closed (no mark to replay against)
         if seq <= hwm.get(kid, -1):
             return "replay"
+        v = out.get("nonce")
+        if v is not None and v != nonce:
+            return "stale"  # not this board's current nonce (used, or from before a reboot)
+        if name in FRESH and v is None and (now is None or name == "time"):
+            return "stale"  # no trusted clock to judge exp by: a nonce is the freshness
         p = dict(hwm)
         p[kid] = seq
         hwm[kid] = seq  # raised first: even if the write fails, this seq is spent
@@ -93,7 +122,7 @@ def run(a, r):
     except Exception:  # unreadable: every command is refused until re-provisioned
         hwm = None
     marks = []
-    r = check(r, a.cfg["device"], a.cfg["site"], a.hal.wall_time(), hwm, marks.append)
+    r = check(r, a.cfg["device"], a.cfg["site"], a.now_unix(), hwm, marks.append, a.nonce)
     return (r, marks[0]) if marks and isinstance(r, dict) else r
 
 

@@ -22,8 +22,8 @@ def run(a, c, src):
     n = a.seq_counters  # kept by the agent: this module is freed after each command
     if n is None:  # the status "commands" counters: accepted and agent.commands.REASONS
         n = a.seq_counters = {"accepted": 0, "malformed": 0, "unknown-kid": 0, "bad-mac": 0,
-                              "bad-cmd": 0, "wrong-target": 0, "expired": 0, "replay": 0,
-                              "store-error": 0}
+                              "bad-cmd": 0, "wrong-target": 0, "expired": 0, "stale": 0, "replay": 0,
+                              "store-error": 0, "forbidden": 0}
     now = ticks_ms()
     if isinstance(c, str):
         n[c] += 1
@@ -39,21 +39,47 @@ def run(a, c, src):
             a.refused_at = (last, 0)
             a.count("cmd_refused_unjournaled")
         return {"ok": False, "refused": c}
-    n["accepted"] += 1
     cmd = c["cmd"]
-    a.journal.append("cmd", {"src": src, "cmd": cmd, "seq": c["seq"]})
+    kid = c["kid"]
+    iss = c.get("iss")
+    iid = kid if iss is None else kid + b"#" + iss.encode()  # this signer's issuer entry
+    if c.get("all"):
+        ra = (a.cfg.get("authority") or {}).get("restore_all", ["*"])
+        if cmd != "restore" or iss is not None or not ("*" in ra or _hex(kid) in ra):
+            n["forbidden"] += 1
+            a.journal.append("cmd_refused", {"src": src, "why": "forbidden", "seq": c["seq"]})
+            log("W", "command refused (%s): forbidden" % src)
+            return {"ok": False, "refused": "forbidden"}
+    if "nonce" in c:
+        a.nonce = None  # used: the next command needing one asks for a new one
+    if cmd == "time":  # the host's signed time: the board's clock is trusted from now on
+        import time
+
+        w = a.hal.wall_time()  # NTP / RTC, when the port has a plausible one: only a sanity bound
+        if w is not None and abs(w - c["t"]) > TIME_SKEW_S:
+            n["stale"] += 1
+            a.journal.append("cmd_refused", {"src": src, "why": "time-skew", "seq": c["seq"], "t": c["t"]})
+            return {"ok": False, "refused": "time-skew"}
+        was = a.now_unix()
+        a.time_off = c["t"] - time.time()
+        a.journal.append("time", {"t": c["t"], "was": was, "src": src})
+    n["accepted"] += 1
+    a.journal.append("cmd", {"src": src, "cmd": cmd, "seq": c["seq"], "by": _hex(kid) + ("#" + iss if iss else "")})
     log("E", "command %s seq=%d (%s)" % (cmd, c["seq"], src))
     if cmd == "shed":
-        if "kw" in c:
-            a.shed_kw = c["kw"]  # partial: agent/curtail.py sheds blocks to this kW target
-        else:
-            a.cmd_shed = True
+        # everything, or partial: agent/curtail.py sheds blocks to the largest kW target held
+        a.issue(slot(a.auth, iid), True, c.get("kw"))
     elif cmd == "restore":
-        a.cmd_shed = False
-        a.shed_kw = None
-        a.release = True
-        if a.signal is not None:
-            a.signal.clear()
+        if c.get("all"):  # every issuer's entry, the dry contact's latch, a heartbeat-loss shed
+            a.auth.release(-1)
+            a.auth_sync()
+            if a.signal is not None:
+                a.signal.clear()
+        else:  # this signer's own entry only
+            i = slot(a.auth, iid, False)
+            if i >= 0:
+                a.issue(i, False, 0)
+        a.release = True  # authenticated: satisfies trip.release_required
     elif cmd == "arm" or cmd == "disarm":
         ev = a.ctrl.arm(now) if cmd == "arm" else a.ctrl.disarm(now)
         if a.ctrl.nevents:
@@ -63,6 +89,34 @@ def run(a, c, src):
     if cmd == "status" or cmd == "test":
         out["status"] = None  # the transport adds the status it carries (Agent.signed_command)
     return out
+
+
+TIME_SKEW_S = 300  # a signed time further than this from a plausible RTC/NTP time is refused
+
+
+def slot(au, iid, create=True):
+    # the issuer number (control.I_SIGNED + k) of a signer id in control.Authority's table; a
+    # free slot for a new one; -1 when absent and not created
+    from agent.control import I_SIGNED, NSIGNED
+
+    free = -1
+    for i in range(NSIGNED):
+        v = au.ids[i]
+        if v == iid:
+            return I_SIGNED + i
+        if free < 0 and (v is None or not au.active(I_SIGNED + i)):
+            free = i
+    if not create:
+        return -1
+    if free < 0:  # full: the last slot, as an unknown signer's (only a restore-all clears it)
+        free = NSIGNED - 1
+        iid = b""
+    au.ids[free] = iid
+    return I_SIGNED + free
+
+
+def _hex(b):
+    return "".join("%02x" % x for x in b)
 
 
 def save(path, data):

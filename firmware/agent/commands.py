@@ -4,9 +4,11 @@ A command is a COSE_Mac0 (see agent.cose) whose payload is a CBOR map:
 
     {"cmd": "shed"|"restore"|"arm"|"disarm"|"test"|"status",
      "seq": uint (strictly increasing per kid),
-     "exp": int unix seconds (checked only when the board knows wall time),
+     "exp": int unix seconds (checked once the board trusts its clock),
      "dev": device id (str) and/or "site": site id (str),
-     optional "kw": number >= 0 (partial shed target), "blocks": [name (str) or index (int)]}
+     optional "kw": number >= 0 (partial shed target), "blocks": [name (str) or index (int)],
+     "iss": issuer label (str, its own shed entry), "all": true (restore every issuer's shed),
+     "nonce": the board's current nonce (bytes), "t": unix seconds (the "time" command)}
 
 ``CommandVerifier.verify`` returns the accepted command as a dict or raises
 ``CommandRefused(reason)``. Checks run in this order, the first failure wins:
@@ -18,9 +20,12 @@ A command is a COSE_Mac0 (see agent.cose) whose payload is a CBOR map:
                     int; no target; dev/site/kw/blocks of the wrong type or range
 5. ``bad-cmd``      "cmd" not one of COMMANDS
 6. ``wrong-target`` "dev" (if present) is not this device or "site" (if present) is not this site
-7. ``expired``      now_unix is known and now_unix > exp
+7. ``expired``      now_unix is known (the board's trusted clock) and now_unix > exp
 8. ``replay``       seq <= the highest seq accepted so far for this kid
-9. ``store-error``  the seq store could not be read at boot or written now (fail closed)
+9. ``stale``        a "nonce" that is not the board's current one; or a command of FRESH
+                    (restore, disarm, time) without a nonce while the clock is not trusted
+                    ("time" always needs the nonce)
+10. ``store-error`` the seq store could not be read at boot or written now (fail closed)
 
 Payload checks (4-8) run only on authenticated payloads. The new high-water mark is
 written to the store BEFORE the command is returned, so a reboot can never make an
@@ -39,8 +44,9 @@ from agent import mac0
 from agent.compat import const
 
 COMMANDS = cmdcheck.COMMANDS
-REASONS = ("malformed", "unknown-kid", "bad-mac", "bad-cmd", "wrong-target", "expired",
-           "replay", "store-error")
+FRESH = cmdcheck.FRESH
+REASONS = ("malformed", "unknown-kid", "bad-mac", "bad-cmd", "wrong-target", "expired", "replay",
+           "stale", "store-error")
 
 MAX_COMMAND_LEN = const(512)
 MAX_BLOCKS = const(32)
@@ -124,10 +130,12 @@ class CommandVerifier:
         """Highest seq accepted for ``kid`` (or -1)."""
         return self._hwm.get(kid, -1)
 
-    def verify(self, buf, now_unix=None):
-        """Return the accepted command dict, or raise CommandRefused(reason)."""
+    def verify(self, buf, now_unix=None, nonce=None):
+        """Return the accepted command dict, or raise CommandRefused(reason).
+
+        now_unix: the board's trusted time or None; nonce: the board's current nonce."""
         c = cmdcheck.check(mac0.verify(buf, self.keys, self.max_len), self.device_id, self.site_id,
-                           now_unix, self._hwm if self.store_ok else None, self.store.save)
+                           now_unix, self._hwm if self.store_ok else None, self.store.save, nonce)
         if isinstance(c, str):
             self.counters[c] += 1
             self.last_refusal = c

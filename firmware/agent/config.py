@@ -64,6 +64,13 @@ OPTIONAL = {
         "baud": (19200, "i", 1200, 115200),
         "heartbeat_s": (0.0, "f", 0.0, 3600.0),
         "heartbeat_action": ("alarm", ("alarm", "shed"), None, None),
+        "bind": ("", "s", None, None),
+        "allow": ([], "l", None, None),
+        "master": ("", "s", None, None),
+    },
+    "authority": {
+        "trusted": ([], "l", None, None),
+        "restore_all": (["*"], "l", None, None),
     },
     "udp": {
         "enabled": (True, "b", None, None),
@@ -254,6 +261,19 @@ def validate(cfg):
             errors.append("trip.restore_hz: %r is more than %r Hz below the %d Hz nominal" % (trip["restore_hz"], BAND_HZ, nominal))
         if "stages" in trip:
             _check_stages(trip, nominal, len(cfg.get("blocks") or ()), errors)
+    au = cfg.get("authority")
+    if isinstance(au, dict):
+        for v in au.get("trusted") or ():
+            if v not in ("modbus", "dry_contact"):
+                errors.append("authority.trusted: %r is not an unauthenticated channel (modbus, dry_contact)" % (v,))
+        for v in au.get("restore_all") or ():
+            if not (v == "*" or (isinstance(v, str) and 0 < len(v) <= 64 and not v.strip("0123456789abcdef"))):
+                errors.append("authority.restore_all: %r is not a key id in hex or \"*\"" % (v,))
+    ms = cfg.get("modbus_server")
+    if isinstance(ms, dict):
+        for v in list(ms.get("allow") or ()) + [ms.get("master") or "0.0.0.0", ms.get("bind") or "0.0.0.0"]:
+            if not _ipv4(v):
+                errors.append("modbus_server: %r is not an IPv4 address (bind, allow, master)" % (v,))
     sig = cfg.get("signals")
     if isinstance(sig, dict) and sig.get("dry_contact") is True and sig.get("dry_contact_pin") is None:
         errors.append("signals.dry_contact: the board has no dry-contact input pin")
@@ -296,6 +316,14 @@ def validate(cfg):
                 else:
                     seen_pins[pin] = i
     return errors
+
+
+def _ipv4(v):
+    try:
+        p = v.split(".")
+        return len(p) == 4 and all(x.isdigit() and 0 <= int(x) < 256 for x in p)
+    except Exception:
+        return False
 
 
 def block_kw(block):

@@ -561,3 +561,93 @@ class Controller:
                 m |= 1 << i
                 total += self.kw[i]
         return m
+
+
+# ---- shed authority: one entry per issuer (docs/control.md, "Shed authority") -------------
+# The controller's own trips (frequency, ROCOF, meter loss) are the protection's entry: its
+# shed_mask and restore rules. Every other source of a shed holds its own entry here: a full
+# shed (a bit of held) and/or a kW target (kw[i]). The load may come back only when no entry
+# holds (Agent.shed_requested() reads held: one int, no allocation) and the controller's own
+# rules allow it. An entry is released by its own issuer; clearing another's needs the power
+# the site config gives (authority.trusted, authority.restore_all).
+I_MODBUS = const(0)     # utility Modbus map: register 10 / 12 (unauthenticated)
+I_CONTACT = const(1)    # dry contact (unauthenticated)
+I_HEARTBEAT = const(2)  # Modbus heartbeat lost with heartbeat_action = "shed"
+I_SCHEDULE = const(3)   # schedules (reserved for the market issue)
+I_SIGNED = const(4)     # first signed issuer slot: one per (kid, "iss" label)
+NSIGNED = const(8)
+NISSUERS = const(12)
+SIGNED_MASK = const(0xFF0)
+ISSUER_NAMES = ("modbus", "dry_contact", "heartbeat", "schedule")
+
+
+class Authority:
+    def __init__(self, persisted=None):
+        self.held = 0               # bit i: issuer i holds a full shed
+        self.kw = [0.0] * NISSUERS  # issuer i's partial target in kW (0: none)
+        self.ids = [None] * NSIGNED  # signed slot -> issuer id (kid bytes [+ b"#" + iss])
+        self.changes = 0  # bumped by every change (the agent persists when it moved)
+        p = persisted and persisted.get("auth")
+        if p:
+            try:
+                held, kws, ids = p
+                for i in range(NSIGNED):
+                    v = ids[i]
+                    self.ids[i] = v if isinstance(v, bytes) else None
+                for i in range(NISSUERS):
+                    k = kws[i]
+                    if isinstance(k, (int, float)) and not isinstance(k, bool) and 0 < k < 1e7:
+                        self.kw[i] = float(k)
+                self.held = int(held) & ((1 << NISSUERS) - 1)
+            except Exception:  # unreadable: held for an unknown signer (cleared by a restore-all)
+                self.held |= 1 << I_SIGNED
+                self.ids[0] = b""
+        elif persisted:  # stored before issuers existed: an unknown signer's shed / target
+            k = persisted.get("shed_kw")
+            if persisted.get("cmd_shed") is True:
+                self.held = 1 << I_SIGNED
+            if isinstance(k, (int, float)) and not isinstance(k, bool) and 0 < k < 1e7:
+                self.kw[I_SIGNED] = float(k)
+            if self.active(I_SIGNED):
+                self.ids[0] = b""
+
+    def active(self, i):
+        return (self.held >> i) & 1 or self.kw[i] > 0
+
+    def shed(self, i, kw=None):
+        # issuer i sheds: everything (kw None) or to a kW target (0: its target withdrawn)
+        if kw is None:
+            if not (self.held >> i) & 1:
+                self.held |= 1 << i
+                self.changes += 1
+        elif self.kw[i] != kw:
+            self.kw[i] = float(kw)
+            self.changes += 1
+
+    def release(self, mask, full=True, kw=True):
+        # release the entries (full shed and/or kW target) of the issuers in mask; True when
+        # one of them was active
+        was = False
+        for i in range(NISSUERS):
+            if (mask >> i) & 1:
+                if (full and (self.held >> i) & 1) or (kw and self.kw[i] > 0):
+                    was = True
+                if kw:
+                    self.kw[i] = 0.0
+        if full:
+            self.held &= ~mask
+        if was:
+            self.changes += 1
+        return was
+
+    def target(self):
+        # the kW target the curtailer works to: the largest entry's, or None
+        t = 0.0
+        for k in self.kw:
+            if k > t:
+                t = k
+        return t if t > 0 else None
+
+    def snapshot(self):
+        return [self.held, self.kw, self.ids]
+

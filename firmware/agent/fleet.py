@@ -4,7 +4,10 @@
 # The MQTT client's reader only queues command bytes (bounded: PENDING_MAX, extra ones counted
 # "mqtt_cmd_dropped"); this module's task verifies them through agent.signed_command (the same
 # path as serial and UDP) and publishes the retained state after each one, with the accepted
-# seq, so a host sees every board act exactly once. The state is also republished when the
+# seq, so a host sees every board act exactly once. Every state message (and the last will)
+# ends with "mac": {kid hex: HMAC-SHA256 with that provisioned key over topic, NUL, the JSON
+# text before the mac field} (docs/mqtt.md): the host accepts only states that verify with the
+# device's key, so a forged state cannot confirm a command the board never saw. The state is also republished when the
 # control state, armed flag or relay mask change; telemetry (hz, kw, mask, state) goes out every
 # telemetry_s. Nothing here waits on the network: publish() only queues.
 import asyncio
@@ -36,9 +39,10 @@ class Fleet:
         self.acc = 0
         self.ref = 0
         self._snap = -1
+        self.keys = _keys()
         self.client = MqttClient(
             m["host"], m["port"], self.dev, keepalive=m["keepalive_s"],
-            will=(self.t_state, '{"dev":"%s","online":false}' % self.dev, True),
+            will=(self.t_state, self.sign(self.t_state, '{"dev": "%s", "online": false}' % self.dev), True),
             on_message=self.on_message, on_connect=self.on_connect,
             topics=(base + "cmd", "gridshed/%s/cmd" % c["site"]),
             max_packet=640, queue_max=4)
@@ -65,17 +69,25 @@ class Fleet:
         c = a.ctrl
         self._snap = self.snapshot()
         st = {"dev": self.dev, "online": True, "state": control.STATE_NAMES[c.state],
-              "armed": c.armed, "shed": a.cmd_shed, "mask": a.relays.mask,
-              "seq": self.seq, "cmd": self.cmd, "acc": self.acc, "ref": self.ref}
+              "armed": c.armed, "shed": a.cmd_shed, "held": a.auth.held, "mask": a.relays.mask,
+              "seq": self.seq, "cmd": self.cmd, "acc": self.acc, "ref": self.ref,
+              "nonce": a.get_nonce(), "time": a.time_off is not None}
         if self.refused is not None:
             st["refused"] = self.refused
-        self.client.publish(self.t_state, json.dumps(st), True, 1)
+        self.client.publish(self.t_state, self.sign(self.t_state, json.dumps(st)), True, 1)
+
+    def sign(self, topic, body):
+        # body (a JSON object's text) with "mac" added last: per key, HMAC-SHA256(key, topic NUL
+        # body) in hex
+        parts = (topic.encode(), b"\x00", body.encode())
+        m = ", ".join('"%s": "%s"' % (_hex(kid), _hex(_hmac(k, parts))) for kid, k in self.keys)
+        return body[:-1] + ', "mac": {%s}}' % m
 
     def telemetry(self):
         a = self.a
         t = None
         try:
-            t = int(a.hal.wall_time())
+            t = int(a.now_unix())  # None (TypeError) until the host's signed time
         except Exception:
             pass
         d = {"t": t, "hz": a.hz, "kw": a.kw, "mask": a.relays.mask,
@@ -120,6 +132,44 @@ class Fleet:
             except Exception:  # MemoryError in a tight heap: count, keep the channel alive
                 self.a.count("mqtt_error")
             await asyncio.sleep_ms(POLL_MS)
+
+
+def _keys():
+    # the provisioned keys (keys.cbor, {kid: key}), at most 4: [(kid, key)]
+    from agent import cbor
+    from agent.app import KEYS_PATH
+
+    try:
+        with open(KEYS_PATH, "rb") as f:
+            k = cbor.loads(f.read())
+        return [(kid, k[kid]) for kid in k][:4]
+    except Exception:
+        return []
+
+
+def _hex(b):
+    return "".join("%02x" % x for x in b)
+
+
+def _hmac(key, parts):
+    # HMAC-SHA256 (as agent.mac0.hmac_sha256, which is loaded only for a command)
+    import hashlib
+
+    if len(key) > 64:
+        key = hashlib.sha256(key).digest()
+    pad = bytearray(64)
+    pad[:len(key)] = key
+    for i in range(64):
+        pad[i] ^= 0x36
+    h = hashlib.sha256(pad)
+    for p in parts:
+        h.update(p)
+    d = h.digest()
+    for i in range(64):
+        pad[i] ^= 0x6A
+    h = hashlib.sha256(pad)
+    h.update(d)
+    return h.digest()
 
 
 def start(agent):

@@ -114,11 +114,16 @@ async def run(a):
     from agent.app import INPUT_MS, log
     from agent.compat import ticks_ms
 
+    from agent.control import I_CONTACT
+
     s = a.cfg["signals"]
     pin = None
     if s.get("dry_contact"):
-        a.signal = ShedSignal(s["mode"], s["debounce_ms"], s["dry_contact_active"])
+        a.signal = sig = ShedSignal(s["mode"], s["debounce_ms"], s["dry_contact_active"])
         pin = a.hal.in_pin(s["dry_contact_pin"], pull_up=not s["dry_contact_active"])
+        if a.auth.held >> I_CONTACT & 1:  # held before a reboot: the first readings confirm it
+            sig.input.state = sig.latched = True
+            sig.input._raw = -1
     ov = a.override
     while True:
         now = ticks_ms()
@@ -126,8 +131,15 @@ async def run(a):
             on = a.signal.input.state
             a.journal.append("signal", {"src": "dry_contact", "on": on})
             log("E", "dry contact %s" % ("asserted" if on else "released"))
-            if not on and s["mode"] == "level":
-                a.release = True
+            # the contact's own entry: asserted sheds; in "level" mode its release releases it
+            # (in "edge" mode only a signed restore-all, or a trusted Modbus release, clears it).
+            # Unauthenticated: it satisfies trip.release_required only if authority.trusted says so.
+            if on:
+                a.issue(I_CONTACT, True)
+            elif s["mode"] == "level":
+                a.issue(I_CONTACT, False)
+                if a.trusted >> I_CONTACT & 1:
+                    a.release = True
             a.decide(now, False)
         if ov is not None and ov.sample(now, ov.pin.value()):
             override_changed(a, now, log)

@@ -50,7 +50,8 @@ def status(a):
     yield "errors", a.errors
     yield "journal_seq", a.journal.seq
     yield "mem_free", gc.mem_free()
-    yield "signal", a.cmd_shed or (a.signal is not None and a.signal.shed())
+    yield "signal", a.auth.held != 0  # some issuer holds a shed (held: which)
+    yield "held", holders(a.auth)
     yield "min_off_left_ms", c.min_off_left_ms()
     yield "config_hash", getattr(a, "config_hash", None)
     yield "integrity", a.integrity  # {file: reason} of a refused state/keys file, else None
@@ -109,3 +110,21 @@ def answer(a, out):
     w('"end": true}\n')
 
 
+
+
+def holders(au):
+    # the issuers with an active entry in the shed authority (docs/control.md "Shed authority"):
+    # "modbus", "dry_contact", "heartbeat", "schedule", "signed:<kid hex>[#iss]"
+    from agent.control import I_SIGNED, ISSUER_NAMES, NISSUERS
+
+    out = []
+    for i in range(NISSUERS):
+        if au.active(i):
+            if i < I_SIGNED:
+                out.append(ISSUER_NAMES[i])
+            else:
+                v = au.ids[i - I_SIGNED] or b""
+                j = v.find(b"#")
+                k = v if j < 0 else v[:j]
+                out.append("signed:" + ("".join("%02x" % b for b in k) or "?") + ("" if j < 0 else "#" + v[j + 1:].decode()))
+    return out

@@ -10,7 +10,8 @@
 #   udp_io        socket errors
 #   udp_mem       no RAM to receive a datagram now (read again later if the port left it queued)
 # No reply to the first two: a forged source address must not turn the board into an
-# amplifier, and a reply is never larger than a short JSON object.
+# amplifier, and a reply is never larger than a short JSON object. A datagram "@nonce" padded
+# to NONCE_LEN bytes is answered with the board's current nonce (docs/security.md).
 import asyncio
 import gc
 import json
@@ -25,6 +26,7 @@ MIN_DATAGRAM = const(40)    # the smallest COSE_Mac0 with a 32-byte tag and a pa
 BURST = const(8)
 REFILL_MS = const(250)
 IDLE_MS = const(50)
+NONCE_LEN = const(48)       # "@nonce" padded: a request no shorter than its answer
 
 
 async def _run(agent):
@@ -76,6 +78,15 @@ async def _loop(agent, s):
         n = len(buf)
         if n > MAX_DATAGRAM:
             agent.count("udp_oversize")
+            continue
+        if n >= NONCE_LEN and buf[:6] == b"@nonce":  # freshness for restore / disarm / time
+            res = {"nonce": agent.get_nonce(), "time_trusted": agent.time_off is not None}
+            buf = None
+            try:
+                s.sendto(json.dumps(res).encode(), addr)
+            except OSError:
+                agent.count("udp_io")
+            await asyncio.sleep_ms(0)
             continue
         # too short, or not tag 17 (0xd1) + array(4) (0x84) nor the untagged array(4)
         if n < MIN_DATAGRAM or not (buf[0] == 0x84 or (buf[0] == 0xD1 and buf[1] == 0x84)):

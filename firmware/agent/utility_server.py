@@ -1,15 +1,21 @@
 # Utility-facing Modbus server: a small register map for a utility RTU / SCADA (docs/utility-modbus.md).
 #
 # Modbus TCP (asyncio server, here) or RTU on the second UART (agent/utility_rtu.py). Framing is
-# agent.modbus_rtu / agent.modbus_tcp; this module only maps registers. A write sets agent inputs
-# (ext_shed, release, shed_kw) and runs one decision at once: relays still change only in
-# Agent.decide. Every frame is untrusted: garbage is counted, never acted on, never a crash.
+# agent.modbus_rtu / agent.modbus_tcp; this module only maps registers. A write sets the Modbus
+# issuer's own entry (Agent.issue: control.I_MODBUS, I_HEARTBEAT) and runs one decision at once:
+# relays still change only in Agent.decide. Every frame is untrusted: garbage is counted, never
+# acted on, never a crash. The channel has no authentication: it may shed, and release only its
+# own shed; unless authority.trusted lists "modbus" it never satisfies trip.release_required,
+# never clears another issuer's shed and never ends a heartbeat-loss shed. Broadcast (RTU unit
+# 0, TCP unit 0/255) never acts in the restore direction; restore-direction writes are rate
+# limited per source (the SCADA master has its own bucket), shed-direction writes never are.
 # (Comments, not docstrings: less RAM when compiled from source.)
 import asyncio
 
 from agent import modbus_rtu as rtu
 from agent import modbus_tcp as tcp
 from agent.compat import const, ticks_ms, ticks_diff
+from agent.control import I_MODBUS, I_CONTACT, I_HEARTBEAT
 from agent.modbus_errors import ModbusError, ModbusException
 
 MAP_VERSION = const(1)
@@ -40,7 +46,12 @@ ST_SHED_REQ = const(8)
 ST_HB_OK = const(16)
 ST_UTIL_SHED = const(32)
 
-MAX_CONN = const(2)  # a third TCP client evicts the oldest (a dead SCADA link never locks us out)
+MAX_CONN = const(2)  # other clients: a third evicts the oldest (a dead link never locks us out);
+# the configured SCADA master ("master") has a connection of its own that no other client evicts
+REL_BURST = const(4)     # restore-direction writes: burst, then one per REL_MS, per source
+REL_MS = const(1000)
+NOTE_BURST = const(10)   # journaled write records: burst, then one per NOTE_MS (all counted)
+NOTE_MS = const(1000)
 
 
 def _log(level, msg):
@@ -58,13 +69,22 @@ class UtilityServer:
         self.tx = bytearray(tcp.MAX_ADU)
         self.txmv = memoryview(self.tx)
         self.requests = self.exceptions = self.bad = self.hb_losses = self.commands = 0
-        self.shed = False    # the utility's shed command (register 10)
         self.hb_val = -1     # -1: no heartbeat written yet (monitoring starts with the first one)
         self.hb_t = 0
         self.hb_lost = False
         self.conns = []
+        self.mconn = None    # the SCADA master's connection (task)
+        self.master = cfg.get("master") or None
+        self.allow = cfg.get("allow") or ()
         self.server = None
         self.src = "tcp"
+        self.bcast = False   # the request being executed is a broadcast
+        self.from_master = False
+        self.rel = [REL_BURST, 0, REL_BURST, 0]  # restore-direction tokens, last refill: others, master
+        self.notes = NOTE_BURST
+        self.note_t = 0
+        self.unnoted = 0     # write records not journaled (rate limit), told in the next one
+        self.limited = self.refused_bcast = self.refused_peer = 0
 
     # ---- register image ------------------------------------------------------------------
     def _put(self, r, v):
@@ -93,7 +113,8 @@ class UtilityServer:
             st |= ST_SHED_REQ
         if self.hb_ok():
             st |= ST_HB_OK
-        if self.shed:
+        own = a.auth.held >> I_MODBUS & 1
+        if own:
             st |= ST_UTIL_SHED
         p = self._put
         p(R_VERSION, MAP_VERSION)
@@ -109,10 +130,10 @@ class UtilityServer:
         self._put32(R_KW, int(kw * 10 + (0.5 if kw >= 0 else -0.5)))
         p(R_MASK, a.relays.mask)
         p(R_BLOCKS, len(a.cfg["blocks"]))
-        p(R_SHED, 1 if self.shed else 0)
+        p(R_SHED, own)
         p(R_RELEASE, 0)
-        t = a.shed_kw
-        p(R_SHED_KW, 0 if t is None else (65535 if t > 65535 else int(t)))
+        t = a.auth.kw[I_MODBUS]
+        p(R_SHED_KW, 65535 if t > 65535 else int(t))
         p(R_HEARTBEAT, self.hb_val if self.hb_val >= 0 else 0)
         p(R_REQUESTS, self.requests & 0xFFFF)
         p(R_EXCEPTIONS, self.exceptions & 0xFFFF)
@@ -136,11 +157,23 @@ class UtilityServer:
             raise ModbusException(rtu.ILLEGAL_FUNCTION, fn, unit)
         if addr < R_SHED or addr + n > R_HEARTBEAT + 1:
             raise ModbusException(rtu.ILLEGAL_DATA_ADDRESS, fn, unit)
+        restore = False
         for i in range(n):  # check every value first: a multi-write is all or nothing
             r = addr + i
             v = arg if data is None else (data[2 * i] << 8) | data[2 * i + 1]
             if (r == R_SHED or r == R_RELEASE) and v > 1:
                 raise ModbusException(rtu.ILLEGAL_DATA_VALUE, fn, unit)
+            if self._restores(r, v):
+                restore = True
+        if restore:
+            if self.bcast:  # a broadcast never brings load back
+                self.refused_bcast += 1
+                self.a.count("utility_bcast_refused")
+                raise ModbusException(rtu.ILLEGAL_FUNCTION, fn, unit)
+            if not self._token():
+                self.limited += 1
+                self.a.count("utility_limited")
+                raise ModbusException(rtu.SERVER_DEVICE_BUSY, fn, unit)
         act = False
         for i in range(n):
             v = arg if data is None else (data[2 * i] << 8) | data[2 * i + 1]
@@ -151,27 +184,73 @@ class UtilityServer:
             self.apply()
         return None
 
+    def _restores(self, r, v):
+        # would this write release something (the restore direction)?
+        a = self.a
+        if r == R_SHED:
+            return v == 0 and a.auth.held >> I_MODBUS & 1
+        if r == R_RELEASE:
+            return v == 1
+        if r == R_SHED_KW:
+            return v < a.auth.kw[I_MODBUS]
+        return False
+
+    def _token(self):
+        # one restore-direction write from this source's bucket (the master has its own)
+        b = self.rel
+        j = 2 if self.from_master else 0
+        now = ticks_ms()
+        g = ticks_diff(now, b[j + 1]) // REL_MS
+        if g > 0:
+            b[j] = REL_BURST if b[j] + g > REL_BURST else b[j] + g
+            b[j + 1] = now
+        if b[j] <= 0:
+            return False
+        b[j] -= 1
+        return True
+
     def _note(self, what, v):
-        self.a.journal.append("utility", {"cmd": what, "v": v, "src": self.src})
+        # journaled from a bucket (NOTE_BURST, one more per NOTE_MS): a write flood must not
+        # roll real evidence out of the journal; the next record says how many were skipped
+        now = ticks_ms()
+        g = ticks_diff(now, self.note_t) // NOTE_MS
+        if g > 0:
+            self.notes = NOTE_BURST if self.notes + g > NOTE_BURST else self.notes + g
+            self.note_t = now
+        if self.notes <= 0:
+            self.unnoted += 1
+            return
+        self.notes -= 1
+        d = {"cmd": what, "v": v, "src": self.src}
+        if self.unnoted:
+            d["skipped"] = self.unnoted
+            self.unnoted = 0
+        self.a.journal.append("utility", d)
         _log("E", "utility %s %d (%s)" % (what, v, self.src))
 
     def _set(self, r, v):
         a = self.a
         if r == R_SHED:
-            if (v == 1) != self.shed:
-                self.shed = v == 1
+            if a.issue(I_MODBUS, v == 1):
                 self._note("shed", v)
                 return True
         elif r == R_RELEASE:
             if v:
-                self.shed = False
-                a.release = True
+                ch = a.issue(I_MODBUS, False, 0)  # its own entry: full shed and kW target
+                if a.trusted >> I_MODBUS & 1:  # a site that trusts this line (authority.trusted)
+                    ch = a.auth.release(1 << I_HEARTBEAT | 1 << I_CONTACT) or ch
+                    a.auth_sync()
+                    if a.signal is not None:
+                        a.signal.clear()
+                    a.release = True
                 self._note("release", v)
                 return True
         elif r == R_SHED_KW:
-            cur = 0 if a.shed_kw is None else int(a.shed_kw)
-            if v != cur:
-                a.shed_kw = float(v) if v else None
+            if v != int(a.auth.kw[I_MODBUS]):
+                if v:
+                    a.issue(I_MODBUS, True, v)
+                else:
+                    a.issue(I_MODBUS, False, 0, False)
                 self._note("shed_kw", v)
                 return True
         elif v != self.hb_val:  # R_HEARTBEAT: only a change counts as alive
@@ -181,13 +260,15 @@ class UtilityServer:
                 self.hb_lost = False
                 a.journal.append("utility", {"ev": "heartbeat_ok", "src": self.src})
                 _log("E", "utility heartbeat back")
+            # a heartbeat-loss shed ends with the heartbeat only on a trusted line (never a
+            # broadcast); otherwise a signed restore-all ends it
+            if a.auth.held >> I_HEARTBEAT & 1 and a.trusted >> I_MODBUS & 1 and not self.bcast:
+                a.issue(I_HEARTBEAT, False)
                 return True
         return False
 
     def apply(self):
-        a = self.a
-        a.ext_shed = self.shed or (self.hb_lost and self.hb_shed)
-        a.decide(ticks_ms(), False)
+        self.a.decide(ticks_ms(), False)
 
     def check_heartbeat(self, now):
         if self.hb_ms and self.hb_val >= 0 and not self.hb_lost and ticks_diff(now, self.hb_t) > self.hb_ms:
@@ -198,6 +279,7 @@ class UtilityServer:
             self.a.journal.append("utility", {"ev": "heartbeat_lost", "action": act, "src": self.src})
             _log("W", "utility heartbeat lost (%d ms): %s" % (self.hb_ms, act))
             if self.hb_shed:
+                self.a.issue(I_HEARTBEAT, True)
                 self.apply()
 
     def handle_tcp(self, rx, n):
@@ -207,6 +289,7 @@ class UtilityServer:
             tid, unit, fn, addr, arg, data = tcp.parse_request(rx, n)
             if unit != self.unit and unit != 0 and unit != 255:
                 raise ModbusException(rtu.GATEWAY_TARGET_FAILED, fn, unit)
+            self.bcast = unit == 0 or unit == 255
             return tcp.build_response(self.tx, tid, unit, fn, addr, arg, self.execute(fn, addr, arg, data, unit))
         except ModbusException as e:
             self.exceptions += 1
@@ -221,6 +304,7 @@ class UtilityServer:
             unit, fn, addr, arg, data = rtu.parse_request(rx, n)
             if unit != self.unit and unit != 0:
                 return 0
+            self.bcast = unit == 0
             self.requests += 1
             d = self.execute(fn, addr, arg, data, unit)
             return 0 if unit == 0 else rtu.build_response(self.tx, unit, fn, addr, arg, d)
@@ -253,11 +337,26 @@ class UtilityServer:
         return got
 
     async def _client(self, r, w):
+        ip = _peer_ip(w.get_extra_info("peername"))
+        if self.allow and ip not in self.allow:  # modbus_server.allow: not on the list
+            self.refused_peer += 1
+            self.a.count("utility_peer_refused")
+            try:
+                await w.wait_closed()
+            except Exception:
+                pass
+            return
         conns = self.conns
-        if len(conns) >= MAX_CONN:
-            conns.pop(0).cancel()  # the oldest client goes; its finally closes its socket
         t = asyncio.current_task()
-        conns.append(t)
+        master = self.master is not None and ip == self.master
+        if master:  # its own slot: a new master connection replaces its old one only
+            if self.mconn is not None:
+                self.mconn.cancel()
+            self.mconn = t
+        else:
+            if len(conns) >= MAX_CONN:
+                conns.pop(0).cancel()  # the oldest client goes; its finally closes its socket
+            conns.append(t)
         rx = bytearray(tcp.MAX_ADU)
         mv = memoryview(rx)
         try:
@@ -280,6 +379,7 @@ class UtilityServer:
                     self._bad()
                     break
                 try:
+                    self.from_master = master
                     k = self.handle_tcp(rx, n)
                 except Exception as e:  # a bug must not take the server down: count, keep serving
                     self.a.count("utility_error")
@@ -293,6 +393,8 @@ class UtilityServer:
         finally:
             if t in conns:
                 conns.remove(t)
+            if self.mconn is t:
+                self.mconn = None
             try:
                 await w.wait_closed()  # MicroPython: this closes the socket (close() does nothing)
             except Exception:
@@ -300,8 +402,10 @@ class UtilityServer:
 
     async def tcp_task(self, port):
         # On a board: every interface. On the virtual board: sim.json "utility_bind" (default loopback).
+        # modbus_server.bind (an interface address) wins over both.
         sim = getattr(self.a.hal, "sim", None)
         host = sim.get("utility_bind", "127.0.0.1") if isinstance(sim, dict) else "0.0.0.0"
+        host = self.a.cfg["modbus_server"].get("bind") or host
         while True:
             try:
                 self.server = await asyncio.start_server(self._client, host, port)
@@ -318,6 +422,17 @@ class UtilityServer:
         while True:
             await asyncio.sleep_ms(step)
             self.check_heartbeat(ticks_ms())
+
+
+def _peer_ip(addr):
+    # the client's IPv4 address as text: a (host, port) tuple (lwIP ports) or a raw sockaddr_in
+    # (the unix port: family, port, 4 address bytes)
+    try:
+        if isinstance(addr, tuple):
+            return addr[0]
+        return "%d.%d.%d.%d" % (addr[4], addr[5], addr[6], addr[7])
+    except Exception:
+        return "?"
 
 
 def start(agent):

@@ -21,6 +21,7 @@ VERBS = {
     "disarm": "disarm under-frequency tripping (signals and commands still shed)",
     "test": "signed round trip that changes nothing; the board answers with its status",
     "ping": "signed status request (proves key, seq and path end to end)",
+    "time-sync": "give the board the host's time, signed (its clock is trusted from then on; exp enforced)",
 }
 
 TARGET_HELP = """
@@ -32,10 +33,14 @@ target and transport:
   --via udp            one datagram to --host (--udp-port, default 4700)
   --via mqtt           the broker (--broker HOST:PORT, default $GRIDSHED_BROKER or 127.0.0.1:1883);
                        the answer is the board's retained state carrying the seq
+freshness: restore, disarm and time-sync first ask the board for its current nonce (same
+  transport) and sign it in, so they work before the board trusts its clock; a board trusts
+  its clock only after `gridshed time-sync` (signed, with the nonce), and from then on
+  enforces every command's --expires. docs/security.md.
 exit status: 0 all accepted, 1 a board refused or did not answer, 2 usage errors."""
 
 
-def _add_target(p: argparse.ArgumentParser, with_via: bool = True, kw: bool = True) -> None:
+def _add_target(p: argparse.ArgumentParser, with_via: bool = True, kw: bool = True, all_: bool = False) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--device", help="target device id (as in the inventory)")
     g.add_argument("--site", help="target every device of this site")
@@ -43,6 +48,11 @@ def _add_target(p: argparse.ArgumentParser, with_via: bool = True, kw: bool = Tr
         p.add_argument("--kw", type=float, help="partial shed target in kW (shed only)")
     else:
         p.set_defaults(kw=None)
+    if all_:
+        p.add_argument("--all", dest="all_", action="store_true",
+                       help="release every issuer's shed (Modbus, dry contact latch, heartbeat loss, other "
+                            "signers), if the board's [authority] restore_all lists this key; without it a "
+                            "restore releases only the sheds this key issued")
     p.add_argument("--expires", default="60s", help="command lifetime, e.g. 30s, 5m (default 60s)")
     p.add_argument("--inventory", help="inventory database (default: user data dir, or $GRIDSHED_INVENTORY)")
     p.add_argument("--seq-file", help="seq counter file (default: seq.json beside the inventory)")
@@ -63,12 +73,14 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                     "  gridshed shed --site site1 --via mqtt --broker 10.0.0.5:1883 --json\n",
             "restore": "  gridshed restore --device site1-ctl1 --port /dev/ttyUSB0\n"
                        "  gridshed restore --site site1 --via mqtt --broker 10.0.0.5\n",
+            "time-sync": "  gridshed time-sync --device site1-ctl1 --port /dev/ttyUSB0\n"
+                         "  gridshed time-sync --site site1 --via mqtt --broker 10.0.0.5\n",
         }.get(verb, f"  gridshed {verb} --device site1-ctl1 --port /dev/ttyUSB0\n"
                     f"  gridshed {verb} --site site1 --via mqtt --broker 10.0.0.5 --json\n")
         p = sub.add_parser(verb, parents=[common], help=text, description=text,
                            epilog="examples:\n" + ex + TARGET_HELP,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        _add_target(p, kw=verb == "shed")
+        _add_target(p, kw=verb == "shed", all_=verb == "restore")
         p.set_defaults(func=cmd_send, verb=verb)
 
     p = sub.add_parser("sign", parents=[common], help="write a signed command (raw COSE bytes) to a file",
@@ -79,23 +91,32 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                               "  mosquitto_pub -t gridshed/site1/site1-ctl1/cmd -f shed.cose\n"
                               "  gridshed sign restore --site site1 --expires 10m -o restore/   (one file per device)\n",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("verb", choices=list(VERBS), help="the command")
-    _add_target(p, with_via=False)
+    p.add_argument("verb", choices=[v for v in VERBS if v != "time-sync"],
+                   help="the command (restore and disarm from a file are accepted only by a board "
+                        "that trusts its clock: see `gridshed time-sync`)")
+    _add_target(p, with_via=False, all_=True)
     p.add_argument("-o", "--out", required=True,
                    help="output file (--device) or directory (--site: DEVICE.cose per device)")
     p.set_defaults(func=cmd_sign)
 
 
-def _sign(args: argparse.Namespace) -> list:
-    from . import fleet_client as fc
-
+def _check(args: argparse.Namespace) -> None:
     if args.kw is not None and args.verb != "shed":
         raise UserError("--kw only applies to shed")
+    if getattr(args, "all_", False) and args.verb != "restore":
+        raise UserError("--all only applies to restore")
+
+
+def _sign(args: argparse.Namespace, nonces: dict | None = None) -> list:
+    from . import fleet_client as fc
+
+    _check(args)
     if args.kw is not None and not 0 <= args.kw < 1e9:
         raise UserError(f"--kw must be >= 0, got {args.kw:g}")
     expires = fc.parse_duration(args.expires)
     tgts = fc.targets(args.inventory, args.device, args.site)
-    return fc.sign(tgts, args.verb, fc.seq_file(args.inventory, args.seq_file), expires, args.kw)
+    return fc.sign(tgts, args.verb, fc.seq_file(args.inventory, args.seq_file), expires, args.kw,
+                   all_=getattr(args, "all_", False), nonces=nonces)
 
 
 def _via(args: argparse.Namespace) -> str:
@@ -122,6 +143,7 @@ def _summary(rep: dict[str, Any]) -> str:
 def cmd_send(args: argparse.Namespace) -> int:
     from . import fleet_client as fc
 
+    _check(args)
     via = _via(args)
     if args.site and via != "mqtt":
         raise UserError("--site reaches many boards: use --via mqtt (serial and UDP reach one board, use --device)")
@@ -133,13 +155,19 @@ def cmd_send(args: argparse.Namespace) -> int:
         raise UserError("--udp-port only applies to --via udp")
     if args.timeout <= 0:
         raise UserError("--timeout must be > 0")
-    signed = _sign(args)
+    broker = args.broker or os.environ.get("GRIDSHED_BROKER") or "127.0.0.1:1883"
+    nonces = None
+    if fc.CLI_COMMANDS.get(args.verb, args.verb) in fc.FRESH:
+        # freshness while the board does not trust its clock: its current nonce, signed in
+        tgts = fc.targets(args.inventory, args.device, args.site)
+        nonces = fc.nonces(via, tgts, port=args.port, host=args.host, udp_port=args.udp_port or fc.UDP_PORT,
+                           broker=broker, timeout=args.timeout)
+    signed = _sign(args, nonces)
     if via == "serial":
         replies = [fc.send_serial(args.port, signed[0].msg, timeout=args.timeout)]
     elif via == "udp":
         replies = [fc.send_udp(args.host, args.udp_port or fc.UDP_PORT, signed[0].msg, timeout=args.timeout)]
     else:
-        broker = args.broker or os.environ.get("GRIDSHED_BROKER") or "127.0.0.1:1883"
         replies = fc.send_mqtt(broker, signed, timeout=args.timeout)
     results = [{"device": s.target.device, "cmd": s.cmd, "seq": s.seq, "exp": s.exp, "ok": bool(r.get("ok")),
                 "reply": r} for s, r in zip(signed, replies)]

@@ -11,12 +11,10 @@ from typing import Any, TextIO
 from .errors import UserError
 
 EPILOG = """examples:
-  gridshed openadr-ven --vtn http://vtn.example:8080/OpenADR2/Simple/2.0b --ven-name site1-ven \\
-      --site site1 --broker 10.0.0.5:1883 --site-kw 1200
   gridshed openadr-ven --vtn https://vtn.example/OpenADR2/Simple/2.0b --ven-name site1-ven \\
       --cert ven.crt --key ven.key --ca-file vtn-ca.crt --vtn-fingerprint AA:BB:...:11 \\
-      --level 1=300kw --level 2=full --log openadr.jsonl
-  gridshed openadr-ven --vtn http://127.0.0.1:8080/OpenADR2/Simple/2.0b --ven-name lab \\
+      --site site1 --broker 10.0.0.5:1883 --site-kw 1200 --log openadr.jsonl
+  gridshed openadr-ven --vtn http://127.0.0.1:8080/OpenADR2/Simple/2.0b --ven-name lab --insecure \\
       --via udp --addr ctl1=192.168.1.40 --level 1=full --json
   gridshed openadr-ven ... --via serial                      (each device's port from the inventory)
 
@@ -24,6 +22,9 @@ SIMPLE levels (default 0=none 1=50% 2=full 3=full; a percentage is of --site-kw)
   --level 1=40%   --level 1=250kw   --level 2=full   --level 0=none
 LOAD_DISPATCH: delta sheds |value| kW; setpoint sheds (--site-kw - value) kW.
 Runs until Ctrl-C (or --run-for). Stopping the bridge never sends restore by itself.
+Secure by default: https and OpenADR XML signatures (--cert, --key, --vtn-fingerprint); plain
+http without signatures only with --insecure. Every command carries the issuer label "openadr":
+the bridge's restores release only the sheds the bridge issued.
 See docs/openadr.md."""
 
 
@@ -53,6 +54,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--ca-file", help="CA bundle to check the VTN's TLS certificate")
     p.add_argument("--vtn-fingerprint", help="VTN certificate fingerprint: check signatures on its messages")
     p.add_argument("--run-for", type=float, help="stop after this many seconds (default: until Ctrl-C)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a plain http VTN and run without OpenADR XML signatures (lab use only); "
+                        "without it the VTN must be https and --cert, --key, --vtn-fingerprint are required")
     p.set_defaults(func=cmd_openadr_ven)
 
 
@@ -116,8 +120,12 @@ def cmd_openadr_ven(args: argparse.Namespace) -> int:
 
     if not args.vtn.startswith(("http://", "https://")):
         raise UserError(f"--vtn {args.vtn!r}: give the VTN's http(s) URL")
+    if not args.insecure and not args.vtn.startswith("https://"):
+        raise UserError(f"--vtn {args.vtn!r}: https is required (plain http only with --insecure)")
     if bool(args.cert) != bool(args.key):
         raise UserError("--cert and --key go together")
+    if not args.insecure and not (args.cert and args.vtn_fingerprint):
+        raise UserError("signed OpenADR messages need --cert, --key and --vtn-fingerprint (or --insecure)")
     for f in (args.cert, args.key, args.ca_file):
         if f and not Path(f).is_file():
             raise UserError(f"{f}: no such file")
@@ -131,12 +139,13 @@ def cmd_openadr_ven(args: argparse.Namespace) -> int:
     devices = sender.check(site)
     client_kwargs: dict[str, Any] = {}
     if args.cert:
-        client_kwargs.update(cert=args.cert, key=args.key, ca_file=args.ca_file, disable_signature=False)
+        client_kwargs.update(cert=args.cert, key=args.key, ca_file=args.ca_file)
     if args.vtn_fingerprint:
         client_kwargs["vtn_fingerprint"] = args.vtn_fingerprint
     sink = _Sink(args.json, args.log)
     bridge = VenBridge(args.vtn, args.ven_name, site, sender, levels=levels, site_kw=args.site_kw,
-                       expires_s=expires, ven_id=args.ven_id, on_log=sink, client_kwargs=client_kwargs)
+                       expires_s=expires, ven_id=args.ven_id, on_log=sink, client_kwargs=client_kwargs,
+                       insecure=args.insecure)
     bridge.log("site", site=site, devices=devices, via=args.via,
                broker=args.broker if args.via == "mqtt" else None)
 

@@ -8,7 +8,13 @@ board's answer is returned as a dict per device:
   "refused": reason}``);
 * UDP: the board's reply datagram (same keys, JSON; see agent/udp_cmd.py);
 * MQTT: the board's retained state on ``gridshed/<site>/<device>/state`` once it carries the
-  seq that was sent (or a new refusal). See docs/mqtt.md and docs/security.md.
+  seq that was sent (or a new refusal); only states whose "mac" verifies with the device's key
+  count (:func:`verify_state`), anything else is ignored and counted. See docs/mqtt.md and
+  docs/security.md.
+
+Restore, disarm and time need freshness while the board does not trust its clock: the board's
+current nonce, fetched first over the same transport (``@nonce`` on the console, a ``@nonce``
+datagram, the "nonce" of the board's authenticated MQTT state) and signed into the payload.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ from .errors import UserError
 
 SEQ_FILE = "seq.json"
 CLI_COMMANDS = {"shed": "shed", "restore": "restore", "arm": "arm", "disarm": "disarm",
-                "test": "test", "ping": "status"}
+                "test": "test", "ping": "status", "time-sync": "time"}
 UDP_PORT = 4700
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h)?\s*$")
 
@@ -109,8 +115,13 @@ def seq_file(inventory: str | os.PathLike | None, override: str | os.PathLike | 
 
 
 def sign(tgts: list[Target], cmd: str, seq_path: Path, expires_s: float = 60.0, kw: float | None = None,
-         now: float | None = None) -> list[Signed]:
-    """One signed command per target (its own key, its own fresh seq). cmd is a CLI verb."""
+         now: float | None = None, iss: str | None = None, all_: bool = False,
+         nonces: dict[str, bytes] | None = None) -> list[Signed]:
+    """One signed command per target (its own key, its own fresh seq). cmd is a CLI verb.
+
+    iss: the issuer label (its own entry on the board: a restore with it releases only the
+    sheds it issued); all_: restore every issuer's shed; nonces: {device: the board's current
+    nonce} for commands that need freshness before the board trusts its clock."""
     from agent import cbor, cose
 
     from .signing import SeqCounter, build_payload
@@ -122,10 +133,99 @@ def sign(tgts: list[Target], cmd: str, seq_path: Path, expires_s: float = 60.0, 
     for t in tgts:
         seq = counter.next(t.kid, at_least=int(now))
         payload = build_payload(wire, seq, int(now + expires_s), target_device=t.device,
-                                target_site=t.site, kw=kw)
+                                target_site=t.site, kw=kw, iss=iss, all_=all_,
+                                nonce=(nonces or {}).get(t.device), t=int(now) if wire == "time" else None)
         msg = cose.mac0_create(t.key, t.kid, cbor.dumps(payload), tagged=True)
         out.append(Signed(t, wire, seq, payload["exp"], msg))
     return out
+
+
+FRESH = ("restore", "disarm", "time")  # = agent.cmdcheck.FRESH
+NONCE_REQ = b"@nonce" + b" " * 42     # a UDP nonce request: no shorter than its answer
+
+
+def state_mac(key: bytes, topic: str, body: str) -> str:
+    """The board's MAC of a state message with one key (agent/fleet.py Fleet.sign)."""
+    import hashlib
+    import hmac
+
+    return hmac.new(key, topic.encode() + b"\x00" + body.encode(), hashlib.sha256).hexdigest()
+
+
+def verify_state(key: bytes, topic: str, payload: bytes, kid: bytes | None = None) -> dict[str, Any] | None:
+    """The state object if its "mac" (the last field: {kid hex: mac hex}) has an entry that
+    verifies with key (the entry of kid, when given), else None."""
+    import hmac
+
+    try:
+        text = payload.decode()
+    except UnicodeDecodeError:
+        return None
+    i = text.rfind(', "mac": {')
+    if i < 0 or not text.endswith("}}"):
+        return None
+    body = text[:i] + "}"
+    try:
+        macs = json.loads(text[i + 9:-1])
+        obj = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(macs, dict) or not isinstance(obj, dict):
+        return None
+    want = state_mac(key, topic, body)
+    cands = [macs.get(kid.hex())] if kid is not None else list(macs.values())
+    if not any(isinstance(m, str) and hmac.compare_digest(m, want) for m in cands):
+        return None
+    return obj
+
+
+def nonce_serial(port: str, timeout: float = 5.0) -> bytes:
+    from .transport import Console
+
+    with Console(port) as con:
+        ans = con.request("nonce", timeout=timeout)
+    try:
+        return bytes.fromhex(ans[-1]["nonce"])
+    except (KeyError, ValueError, TypeError):
+        raise UserError(f"{port}: the agent gave no nonce (firmware older than the freshness rules?)") from None
+
+
+def nonce_udp(host: str, port: int, timeout: float = 3.0) -> bytes:
+    rep = send_udp(host, port, NONCE_REQ, timeout=timeout)
+    try:
+        return bytes.fromhex(rep["nonce"])
+    except (KeyError, ValueError, TypeError):
+        raise UserError(f"udp {host}:{port}: no nonce from the board ({rep.get('error') or rep})") from None
+
+
+def nonces_mqtt(broker: str, tgts: list[Target], timeout: float = 10.0, strict: bool = True) -> dict[str, bytes]:
+    """{device: nonce} from each board's authenticated retained state (strict: all, or UserError)."""
+    host, port = parse_hostport(broker, 1883)
+    w = _StateWatch(host, port, [state_topic(t) for t in tgts], {state_topic(t): (t.kid, t.key) for t in tgts})
+    try:
+        with w.cv:
+            w.cv.wait_for(lambda: all(w.state.get(state_topic(t), {}).get("nonce") for t in tgts), timeout)
+            out = {}
+            for t in tgts:
+                n = w.state.get(state_topic(t), {}).get("nonce")
+                if not n and not strict:
+                    continue
+                if not n:
+                    raise UserError(f"{t.device}: no authenticated state with a nonce on {broker} within "
+                                    f"{timeout:g} s (board offline, or firmware older than issue 13)")
+                out[t.device] = bytes.fromhex(n)
+            return out
+    finally:
+        w.close()
+
+
+def nonces(via: str, tgts: list[Target], port: str | None = None, host: str | None = None,
+           udp_port: int = UDP_PORT, broker: str | None = None, timeout: float = 10.0) -> dict[str, bytes]:
+    if via == "serial":
+        return {tgts[0].device: nonce_serial(port, timeout)}
+    if via == "udp":
+        return {tgts[0].device: nonce_udp(host, udp_port, timeout)}
+    return nonces_mqtt(broker, tgts, timeout)
 
 
 # ---- transports ---------------------------------------------------------------------------
@@ -169,12 +269,15 @@ def send_udp(host: str, port: int, msg: bytes, timeout: float = 3.0, retries: in
 
 
 class _StateWatch:
-    """paho-mqtt subscriber to the targets' state topics."""
+    """paho-mqtt subscriber to the targets' state topics; keeps only states whose MAC verifies
+    with the device's key (``forged`` counts the others)."""
 
-    def __init__(self, host: str, port: int, topics: list[str]) -> None:
+    def __init__(self, host: str, port: int, topics: list[str], keys: dict[str, tuple[bytes, bytes]]) -> None:
         import paho.mqtt.client as paho
 
         self.paho = paho
+        self.keys = keys
+        self.forged = 0
         self.cv = threading.Condition()
         self.state: dict[str, dict[str, Any]] = {}
         self.seen: set[str] = set()
@@ -195,12 +298,12 @@ class _StateWatch:
             raise UserError(f"MQTT broker {host}:{port}: subscribe not acknowledged")
 
     def _on(self, client: Any, userdata: Any, m: Any) -> None:
-        try:
-            obj = json.loads(m.payload)
-        except ValueError:
-            obj = {"raw": m.payload[:80].hex()}
-        if not isinstance(obj, dict):
-            obj = {"raw": repr(obj)[:80]}
+        k = self.keys.get(m.topic)
+        obj = verify_state(k[1], m.topic, bytes(m.payload), k[0]) if k else None
+        if obj is None:  # not from the board (or from another key): never an answer
+            with self.cv:
+                self.forged += 1
+            return
         with self.cv:
             self.state[m.topic] = obj
             self.seen.add(m.topic)
@@ -229,7 +332,7 @@ def send_mqtt(broker: str, signed: list[Signed], timeout: float = 10.0, settle: 
         if not s.target.site:
             raise UserError(f"device {s.target.device!r} has no site in the inventory: cannot address it over MQTT")
     topics = [state_topic(s.target) for s in signed]
-    w = _StateWatch(host, port, topics)
+    w = _StateWatch(host, port, topics, {state_topic(s.target): (s.target.kid, s.target.key) for s in signed})
     try:
         # the retained states first: the baseline of each board's refusal count
         deadline = time.monotonic() + settle
@@ -268,6 +371,8 @@ def send_mqtt(broker: str, signed: list[Signed], timeout: float = 10.0, settle: 
                         why = "board offline (last will)"
                     else:
                         why = f"no answer within {timeout:g} s"
+                    if w.forged:
+                        why += f" ({w.forged} unauthenticated state message(s) ignored)"
                     a = {"ok": False, "error": why, "state": st}
                 out.append(a)
             return out

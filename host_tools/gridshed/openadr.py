@@ -44,6 +44,8 @@ log = logging.getLogger("gridshed.openadr")
 SendFn = Callable[[str, str, "float | None", int], Any]
 LogFn = Callable[[dict[str, Any]], None]
 
+ISSUER = "openadr"  # the issuer label the bridge signs into every command (its own shed entry)
+
 # ---- actions ------------------------------------------------------------------------------
 NONE, FULL, KW = "none", "full", "kw"
 
@@ -259,13 +261,19 @@ class VenBridge:
     """OpenADR VEN handlers + event timeline; commands through the injected ``send``.
 
     ``client_factory`` builds the openleadr client (tests may pass keyword overrides through
-    ``client_kwargs``). ``now`` is the wall clock (unix seconds).
+    ``client_kwargs``). ``now`` is the wall clock (unix seconds). Secure by default: the VTN
+    URL must be https and openleadr's XML signatures stay on (``client_kwargs`` then needs the
+    VEN's ``cert`` and ``key``); ``insecure=True`` allows http and turns signatures off.
     """
 
     def __init__(self, vtn_url: str, ven_name: str, site: str, send: SendFn, *,
                  levels: LevelMap | None = None, site_kw: float | None = None, expires_s: int = 60,
                  ven_id: str | None = None, on_log: LogFn | None = None, retry_s: float = 5.0,
-                 client_kwargs: dict[str, Any] | None = None, now: Callable[[], float] = time.time) -> None:
+                 client_kwargs: dict[str, Any] | None = None, now: Callable[[], float] = time.time,
+                 insecure: bool = False) -> None:
+        if not insecure and not str(vtn_url).startswith("https://"):
+            raise UserError(f"VTN {vtn_url!r}: https is required (plain http only with --insecure)")
+        self.insecure = insecure
         self.vtn_url = vtn_url
         self.ven_name = ven_name
         self.site = site
@@ -317,7 +325,7 @@ class VenBridge:
         from openleadr import OpenADRClient
 
         self._lock = asyncio.Lock()
-        kw = {"show_fingerprint": False, "disable_signature": True}
+        kw = {"show_fingerprint": False, "disable_signature": self.insecure}
         kw.update(self.client_kwargs)
         client = OpenADRClient(ven_name=self.ven_name, vtn_url=self.vtn_url, ven_id=self.ven_id, **kw)
         client.add_handler("on_event", self.on_event)
@@ -497,8 +505,31 @@ class SiteSender:
         return a
 
     def sign(self, cmd: str, site: str, kw: float | None, expires_s: int) -> list[Any]:
-        """Signed commands (fleet_client.Signed), one per device, each with a fresh seq."""
-        return self.fc.sign(self.targets(site), cmd, self.seq_path, expires_s=expires_s, kw=kw)
+        """Signed commands (fleet_client.Signed), one per device, each with a fresh seq, all with
+        the issuer label ``openadr``: on the board the bridge's sheds are an entry of their own,
+        and its restores release only them (never the utility's Modbus shed or dry contact).
+        A restore carries each board's current nonce when the board gives one (freshness before
+        it trusts its clock); a board that gives none gets it without (accepted once its clock
+        is trusted)."""
+        tg = self.targets(site)
+        nonces = self._nonces(tg) if cmd in self.fc.FRESH else None
+        return self.fc.sign(tg, cmd, self.seq_path, expires_s=expires_s, kw=kw, iss=ISSUER, nonces=nonces)
+
+    def _nonces(self, tg: list[Any]) -> dict[str, bytes]:
+        t = min(self.ack_timeout, 5.0)
+        if self.via == "mqtt":
+            return self.fc.nonces_mqtt(self.broker, tg, timeout=t, strict=False)
+        out = {}
+        for x in tg:
+            try:
+                if self.via == "udp":
+                    host, port = self.fc.parse_hostport(self._addr(x), self.fc.UDP_PORT)
+                    out[x.device] = self.fc.nonce_udp(host, port, timeout=t)
+                else:
+                    out[x.device] = self.fc.nonce_serial(self._addr(x), timeout=t)
+            except UserError as exc:
+                log.warning("%s: no nonce (%s): restore sent without one", x.device, exc)
+        return out
 
     def deliver(self, signed: list[Any]) -> list[dict[str, Any]]:
         if self.via == "mqtt":

@@ -27,8 +27,14 @@ def new_key() -> bytes:
 
 def build_payload(cmd: str, seq: int, exp: int, target_device: str | None = None,
                   target_site: str | None = None, kw: float | None = None,
-                  blocks: list[str | int] | None = None) -> dict:
-    """The command payload map, keys always in the same order (deterministic bytes)."""
+                  blocks: list[str | int] | None = None, iss: str | None = None,
+                  all_: bool = False, nonce: bytes | None = None, t: int | None = None) -> dict:
+    """The command payload map, keys always in the same order (deterministic bytes).
+
+    ``iss``: the signer's issuer label (its own entry on the board, e.g. "openadr");
+    ``all_``: a restore of every issuer's shed (the board's authority.restore_all decides);
+    ``nonce``: the board's current nonce (freshness before the board trusts its clock);
+    ``t``: the host's unix time (the ``time`` command). docs/security.md."""
     if cmd not in COMMANDS:
         raise UserError(f"unknown command {cmd!r} (one of: {', '.join(COMMANDS)})")
     if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < 2**64:
@@ -46,13 +52,26 @@ def build_payload(cmd: str, seq: int, exp: int, target_device: str | None = None
         payload["kw"] = kw
     if blocks is not None:
         payload["blocks"] = list(blocks)
+    if iss is not None:
+        if not isinstance(iss, str) or not 0 < len(iss) <= 16 or "#" in iss:
+            raise UserError(f"issuer label must be 1..16 characters without '#', got {iss!r}")
+        payload["iss"] = iss
+    if all_:
+        if cmd != "restore":
+            raise UserError("--all only applies to restore")
+        payload["all"] = True
+    if nonce is not None:
+        payload["nonce"] = bytes(nonce)
+    if t is not None:
+        payload["t"] = int(t)
     return payload
 
 
 def make_command(key: bytes, kid: bytes, cmd: str, seq: int, target_device: str | None = None,
                  target_site: str | None = None, kw: float | None = None, expires_s: float = 60,
                  now: float | None = None, blocks: list[str | int] | None = None,
-                 tagged: bool = True) -> bytes:
+                 tagged: bool = True, iss: str | None = None, all_: bool = False,
+                 nonce: bytes | None = None, t: int | None = None) -> bytes:
     """A signed command (tagged COSE_Mac0 bytes) ready for any transport.
 
     ``exp`` = int(now + expires_s) with ``now`` defaulting to the host clock.
@@ -61,7 +80,8 @@ def make_command(key: bytes, kid: bytes, cmd: str, seq: int, target_device: str 
         kid = kid.encode()
     if now is None:
         now = time.time()
-    payload = build_payload(cmd, seq, int(now + expires_s), target_device, target_site, kw, blocks)
+    payload = build_payload(cmd, seq, int(now + expires_s), target_device, target_site, kw, blocks,
+                            iss=iss, all_=all_, nonce=nonce, t=t)
     return cose.mac0_create(key, kid, cbor.dumps(payload), tagged=tagged)
 
 

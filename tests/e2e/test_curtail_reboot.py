@@ -43,10 +43,12 @@ class Commander:
 
     async def __call__(self, cmd: str, **kw: Any) -> dict[str, Any]:
         self.seq += 1
-        buf = make_command(self.key, KID, cmd, self.seq, target_device=self.rig.cfg["device"], **kw)
 
         def ask() -> dict[str, Any]:
             with Console(self.rig.board.port) as con:
+                if cmd in ("restore", "disarm"):  # freshness: the board's nonce (docs/security.md)
+                    kw["nonce"] = bytes.fromhex(con.request("nonce", timeout=30)[-1]["nonce"])
+                buf = make_command(self.key, KID, cmd, self.seq, target_device=self.rig.cfg["device"], **kw)
                 return con.request("cmd", base64.b64encode(buf).decode(), timeout=30)[-1]
 
         return await asyncio.to_thread(ask)

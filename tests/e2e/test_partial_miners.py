@@ -182,6 +182,8 @@ class Rig:
 
     async def command(self, cmd: str, **kw: Any) -> dict[str, Any]:
         self.seq += 1
+        if cmd in ("restore", "disarm"):  # freshness: the board's nonce (docs/security.md)
+            kw["nonce"] = bytes.fromhex((await self.request("nonce"))["nonce"])
         buf = make_command(self.key, KID, cmd, self.seq, target_device=self.cfg["device"], **kw)
         return await self.request("cmd", base64.b64encode(buf).decode())
 

@@ -391,6 +391,8 @@ def attacks(rig: Rig) -> dict[str, tuple[bytes, str]]:
         "wrong-key": (make_command(secrets.token_bytes(32), rig.kid, "shed", seq, target_device=rig.dev), "bad-mac"),
         "unknown-kid": (make_command(rig.key, b"nobody", "shed", seq, target_device=rig.dev), "unknown-kid"),
         "expired": (make_command(rig.key, rig.kid, "shed", seq, target_device=rig.dev, now=now - 3600), "expired"),
+        "year-old-disarm": (make_command(rig.key, rig.kid, "disarm", seq, target_device=rig.dev,
+                                         now=now - 365 * 86400), "expired"),
         "truncated": (good[:-7], "malformed"),
         "garbage": (b"\x00hello board", "malformed"),
         "wrong-target": (make_command(rig.key, rig.kid, "shed", seq, target_device="someone-else"), "wrong-target"),
@@ -408,9 +410,12 @@ def test_refusals_are_counted_journaled_and_change_nothing(rig, tmp_path):
     rep = send(rig, good)
     assert rep["ok"]
     assert rig.gpio.wait(lambda: not any(rig.closed()), 20)
-    rep = send(rig, make_command(rig.key, rig.kid, "restore", int(time.time()) + 500, target_device=rig.dev))
-    assert rep["ok"]
+    r = cli("restore", "--device", rig.dev, "--port", rig.board.port, "--inventory", str(rig.inventory))
+    assert r.returncode == 0 and "accepted" in r.stdout, r.stdout + r.stderr  # (with the board's nonce)
     assert rig.gpio.wait(lambda: all(rig.closed()), 40), "did not restore"
+    # the board trusts its clock only after a signed time (then "expired" below is enforced)
+    r = cli("time-sync", "--device", rig.dev, "--port", rig.board.port, "--inventory", str(rig.inventory))
+    assert r.returncode == 0 and "accepted" in r.stdout, r.stdout + r.stderr
     agent_window(rig.board.port, 300)  # settled: the agent polled and decided after the restore
     before = counters(rig)
     seq0 = console(rig, "status")["journal_seq"]
@@ -509,3 +514,35 @@ def test_cli_usage_errors(tmp_path):
         assert len(r.stderr.strip().splitlines()) == 1
     r = cli("shed", "--help")
     assert r.returncode == 0 and "examples:" in r.stdout and "--via" in r.stdout
+
+
+def test_untrusted_clock_needs_a_nonce(rig, tmp_path):
+    """Issue 13: the board's clock is not trusted until a signed time arrives. A year-old
+    captured disarm is refused ("stale": no nonce), a replayed nonce is refused, a shed is always
+    accepted; after `gridshed time-sync` exp is enforced."""
+    now = time.time()
+    st = console(rig, "nonce")
+    assert st["time_trusted"] is False
+    seq = 100  # below the CLI's seqs (it starts at the unix time)
+    old_disarm = make_command(rig.key, rig.kid, "disarm", seq, target_device=rig.dev, now=now - 365 * 86400)
+    assert send(rig, old_disarm) == {"ok": False, "refused": "stale"}
+    assert console(rig, "status")["armed"] is True
+    old_shed = make_command(rig.key, rig.kid, "shed", seq + 1, target_device=rig.dev, now=now - 3600)
+    assert send(rig, old_shed)["ok"]  # the safe direction: accepted without a trusted clock
+    assert rig.gpio.wait(lambda: not any(rig.closed()), 20)
+    n1 = bytes.fromhex(console(rig, "nonce")["nonce"])
+    assert send(rig, make_command(rig.key, rig.kid, "restore", seq + 2, target_device=rig.dev, nonce=n1))["ok"]
+    assert rig.gpio.wait(lambda: all(rig.closed()), 40)
+    # the nonce was used: a second command carrying it is stale
+    assert send(rig, make_command(rig.key, rig.kid, "disarm", seq + 3, target_device=rig.dev, nonce=n1)) == {
+        "ok": False, "refused": "stale"}
+    r = cli("time-sync", "--device", rig.dev, "--port", rig.board.port, "--inventory", str(rig.inventory), "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert console(rig, "nonce")["time_trusted"] is True
+    assert send(rig, make_command(rig.key, rig.kid, "disarm", seq + 4, target_device=rig.dev, now=now - 365 * 86400)) == {
+        "ok": False, "refused": "expired"}
+    r = cli("disarm", "--device", rig.dev, "--port", rig.board.port, "--inventory", str(rig.inventory))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert console(rig, "status")["armed"] is False
+    times = [x for x in journal(rig) if x["k"] == "time"]
+    assert len(times) == 1 and times[0]["was"] is None and abs(times[0]["t"] - now) < 600

@@ -72,6 +72,10 @@ class Rig:
         for k, v in {"min_off_s": 1, "restore_hold_s": 0.5, "stagger_s": 0.2, "jitter_s": 0.05}.items():
             text = re.sub(rf"(?m)^{k} = .*$", f"{k} = {v}", text)
         text += "\n[modbus_server]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in server.items())
+        # this rig's line is trusted (a private link to the utility's RTU): its release satisfies
+        # release_required and a heartbeat coming back ends a heartbeat-loss shed. The default
+        # (untrusted) line and its attacks: tests/e2e/test_authority.py
+        text += '\n[authority]\ntrusted = ["modbus"]\n'
         (tmp / "site.toml").write_text(text)
         self.cfg = siteconfig.load_site(tmp / "site.toml")
         self.hz = 60.012

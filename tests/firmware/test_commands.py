@@ -39,9 +39,9 @@ def signed(payload, key: bytes = KEY, kid: bytes = KID) -> bytes:
     return cose.mac0_create(key, kid, payload)
 
 
-def refused(v: CommandVerifier, buf, now=None) -> str:
+def refused(v: CommandVerifier, buf, now=None, nonce=None) -> str:
     with pytest.raises(CommandRefused) as ei:
-        v.verify(buf, now)
+        v.verify(buf, now, nonce)
     return ei.value.reason
 
 
@@ -52,8 +52,10 @@ def test_accept_and_fields() -> None:
     got = v.verify(cmd(1, kw=250.5, blocks=["b1", 2]), now_unix=T0)
     assert got == {"cmd": "shed", "seq": 1, "exp": T0 + 60, "kid": KID, "dev": DEV,
                    "kw": 250.5, "blocks": ["b1", 2]}
-    for i, name in enumerate(COMMANDS):
-        assert v.verify(cmd(10 + i, name, dev=None, site=SITE))["cmd"] == name
+    for i, name in enumerate(COMMANDS):  # (the board's trusted clock: T0; "time" needs its nonce)
+        extra = {"t": T0, "nonce": b"n0nce123"} if name == "time" else {}
+        assert v.verify(cmd(10 + i, name, dev=None, site=SITE, **extra), now_unix=T0,
+                        nonce=b"n0nce123")["cmd"] == name
     assert v.counters["accepted"] == 1 + len(COMMANDS)
     assert v.high_water(KID) == 10 + len(COMMANDS) - 1
 
@@ -80,6 +82,27 @@ def test_expiry_only_with_wall_time() -> None:
     assert v.verify(cmd(1), now_unix=T0 + 60)["seq"] == 1  # exp is inclusive
     assert v.verify(cmd(2, expires_s=-3600), now_unix=None)["seq"] == 2  # no clock: not checked
     assert refused(v, cmd(3, expires_s=-1), now=T0) == "expired"
+
+
+def test_freshness_without_a_trusted_clock() -> None:
+    """Issue 13: until the board trusts its clock, restore / disarm / time need the board's
+    current nonce; sheds are always accepted; a year-old captured disarm is refused."""
+    v = verifier()
+    year_old = make_command(KEY, KID, "disarm", 5, target_device=DEV, now=T0 - 365 * 86400)
+    assert refused(v, year_old) == "stale"                       # no clock, no nonce
+    assert refused(v, year_old, now=T0) == "expired"             # clock trusted: exp enforced
+    assert v.verify(cmd(1, expires_s=-3600))["cmd"] == "shed"    # a shed: always (safe direction)
+    for name in ("restore", "disarm"):
+        assert refused(v, cmd(2, name)) == "stale"
+        assert refused(v, cmd(2, name, nonce=b"old-nonce"), None) == "stale"
+    assert v.verify(cmd(2, "restore", nonce=b"cur-nonce"), None, b"cur-nonce")["nonce"] == b"cur-nonce"
+    assert v.verify(cmd(3, "disarm"), now_unix=T0)["cmd"] == "disarm"  # clock trusted: exp is the freshness
+    assert refused(v, cmd(4, "disarm", nonce=b"other"), T0) == "stale"  # a wrong nonce never passes
+    # the time command: always with the nonce, and its "t"
+    assert refused(v, cmd(4, "time", t=T0), T0) == "stale"
+    assert refused(v, signed({"cmd": "time", "seq": 4, "exp": T0 + 60, "dev": DEV, "nonce": b"abcd"})) == "malformed"
+    assert v.verify(cmd(4, "time", t=T0, nonce=b"abcd"), None, b"abcd")["t"] == T0
+    assert v.counters["stale"] == 7
 
 
 def test_targets() -> None:
@@ -152,7 +175,7 @@ def test_counters_add_up() -> None:
     assert set(v.counters) == {"accepted", *REASONS}
     assert sum(v.counters.values()) == len(msgs)
     assert v.counters == {"accepted": 2, "malformed": 1, "unknown-kid": 1, "bad-mac": 1, "bad-cmd": 1,
-                          "wrong-target": 1, "expired": 0, "replay": 1, "store-error": 0}
+                          "wrong-target": 1, "expired": 0, "replay": 1, "stale": 0, "store-error": 0}
 
 
 class RecordingStore(MemorySeqStore):
@@ -260,7 +283,11 @@ class StepAgent:
         self.hal = self
         self.seq_counters = None
         self.refused_at = None
+        from agent.control import Authority
+
         self.signal = None
+        self.auth = Authority()
+        self.trusted = 0
         self.cmd_shed = False
         self.shed_kw = None
         self.release = False
@@ -270,6 +297,22 @@ class StepAgent:
 
     def wall_time(self):
         return T0
+
+    nonce = None
+    time_off = 0
+
+    def now_unix(self):  # the board's clock, trusted (a signed time was received)
+        return T0
+
+    def issue(self, *args, **kw):  # the Agent's own code: the shed authority's entry points
+        from agent.app import Agent
+
+        return Agent.issue(self, *args, **kw)
+
+    def auth_sync(self):
+        from agent.app import Agent
+
+        return Agent.auth_sync(self)
 
     def append(self, kind, fields):
         self.records.append((kind, fields))
@@ -293,7 +336,7 @@ def test_board_steps_persist_the_seq_before_acting(tmp_path, monkeypatch) -> Non
 
     assert command(cmd(5)) == {"ok": True, "cmd": "shed", "seq": 5} and a.cmd_shed
     assert FileSeqStore(str(tmp_path / "seq.cbor")).load() == {KID: 5}
-    assert a.seq_counters == {"accepted": 1, **{r: 0 for r in REASONS}}
+    assert a.seq_counters == {"accepted": 1, **{r: 0 for r in REASONS}, "forbidden": 0}
     pending = cmdcheck.run(a, mac0.run(a, cmd(6, "restore")))  # checked, never carried out
     assert isinstance(pending, tuple) and pending[0]["seq"] == 6
     assert FileSeqStore(str(tmp_path / "seq.cbor")).load() == {KID: 5} and not a.release
@@ -312,12 +355,11 @@ def test_board_steps_persist_the_seq_before_acting(tmp_path, monkeypatch) -> Non
         raise OSError(28, "ENOSPC")
 
     monkeypatch.setattr(cmdrun, "save", no_room)
-    a.cmd_shed = False
     assert command(cmd(8)) == {"ok": False, "refused": "store-error"} and not a.cmd_shed
     assert FileSeqStore(str(tmp_path / "seq.cbor")).load() == {KID: 7}
     assert a.seq_counters == {"accepted": 3, "malformed": 0, "unknown-kid": 0, "bad-mac": 1,
-                              "bad-cmd": 0, "wrong-target": 0, "expired": 1, "replay": 1,
-                              "store-error": 1}
+                              "bad-cmd": 0, "wrong-target": 0, "expired": 1, "replay": 1, "stale": 0,
+                              "store-error": 1, "forbidden": 0}
     # unreadable store: fail closed; no keys file: unknown-kid
     (tmp_path / "seq.cbor").write_bytes(b"\xa2\x61")
     assert command(cmd(9)) == {"ok": False, "refused": "store-error"}
@@ -331,7 +373,7 @@ MP_VERIFY = """
 import binascii
 from agent.commands import CommandVerifier, FileSeqStore, CommandRefused
 v = CommandVerifier({%r: %r}, %r, %r, FileSeqStore('seq.cbor'))
-def run(h, now=None):
+def run(h, now=1800000000):
     try:
         c = v.verify(binascii.unhexlify(h), now)
         return 'ok:%%d' %% c['seq']
@@ -398,7 +440,8 @@ def _mutate(r: random.Random, b: bytes) -> bytes:
 
 def _fuzz_corpus(seed: int = 20260101, n: int = 2000):
     r = random.Random(seed)
-    base = [cmd(s, r.choice(COMMANDS), dev=DEV, site=r.choice([SITE, None]), expires_s=3600)
+    plain = tuple(c for c in COMMANDS if c != "time")  # "time" needs the board's nonce
+    base = [cmd(s, r.choice(plain), dev=DEV, site=r.choice([SITE, None]), expires_s=3600)
             for s in range(1, 21)]
     hwm = 20
     fields = ["cmd", "seq", "exp", "dev", "site", "kw", "blocks", "x", 1]

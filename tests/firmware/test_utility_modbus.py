@@ -43,23 +43,42 @@ class J:
     def append(self, k, d):
         self.recs.append([k, d])
 
+from agent.control import Authority
+
 class A:
     def __init__(self):
         self.ctrl = Ctrl()
         self.relays = Relays()
         self.journal = J()
-        self.cfg = {"blocks": [0, 0, 0, 0]}
+        self.cfg = {"blocks": [0, 0, 0, 0], "modbus_server": {}}
         self.hz = 60.012
         self.kw = -12.34
         self.meter_ok = True
-        self.ext_shed = False
+        self.auth = Authority()
+        self.trusted = TRUSTED
+        self.signal = None
         self.release = False
         self.shed_kw = None
         self.decisions = 0
         self.released = 0
         self.errors = {}
+    @property
+    def ext_shed(self):
+        return self.auth.held != 0
     def shed_requested(self):
-        return self.ext_shed
+        return self.auth.held != 0
+    # the Agent's own entry points (agent/app.py), copied: this stand-in loads no asyncio agent
+    def issue(self, i, shed, kw=None, full=True):
+        a = self.auth
+        n = a.changes
+        if shed:
+            a.shed(i, kw)
+        else:
+            a.release(1 << i, full, kw is not None)
+        self.auth_sync()
+        return a.changes != n
+    def auth_sync(self):
+        self.shed_kw = self.auth.target()
     def decide(self, now, sample):
         self.decisions += 1
         if self.release:
@@ -138,7 +157,7 @@ tcp_req(1, 6, 13, 1)  # the same value is not a heartbeat
 out["hb_same"] = s.hb_lost
 tcp_req(1, 6, 13, 2)
 out["hb_back"] = [s.hb_lost, a.ext_shed]
-out["journal"] = a.journal.recs
+out["journal"] = list(a.journal.recs)
 # NaN / huge / None meter values read as 0, never an exception
 a.hz = float("nan")
 a.kw = float("inf")
@@ -148,6 +167,52 @@ a.kw = None
 out["none"] = tcp_req(1, 3, 4, 4)
 a.hz = 49.987
 a.kw = 1234.56
+
+# ---- an unauthenticated line (authority.trusted empty): the attacks of issue 13 fail --------
+from agent.control import I_SIGNED, I_MODBUS, I_CONTACT, I_HEARTBEAT
+s0, a0 = s, a
+a = A()
+a.trusted = 0
+s = us.UtilityServer(a, {"unit": 1, "heartbeat_s": 1.0, "heartbeat_action": "shed"})
+att = {}
+a.issue(I_SIGNED, True)          # a signed full shed ...
+a.issue(I_SIGNED + 1, True, 500)  # ... and another signer's partial shed
+a.auth.shed(I_CONTACT)            # the dry contact's (edge) latch
+att["r12_0"] = tcp_req(1, 6, 12, 0)
+att["r10_0"] = tcp_req(1, 6, 10, 0)
+att["r11_1"] = tcp_req(1, 6, 11, 1)
+att["after_signed"] = [a.auth.held, a.shed_kw, a.released]
+att["own_shed"] = [tcp_req(1, 6, 10, 1), a.auth.held >> I_MODBUS & 1]
+att["own_release"] = [tcp_req(1, 6, 11, 1), a.auth.held >> I_MODBUS & 1, a.released]
+att["own_kw"] = [tcp_req(1, 6, 12, 300), a.shed_kw, tcp_req(1, 6, 12, 0), a.shed_kw]
+# broadcast: sheds, never releases
+att["bcast_shed"] = [tcp_req(0, 6, 10, 1), a.auth.held >> I_MODBUS & 1, tcp_req(255, 6, 12, 200)]
+att["bcast_release"] = [tcp_req(0, 6, 10, 0), tcp_req(255, 6, 11, 1), tcp_req(255, 6, 12, 0),
+                        a.auth.held >> I_MODBUS & 1, a.auth.kw[I_MODBUS]]
+n = rtu.build_request(req, 0, 6, 10, 0, None)
+att["rtu_bcast_release"] = [s.handle_rtu(req, n), a.auth.held >> I_MODBUS & 1, s.refused_bcast]
+# heartbeat: a new value after a loss does not end the heartbeat-loss shed
+tcp_req(1, 6, 13, 1)
+s.check_heartbeat(s.hb_t + 1100)
+att["hb_lost"] = a.auth.held >> I_HEARTBEAT & 1
+tcp_req(1, 6, 13, 2)
+att["hb_revive"] = [s.hb_lost, a.auth.held >> I_HEARTBEAT & 1, a.released]
+# restore-direction writes are rate limited (per source); shed-direction writes never are
+busy = 0
+for i in range(20):
+    if tcp_req(1, 6, 10, 0) == "E6":
+        busy += 1
+    if tcp_req(1, 6, 10, 1) != "ok":
+        busy += 1000
+att["limited"] = [busy, s.limited, a.auth.held >> I_MODBUS & 1]
+# 300 writes: the journal gets a bounded number of records, the rest counted
+nrec = len(a.journal.recs)
+for i in range(300):
+    tcp_req(1, 6, 12, 1000 + i)
+att["notes"] = [len(a.journal.recs) - nrec, s.unnoted, a.shed_kw]
+att["contact"] = a.auth.held >> I_CONTACT & 1
+out["attacks"] = att
+s, a = s0, a0
 
 # ---- fuzz through the handlers ------------------------------------------------------------
 random.seed(SEED)
@@ -203,7 +268,7 @@ def mutate(b, rtu_mode):
     return b
 
 def inputs():
-    return (a.ext_shed, a.released, a.shed_kw, s.hb_val, s.shed)
+    return (a.ext_shed, a.released, a.shed_kw, s.hb_val, a.auth.held)
 
 def legit_write(fr, rtu_mode):
     # a well-formed write to the command registers, addressed to us: allowed to change inputs
@@ -257,7 +322,8 @@ out["fuzz"] = {"stats": stats, "fails": fails[:10], "nfails": len(fails),
 print("R" + json.dumps(out))
 '''
 
-MODULES = ("__init__", "compat", "crc", "modbus_errors", "modbus_rtu", "modbus_tcp", "utility_server", "utility_rtu")
+MODULES = ("__init__", "compat", "crc", "modbus_errors", "modbus_rtu", "modbus_tcp", "control", "utility_server",
+           "utility_rtu")
 N_FUZZ = 3000
 
 
@@ -283,7 +349,9 @@ def _result(text: str) -> dict:
 
 @pytest.fixture(scope="module")
 def results(mp, mpy_dir, tmp_path_factory):
-    code = SCRIPT.replace("SEED", "20261124").replace("range(N)", "range(%d)" % N_FUZZ)
+    # the main server's line is trusted (authority.trusted = ["modbus"]: bit 0); the attack
+    # section builds its own untrusted one
+    code = SCRIPT.replace("TRUSTED", "1").replace("SEED", "20261124").replace("range(N)", "range(%d)" % N_FUZZ)
     prefix = "import sys\nsys.path.insert(0, %r)\n" % str(mpy_dir)
     mpres = mp.run(prefix + code, heapsize="64wK", timeout=120)
     d = tmp_path_factory.mktemp("cpy")
@@ -334,8 +402,8 @@ def test_writes_set_inputs_and_decide_once(r):
     ok, ext, released, regs = r["release"]
     assert ok == "ok" and ext is False and released == 1 and regs == [0, 0]
     assert r["kw_clear"] == ["ok", None]
-    cmds = [rec[1].get("cmd") for rec in r["journal"] if rec[0] == "utility"]
-    assert cmds[:4] == ["shed", "shed_kw", "release", "shed_kw"]
+    cmds = [rec[1].get("cmd") for rec in r["journal"] if rec[0] == "utility" and "cmd" in rec[1]]
+    assert cmds == ["shed", "shed_kw", "release"]  # the release cleared the line's own kW target too
 
 
 def test_heartbeat_loss_sheds_once_and_recovers(r):
@@ -363,3 +431,24 @@ def test_fuzz_through_handlers(r):
     requests, exceptions, bad, commands = f["counters"]
     # every kind of outcome was reached: answers, exceptions, silently dropped garbage, real writes
     assert st["resp"] > 300 and exceptions > 300 and bad > 300 and st["changed"] > 10, f
+
+
+def test_unauthenticated_line_cannot_bring_load_back(r):
+    """Issue 13: register 10/11/12 writes never release another issuer's shed nor count as the
+    release trip.release_required waits for; broadcasts never release; a heartbeat coming back
+    does not end a heartbeat-loss shed; restores are rate limited; a flood is journaled bounded."""
+    a = r["attacks"]
+    assert a["r12_0"] == "ok" and a["r10_0"] == "ok" and a["r11_1"] == "ok"
+    held, kw, released = a["after_signed"]
+    assert held & (1 << 4) and held & (1 << 1) and kw == 500.0 and released == 0
+    assert a["own_shed"] == ["ok", 1] and a["own_release"] == ["ok", 0, 0]
+    assert a["own_kw"] == ["ok", 500.0, "ok", 500.0]  # the larger signed target stays the target
+    assert a["bcast_shed"] == ["ok", 1, "ok"]
+    assert a["bcast_release"] == ["E1", "E1", "E1", 1, 200.0]
+    assert a["rtu_bcast_release"] == [0, 1, 4]
+    assert a["hb_lost"] == 1 and a["hb_revive"] == [False, 1, 0]
+    busy, limited, own = a["limited"]
+    assert 0 < busy < 1000 and limited == busy and own == 1
+    notes, unnoted, kw = a["notes"]
+    assert notes <= 10 and unnoted >= 290 and kw == 1299.0
+    assert a["contact"] == 1

@@ -165,7 +165,7 @@ def test_events_from_openleadr_vtn_shed_and_restore():
     async def scenario() -> tuple[dict, dict, VenBridge]:
         vtn = Vtn()
         url = await vtn.start()
-        bridge = VenBridge(url, "site1-ven", "site1", send, levels=LevelMap.parse(["1=40%"], 1000.0),
+        bridge = VenBridge(url, "site1-ven", "site1", send, insecure=True, levels=LevelMap.parse(["1=40%"], 1000.0),
                            site_kw=1000.0, expires_s=45)
         await bridge.start()
         assert bridge.client.ven_id == VEN_ID and bridge.client.registration_id == "reg-1"
@@ -228,7 +228,7 @@ def test_unknown_ven_is_not_registered():
     async def scenario() -> None:
         vtn = Vtn()
         url = await vtn.start()
-        bridge = VenBridge(url, "somebody-else", "site1", lambda *a: None, levels=LevelMap.parse(["1=full"]))
+        bridge = VenBridge(url, "somebody-else", "site1", lambda *a: None, insecure=True, levels=LevelMap.parse(["1=full"]))
         try:
             with pytest.raises(UserError, match="did not register"):
                 await bridge.start()
@@ -247,7 +247,7 @@ def test_failed_send_is_retried():
             raise OSError("broker down")
 
     async def scenario() -> VenBridge:
-        b = VenBridge("http://unused", "v", "site1", flaky, levels=LevelMap.parse(["1=full"]), retry_s=0.2)
+        b = VenBridge("http://unused", "v", "site1", flaky, insecure=True, levels=LevelMap.parse(["1=full"]), retry_s=0.2)
         b._lock = asyncio.Lock()
         now = time.time()
         ev = {"event_descriptor": {"event_id": "e1", "event_status": "far", "modification_number": 0},
@@ -288,7 +288,7 @@ def test_vtn_resending_a_completed_event_does_not_hide_new_ones():
 
     async def scenario() -> VenBridge:
         b = VenBridge("http://127.0.0.1:9", "v", "site1", lambda c, *a: sent.append(c),
-                      levels=LevelMap.parse(["1=full"]))
+                      insecure=True, levels=LevelMap.parse(["1=full"]))
         client = b.make_client()
         now = time.time()
         msg = lambda *evs: {"vtn_id": "VTN", "request_id": "r", "events": list(evs)}  # noqa: E731
@@ -339,6 +339,8 @@ def test_default_sender_messages_verify_on_the_board(inventory, broker):
         restore = v.verify(msgs[1], now)
         assert shed["cmd"] == "shed" and shed["kw"] == 250.0 and shed["site"] == "site1"
         assert restore["cmd"] == "restore" and "kw" not in restore
+        # the bridge's own issuer entry on the board: its restore releases only its sheds
+        assert shed["iss"] == restore["iss"] == "openadr" and "all" not in restore
         assert restore["seq"] > shed["seq"] and now < shed["exp"] <= now + 61
         with pytest.raises(CommandRefused, match="replay"):
             v.verify(msgs[0], now)
@@ -367,7 +369,7 @@ def test_cli_bridge_end_to_end_over_mqtt(inventory, broker, tmp_path):
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gridshed.cli", "openadr-ven", "--vtn", url, "--ven-name", "site1-ven",
             "--site", "site1", "--inventory", str(path), "--broker", f"{HOST}:{broker.port}", "--level", "1=300kw",
-            "--timeout", "0.5", "--expires", "30s", "--run-for", "9", "--json", "--log", str(logf),
+            "--timeout", "0.5", "--expires", "30s", "--run-for", "9", "--json", "--log", str(logf), "--insecure",
             env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         # wait for the registration line before pushing the event
         deadline = time.time() + 60
@@ -411,8 +413,21 @@ def test_cli_errors_and_help(inventory, capsys):
         main(["openadr-ven", "--help"])
     assert e.value.code == 0
     assert "examples:" in capsys.readouterr().out
+    secure = ["openadr-ven", "--vtn", "https://127.0.0.1:9/OpenADR2/Simple/2.0b", "--ven-name", "v",
+              "--inventory", str(path), "--site", "site1", "--level", "1=full"]
+    for extra, msg in (([], "need --cert, --key and --vtn-fingerprint"),):
+        assert main(secure + extra) == 2
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, err
+    plain = ["openadr-ven", "--vtn", "http://127.0.0.1:9/OpenADR2/Simple/2.0b", "--ven-name", "v",
+             "--inventory", str(path), "--site", "site1", "--level", "1=full"]
+    assert main(plain) == 2  # http without --insecure
+    err = capsys.readouterr().err
+    assert "https is required" in err and err.count("\n") == 1, err
+    with pytest.raises(UserError, match="https is required"):
+        VenBridge("http://vtn", "v", "site1", lambda *a: None, levels=LevelMap.parse(["1=full"]))
     base = ["openadr-ven", "--vtn", "http://127.0.0.1:9/OpenADR2/Simple/2.0b", "--ven-name", "v",
-            "--inventory", str(path)]
+            "--inventory", str(path), "--insecure"]
     for extra, msg in ((["--site", "site1"], "site-kw"),                    # default 1=50% needs --site-kw
                        (["--site", "site1", "--level", "1=half"], "bad level"),
                        (["--level", "1=full"], "give --site"),              # two sites in the inventory
