@@ -247,15 +247,15 @@ class Agent:
     def persist(self, now):
         # state.cbor: the controller's snapshot (trip, min-off left, release, armed) plus the held
         # inputs; written after each trip/restore event and whenever a held input changes.
-        s = self.ctrl.snapshot(now)
-        s["cmd_shed"] = self.cmd_shed
-        s["auth"] = self.auth.snapshot()
-        s["lockout"] = self.lockout
-        s["shed_kw"] = self._p_kw = self.shed_kw
-        if self.curtailer is not None:
-            s["curtail"] = self.curtailer.snapshot()
-        self._p_held = self.auth.changes | self.lockout << 30
-        try:
+        try:  # no RAM for the record now: counted, written at the next decision (still dirty)
+            s = self.ctrl.snapshot(now)
+            s["cmd_shed"] = self.cmd_shed
+            s["auth"] = self.auth.snapshot()
+            s["lockout"] = self.lockout
+            s["shed_kw"] = self._p_kw = self.shed_kw
+            if self.curtailer is not None:
+                s["curtail"] = self.curtailer.snapshot()
+            self._p_held = self.auth.changes | self.lockout << 30
             write_cbor_atomic(STATE_PATH, s)
         except (OSError, MemoryError):
             self.count("state_write")

@@ -591,10 +591,10 @@ class Authority:
         if p:
             try:
                 held, kws, ids = p
-                for i in range(NSIGNED):
+                for i in range(NSIGNED if ids else 0):
                     v = ids[i]
                     self.ids[i] = v if isinstance(v, bytes) else None
-                for i in range(NISSUERS):
+                for i in range(NISSUERS if kws else 0):
                     k = kws[i]
                     if isinstance(k, (int, float)) and not isinstance(k, bool) and 0 < k < 1e7:
                         self.kw[i] = float(k)
@@ -649,5 +649,6 @@ class Authority:
         return t if t > 0 else None
 
     def snapshot(self):
-        return [self.held, self.kw, self.ids]
+        # [held, kW per issuer or 0 (none), signer ids or 0 (none)]: small in the common case
+        return [self.held, self.kw if self.target() else 0, self.ids if self.held >> I_SIGNED or self.target() else 0]
 

@@ -136,12 +136,10 @@ class Fleet:
 
 def _keys():
     # the provisioned keys (keys.cbor, {kid: key}), at most 4: [(kid, key)]
-    from agent import cbor
-    from agent.app import KEYS_PATH
+    from agent.app import KEYS_PATH, read_cbor
 
     try:
-        with open(KEYS_PATH, "rb") as f:
-            k = cbor.loads(f.read())
+        k = read_cbor(KEYS_PATH)  # None when missing or failing its integrity check
         return [(kid, k[kid]) for kid in k][:4]
     except Exception:
         return []

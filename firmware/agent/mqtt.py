@@ -106,6 +106,7 @@ class MqttClient:
                 "disconnects": self.disconnects, "failures": self.failures, "rx": self.rx,
                 "tx": self.tx, "malformed": self.malformed, "dropped": self.dropped,
                 "cb_errors": self.cb_errors, "dead": self.dead, "queued": len(self._q),
+                "oversize": self._parser.skipped,
                 "inflight": len(self._inflight)}
 
     def publish(self, topic, payload, retain=False, qos=0):

@@ -492,9 +492,11 @@ class Parser:
     """Bytes in, complete packets out, in one fixed buffer of ``max_size`` bytes.
 
     ``for pkt in parser.feed(data): ...`` consumes all of ``data`` (any chunking, down to one
-    byte at a time).  A packet whose fixed header announces more than ``max_size`` bytes in total,
-    or any malformed packet, raises ValueError; the parser is then reset and the stream must be
-    abandoned (the client drops the connection).
+    byte at a time).  A PUBLISH whose fixed header announces more than ``max_size`` bytes is
+    skipped (its bytes discarded as they arrive, counted in ``skipped``): a retained oversize
+    message would otherwise end every session the moment it is redelivered. Any other packet over
+    ``max_size``, or any malformed packet, raises ValueError; the parser is then reset and the
+    stream must be abandoned (the client drops the connection).
     """
 
     def __init__(self, max_size=2048):
@@ -505,10 +507,13 @@ class Parser:
         self._mv = memoryview(self._buf)
         self._s = 0  # start of unparsed bytes
         self._n = 0  # end of buffered bytes
+        self._skip = 0  # bytes of an oversize PUBLISH still to discard
+        self.skipped = 0
 
     def reset(self):
         self._s = 0
         self._n = 0
+        self._skip = 0
 
     def pending(self):
         """Number of buffered bytes not yet forming a complete packet."""
@@ -520,6 +525,11 @@ class Parser:
             pos = 0
             end = len(src)
             while True:
+                if self._skip and pos < end:
+                    k = min(end - pos, self._skip)
+                    pos += k
+                    self._skip -= k
+                    continue
                 if pos < end:
                     if self._n == self.max_size and self._s:
                         k = self._n - self._s
@@ -558,7 +568,16 @@ class Parser:
         length, i = r
         total = i - s + length
         if total > self.max_size:
-            raise ValueError("packet too large")
+            if b[s] >> 4 != PUBLISH:
+                raise ValueError("packet too large")
+            self.skipped += 1  # drop what is buffered of it, discard the rest as it arrives
+            if n - s >= total:
+                s += total
+                self._s, self._n = (s, n) if s < n else (0, 0)
+            else:
+                self._skip = total - (n - s)
+                self._s = self._n = 0
+            return None
         if n - s < total:
             return None
         pkt = decode(b[s], self._mv[i:i + length])
