@@ -527,7 +527,10 @@ class Agent:
         if c is None:  # the console's text is not base64: not even counted as a command
             self.count("console_bad")
             return {"ok": False, "refused": "malformed"}
-        c = self.step("cmdcheck", "run", self, c)
+        if isinstance(c, str):  # refused by the MAC check: no payload to check (no module to load)
+            c = "malformed" if c == "bad-alg" else c
+        else:
+            c = self.step("cmdcheck", "run", self, c)
         c = self.step("cmdrun", "run", self, c, src)
         if c["ok"]:  # the decision runs with the command code freed
             self.decide(ticks_ms(), False)

@@ -153,11 +153,25 @@ def test_malformed_raise_valueerror(bad):
 
 def test_oversize_packet_refused_before_body():
     p = mc.Parser(32)
-    # header announces 100 bytes: refused as soon as the length is known
+    # a SUBACK header announcing 100 bytes: refused as soon as the length is known
     with pytest.raises(ValueError, match="too large"):
-        list(p.feed(b"\x30\x64"))
+        list(p.feed(b"\x90\x64"))
     # the parser is reset and usable again after an error
     assert [x.type for x in p.feed(mc.pingresp())] == [mc.PINGRESP]
+
+
+def test_oversize_publish_is_skipped_not_fatal():
+    """Issue 13: a retained 700-byte message on the cmd topic ended every session (the broker
+    redelivers it at once): an oversize PUBLISH is now discarded and counted, the stream goes on."""
+    big = bytes(mc.publish("gridshed/s/d/cmd", b"x" * 700, 1, True, False, 7))
+    small = bytes(mc.publish("gridshed/s/d/cmd", b"y" * 50, 0, False))
+    data = big + small + big + mc.pingresp()
+    for chunk in (1, 7, 256, len(data)):
+        p = mc.Parser(640)
+        got = []
+        for i in range(0, len(data), chunk):
+            got += [(x.type, bytes(x.payload) if x.type == mc.PUBLISH else None) for x in p.feed(data[i:i + chunk])]
+        assert got == [(mc.PUBLISH, b"y" * 50), (mc.PINGRESP, None)] and p.skipped == 2, chunk
 
 
 def test_encoder_refuses_bad_arguments():
@@ -427,8 +441,9 @@ for case in range(2600):
             for pkt in p.feed(stream[pos:pos + n]):
                 got.append(pkt)
             pos += n
-        if not mutated:
-            # valid streams: everything decodes and re-encodes to the same bytes
+        if not mutated and not p.skipped:
+            # valid streams (no PUBLISH over the parser's size, which is skipped): everything
+            # decodes and re-encodes to the same bytes
             again = b""
             for q in got:
                 if q.type == mc.PUBLISH:
