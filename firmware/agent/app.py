@@ -127,7 +127,9 @@ class Agent:
         # Held inputs survive a reboot: every issuer's shed not yet released (control.Authority,
         # docs/control.md "Shed authority"), a lockout in place (kept until the switch reads
         # released), and the override switch read right now.
-        self.auth = control.Authority(persisted)
+        self.auth = au = control.Authority()
+        if persisted and (persisted.get("auth") or persisted.get("cmd_shed") or persisted.get("shed_kw")):
+            self.step("cmdcheck", "load_auth", au, persisted)  # boot-only code, freed after
         tr = (cfg.get("authority") or {}).get("trusted") or ()
         self.trusted = ((1 << control.I_MODBUS if "modbus" in tr else 0)
                         | (1 << control.I_CONTACT if "dry_contact" in tr else 0))
@@ -180,7 +182,7 @@ class Agent:
         # the clock counts as known only after a signed time from the host (agent/cmdrun.py):
         # time_off = trusted unix time - time.time(); the port's RTC default never counts
         self.time_off = None
-        self.nonce = None  # the current command nonce (Agent.get_nonce), single use
+        self.nonce = None  # the current command nonce (agent/cmdcheck.py nonce_hex), single use
         jc = cfg.get("journal") or {}
         self.journal = Journal(".", seg_size=jc.get("segment_bytes", 16384), max_segs=jc.get("segments", 4),
                                clock=self.now_unix)
@@ -491,9 +493,6 @@ class Agent:
             else:
                 reply(out, True)
             return
-        if line == "nonce":  # freshness for restore / disarm / time while the clock is untrusted
-            reply({"nonce": self.get_nonce(), "time_trusted": self.time_off is not None}, True)
-            return
         if line[:6] == "events" and line[6:7] in " \t\r\v\f":  # read by agent/journal_read.py
             self.step("journal_read", "events", self, line[7:].strip())
             return
@@ -543,20 +542,6 @@ class Agent:
         import time
 
         return time.time() + self.time_off
-
-    def get_nonce(self):
-        # the board's current nonce (hex): a restore / disarm / time command carries it while
-        # the clock is not trusted; used once (agent/cmdrun.py drops it), then a new one
-        if self.nonce is None:
-            import os
-
-            try:
-                self.nonce = os.urandom(8)
-            except Exception:  # a port without urandom
-                import random
-
-                self.nonce = bytes(random.getrandbits(8) for _ in range(8))
-        return "".join("%02x" % b for b in self.nonce)
 
     def step(self, mod, fn, *args):
         # agent.<mod>.<fn>(*args), the module loaded for this call only

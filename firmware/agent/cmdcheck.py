@@ -166,3 +166,51 @@ def load(path):
             raise ValueError("seq store corrupt")
         return {}
     return best
+
+
+# ---- shed authority record and nonce: board-side helpers loaded for one call (Agent.step)
+
+def load_auth(au, persisted):
+    # the control.Authority record of state.cbor ("auth": [held, [kW]|0, [ids]|0]) into au; a
+    # record from before issuers existed (cmd_shed, shed_kw) becomes an unknown signer's entry
+    # (only a restore-all clears it); an unreadable one too (never less shed than stored)
+    from agent.control import I_SIGNED, NISSUERS, NSIGNED
+
+    p = persisted.get("auth")
+    try:
+        if not p:
+            raise ValueError
+        held, kws, ids = p
+        for i in range(NSIGNED if ids else 0):
+            v = ids[i]
+            au.ids[i] = v if isinstance(v, bytes) else None
+        for i in range(NISSUERS if kws else 0):
+            k = kws[i]
+            if isinstance(k, (int, float)) and not isinstance(k, bool) and 0 < k < 1e7:
+                au.kw[i] = float(k)
+        au.held = int(held) & ((1 << NISSUERS) - 1)
+        return
+    except Exception:
+        pass
+    k = persisted.get("shed_kw")
+    if persisted.get("cmd_shed") is True or p:
+        au.held |= 1 << I_SIGNED
+    if isinstance(k, (int, float)) and not isinstance(k, bool) and 0 < k < 1e7:
+        au.kw[I_SIGNED] = float(k)
+    if au.active(I_SIGNED):
+        au.ids[0] = b""
+
+
+def nonce_hex(a):
+    # the board's current command nonce (hex): a restore / disarm / time command carries it
+    # while the clock is not trusted (check() above); used once (agent/cmdrun.py drops it)
+    if a.nonce is None:
+        import os
+
+        try:
+            a.nonce = os.urandom(8)
+        except Exception:  # a port without urandom
+            import random
+
+            a.nonce = bytes(random.getrandbits(8) for _ in range(8))
+    return "".join("%02x" % b for b in a.nonce)

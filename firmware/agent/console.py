@@ -19,6 +19,8 @@ def _handle(a, line):
     verb = parts[0] if parts else ""
     if verb == "status":
         reply(a.status(), True)
+    elif verb == "nonce":  # freshness for restore / disarm / time while the clock is untrusted
+        reply({"nonce": a.step("cmdcheck", "nonce_hex", a), "time_trusted": a.time_off is not None}, True)
     elif verb == "config":
         # written a section at a time: no copy of the config, no whole-reply string
         import json

@@ -578,38 +578,15 @@ I_SIGNED = const(4)     # first signed issuer slot: one per (kid, "iss" label)
 NSIGNED = const(8)
 NISSUERS = const(12)
 SIGNED_MASK = const(0xFF0)
-ISSUER_NAMES = ("modbus", "dry_contact", "heartbeat", "schedule")
 
 
 class Authority:
-    def __init__(self, persisted=None):
+    # (the record in state.cbor is read back by agent/cmdcheck.py load_auth, at boot only)
+    def __init__(self):
         self.held = 0               # bit i: issuer i holds a full shed
         self.kw = [0.0] * NISSUERS  # issuer i's partial target in kW (0: none)
         self.ids = [None] * NSIGNED  # signed slot -> issuer id (kid bytes [+ b"#" + iss])
         self.changes = 0  # bumped by every change (the agent persists when it moved)
-        p = persisted and persisted.get("auth")
-        if p:
-            try:
-                held, kws, ids = p
-                for i in range(NSIGNED if ids else 0):
-                    v = ids[i]
-                    self.ids[i] = v if isinstance(v, bytes) else None
-                for i in range(NISSUERS if kws else 0):
-                    k = kws[i]
-                    if isinstance(k, (int, float)) and not isinstance(k, bool) and 0 < k < 1e7:
-                        self.kw[i] = float(k)
-                self.held = int(held) & ((1 << NISSUERS) - 1)
-            except Exception:  # unreadable: held for an unknown signer (cleared by a restore-all)
-                self.held |= 1 << I_SIGNED
-                self.ids[0] = b""
-        elif persisted:  # stored before issuers existed: an unknown signer's shed / target
-            k = persisted.get("shed_kw")
-            if persisted.get("cmd_shed") is True:
-                self.held = 1 << I_SIGNED
-            if isinstance(k, (int, float)) and not isinstance(k, bool) and 0 < k < 1e7:
-                self.kw[I_SIGNED] = float(k)
-            if self.active(I_SIGNED):
-                self.ids[0] = b""
 
     def active(self, i):
         return (self.held >> i) & 1 or self.kw[i] > 0

@@ -71,7 +71,7 @@ class Fleet:
         st = {"dev": self.dev, "online": True, "state": control.STATE_NAMES[c.state],
               "armed": c.armed, "shed": a.cmd_shed, "held": a.auth.held, "mask": a.relays.mask,
               "seq": self.seq, "cmd": self.cmd, "acc": self.acc, "ref": self.ref,
-              "nonce": a.get_nonce(), "time": a.time_off is not None}
+              "nonce": a.step("cmdcheck", "nonce_hex", a), "time": a.time_off is not None}
         if self.refused is not None:
             st["refused"] = self.refused
         self.client.publish(self.t_state, self.sign(self.t_state, json.dumps(st)), True, 1)

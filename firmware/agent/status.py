@@ -115,13 +115,13 @@ def answer(a, out):
 def holders(au):
     # the issuers with an active entry in the shed authority (docs/control.md "Shed authority"):
     # "modbus", "dry_contact", "heartbeat", "schedule", "signed:<kid hex>[#iss]"
-    from agent.control import I_SIGNED, ISSUER_NAMES, NISSUERS
+    from agent.control import I_SIGNED, NISSUERS
 
     out = []
     for i in range(NISSUERS):
         if au.active(i):
             if i < I_SIGNED:
-                out.append(ISSUER_NAMES[i])
+                out.append(("modbus", "dry_contact", "heartbeat", "schedule")[i])
             else:
                 v = au.ids[i - I_SIGNED] or b""
                 j = v.find(b"#")

@@ -80,7 +80,7 @@ async def _loop(agent, s):
             agent.count("udp_oversize")
             continue
         if n >= NONCE_LEN and buf[:6] == b"@nonce":  # freshness for restore / disarm / time
-            res = {"nonce": agent.get_nonce(), "time_trusted": agent.time_off is not None}
+            res = {"nonce": agent.step("cmdcheck", "nonce_hex", agent), "time_trusted": agent.time_off is not None}
             buf = None
             try:
                 s.sendto(json.dumps(res).encode(), addr)
