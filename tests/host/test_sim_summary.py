@@ -131,7 +131,7 @@ def test_scenario_csv_accepts_bom_zero_and_nan(tmp_path):
 
 
 def test_sim_warns_when_scenario_nominal_differs(tmp_path, capsys):
-    from gridshed.cmd_sim import scenario_warnings
+    from gridshed.cli.sim import scenario_warnings
 
     sc = load_scenario(ROOT / "scenarios" / "gb_50hz_event.csv")
     w = scenario_warnings(sc, siteconfig.load_site(DEMO), "demo-site.toml")
@@ -140,7 +140,7 @@ def test_sim_warns_when_scenario_nominal_differs(tmp_path, capsys):
 
 
 def test_keep_dir_refuses_a_dir_in_use_and_clears_an_old_board(tmp_path, capsys):
-    from gridshed.cmd_sim import LOCK, keep_dir
+    from gridshed.cli.sim import LOCK, keep_dir
 
     d = tmp_path / "board"
     d.mkdir()

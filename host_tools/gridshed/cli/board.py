@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def _parser(sub: Any, common: argparse.ArgumentParser, name: str, help: str, epilog: str) -> argparse.ArgumentParser:
@@ -33,7 +33,7 @@ def _console():
 
 
 def _port(args: argparse.Namespace) -> str:
-    from .ports import choose_port
+    from ..ports import choose_port
 
     return choose_port(getattr(args, "port", None))
 
@@ -150,7 +150,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
 # ---- handlers --------------------------------------------------------------------------------
 def cmd_boards(args: argparse.Namespace) -> int:
-    from .boards import list_boards, load_board
+    from ..boards import list_boards, load_board
 
     rows = []
     for name in list_boards():
@@ -176,7 +176,7 @@ def cmd_boards(args: argparse.Namespace) -> int:
 
 
 def cmd_ports(args: argparse.Namespace) -> int:
-    from .ports import list_ports
+    from ..ports import list_ports
 
     ports = list_ports(all_ports=args.all)
     if args.json:
@@ -191,7 +191,7 @@ def cmd_ports(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .build import build
+    from ..build import build
 
     m = build(args.board, src=args.src, out=args.out, romfs=args.romfs)
     if args.json:
@@ -211,13 +211,13 @@ def _build_dir(args: argparse.Namespace) -> str:
         return args.build_dir
     if not args.board:
         raise UserError("pass --board BOARD (to build now) or --build FOLDER")
-    from .build import build
+    from ..build import build
 
     return build(args.board, romfs=bool(getattr(args, "romfs", False)))["path"]
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from .deploy import deploy
+    from ..deploy import deploy
 
     port = _port(args)
     bdir = _build_dir(args)
@@ -258,7 +258,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
-    from .provision import prepare_config, provision
+    from ..provision import prepare_config, provision
 
     if args.check:
         cfg = prepare_config(args.site, args.board, args.device_id)
@@ -286,7 +286,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 
 def cmd_inventory(args: argparse.Namespace) -> int:
-    from .inventory import Inventory
+    from ..inventory import Inventory
 
     action = args.inv_cmd or "list"
     with Inventory(args.inventory) as inv:
@@ -356,7 +356,7 @@ def _status_table(st: dict[str, Any]):
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .provision import read_status, touch_inventory
+    from ..provision import read_status, touch_inventory
 
     port = _port(args)
     st = read_status(port, timeout=args.timeout, events=args.events)
@@ -370,7 +370,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
-    from .transport import Console as BoardConsole
+    from ..transport import Console as BoardConsole
 
     port = _port(args)
     n = 0
@@ -395,8 +395,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
 
 def cmd_flash(args: argparse.Namespace) -> int:
-    from .boards import load_board
-    from .flash import plan_flash, run_flash
+    from ..boards import load_board
+    from ..flash import plan_flash, run_flash
 
     board = load_board(args.board)
     port = args.port
@@ -418,20 +418,20 @@ def cmd_flash(args: argparse.Namespace) -> int:
 
 
 def cmd_image(args: argparse.Namespace) -> int:
-    from .boards import load_board
-    from .image import build_image
+    from ..boards import load_board
+    from ..image import build_image
 
     board = load_board(args.board)
     config = None
     if args.site:
-        from . import siteconfig
-        from .provision import prepare_config
+        from .. import siteconfig
+        from ..provision import prepare_config
 
         config = siteconfig.config_bytes(prepare_config(args.site, board["name"], args.device_id))
     if args.build_dir:
         bdir = args.build_dir
     else:
-        from .build import build
+        from ..build import build
 
         bdir = build(board["name"])["path"]
     if args.json:

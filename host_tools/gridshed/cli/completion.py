@@ -13,7 +13,7 @@ EXAMPLES = """examples:
 def run_completion(args: argparse.Namespace) -> int:
     import shtab
 
-    from .cli import build_parser
+    from . import build_parser
 
     print(shtab.complete(build_parser(), shell=args.shell), end="")
     return 0

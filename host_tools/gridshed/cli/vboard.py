@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from ..errors import UserError
 
 EXAMPLES = """examples:
   gridshed vboard                                   (demo site, steady 60 Hz; prints port: /dev/pts/N)
@@ -89,8 +89,8 @@ def _board_config(board_dir: Path) -> dict[str, Any] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import siteconfig
-    from .boards import budget_heapsize, load_board
+    from .. import siteconfig
+    from ..boards import budget_heapsize, load_board
 
     cfg = siteconfig.load_site(args.site, device_id=args.device_id)
     if cfg["board"] != "unix-sim":
@@ -98,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
                         f"(set board = \"unix-sim\" in the site file)")
     scenario = None
     if args.scenario:
-        from .cmd_sim import scenario_warnings
-        from .sim.scenario import load_scenario
+        from .sim import scenario_warnings
+        from ..sim.scenario import load_scenario
 
         scenario = load_scenario(args.scenario)
         for w in scenario_warnings(scenario, cfg, args.site):
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     for w in cfg.get("warnings", []):
         print(f"warning: {w}", file=sys.stderr)
     heap = args.heapsize or budget_heapsize(load_board("unix-sim"))
-    from .vboard import heap_bytes
+    from ..vboard import heap_bytes
 
     try:
         heap_bytes(heap, 4)
@@ -120,11 +120,11 @@ async def _serve(args: argparse.Namespace, site_cfg: dict[str, Any], scenario: A
     import fcntl
     import os
 
-    from . import siteconfig
-    from .sim.meter import Reading, SimMeter
-    from .sim.site import GpioServer, LoadModel, install_firmware
-    from .sim.wire import Wire
-    from .vboard import VirtualBoard
+    from .. import siteconfig
+    from ..sim.meter import Reading, SimMeter
+    from ..sim.site import GpioServer, LoadModel, install_firmware
+    from ..sim.wire import Wire
+    from ..vboard import VirtualBoard
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -261,7 +261,7 @@ async def _serve(args: argparse.Namespace, site_cfg: dict[str, Any], scenario: A
         health = None
         if board is not None:
             board.stop()
-            from .sim.site import console_health
+            from ..sim.site import console_health
 
             health = console_health(board.output(), board.restarts)
         await gpio.stop()

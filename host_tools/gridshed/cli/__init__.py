@@ -11,18 +11,18 @@ import importlib
 import os
 import sys
 
-from . import __version__
-from .errors import UserError
+from .. import __version__
+from ..errors import UserError
 
 COMMAND_MODULES = [
-    "gridshed.cmd_sim",
-    "gridshed.cmd_vboard",
-    "gridshed.cmd_events",
-    "gridshed.cmd_fleet",
-    "gridshed.cmd_provision",
-    "gridshed.cmd_openadr",
-    "gridshed.cmd_meter",
-    "gridshed.cmd_completion",
+    "gridshed.cli.sim",
+    "gridshed.cli.vboard",
+    "gridshed.cli.events",
+    "gridshed.cli.fleet",
+    "gridshed.cli.board",
+    "gridshed.cli.openadr",
+    "gridshed.cli.meter",
+    "gridshed.cli.completion",
 ]
 
 EPILOG = """examples:
@@ -91,7 +91,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gridshed: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from .errors import UserError
+from ..errors import UserError
 
 EPILOG = """examples:
   gridshed openadr-ven --vtn https://vtn.example/OpenADR2/Simple/2.0b --ven-name site1-ven \\
@@ -73,7 +73,7 @@ def _addrs(items: list[str]) -> dict[str, str]:
 
 
 def _default_site(inventory: str | None) -> str:
-    from .inventory import Inventory
+    from ..inventory import Inventory
 
     with Inventory(inventory) as inv:
         sites = sorted({d["site"] for d in inv.list() if d.get("site")})
@@ -115,8 +115,8 @@ class _Sink:
 
 
 def cmd_openadr_ven(args: argparse.Namespace) -> int:
-    from .fleet_client import parse_duration
-    from .openadr import LevelMap, SiteSender, VenBridge
+    from ..fleet_client import parse_duration
+    from ..openadr import LevelMap, SiteSender, VenBridge
 
     if not args.vtn.startswith(("http://", "https://")):
         raise UserError(f"--vtn {args.vtn!r}: give the VTN's http(s) URL")

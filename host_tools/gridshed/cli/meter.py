@@ -6,7 +6,7 @@ import json
 import sys
 from typing import Any
 
-from .errors import UserError
+from ..errors import UserError
 
 METERS_EXAMPLES = """examples:
   gridshed meters
@@ -62,7 +62,7 @@ def _meter_help(p: argparse.ArgumentParser) -> int:
 
 
 def run_meters(args: argparse.Namespace) -> int:
-    from .probe import library
+    from ..probe import library
 
     rows = library()
     if args.json:
@@ -88,7 +88,7 @@ def _fmt_values(v: dict[str, float]) -> str:
 
 
 def run_probe(args: argparse.Namespace) -> int:
-    from .probe import parse_bauds, parse_units, probe
+    from ..probe import parse_bauds, parse_units, probe
 
     if args.timeout <= 0 or args.timeout > 30:
         raise UserError("--timeout: seconds between 0 and 30")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from ..errors import UserError
 
 EVENTS_EXAMPLES = """examples:
   gridshed events --port /dev/ttyUSB0                    new records since the last pull, as a listing
@@ -76,7 +76,7 @@ def _warn(msg: str) -> None:
 
 
 def run_events(args: argparse.Namespace) -> int:
-    from . import events as evmod
+    from .. import events as evmod
 
     since = 0 if args.all else args.since
     if since is not None and since < 0:
@@ -88,7 +88,7 @@ def run_events(args: argparse.Namespace) -> int:
         ev = evmod.load_dir(args.dir, since=since or 0)
         src = args.dir
     else:
-        from .ports import choose_port
+        from ..ports import choose_port
 
         port = choose_port(args.port)
         if since is None and args.no_state:
@@ -137,15 +137,15 @@ def run_events(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from .report import CAUSE_TEXT, report
+    from ..report import CAUSE_TEXT, report
 
     if Path(args.output).suffix.lower() not in (".png", ".html", ".htm"):
         raise UserError(f"{args.output}: report must end in .png or .html")
-    from .events import read_file, slim_config
+    from ..events import read_file, slim_config
 
     ev = read_file(args.events)
     if args.site:
-        from . import siteconfig
+        from .. import siteconfig
 
         site_cfg = slim_config(siteconfig.load_site(args.site))
         ev.config = {**site_cfg, **{k: v for k, v in ev.config.items() if v is not None}}

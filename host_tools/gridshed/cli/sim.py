@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from .datafiles import repo_root
-from .errors import UserError
+from ..datafiles import repo_root
+from ..errors import UserError
 
 ROOT = repo_root()
 
@@ -47,10 +47,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import siteconfig
-    from .sim.scenario import load_scenario
-    from .sim.site import FIRMWARE, run_site
-    from .sim.summary import failure_line, render_text
+    from .. import siteconfig
+    from ..sim.scenario import load_scenario
+    from ..sim.site import FIRMWARE, run_site
+    from ..sim.summary import failure_line, render_text
 
     scenario = load_scenario(args.scenario)
     cfg = siteconfig.load_site(args.site, board_name=args.board)
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     for w in cfg.get("warnings", []) + scenario_warnings(scenario, cfg, args.site):
         print(f"warning: {w}", file=sys.stderr)
     live = None if args.json else (lambda line: print(line, flush=True))
-    from .boards import budget_heapsize, load_board
+    from ..boards import budget_heapsize, load_board
 
     heap = args.heapsize or budget_heapsize(load_board("unix-sim"))
     fw = Path(args.firmware) if args.firmware else FIRMWARE
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
                                        firmware_dir=fw))
     if args.report:
         try:
-            from .report import report_from_sim
+            from ..report import report_from_sim
         except ImportError:
             raise UserError("reports are not available in this build") from None
         report_from_sim(summary, args.report)
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2, default=str))
     else:
         print(render_text(summary))
-    from .sim.site import health_problems
+    from ..sim.site import health_problems
 
     bad = health_problems(summary["health"])
     if bad:  # an agent that crashed or stopped answering fails the run, whatever the relays did
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
 def scenario_warnings(scenario, cfg: dict, site_path: str) -> list[str]:
     """What the scenario plays that this site cannot see as meant (said before the run)."""
-    from .sim.scenario import nominal_of
+    from ..sim.scenario import nominal_of
 
     out = []
     nom = nominal_of(scenario)

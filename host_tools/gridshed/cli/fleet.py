@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from ..errors import UserError
 
 VERBS = {
     "shed": "open the relays now (a signed shed command)",
@@ -108,7 +108,7 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _sign(args: argparse.Namespace, nonces: dict | None = None) -> list:
-    from . import fleet_client as fc
+    from .. import fleet_client as fc
 
     _check(args)
     if args.kw is not None and not 0 <= args.kw < 1e9:
@@ -141,7 +141,7 @@ def _summary(rep: dict[str, Any]) -> str:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from . import fleet_client as fc
+    from .. import fleet_client as fc
 
     _check(args)
     via = _via(args)
