@@ -51,6 +51,7 @@ class Candidate:
     identified: bool | None = None   # identify register matched / contradicted / not available
     values: dict[str, float] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
+    word_order: str | None = None    # "as mapped", "swapped" (the other word order reads a frequency), or None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -144,10 +145,22 @@ def evaluate(m: dict[str, Any], reader: Reader) -> Candidate:
         c.reasons.append("Hz register not readable")
         c.score += -50
         return c
+    order = mm.words("hz")
     if not (_finite(hz) and HZ_RANGE[0] <= hz <= HZ_RANGE[1]):
-        c.reasons.append(f"Hz decodes to {hz!r}: not a grid frequency")
+        alt = mm.swapped("hz")  # the same registers with the other word order
+        if alt is not None and _finite(alt) and HZ_RANGE[0] <= alt <= HZ_RANGE[1]:
+            other = "little" if order == "big" else "big"
+            tiny = " (a denormal: the classic sign)" if _finite(hz) and 0 < abs(hz) < 1.2e-38 else ""
+            c.word_order = "swapped"
+            c.reasons.append(f"Hz decodes to {hz:.3g}{tiny}, but to {alt:.3f} with the words swapped: the meter "
+                             f"sends the {other} word first, the map says {order} (set the meter's word order, "
+                             f"or use a map with words = \"{other}\")")
+        else:
+            c.reasons.append(f"Hz decodes to {hz!r}: not a grid frequency")
         c.score += -50
         return c
+    if mm.swapped("hz") is not None:
+        c.word_order = "as mapped"
     score = 40
     if min(abs(hz - 50), abs(hz - 60)) <= 2:
         score += 10

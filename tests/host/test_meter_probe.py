@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -272,3 +273,28 @@ def test_parse_units_and_bauds():
     for bad in ("", "x", "0", "248", "3..x"):
         with pytest.raises(UserError):
             pr.parse_units(bad)
+
+
+def test_probe_names_a_swapped_word_order():
+    """A meter sending its 32-bit floats low word first against a big-endian map: 60 Hz reads as
+    a denormal (~2.4e-41); probe says the words are swapped, in --json and in text."""
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+    from gridshed.meters import load_meter
+    from hostile_meter import HostileMeter
+
+    hm = HostileMeter(load_meter("eastron_sdm630"), unit=1)
+    hm.swap_words = True
+    port = hm.serve_tcp()
+    try:
+        res = pr.probe(tcp=f"127.0.0.1:{port}", units=[1], timeout=1.0, models=["eastron_sdm630"])
+        r = subprocess.run([sys.executable, "-m", "gridshed.cli", "meter", "probe", "--tcp", f"127.0.0.1:{port}",
+                            "--unit", "1", "--timeout", "1.0", "--model", "eastron_sdm630"],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        hm.stop()
+    c = res["found"][0]["candidates"][0]
+    assert c["word_order"] == "swapped" and not c["plausible"], c
+    assert "denormal" in c["reasons"][-1] and "60.000" in c["reasons"][-1], c["reasons"]
+    assert "word order" in r.stdout and "swapped" in r.stdout, r.stdout + r.stderr

@@ -331,6 +331,28 @@ def cmd_inventory(args: argparse.Namespace) -> int:
     return 0
 
 
+def _alarm_rows(st: dict[str, Any]) -> list[tuple[str, str]]:
+    """What a technician must not miss (docs/failsafes.md, docs/meters.md), one row each."""
+    out = []
+    if st.get("state") == "refused":
+        out.append(("ALARM", "config refused: " + "; ".join(st.get("config_errors") or []) + " (provision again)"))
+    for f, why in (st.get("integrity") or {}).items():
+        out.append(("ALARM", f"{f} refused: {why} (provision again)"))
+    imp = st.get("implausible") or {}
+    if imp.get("total"):
+        last = imp.get("last") or {}
+        out.append(("ALARM" if imp.get("now") else "implausible",
+                    f"{imp['total']} implausible samples (nan {imp.get('nan')}, band {imp.get('band')}, "
+                    f"rate {imp.get('rate')}, undervoltage {imp.get('undervoltage')}); last: {last.get('why')} "
+                    f"{last.get('hz', last.get('value'))}" + (" NOW" if imp.get("now") else "")))
+    wo = st.get("word_order")
+    if wo and wo != "as mapped":
+        out.append(("ALARM", "meter word order " + wo))
+    if st.get("kw_stale") and st.get("kw") is not None:
+        out.append(("kW", f"{st.get('kw')} is STALE (last read {st.get('kw_age_ms')} ms ago)"))
+    return out
+
+
 def _status_table(st: dict[str, Any]):
     from rich.table import Table
 
@@ -348,6 +370,7 @@ def _status_table(st: dict[str, Any]):
             ("counters", f"samples {st.get('samples')}, meter errors {st.get('meter_errors')}, "
                          f"transitions {st.get('transitions')}, errors {st.get('errors')}"),
             ("uptime", f"{(st.get('uptime_ms') or 0) / 1000:.1f} s, free mem {st.get('mem_free')}")]
+    rows += _alarm_rows(st)
     for k, v in rows:
         t.add_row(k, str(v))
     for e in st.get("events", [])[-10:]:

@@ -110,10 +110,16 @@ def run_probe(args: argparse.Namespace) -> int:
         where = f"unit {f['unit']}" + (f" at {f['baud']} baud {f['parity']}" if f["transport"] == "rtu" else "")
         if not f["suggested"]:
             print(f"{where}: a device answers, but no map of the library decodes plausible values")
+            sw = [c for c in f["candidates"] if c.get("word_order") == "swapped"]
+            if sw:
+                print(f"  word order: {sw[0]['model']} reads a frequency with its 32-bit words swapped: "
+                      f"{sw[0]['reasons'][-1]}")
         else:
             ok = True
             best = f["candidates"][0]
             print(f"{where}: {f['suggested']} ({best['title']}) score {best['score']}: {_fmt_values(best['values'])}")
+            if best.get("word_order"):
+                print(f"  word order: {best['word_order']} (32-bit values decode as the map says)")
             if f["indistinguishable"]:
                 print(f"  same registers as: {', '.join(f['indistinguishable'])} "
                       f"(cannot be told apart by registers; check the nameplate)")
