@@ -204,7 +204,7 @@ class Agent:
         self.q_t0 = ticks_ms()
         self.q_first = self.q_last = None
         self.q_burst = None
-        self.q_logged = self.q_ended = None  # when a burst start / end was last journaled
+        self.q_logged = [None, None]  # when a burst start / end was last journaled
         self.started = ticks_ms()
         self.signal = None
         self.seq_counters = None  # command counters survive the command-step modules being freed
@@ -406,9 +406,8 @@ class Agent:
             b = self.q_burst
             if b is None:
                 self.q_burst = [now, name, name, 1]
-                if self.q_logged is None or ticks_diff(now, self.q_logged) >= 10000:
-                    self.q_logged = now  # at most one burst record in 10 s; the minute summary has all
-                    log("E", "ALARM meter: %s (polls failing; hz %s)" % (name, self.ctrl.bad_hz if isinstance(err, str) else None))
+                if self._q_ok(0, now):
+                    log("E", "ALARM meter: " + name)
                     self.journal.append("meter_comm", {"ev": "start", "first": name})
             else:
                 b[2] = name
@@ -416,10 +415,17 @@ class Agent:
             return
         b = self.q_burst  # a good poll ends the burst
         self.q_burst = None
-        if self.q_ended is None or ticks_diff(now, self.q_ended) >= 10000:
-            self.q_ended = now  # burst ends, likewise at most one in 10 s
+        if self._q_ok(1, now):
             self.journal.append("meter_comm", {"ev": "burst", "failed": b[3], "ms": ticks_diff(now, b[0]),
                                                "first": b[1], "last": b[2]})
+
+    def _q_ok(self, i, now):
+        # burst starts (0) and ends (1): at most one record of each in 10 s
+        t = self.q_logged
+        if t[i] is None or ticks_diff(now, t[i]) >= 10000:
+            t[i] = now
+            return True
+        return False
 
     def quality_minute(self, now):
         # from the tick task: one summary a minute while anything failed in it

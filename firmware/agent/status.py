@@ -28,19 +28,18 @@ def status(a):
     # kW is stale when the meter is not answering (or never did): shown, never taken as current
     yield "kw_stale", not a.meter_ok or age is None
     bad = c.bad_counts
-    last = None
-    if c.bad_hz is not None:
-        v = _num(c.bad_hz)
-        last = {"hz": v, "why": control.BAD_NAMES[c.bad_last]}
-        if v is None:
-            last["value"] = "nan" if c.bad_hz != c.bad_hz else "inf"
-    yield "implausible", {"total": c.bad_samples, "nan": bad[1], "band": bad[2], "rate": bad[3],
-                          "undervoltage": bad[4], "now": c.bad_why != 0, "last": last,
-                          "band_hz": [c._hz_lo, c._hz_hi], "rate_step_hz": c.rate_step_hz}
+    n = control.BAD_NAMES
+    d = {"total": c.bad_samples, "now": c.bad_why != 0, "last": None}
+    for i in (1, 2, 3, 4):
+        d[n[i]] = bad[i]
+    v = c.bad_hz
+    if v is not None:  # the last implausible value (null with "value" when not a number)
+        d["last"] = {"hz": _num(v), "why": n[c.bad_last], "value": "nan" if v != v else ("inf" if _num(v) is None else None)}
+    yield "implausible", d
     yield "word_order", a.word_order
-    yield "meter_comm", {"polls_this_min": a.q_polls, "failed_this_min": a.q_fail, "first": a.q_first,
-                         "last": a.q_last, "burst": a.q_burst and {"failed": a.q_burst[3], "first": a.q_burst[1],
-                                                                    "last": a.q_burst[2]}}
+    b = a.q_burst  # failed polls this minute, the first and last error, the burst in progress
+    yield "meter_comm", {"polls": a.q_polls, "failed": a.q_fail, "first": a.q_first, "last": a.q_last,
+                         "burst": b and b[3]}
     yield "mask", a.relays.mask
     yield "blocks", [b["name"] for b in a.cfg["blocks"]]
     yield "samples", a.samples

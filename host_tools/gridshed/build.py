@@ -31,6 +31,9 @@ from .errors import UserError
 ARCHES = ("x86", "x64", "armv6", "armv6m", "armv7m", "armv7em", "armv7emsp", "armv7emdp",
           "xtensa", "xtensawin", "rv32imc", "rv64imc")
 SOURCE_ONLY = {"main.py", "boot.py"}         # run as source by MicroPython at boot
+# the command policy and COSE as one API for the host and tests (docs/architecture.md); the board
+# runs its own step modules (mac0, cmdcheck, cmdrun) and never imports these: not deployed
+HOST_ONLY = {"agent/commands.py", "agent/cose.py"}
 SKIP_DIRS = {"__pycache__", ".git", "tests"}
 MANIFEST = "manifest.json"
 BOARD_MANIFEST = "build.json"                 # the manifest's name on the board
@@ -71,7 +74,9 @@ def source_files(src: Path) -> list[Path]:
         dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
         for n in sorted(names):
             if n.endswith(".py"):
-                files.append(Path(root, n).relative_to(src))
+                rel = Path(root, n).relative_to(src)
+                if rel.as_posix() not in HOST_ONLY:
+                    files.append(rel)
     if not files:
         raise UserError(f"{src}: no .py files to build")
     return files

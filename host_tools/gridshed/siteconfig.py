@@ -179,7 +179,10 @@ def keys_bytes(keys: dict[bytes, bytes]) -> bytes:
 def read_settings(data: bytes) -> Any:
     """The object in a settings file's bytes (/config.cbor, /keys.cbor, /state.cbor); ValueError
     naming the reason when its integrity check fails."""
-    return integrity.load(data, cbor)
+    p, why = integrity.unwrap(data)
+    if why is not None:
+        raise ValueError(why)
+    return cbor.loads(bytes(p))
 
 
 def config_hash(cfg: dict[str, Any]) -> str:

@@ -78,6 +78,9 @@ def test_every_bit_flip_of_keys_and_state_is_refused():
     assert "short" in integrity.check(keys[:5])
     assert "length" in integrity.check(keys[:-1])
     assert "length" in integrity.check(keys + b"\x00")
+    flipped_crc = bytearray(keys)
+    flipped_crc[-1] ^= 1
+    assert "CRC" in integrity.check(bytes(flipped_crc))
     assert "header" in integrity.check(cbor.dumps({"v": 1}) + b"\x00" * 10)
     other = bytearray(keys)
     other[4] = 0x48

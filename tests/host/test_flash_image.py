@@ -207,7 +207,7 @@ def test_real_agent_image_for_the_virtual_board(tmp_path, mp):
     assert cli.main(["image", "--board", "unix-sim", "--site", str(SITE), "--build", b["path"], "-o", str(out)]) == 0
     res = mount_and_run(mp, out, 0, board, """
 from agent import cbor, config, integrity
-cfg = integrity.load(open('config.cbor', 'rb').read(), cbor)
+cfg = cbor.loads(bytes(integrity.unwrap(open('config.cbor', 'rb').read())[0]))
 print('errors', config.validate(cfg), cfg['device'])
 import agent.app
 print(agent.app.__file__, agent.app.BUILD)

@@ -23,7 +23,7 @@ from agent import cbor, integrity
 def load(p):
     try:
         with open(p, 'rb') as f:
-            return integrity.load(f.read(), cbor)
+            return cbor.loads(bytes(integrity.unwrap(f.read())[0]))
     except OSError:
         return None
 cfg = load('config.cbor')
