@@ -162,18 +162,25 @@ class Controller:
         for i in range(n):
             if not self._rocof[i] and self._pick[i] - 1.0 < self._hz_lo:
                 self._hz_lo = self._pick[i] - 1.0
-        # rate check: a grid of cells (half the step a poll may make) over the band; a sample
-        # more than 2 cells (>= 1 step, < 1.5 steps) from the last plausible one is implausible
-        # unless the previous sample agrees with it. Built once: the check only compares.
+        # rate check: a grid of cells (half the step a poll may make) where a decision can
+        # change (2 steps under the lowest pickup to a step over nominal; below and above it,
+        # one cell each); a sample more than 2 cells (>= 1 step, < 1.5 steps) from the last
+        # plausible one is implausible unless the previous sample agrees with it. Built once:
+        # the check only compares.
         pm = (cfg.get("meter") or {}).get("poll_ms")
         self.rate_step_hz = None
         self._grid = None
         self._rate_ms = 0
         if pm:
             self.rate_step_hz = stp = ROCOF_MAX_HZ_S * pm / 1000 + RATE_SLACK_HZ
-            k = int((self._hz_hi - self._hz_lo) / (stp / 2)) + 2
-            if k <= 64:  # wider steps than the band: the band alone decides
-                self._grid = [self._hz_lo + j * stp / 2 for j in range(k)]
+            lo = self.pickup_hz
+            for i in range(n):
+                if not self._rocof[i] and self._pick[i] < lo:
+                    lo = self._pick[i]
+            lo -= 2 * stp
+            k = int((nom + stp - lo) / (stp / 2)) + 2
+            if k <= 32:  # wider steps than that: the band alone decides
+                self._grid = [lo + j * stp / 2 for j in range(k)]
                 self._rate_ms = 3 * pm  # older reference (failed polls between): band only
         self.volts = None  # input: phase-1 voltage this sample (where the map has it) or None
         self.delay_ms = self._delay[0]
