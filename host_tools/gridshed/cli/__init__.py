@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "gridshed.cli.events",
     "gridshed.cli.fleet",
     "gridshed.cli.board",
+    "gridshed.cli.inventory",
     "gridshed.cli.openadr",
     "gridshed.cli.meter",
     "gridshed.cli.completion",

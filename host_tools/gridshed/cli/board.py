@@ -1,4 +1,4 @@
-"""CLI: boards, build, deploy, provision, inventory, status, monitor, flash, image, ports."""
+"""CLI: boards, ports, build, deploy, provision, status, monitor, flash, image (one board at a time)."""
 from __future__ import annotations
 
 import argparse
@@ -85,27 +85,6 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-key", action="store_true", help="re-use the device's key from the inventory")
     p.add_argument("--check", action="store_true", help="only validate site.toml for the board, touch nothing")
     p.set_defaults(func=cmd_provision)
-
-    p = _parser(sub, common, "inventory", "provisioned devices: list, show, export",
-                "  gridshed inventory list\n  gridshed inventory show site1-ctl1 --json\n"
-                "  gridshed inventory export --format csv > fleet.csv\n"
-                "  gridshed inventory export --show-keys > backup.json   (keys! keep it safe)\n"
-                "  gridshed inventory import backup.json\n")
-    p.add_argument("--inventory", help="inventory database (default: user data dir, or $GRIDSHED_INVENTORY)")
-    isub = p.add_subparsers(dest="inv_cmd", metavar="ACTION")
-    q = isub.add_parser("list", parents=[common], help="all devices")
-    q.add_argument("--site", help="only this site")
-    q = isub.add_parser("show", parents=[common], help="one device and its history")
-    q.add_argument("device_id")
-    q.add_argument("--show-key", action="store_true", help="print the command key (secret)")
-    q = isub.add_parser("export", parents=[common], help="export as JSON (default) or CSV")
-    q.add_argument("--format", choices=("json", "csv"), default="json")
-    q.add_argument("--show-keys", action="store_true", help="include the command keys (secret)")
-    q.add_argument("--site")
-    q.add_argument("-o", "--out", help="write to a file instead of stdout")
-    q = isub.add_parser("import", parents=[common], help="merge an export made with --show-keys")
-    q.add_argument("file")
-    p.set_defaults(func=cmd_inventory)
 
     p = _parser(sub, common, "status", "one-shot status of a running board (agent keeps running)",
                 "  gridshed status --port /dev/ttyUSB0\n  gridshed status --json\n")
@@ -282,52 +261,6 @@ def cmd_provision(args: argparse.Namespace) -> int:
               f"recorded in {res['inventory']}")
         for w in res["warnings"]:
             print("warning:", w, file=sys.stderr)
-    return 0
-
-
-def cmd_inventory(args: argparse.Namespace) -> int:
-    from ..inventory import Inventory
-
-    action = args.inv_cmd or "list"
-    with Inventory(args.inventory) as inv:
-        if action == "list":
-            rows = inv.list(site=getattr(args, "site", None))
-            if args.json:
-                _out(args, rows)
-                return 0
-            from rich.table import Table
-
-            t = Table(title=f"inventory {inv.path}")
-            for c in ("device", "board", "site", "key id", "firmware", "config", "provisioned", "last seen"):
-                t.add_column(c, overflow="fold")
-            for r in rows:
-                t.add_row(r["device_id"], r["board"], r["site"] or "", r["key_id"], r["firmware_build"] or "",
-                          r["config_hash"] or "", r["provisioned_at"], r["last_seen"] or "")
-            _console().print(t)
-            if not rows:
-                print("(no devices yet: gridshed provision ...)")
-        elif action == "show":
-            d = inv.require(args.device_id, show_key=args.show_key)
-            d["history"] = inv.history(args.device_id)
-            if args.json:
-                _out(args, d)
-            else:
-                for k, v in d.items():
-                    if k != "history":
-                        print(f"{k:15} {v}")
-                for h in d["history"]:
-                    print(f"  {h['at']}  {h['action']:12} key {h['key_id'] or '-'}  config {h['config_hash'] or '-'}")
-        elif action == "export":
-            text = inv.export(args.format, show_key=args.show_keys, site=args.site)
-            if args.out:
-                Path(args.out).write_text(text)
-                if args.show_keys:
-                    Path(args.out).chmod(0o600)
-            else:
-                sys.stdout.write(text)
-        elif action == "import":
-            n = inv.import_json(Path(args.file).read_text())
-            print(f"imported {n} devices into {inv.path}")
     return 0
 
 
