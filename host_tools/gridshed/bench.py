@@ -15,6 +15,9 @@ Sections (``--only`` takes a comma list of these names):
   bounds   the real-time figures the tests no longer bound (tests assert order and causality
            only): slowest transaction on a fuzzed RTU line, MQTT reconnect back-off gaps after
            refusals, AC-sense primary trip in cycles of the edge stream
+  soak     optional (not in the default run): the real agent against the hostile meter
+           (tests/e2e/hostile_meter.py) in a random mix of every misbehaviour for --soak-s
+           seconds (default 600): free memory over time, counters, relay moves (must be none)
 
 Results: a table on stdout and bench/results.json (gitignored).
 """
@@ -43,7 +46,8 @@ DEMO_SITE = ROOT / "scenarios" / "demo-site.toml"
 BENCH_DIR = ROOT / "bench"
 HEAP = "64wK"  # board-realistic: 64 KB on a 32-bit board (DESIGN.md, Budgets)
 MICRO_HEAP = "256wK"  # micro benchmarks: room for the bench script and its JSON inputs (compiled from source)
-SECTIONS = ("modbus", "cycle", "latency", "memory", "fleet", "host", "bounds")
+SECTIONS = ("modbus", "cycle", "latency", "memory", "fleet", "host", "bounds", "soak")
+DEFAULT_SECTIONS = SECTIONS[:-1]  # "soak" runs only when asked for (--only soak): it is long
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -1501,6 +1505,65 @@ def _f(v: Any, unit: str = "") -> str:
     return "%s%s" % (v, unit)
 
 
+def bench_soak(res: dict[str, Any], seconds: float) -> None:
+    """The real agent (budget heap) against the hostile meter, every misbehaviour at random for
+    `seconds`: @status free memory every 10 s, the Modbus counters, relay moves (none allowed)."""
+    sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+    import random as _random
+
+    from hostile_meter import HostileMeter  # type: ignore[import-not-found]
+    from rig import HEAP, Rig  # type: ignore[import-not-found]
+
+    from . import siteconfig
+
+    class _Rig(Rig):
+        async def start_meter(self) -> None:
+            m = self.cfg["meter"]
+            self.meter = HostileMeter(m["map"], unit=m["unit"]).serve_rtu(self.wire.meter_path)
+
+        async def stop_meter(self) -> None:
+            if self.meter is not None:
+                self.meter.stop()
+
+    cfg = siteconfig.load_site(DEMO_SITE)
+    cfg["failsafe"] = dict(cfg["failsafe"], meter_loss="hold")
+    rng = _random.Random(1)
+    out: dict[str, Any] = {"seconds": seconds, "heap": HEAP, "mem_free": []}
+
+    async def run() -> None:
+        work = Path(tempfile.mkdtemp(prefix="gridshed-bench-soak-"))
+        try:
+            async with _Rig(cfg, work / "board") as rig:
+                await asyncio.sleep(2)
+                moves0 = len(rig.block_log)
+                t_end = time.monotonic() + seconds
+                t_next = 0.0
+                m = rig.meter
+                while time.monotonic() < t_end:
+                    if time.monotonic() >= t_next:
+                        m.mode = "ok"
+                        await asyncio.sleep(0.3)
+                        out["mem_free"].append((await rig.status(60))["mem_free"])
+                        t_next = time.monotonic() + 10
+                    m.mode = rng.choice(("ok", "ok", "echo", "noise", "late", "wrong_unit", "wrong_fn", "exception",
+                                         "bad_crc", "silence"))
+                    m.exc_code = rng.choice((2, 4, 6))
+                    m.values["hz"] = rng.choice((60.0, 60.01, 59.99, float("nan"), float("inf"), 0.0, 1e30, 30.1, 89.9))
+                    m.swap_words = rng.random() < 0.1
+                    await asyncio.sleep(rng.uniform(0.2, 0.6))
+                m.mode, m.swap_words, m.values["hz"] = "ok", False, 60.0
+                await asyncio.sleep(1)
+                st = await rig.status(60)
+                out["mem_free"].append(st["mem_free"])
+                out.update(requests=m.requests, seen=m.seen, modbus=st["modbus"], implausible=st["implausible"],
+                           relay_moves=len(rig.block_log) - moves0, restarts=rig.board.restarts)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    asyncio.run(run())
+    res["soak"] = out
+
+
 def table(res: dict[str, Any]) -> str:
     rows: list[tuple[str, str, str]] = []
     m = res.get("modbus")
@@ -1620,6 +1683,10 @@ def table(res: dict[str, Any]) -> str:
         a = b["acsense_primary"]
         rows.append(("7 AC sense primary trip", ", ".join(str(c) for c in a["cycles"]) + " cycles",
                      "target within %d cycles" % a["target_cycles"]))
+    s = res.get("soak")
+    if s:
+        rows.append(("8 hostile-meter soak, free memory", "%s -> %s B (min %s)" % (s["mem_free"][0], s["mem_free"][-1], min(s["mem_free"])),
+                     "%.0f s, %d requests, relay moves %d" % (s["seconds"], s["requests"], s["relay_moves"])))
     w1 = max((len(r[0]) for r in rows), default=10)
     w2 = max((len(r[1]) for r in rows), default=10)
     lines = ["%-*s  %-*s  %s" % (w1, "figure", w2, "value", "vs reference / note"), "-" * (w1 + w2 + 30)]
@@ -1629,7 +1696,9 @@ def table(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gridshed.bench", description=__doc__.split("\n")[0])
-    ap.add_argument("--only", default=",".join(SECTIONS), help="comma list of: " + ", ".join(SECTIONS))
+    ap.add_argument("--only", default=",".join(DEFAULT_SECTIONS),
+                    help="comma list of: " + ", ".join(SECTIONS) + " (default: all but soak)")
+    ap.add_argument("--soak-s", type=float, default=600.0, help="length of the optional hostile-meter soak")
     ap.add_argument("--quick", action="store_true", help="fewer iterations and events (a smoke run, not figures)")
     ap.add_argument("--events", type=int, default=52, help="dips per latency run (>= 50 for the figures)")
     ap.add_argument("--fleet", default="10,50,100", help="fleet sizes N")
@@ -1671,6 +1740,7 @@ def main(argv: list[str] | None = None) -> int:
     section("fleet", bench_fleet, a.quick, [int(x) for x in a.fleet.split(",") if x], a.fleet_mode)
     section("host", bench_host, a.quick)
     section("bounds", bench_bounds, a.quick)
+    section("soak", bench_soak, a.soak_s)
     res["section_seconds"] = secs
     res["total_seconds"] = round(time.monotonic() - t_start, 1)
     out = Path(a.out)
