@@ -606,7 +606,7 @@ LINE_MAX = 1024  # longest console line kept; a longer one is discarded as it ar
 def _chunk(s):
     # (awaited) the next piece of a console line, at most 256 bytes, up to and with its
     # newline: the wait is asyncio's (as in its Stream), the read is the stream's own readline
-    from asyncio import core
+    from asyncio import core  # type: ignore[attr-defined]  # the ports' asyncio package (frozen); not in the stubs
 
     yield core._io_queue.queue_read(s)
     return s.readline(256)
