@@ -167,6 +167,12 @@ class _FileReader:
         return self.f.read(n)
 
 
+def _put(f, p):
+    w = f.write(p)
+    if w is not None and w != len(p):
+        raise OSError(28)  # a short write: the disk is full
+
+
 def _fsize(path):
     return os.stat(path)[6]
 
@@ -191,6 +197,8 @@ class Journal:
         self.uptime = uptime or ticks_ms
         self._buf = bytearray(buf_size)
         self._mv = memoryview(self._buf)
+        self._hdr = self._mv[:HDR]  # a record's header and CRC are written from these
+        self._trl = self._mv[HDR:OVERHEAD]
         self._lenb = bytearray(2)
         self._f = None
         self._segs = []
@@ -417,27 +425,14 @@ class Journal:
             mv[0] = MAGIC
             mv[1] = lb[0]
             mv[2] = lb[1]
+            struct.pack_into(">I", mv, HDR, crc)
             self.seq = seq  # never reused, even if the write below fails halfway
             f = self._f
-            if n <= len(self._buf):
-                mv[HDR : HDR + ln] = body
-                struct.pack_into(">I", mv, HDR + ln, crc)
-                w = f.write(mv[:n])
-            else:  # header, body, CRC: three writes from what exists (a cut is a torn tail)
-                struct.pack_into(">I", mv, HDR, crc)
-                w = f.write(mv[:HDR])
-                if w is None or w == HDR:
-                    w = f.write(body)
-                    if w is None or w == ln:
-                        w = f.write(mv[HDR:HDR + TRAILER])
-                        n = HDR + ln + TRAILER if w is None or w == TRAILER else -1
-                    else:
-                        n = -1
-                else:
-                    n = -1
-                w = n
-            if w is not None and w != n:
-                raise OSError(28)
+            # header, body, CRC: three writes from what exists, no copy of the record (a cut
+            # between them is a torn tail, like any other)
+            _put(f, self._hdr)
+            _put(f, body)
+            _put(f, self._trl)
             f.flush()
             self._size += n
             return True
