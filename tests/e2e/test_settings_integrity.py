@@ -65,6 +65,13 @@ def test_damaged_config_refused_status_still_answers(tmp_path):
                                capture_output=True, text=True, timeout=60)
             flat = " ".join(r.stdout.replace("│", " ").split())  # the table wraps long values
             assert r.returncode == 0 and "ALARM" in flat and "config refused" in flat, r.stdout + r.stderr
+
+            def pull() -> list:
+                with Console(board.port) as c:
+                    return c.events(0, timeout=20)
+
+            recs = await asyncio.to_thread(pull)  # the journal can still be pulled
+            assert [r["k"] for r in recs] == ["config_refused"], recs
         finally:
             board.stop()
             await rig.gpio.stop()

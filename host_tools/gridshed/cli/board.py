@@ -268,7 +268,7 @@ def _alarm_rows(st: dict[str, Any]) -> list[tuple[str, str]]:
     """What a technician must not miss (docs/failsafes.md, docs/meters.md), one row each."""
     out = []
     if st.get("state") == "refused":
-        out.append(("ALARM", "config refused: " + "; ".join(st.get("config_errors") or []) + " (provision again)"))
+        out.append(("ALARM", "config refused: " + "; ".join(st.get("config_errors") or [])))
     for f, why in (st.get("integrity") or {}).items():
         out.append(("ALARM", f"{f} refused: {why} (provision again)"))
     imp = st.get("implausible") or {}
