@@ -13,6 +13,7 @@ import sys
 
 from .. import __version__
 from ..errors import UserError
+from .output import error
 
 COMMAND_MODULES = [
     "gridshed.cli.sim",
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if args.debug:
             raise
-        print(f"gridshed: error: {exc}", file=sys.stderr)
+        error(exc)
         return exc.exit_code
     except KeyboardInterrupt:
         print("gridshed: interrupted", file=sys.stderr)

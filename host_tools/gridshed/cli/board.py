@@ -2,34 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from .output import console, emit, emit_event, note, to_json, warn
 
 
 def _parser(sub: Any, common: argparse.ArgumentParser, name: str, help: str, epilog: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, parents=[common], help=help, description=help, epilog="examples:\n" + epilog,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
-
-
-def _out(args: argparse.Namespace, obj: Any) -> None:
-    print(json.dumps(obj, indent=1, default=str))
-
-
-def _console():
-    """Rich console for tables: on a terminal its width; into a pipe or file (not a tty, no
-    $COLUMNS) wide enough that no name is cut at 80 columns. Name columns fold, never truncate."""
-    import os
-
-    from rich.console import Console
-
-    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
-        return Console()
-    return Console(width=240)
 
 
 def _port(args: argparse.Namespace) -> str:
@@ -138,9 +121,11 @@ def cmd_boards(args: argparse.Namespace) -> int:
         rows.append({"name": name, "chip": b["chip"], "port": b["port"], "arch": b["arch"],
                      "rs485_meter": {k: m.get(k) for k in ("id", "tx", "rx", "de", "re")},
                      "relays": {r["name"]: r["pin"] for r in b["relays"]}, "title": b["title"]})
-    if args.json:
-        _out(args, rows)
-        return 0
+    emit(args, rows, lambda: _boards_table(rows))
+    return 0
+
+
+def _boards_table(rows: list[dict[str, Any]]):
     from rich.table import Table
 
     t = Table(title="supported boards")
@@ -150,22 +135,16 @@ def cmd_boards(args: argparse.Namespace) -> int:
         m = r["rs485_meter"]
         rs = f"UART{m['id']} {m['tx']}/{m['rx']}/{m['de']}" if m.get("id") is not None else "-"
         t.add_row(r["name"], r["chip"], r["port"], rs, " ".join(str(p) for p in r["relays"].values()))
-    _console().print(t)
-    return 0
+    return t
 
 
 def cmd_ports(args: argparse.Namespace) -> int:
     from ..ports import list_ports
 
     ports = list_ports(all_ports=args.all)
-    if args.json:
-        _out(args, [p.as_dict() for p in ports])
-    elif not ports:
-        print("no board found on USB" + ("" if args.all else " (try --all)"))
-    else:
-        for p in ports:
-            vp = f"{p.vid:04x}:{p.pid:04x}" if p.vid is not None else "-"
-            print(f"{p.device}  {vp}  {p.known_as or p.description}")
+    lines = [f"{p.device}  {f'{p.vid:04x}:{p.pid:04x}' if p.vid is not None else '-'}  {p.known_as or p.description}"
+             for p in ports] or ["no board found on USB" + ("" if args.all else " (try --all)")]
+    emit(args, [p.as_dict() for p in ports], lines)
     return 0
 
 
@@ -173,15 +152,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     from ..build import build
 
     m = build(args.board, src=args.src, out=args.out, romfs=args.romfs)
-    if args.json:
-        _out(args, m)
-    else:
-        print(f"built {len(m['files'])} files for {m['board']} ({m['arch']}) into {m['path']}: "
-              f"{m['total_size']} bytes, build {m['build_id']}")
-        if m.get("romfs"):
-            r = m["romfs"]
-            print(f"ROMFS image {m['path']}/{r['file']}: {len(r['files'])} modules, {r['size']} bytes, "
-                  f"sha256 {r['sha256'][:16]}")
+    lines = [f"built {len(m['files'])} files for {m['board']} ({m['arch']}) into {m['path']}: "
+             f"{m['total_size']} bytes, build {m['build_id']}"]
+    if m.get("romfs"):
+        r = m["romfs"]
+        lines.append(f"ROMFS image {m['path']}/{r['file']}: {len(r['files'])} modules, {r['size']} bytes, "
+                     f"sha256 {r['sha256'][:16]}")
+    emit(args, m, lines)
     return 0
 
 
@@ -203,7 +180,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     romfs = bool(args.romfs)
     if args.json:
         s = deploy(port, bdir, board_name=args.board, force=args.force, restart=not args.no_restart, romfs=romfs)
-        _out(args, s)
+        emit(args, s)
         return 0
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
@@ -242,25 +219,23 @@ def cmd_provision(args: argparse.Namespace) -> int:
     if args.check:
         cfg = prepare_config(args.site, args.board, args.device_id)
         res = {"ok": True, "device": cfg["device"], "board": cfg["board"], "warnings": cfg.get("warnings", [])}
-        if args.json:
-            _out(args, res)
-        else:
-            print(f"{args.site}: OK for board {cfg['board']}, device {cfg['device']}")
+        emit(args, res, f"{args.site}: OK for board {cfg['board']}, device {cfg['device']}")
+        if not args.json:
             for w in res["warnings"]:
-                print("warning:", w, file=sys.stderr)
+                warn(w)
         return 0
     port = _port(args)
     res = provision(port, args.site, device_id=args.device_id, board_name=args.board,
                     inventory_path=args.inventory, keep_key=args.keep_key, verify_agent=5.0,
-                    progress=None if args.json else (lambda m: print(m + "...", file=sys.stderr)))
+                    progress=None if args.json else (lambda m: note(m + "...")))
     if args.json:
-        _out(args, res)
+        emit(args, res)
     else:
         print(f"provisioned {res['device_id']} ({res['board']}, site {res['site']}): key id {res['key_id']}, "
               f"config {res['config_hash']}, firmware {res['firmware_build'] or 'unknown'}; "
               f"recorded in {res['inventory']}")
         for w in res["warnings"]:
-            print("warning:", w, file=sys.stderr)
+            warn(w)
     return 0
 
 
@@ -307,7 +282,7 @@ def _status_table(st: dict[str, Any]):
     for k, v in rows:
         t.add_row(k, str(v))
     for e in st.get("events", [])[-10:]:
-        t.add_row("event", json.dumps(e, default=str))
+        t.add_row("event", to_json(e, lines=True))
     return t
 
 
@@ -318,10 +293,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     st = read_status(port, timeout=args.timeout, events=args.events)
     st["port"] = port
     st["inventory_updated"] = touch_inventory(st, args.inventory)
-    if args.json:
-        _out(args, st)
-    else:
-        _console().print(_status_table(st))
+    emit(args, st, lambda: _status_table(st))
     return 0
 
 
@@ -334,13 +306,13 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         if args.json:
             while not args.count or n < args.count:
                 st = c.status()
-                print(json.dumps(st, default=str), flush=True)
+                emit_event(args, st, None)
                 n += 1
                 time.sleep(args.interval)
             return 0
         from rich.live import Live
 
-        with Live(refresh_per_second=4, console=_console()) as live:
+        with Live(refresh_per_second=4, console=console()) as live:
             while not args.count or n < args.count:
                 st = c.status()
                 st["events"] = [{"log": line} for line in c.log_lines[-5:]]
@@ -360,7 +332,7 @@ def cmd_flash(args: argparse.Namespace) -> int:
         port = _port(args)
     plan = plan_flash(board, args.firmware, port=port, baud=args.baud, drive=args.drive, erase=args.erase)
     if args.json:
-        _out(args, dict(plan, dry_run=args.dry_run))
+        emit(args, dict(plan, dry_run=args.dry_run))
     else:
         print(f"{'would flash' if args.dry_run else 'flashing'} {board['name']} ({board['chip']}) by {plan['method']}:")
         for s in plan["steps"]:
@@ -405,7 +377,7 @@ def cmd_image(args: argparse.Namespace) -> int:
     Path(args.out).write_bytes(img)
     layout["out"] = args.out
     if args.json:
-        _out(args, layout)
+        emit(args, layout)
     else:
         print(f"wrote {args.out}: {layout['format']}, {layout['size']} bytes; filesystem {layout['fs_size']} bytes at "
               f"0x{layout['fs_offset']:x} with {len(layout['files'])} files (build {layout['build_id']})")

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from .output import emit
+from .output import warn as _warn
 
 EVENTS_EXAMPLES = """examples:
   gridshed events --port /dev/ttyUSB0                    new records since the last pull, as a listing
@@ -71,10 +71,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     r.set_defaults(func=run_report)
 
 
-def _warn(msg: str) -> None:
-    print(f"gridshed: warning: {msg}", file=sys.stderr)
-
-
 def run_events(args: argparse.Namespace) -> int:
     from .. import events as evmod
 
@@ -109,7 +105,7 @@ def run_events(args: argparse.Namespace) -> int:
     if args.output:
         fmt = evmod.write_file(ev, args.output, samples=args.samples)
     elif args.json:
-        print(json.dumps(evmod.to_document(ev, samples=args.samples), indent=1))
+        emit(args, evmod.to_document(ev, samples=args.samples))
         fmt = "stdout"
     else:
         print(evmod.listing(ev) if ev.records else f"no records after seq {ev.since}")
@@ -123,12 +119,9 @@ def run_events(args: argparse.Namespace) -> int:
                             "board_seq": ev.board_seq, "complete": ev.complete, "bad_regions": len(ev.errors),
                             "output": args.output, "format": fmt}
     if args.output:
-        if args.json:
-            print(json.dumps(info, indent=1))
-        else:
-            rng = f" (seq {first}..{ev.last_seq})" if ev.records else ""
-            print(f"{len(ev.records)} records after seq {ev.since}{rng} from {ev.site or '?'}/{ev.device or '?'} "
-                  f"-> {args.output}")
+        rng = f" (seq {first}..{ev.last_seq})" if ev.records else ""
+        emit(args, info, f"{len(ev.records)} records after seq {ev.since}{rng} from {ev.site or '?'}/"
+                         f"{ev.device or '?'} -> {args.output}")
     if not ev.complete:
         _warn(f"the board stopped answering after {len(ev.records)} records; run the same command again "
               "to continue from there")
@@ -153,14 +146,14 @@ def run_report(args: argparse.Namespace) -> int:
         ev.device = ev.device or site_cfg.get("device")
     e = report(ev, args.output, trip_seq=args.trip)
     for why in e.incomplete:
-        print(f"warning: incomplete records: {why}", file=sys.stderr)
+        _warn(f"incomplete records: {why}")
     if args.json:
-        print(json.dumps({"output": args.output, "site": e.site, "device": e.device,
-                          "trips": [{"cause": t.cause, "relay_open_s": t.t_open, "trigger_s": t.t_trigger,
-                                     "response_ms": t.response_ms, "kw_before": t.kw_before, "kw_after": t.kw_after,
-                                     "kw_shed": t.kw_shed, "when": t.when or None} for t in e.trips],
-                          "restores": [{"block": r.block, "t_s": r.t, "when": r.when or None} for r in e.restores],
-                          "notes": e.notes, "incomplete": e.incomplete}, indent=1))
+        emit(args, {"output": args.output, "site": e.site, "device": e.device,
+                    "trips": [{"cause": t.cause, "relay_open_s": t.t_open, "trigger_s": t.t_trigger,
+                               "response_ms": t.response_ms, "kw_before": t.kw_before, "kw_after": t.kw_after,
+                               "kw_shed": t.kw_shed, "when": t.when or None} for t in e.trips],
+                    "restores": [{"block": r.block, "t_s": r.t, "when": r.when or None} for r in e.restores],
+                    "notes": e.notes, "incomplete": e.incomplete})
         return 0
     print(f"report written: {args.output}")
     for k, t in enumerate(e.trips):

@@ -7,12 +7,12 @@ seq (never reused) and an expiry; see docs/security.md. Transports: the agent's 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from .output import emit
 
 VERBS = {
     "shed": "open the relays now (a signed shed command)",
@@ -172,14 +172,10 @@ def cmd_send(args: argparse.Namespace) -> int:
     results = [{"device": s.target.device, "cmd": s.cmd, "seq": s.seq, "exp": s.exp, "ok": bool(r.get("ok")),
                 "reply": r} for s, r in zip(signed, replies)]
     ok = all(r["ok"] for r in results)
-    if args.json:
-        print(json.dumps({"verb": args.verb, "via": via, "ok": ok, "results": results}, indent=1, default=str))
-    else:
-        for r in results:
-            print(f"{r['device']:<20} {args.verb} seq={r['seq']}  {_summary(r['reply'])}")
-        if len(results) > 1:
-            n = sum(r["ok"] for r in results)
-            print(f"{n}/{len(results)} boards accepted")
+    lines = [f"{r['device']:<20} {args.verb} seq={r['seq']}  {_summary(r['reply'])}" for r in results]
+    if len(results) > 1:
+        lines.append(f"{sum(r['ok'] for r in results)}/{len(results)} boards accepted")
+    emit(args, {"verb": args.verb, "via": via, "ok": ok, "results": results}, lines)
     return 0 if ok else 1
 
 
@@ -207,10 +203,6 @@ def cmd_sign(args: argparse.Namespace) -> int:
              "file": str(f), "bytes": len(s.msg),
              "topic": f"gridshed/{s.target.site}/{s.target.device}/cmd" if s.target.site else None}
             for s, f in files]
-    if args.json:
-        print(json.dumps({"signed": rows}, indent=1))
-    else:
-        for r in rows:
-            print(f"{r['file']}: {r['cmd']} for {r['device']} seq={r['seq']} ({r['bytes']} bytes; "
-                  f"MQTT topic {r['topic']})")
+    emit(args, {"signed": rows}, [f"{r['file']}: {r['cmd']} for {r['device']} seq={r['seq']} ({r['bytes']} bytes; "
+                                  f"MQTT topic {r['topic']})" for r in rows])
     return 0

@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .board import _console, _out, _parser
+from .board import _parser
+from .output import emit
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -39,40 +40,34 @@ def cmd_inventory(args: argparse.Namespace) -> int:
     with Inventory(args.inventory) as inv:
         if action == "list":
             rows = inv.list(site=getattr(args, "site", None))
-            if args.json:
-                _out(args, rows)
-                return 0
-            from rich.table import Table
-
-            t = Table(title=f"inventory {inv.path}")
-            for c in ("device", "board", "site", "key id", "firmware", "config", "provisioned", "last seen"):
-                t.add_column(c, overflow="fold")
-            for r in rows:
-                t.add_row(r["device_id"], r["board"], r["site"] or "", r["key_id"], r["firmware_build"] or "",
-                          r["config_hash"] or "", r["provisioned_at"], r["last_seen"] or "")
-            _console().print(t)
-            if not rows:
-                print("(no devices yet: gridshed provision ...)")
+            emit(args, rows, lambda: _table(inv.path, rows))
         elif action == "show":
             d = inv.require(args.device_id, show_key=args.show_key)
             d["history"] = inv.history(args.device_id)
-            if args.json:
-                _out(args, d)
-            else:
-                for k, v in d.items():
-                    if k != "history":
-                        print(f"{k:15} {v}")
-                for h in d["history"]:
-                    print(f"  {h['at']}  {h['action']:12} key {h['key_id'] or '-'}  config {h['config_hash'] or '-'}")
+            emit(args, d, [f"{k:15} {v}" for k, v in d.items() if k != "history"]
+                 + [f"  {h['at']}  {h['action']:12} key {h['key_id'] or '-'}  config {h['config_hash'] or '-'}"
+                    for h in d["history"]])
         elif action == "export":
             text = inv.export(args.format, show_key=args.show_keys, site=args.site)
             if args.out:
                 Path(args.out).write_text(text)
                 if args.show_keys:
                     Path(args.out).chmod(0o600)
-            else:
+            else:  # the export is the answer: JSON (--format json, the default) or CSV
                 sys.stdout.write(text)
         elif action == "import":
             n = inv.import_json(Path(args.file).read_text())
-            print(f"imported {n} devices into {inv.path}")
+            emit(args, {"imported": n, "inventory": str(inv.path)}, f"imported {n} devices into {inv.path}")
     return 0
+
+
+def _table(path: Any, rows: list[dict[str, Any]]) -> list:
+    from rich.table import Table
+
+    t = Table(title=f"inventory {path}")
+    for c in ("device", "board", "site", "key id", "firmware", "config", "provisioned", "last seen"):
+        t.add_column(c, overflow="fold")
+    for r in rows:
+        t.add_row(r["device_id"], r["board"], r["site"] or "", r["key_id"], r["firmware_build"] or "",
+                  r["config_hash"] or "", r["provisioned_at"], r["last_seen"] or "")
+    return [t] + ([] if rows else ["(no devices yet: gridshed provision ...)"])

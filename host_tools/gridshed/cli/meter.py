@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from typing import Any
 
 from ..errors import UserError
+from .output import emit, note
 
 METERS_EXAMPLES = """examples:
   gridshed meters
@@ -65,14 +64,12 @@ def run_meters(args: argparse.Namespace) -> int:
     from ..probe import library
 
     rows = library()
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    print(f"{'model':<22} {'confidence':<10} {'Hz step':>8} {'fn':>3} {'id':>3}  title")
+    lines = [f"{'model':<22} {'confidence':<10} {'Hz step':>8} {'fn':>3} {'id':>3}  title"]
     for r in rows:
         res = r["resolution_hz"]
-        print(f"{r['model']:<22} {r['confidence']:<10} {res if res is not None else '?':>8} {r['function']:>3} "
-              f"{'yes' if r['identify'] else '':>3}  {r['title']}")
+        lines.append(f"{r['model']:<22} {r['confidence']:<10} {res if res is not None else '?':>8} "
+                     f"{r['function']:>3} {'yes' if r['identify'] else '':>3}  {r['title']}")
+    emit(args, rows, lines)
     return 0
 
 
@@ -94,11 +91,11 @@ def run_probe(args: argparse.Namespace) -> int:
         raise UserError("--timeout: seconds between 0 and 30")
     units = parse_units(args.unit)
     bauds = parse_bauds(args.baud)
-    say = None if args.json else (lambda s: print(s, file=sys.stderr, flush=True))
+    say = None if args.json else note
     res = probe(port=args.port, tcp=args.tcp, bauds=bauds, units=units, parity=args.parity,
                 timeout=args.timeout, models=args.model, on_progress=say)
     if args.json:
-        print(json.dumps(res, indent=2))
+        emit(args, res)
         return 0 if any(f["suggested"] for f in res["found"]) else 1
     if not res["found"]:
         print(f"no meter answered on {res['address']} (units {args.unit}"

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from pathlib import Path
 from typing import Any, TextIO
 
 from ..errors import UserError
+from .output import to_json
 
 EPILOG = """examples:
   gridshed openadr-ven --vtn https://vtn.example/OpenADR2/Simple/2.0b --ven-name site1-ven \\
@@ -99,7 +99,7 @@ class _Sink:
                 raise UserError(f"--log {path}: {exc}") from None
 
     def __call__(self, rec: dict[str, Any]) -> None:
-        line = json.dumps(rec, default=str)
+        line = to_json(rec, lines=True)
         if self.file:
             self.file.write(line + "\n")
             self.file.flush()
@@ -107,7 +107,7 @@ class _Sink:
             print(line, file=self.out, flush=True)
         else:
             rest = {k: v for k, v in rec.items() if k not in ("t", "kind")}
-            print(f"{rec['t']} {rec['kind']:<15} {json.dumps(rest, default=str)}", file=self.out, flush=True)
+            print(f"{rec['t']} {rec['kind']:<15} {to_json(rest, lines=True)}", file=self.out, flush=True)
 
     def close(self) -> None:
         if self.file:

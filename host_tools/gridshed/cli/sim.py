@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from pathlib import Path
 
 from ..datafiles import repo_root
 from ..errors import UserError
+from .output import emit, note, warn
 
 ROOT = repo_root()
 
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if args.board and args.board != "unix-sim":
         raise UserError(f"the simulator runs the virtual board only (unix-sim); {args.board} is a real board")
     for w in cfg.get("warnings", []) + scenario_warnings(scenario, cfg, args.site):
-        print(f"warning: {w}", file=sys.stderr)
+        warn(w)
     live = None if args.json else (lambda line: print(line, flush=True))
     from ..boards import budget_heapsize, load_board
 
@@ -75,10 +75,7 @@ def run(args: argparse.Namespace) -> int:
         except ImportError:
             raise UserError("reports are not available in this build") from None
         report_from_sim(summary, args.report)
-    if args.json:
-        print(json.dumps(summary, indent=2, default=str))
-    else:
-        print(render_text(summary))
+    emit(args, summary, lambda: render_text(summary))
     from ..sim.site import health_problems
 
     bad = health_problems(summary["health"])
@@ -151,8 +148,7 @@ class keep_dir:
                     shutil.rmtree(p)
                 else:
                     p.unlink()
-            print(f"note: --keep {d}: cleared the board files of an earlier run ({len(old)} entries)",
-                  file=sys.stderr)
+            note(f"note: --keep {d}: cleared the board files of an earlier run ({len(old)} entries)")
         log = d.resolve().with_name(d.resolve().name + ".console.log")
         if log.exists():
             log.unlink()

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from .output import emit_event, warn
 
 EXAMPLES = """examples:
   gridshed vboard                                   (demo site, steady 60 Hz; prints port: /dev/pts/N)
@@ -64,10 +63,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def _say(args: argparse.Namespace, event: str, text: str, **data: Any) -> None:
-    if args.json:
-        print(json.dumps({"event": event, **data}, default=str), flush=True)
-    else:
-        print(text, flush=True)
+    emit_event(args, {"event": event, **data}, text)
 
 
 def _board_config(board_dir: Path) -> dict[str, Any] | None:
@@ -103,9 +99,9 @@ def run(args: argparse.Namespace) -> int:
 
         scenario = load_scenario(args.scenario)
         for w in scenario_warnings(scenario, cfg, args.site):
-            print(f"warning: {w}", file=sys.stderr)
+            warn(w)
     for w in cfg.get("warnings", []):
-        print(f"warning: {w}", file=sys.stderr)
+        warn(w)
     heap = args.heapsize or budget_heapsize(load_board("unix-sim"))
     from ..vboard import heap_bytes
 
