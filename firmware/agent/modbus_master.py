@@ -285,7 +285,8 @@ class RtuMaster(_Master):
 
     def _poll(self):
         """Read what has arrived and judge it: >0 ms to sleep, 0 done
-        (result in _res), -1 failed (error in _err, already counted)."""
+        (result in _res), -1 failed (error in _err, already counted), -2
+        busy (exception 6 in _err, counted: retried after a back-off)."""
         rx = self._rx
         mv = self._rxmv
         got = self._got
@@ -325,9 +326,12 @@ class RtuMaster(_Master):
                 continue
             try:
                 dl = self._check(want)
-            except ModbusException:
+            except ModbusException as e:
                 self.exceptions += 1
                 self._last_us = ticks_us()
+                if e.code == BUSY:
+                    self._err = e
+                    return -2
                 raise
             except ModbusError as e:
                 # maybe noise that only looked like a head: resync
@@ -399,15 +403,14 @@ class RtuMaster(_Master):
                             raise ModbusTimeout("tx stuck")
                         await _sleep_ms(0)
                 self._start()
-                try:
+                w = self._poll()
+                while w > 0:
+                    await _sleep_ms(w)
                     w = self._poll()
-                    while w > 0:
-                        await _sleep_ms(w)
-                        w = self._poll()
-                except ModbusException as e:
-                    if e.code != BUSY or attempt >= self.max_retries:
-                        raise
-                    attempt += 1  # busy: the device asks for time; back off, then again
+                if w == -2:  # busy (exception 6): the device asks for time; back off, then again
+                    if attempt >= self.max_retries:
+                        raise self._err
+                    attempt += 1
                     self.retries += 1
                     await _sleep_ms(_backoff(self.timeout_ms, attempt))
                     continue

@@ -72,7 +72,12 @@ class TcpMaster(_Master):
         except OSError:
             pass
 
-    async def _connect(self):
+    async def _connect(self, retry=0):
+        # (a coroutine of its own: the poll's transaction frame stays as small as before)
+        if retry and self._wait_ms:  # a retry waits out a back-off shorter than the timeout
+            w = ticks_diff(self._next, ticks_ms())
+            if 0 < w <= self.timeout_ms:
+                await _sleep_ms(w)
         if self._wait_ms and ticks_diff(ticks_ms(), self._next) < 0:
             self.backoffs += 1
             raise ReconnectWait("reconnect back-off")
@@ -199,11 +204,7 @@ class TcpMaster(_Master):
             while True:
                 try:
                     if self._sock is None and self._reader is None:
-                        if attempt and self._wait_ms:  # a retry waits out the back-off (<= timeout)
-                            w = ticks_diff(self._next, ticks_ms())
-                            if 0 < w <= self.timeout_ms:
-                                await _sleep_ms(w)
-                        await self._connect()
+                        await self._connect(attempt)
                     self._prepare(unit, fn, addr, arg, values)
                     if self._sock is None:
                         await self._xfer_cpython()
@@ -224,9 +225,9 @@ class TcpMaster(_Master):
                     self.retries += 1
                     await _sleep_ms(min(25 << (attempt - 1), self.timeout_ms))
                     continue
-                except ReconnectWait:
-                    raise  # not an attempt: nothing sent, counted in backoffs only
                 except ModbusError as e:
+                    if isinstance(e, ReconnectWait):
+                        raise  # not an attempt: nothing sent, counted in backoffs only
                     err = e
                 except OSError as e:
                     err = ModbusConnectionError(str(e))

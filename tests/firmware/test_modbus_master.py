@@ -387,9 +387,11 @@ def test_allocations_per_transaction(result):
     # gc.mem_alloc delta per read on the unix port (64-bit objects: ~2x a board)
     print("alloc per RTU read: %.0f B (with DE hook %.0f B), per TCP read: %.0f B"
           % (result["alloc_rtu_nde"], result["alloc_rtu"], result["alloc_tcp"]))
-    assert 0 < result["alloc_rtu_nde"] <= 320
-    assert 0 < result["alloc_rtu"] <= 320
-    assert 0 < result["alloc_tcp"] <= 320
+    # the figures docs/modbus.md states: bus discipline, late replies, busy retries and the TCP
+    # back-off added no allocation to a transaction (their code is off the success path)
+    assert 0 < result["alloc_rtu_nde"] <= 256
+    assert 0 < result["alloc_rtu"] <= 288
+    assert 0 < result["alloc_tcp"] <= 288
 
 
 def test_tcp_master_under_cpython(rig):
