@@ -463,11 +463,13 @@ class SiteSender:
     wire work from :mod:`gridshed.fleet_client` (the same code as ``gridshed shed``).
     ``addrs`` maps a device id to its UDP ``HOST[:PORT]`` or serial port; ``""`` is the
     address for any device (a one-device site). For serial the inventory's port is the default.
+    ``warn`` gets what the operator should know but does not stop a send (a board that gave no
+    nonce); without it, the ``gridshed.openadr`` logger does.
     """
 
     def __init__(self, inventory: str | Path | None, via: str = "mqtt", broker: str = "127.0.0.1:1883",
                  addrs: dict[str, str] | None = None, seq_path: str | Path | None = None,
-                 ack_timeout: float = 10.0) -> None:
+                 ack_timeout: float = 10.0, warn: Callable[[str], None] | None = None) -> None:
         from . import fleet_client
 
         if via not in ("mqtt", "udp", "serial"):
@@ -479,6 +481,7 @@ class SiteSender:
         self.addrs = dict(addrs or {})
         self.seq_path = fleet_client.seq_file(inventory, seq_path)
         self.ack_timeout = ack_timeout
+        self.warn = warn
 
     def targets(self, site: str) -> list[Any]:
         return self.fc.targets(self.inventory, None, site)
@@ -528,7 +531,11 @@ class SiteSender:
                 else:
                     out[x.device] = self.fc.nonce_serial(self._addr(x), timeout=t)
             except UserError as exc:
-                log.warning("%s: no nonce (%s): restore sent without one", x.device, exc)
+                msg = f"{x.device}: no nonce ({exc}): restore sent without one"
+                if self.warn:
+                    self.warn(msg)
+                else:
+                    log.warning("%s", msg)
         return out
 
     def deliver(self, signed: list[Any]) -> list[dict[str, Any]]:

@@ -146,6 +146,7 @@ def cmd_openadr_ven(args: argparse.Namespace) -> int:
     bridge = VenBridge(args.vtn, args.ven_name, site, sender, levels=levels, site_kw=args.site_kw,
                        expires_s=expires, ven_id=args.ven_id, on_log=sink, client_kwargs=client_kwargs,
                        insecure=args.insecure)
+    sender.warn = lambda msg: bridge.log("warning", detail=msg)  # into the log, not the terminal by itself
     bridge.log("site", site=site, devices=devices, via=args.via,
                broker=args.broker if args.via == "mqtt" else None)
 
