@@ -37,8 +37,12 @@ FEATURES = {
     "all_local": ('[signals]\ndry_contact = true\ndebounce_ms = 30\n[override]\nmode = "lockout"\n'
                   '[modbus_server]\ntransport = "tcp"\nport = PORT\n[udp]\nport = PORT2\n'),
     "mqtt": '[mqtt]\nhost = "127.0.0.1"\nport = MQTT\ntelemetry_s = 1.0\n',
+    "ac_sense": '[ac_sense]\nrole = "secondary"\n',
+    "miners": "",  # [miners] hosts are the simulated farm's (set below)
 }
-HEAPS = {"mqtt": "88wK"}  # docs/architecture.md, Memory: MQTT needs 88wK (at 80wK its final @status runs short)
+# docs/architecture.md, Memory: MQTT needs 88wK (at 80wK its final @status runs short); every
+# other feature runs at the budget heap (measured free memory is printed)
+HEAPS = {"mqtt": "88wK"}
 
 
 def free_port(kind=None) -> int:
@@ -69,9 +73,32 @@ def test_dip_leaves_every_record_with_feature_on(tmp_path, feature):
     cfg = siteconfig.load_site(tmp_path / "site.toml")
     (tmp_path / "dip.csv").write_text(DIP)
     heap = HEAPS.get(feature, budget_heapsize())
+
+    async def go() -> dict:
+        kw: dict = {}
+        farm = None
+        if feature == "ac_sense":
+            from gridshed.sim.acsense import AcOptions
+
+            kw["ac_opts"] = AcOptions()
+        if feature == "miners":
+            from gridshed.sim.miners import MinerFarm, SimMiner
+
+            farm = MinerFarm([SimMiner(block=0), SimMiner(block=1, firmware="luxos")])
+            await farm.start()
+            cfg["miners"] = {"enabled": True, "api": "cgminer", "timeout_ms": 600, "stagger_ms": 100,
+                             "hosts": farm.hosts_config(), "hard": False, "hard_signal": True}
+            cfg["miners"]["hosts"][1]["api"] = "luxos"
+            kw["on_load"] = farm.attach
+        try:
+            return await run_site(load_scenario(tmp_path / "dip.csv"), cfg, heapsize=heap,
+                                  keep_dir=tmp_path / "board", settle_s=1.5, **kw)
+        finally:
+            if farm is not None:
+                await farm.stop()
+
     try:
-        s = asyncio.run(run_site(load_scenario(tmp_path / "dip.csv"), cfg, heapsize=heap,
-                                 keep_dir=tmp_path / "board", settle_s=1.5))
+        s = asyncio.run(go())
     finally:
         if broker is not None:
             broker.stop()
