@@ -1,41 +1,37 @@
 """Board entry point: run the agent; on an unexpected error say why, wait, then reset.
 
 The pause before the reset keeps a persistent fault from becoming a tight crash loop, and the
-relays keep the state the agent last gave them (the watchdog covers a hang). Boot order: the
-config is read and validated first (agent/boot.py, while the heap is empty; a rejected config
-never touches a pin), then agent/app.py run() sets the relays' safe state before any other part
-of the agent is built.
+relays keep the state the agent last gave them (the watchdog covers a hang). Boot order: a
+switch-over that a reset cut short (deploy, provision) is finished and the config is read and
+validated first (agent/boot.py, while the heap is empty; a rejected config never touches a
+pin), then agent/app.py run() sets the relays' safe state before any other part of the agent is
+built. Ctrl-C on the console stops the agent for a bounded maintenance window (agent/stopped.py,
+maint.py): the REPL's _gs_keep() extends it, and the watchdog resets the board into the agent
+when it ends.
 """
 import sys
 import time
 
 
 def _main():
+    global _gs_keep
     try:
         import agent.boot
 
+        switched = agent.boot.finish_switch()
         cfg, errors, chash = agent.boot.load_config()  # before the agent's modules: the heap is empty
         del sys.modules["agent.boot"]
         del agent.boot  # nothing keeps the boot code alive: its RAM goes to the agent
         import agent.app
 
-        agent.app.run(cfg, errors, chash)
+        agent.app.run(cfg, errors, chash, switched)
     except KeyboardInterrupt:
-        # A technician stopped the agent on purpose: park the watchdog (fed by a timer on
-        # boards, emulation ended on the unix port) so the REPL is not reset under them.
-        w = sys.modules.get("agent.app")
-        w = w and w.WDT  # [hw, feeds, starved, -]
-        if w and hasattr(w[0], "park"):  # the virtual board's emulated watchdog
-            w[0].park()
-        elif w:
+        for _ in range(3):  # a second Ctrl-C must not cut the window's set-up short
             try:
-                import machine
-
-                machine.Timer(-1, period=1000, callback=lambda t: w[0].feed())
-            except Exception:
-                print("W watchdog still running: the board resets within 8 s")
-        print("agent stopped (Ctrl-C): REPL")
-        raise
+                _gs_keep = _stopped()
+                break
+            except KeyboardInterrupt:
+                pass
     except Exception as e:  # last line of defence, never a silent crash loop
         sys.print_exception(e)
         print("E agent crashed; resetting in 5 s")
@@ -46,6 +42,25 @@ def _main():
             hal.load(None).reset()
         except Exception:
             sys.exit(3)
+
+
+_gs_stop = None
+
+
+def _stopped():
+    # agent/stopped.py says so (journal, MQTT) and frees the agent (once: kept for a retry);
+    # maint.py, compiled into RAM once the heap is free, holds the bounded window
+    global _gs_stop
+    if _gs_stop is None:
+        try:
+            from agent.stopped import stop
+
+            _gs_stop = stop(sys.modules.get("agent.app"))
+        except MemoryError:
+            _gs_stop = False
+    import maint
+
+    return maint.start(_gs_stop or None)
 
 
 _main()

@@ -28,7 +28,7 @@ INPUT_MS = 10
 WDT_MS = 8000        # hardware watchdog timeout (rp2 allows at most 8388 ms)
 WDT_POLL_PERIODS = 3  # the poll task must finish its next cycle within 3 periods + its worst read
 WDT_BOOT_MS = 3000    # extra allowance for the first cycle (UART/socket open, first connect)
-WDT = None            # the running Agent's watchdog state (main.py parks it on Ctrl-C)
+AGENT = None          # the running Agent (agent/maint.py takes it over on Ctrl-C)
 
 
 def _cause(hal):
@@ -102,7 +102,9 @@ def reply(obj, end):
 
 
 class Agent:
-    def __init__(self, cfg, hal):
+    def __init__(self, cfg, hal, switched=None):
+        global AGENT
+        AGENT = self
         self.cfg = cfg
         self.hal = hal
         self.errors = {}
@@ -216,10 +218,12 @@ class Agent:
         # and at most 4 timeouts for a babbling line to fall silent: 6 timeouts an attempt)
         self._read_worst = (m["retries"] + 1) * 6 * m["timeout_ms"] * len(self.meter_map.hot_plan)
         self.poll_due = ticks_add(now, WDT_BOOT_MS + self._read_worst + WDT_POLL_PERIODS * m["poll_ms"])
-        self.journal.append("boot", {"build": BUILD, "resumed_trip": tripped, "mask": self.relays.mask,
-                                     "cause": _cause(hal), "torn": self.journal.torn,
-                                     "cmd_shed": self.cmd_shed, "held": self.auth.held,
-                                     "lockout": self.lockout})
+        boot = {"build": BUILD, "resumed_trip": tripped, "mask": self.relays.mask, "cause": _cause(hal),
+                "torn": self.journal.torn, "cmd_shed": self.cmd_shed, "held": self.auth.held,
+                "lockout": self.lockout}
+        if switched is not None:  # a deploy/provision switch-over a reset cut short, finished at boot
+            boot["switched"] = switched
+        self.journal.append("boot", boot)
         if self.integrity:
             for k in self.integrity:
                 log("E", "ALARM %s refused: %s" % (k, self.integrity[k]))
@@ -233,18 +237,21 @@ class Agent:
 
     def events(self, ev, now):
         c = self.ctrl
-        persist = False
+        persist = self._dirty()
+        for i in range(c.nevents):
+            persist = persist or control.persist_wanted(c.events[i])
+        if persist:
+            # first, before the journal and the console: a reset from here on boots with the trip
+            # (the relays opened already; a boot that does not know would close them again)
+            self.persist(now)
         for i in range(c.nevents):
             code = c.events[i]
-            persist = persist or control.persist_wanted(code)
             name = control.EVENT_NAMES[code]
             self.journal.append("ctl", {"ev": name, "hz": None if c.bad_why else self.hz, "kw": self.kw, "mask": c.closed_mask,
                                         "reason": control.REASON_NAMES[c.reason]})
             log("E", "%s hz=%s kw=%s mask=%d" % (name, self.hz, self.kw, c.closed_mask))
             if control.is_trip(code) and self.recorder is not None:
                 self.recorder.trigger(now)
-        if persist or self._dirty():
-            self.persist(now)
 
     def persist(self, now):
         # state.cbor: the controller's snapshot (trip, min-off left, release, armed) plus the held
@@ -455,8 +462,7 @@ class Agent:
         # Time-based progress (restore stagger, meter-loss timer) even when the meter is silent.
         # The watchdog is fed here and only while the poll task completes its cycles (good or
         # failed polls) on time: a hung poll task or a blocked loop lets the hardware reset.
-        global WDT
-        self.wdt = WDT = w = [self.hal.wdt(WDT_MS), 0, 0, None]  # hw, feeds, starved, (unused)
+        self.wdt = w = [self.hal.wdt(WDT_MS), 0, 0, None]  # hw, feeds, starved, (unused)
         hw = w[0]
         rec = self.recorder
         late = False
@@ -676,7 +682,7 @@ class ConsoleLines:
                 return line
 
 
-def run(cfg=None, errors=None, chash=None):
+def run(cfg=None, errors=None, chash=None, switched=None):
     # main.py loads and checks the config first (agent/boot.py) while the heap is empty
     from agent import hal as halmod
 
@@ -691,7 +697,7 @@ def run(cfg=None, errors=None, chash=None):
         asyncio.run(refuse_forever(errors, chash))
         return
     hal = halmod.load(cfg.get("board"))
-    agent = Agent(cfg, hal)
+    agent = Agent(cfg, hal, switched)
     agent.config_hash = chash
     gc.collect()
     asyncio.run(agent.main())

@@ -1,10 +1,94 @@
-"""First step of a boot: read /config.cbor, hash it, validate it, before the agent's big
-modules are loaded (the validator is large and only needed once, so it runs while the heap is
-still empty, and is freed before the agent is built)."""
+"""First steps of a boot, before the agent's big modules are loaded: finish a switch-over that a
+reset cut short, then read /config.cbor, hash it and validate it (the validator is large and
+only needed once, so it runs while the heap is still empty, and is freed before the agent is
+built).
+
+Switch-over (gridshed deploy and provision, docs/failsafes.md "Writing to a board"): the host
+writes each new file beside the old one as <file>.gsnew and checks its sha256 on the board, then
+commits by renaming a plan into place, /switch-plan.json:
+{"renames": [[staged, target, sha256], ...], "removes": [path, ...]}. It then renames each
+staged file over its target (one atomic rename per file) and deletes the plan. A reset anywhere
+in between leaves either no plan (the old files, all of them: a staged file without a plan is
+never used) or the plan, which finish_switch() completes at the next boot: every staged file
+still there whose hash is the plan's is renamed into place, so config and key always change
+together.
+"""
 import gc
 import sys
 
 CONFIG_PATH = "config.cbor"
+PLAN_PATH = "switch-plan.json"
+
+
+def _sha(path):
+    import hashlib
+
+    try:
+        f = open(path, "rb")
+    except OSError:
+        return None
+    h = hashlib.sha256()
+    b = bytearray(256)
+    while True:
+        n = f.readinto(b)
+        if not n:
+            break
+        h.update(memoryview(b)[:n])
+    f.close()
+    import binascii
+
+    return binascii.hexlify(h.digest()).decode()
+
+
+def replace(a, b):
+    # rename a over b: atomic on LittleFS and POSIX; FAT refuses an existing target
+    import os
+
+    try:
+        os.rename(a, b)
+    except OSError:
+        os.remove(b)
+        os.rename(a, b)
+
+
+def finish_switch():
+    """Complete a committed switch-over; the number of files renamed, or None without a plan."""
+    try:
+        f = open(PLAN_PATH)
+    except OSError:
+        return None
+    import json
+    import os
+
+    done = 0
+    try:
+        try:
+            plan = json.load(f)
+        finally:
+            f.close()
+        for r in plan["renames"]:
+            h = _sha(r[0])
+            if h is None:
+                continue  # renamed before the reset
+            if len(r) > 2 and h != r[2]:
+                print("E switch-over: %s does not match the plan, left as it is" % r[0])
+                continue
+            replace(r[0], r[1])
+            done += 1
+        for p in plan["removes"]:
+            try:
+                os.remove(p)
+            except OSError:
+                pass
+    except (ValueError, KeyError, TypeError, IndexError, OSError) as e:
+        print("E switch-over plan unusable: %r" % e)
+    try:
+        os.remove(PLAN_PATH)
+    except OSError:
+        pass
+    print("I switch-over finished at boot: %d files" % done)
+    gc.collect()
+    return done
 
 
 def load_config():

@@ -107,6 +107,12 @@ OPTIONAL = {
         "active": (0, "i", 0, 1),
         "mode": ("lockout", ("lockout", "shed"), None, None),
     },
+    # how long protection may stay off after the agent is stopped from the console (Ctrl-C)
+    # before the watchdog resets the board into the agent; host tools extend it while they work
+    # (agent/maint.py). The default applies without the section: agent/maint.py WINDOW_S.
+    "maintenance": {
+        "window_s": (300.0, "f", 10.0, 3600.0),
+    },
 }
 
 BLOCK_SCHEMA = {

@@ -3,6 +3,7 @@
 Layout of a build folder (default ``build/<board>``)::
 
     main.py                 entry point stays source (MicroPython runs main.py / boot.py, not .mpy)
+    maint.py                stays source: compiled into RAM when the agent is stopped (docs/failsafes.md)
     agent/*.mpy, agent/hal/*.mpy
     manifest.json           {"board", "arch", "build_id", "files": [{file, size, sha256}], "total_size", ...}
     romfs.img               with --romfs: a ROMFS image of every .mpy above (the agent package);
@@ -30,7 +31,9 @@ from .errors import UserError
 
 ARCHES = ("x86", "x64", "armv6", "armv6m", "armv7m", "armv7em", "armv7emsp", "armv7emdp",
           "xtensa", "xtensawin", "rv32imc", "rv64imc")
-SOURCE_ONLY = {"main.py", "boot.py"}         # run as source by MicroPython at boot
+# run as source: main.py / boot.py by MicroPython at boot; maint.py is compiled into RAM when the
+# agent is stopped, so its code does not run from a partition a ROMFS deploy rewrites
+SOURCE_ONLY = {"main.py", "boot.py", "maint.py"}
 # the command policy and COSE as one API for the host and tests (docs/architecture.md); the board
 # runs its own step modules (mac0, cmdcheck, cmdrun) and never imports these: not deployed
 HOST_ONLY = {"agent/commands.py", "agent/cose.py"}

@@ -170,7 +170,8 @@ def quiet_irqs(b: Board, pins: list[int]) -> None:
 
     Ctrl-C stops the agent's tasks but not a pin IRQ: with the agent in ROMFS its handler runs
     from the partition, and an edge during the erase would execute half-written bytecode.
-    (mpremote soft-resets instead, which would also stop main.py's watchdog feeder.)
+    (mpremote soft-resets instead, which would also stop the maintenance window's watchdog feeder,
+    maint.py, compiled into RAM for that reason.)
     """
     if pins:
         b.exec(_QUIET.format(pins=pins), timeout=10)

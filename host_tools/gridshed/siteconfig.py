@@ -21,7 +21,7 @@ from .meters import load_meter
 
 TOP_KEYS = {"site", "device", "board", "nominal_hz", "meter", "trip", "failsafe", "blocks",
             "signals", "mqtt", "modbus_server", "udp", "journal", "capture", "miners",
-            "ac_sense", "override", "stages", "authority"}
+            "ac_sense", "override", "stages", "authority", "maintenance"}
 BLOCK_KEYS = {"name", "relays", "miners", "kw_per_miner", "priority", "active"}
 
 
@@ -67,7 +67,7 @@ def normalize(site: dict[str, Any], board_name: str | None = None, device_id: st
     for sec in ("trip", "failsafe"):
         cfg[sec] = dict(site.get(sec) or {})
     for sec in ("signals", "mqtt", "modbus_server", "udp", "journal", "capture", "miners", "ac_sense", "override",
-                "authority"):
+                "authority", "maintenance"):
         if sec in site:
             cfg[sec] = site[sec]
     relays = {r["name"]: r for r in board.get("relays", [])}

@@ -12,7 +12,9 @@ jitter it wants to model); lines arrive a few ms later, which only delays proces
 late task wake would. A stamp more than 1 s away from ticks_us() (clock not shared) is
 replaced by the arrival time and counted in edge_clock_errors.
 """
+import _thread  # noqa: F401 (the watchdog's text below uses it)
 import json
+import os
 import socket
 import time
 
@@ -53,42 +55,47 @@ class _InPin:
 
 CAUSE_PATH = "wdt_reset"
 
-
-def _wdt_thread(w):
-    # Plays the hardware timer: not fed for timeout_ms -> SIGKILL (as abrupt as a reset) after
-    # leaving a marker the next boot reports as its reset cause; the supervisor boots it again.
-    import os
-
-    while w.running:
-        time.sleep_ms(100)
-        if w.running and time.ticks_diff(time.ticks_ms(), w.last) > w.timeout_ms:
-            print("E %d watchdog: not fed: reset" % time.ticks_ms())
-            try:
-                open(CAUSE_PATH, "w").close()
-            except OSError:
-                pass
-            os.system("kill -9 $PPID")
+# machine.WDT for the virtual board. A thread plays the chip's timer: not fed for timeout_ms, it
+# SIGKILLs the process (as abrupt as a reset) after leaving a marker the next boot reports as its
+# reset cause; the supervisor boots it again. Like the hardware, nothing stops it once started
+# but the end of the process, and asking again gives the running one. The thread and feed() are
+# compiled from this text into RAM (once, at import, while the heap is still in one piece): they
+# keep running while the agent is stopped, when the agent's own code may be being rewritten (a
+# ROMFS deploy erases the partition that bytecode runs from), as a chip's watchdog is no code.
+_WDT_SRC = """
+def _wdt_make(ms):
+ st=[time.ticks_ms(),ms]
+ def feed():
+  st[0]=time.ticks_ms()
+ def run():
+  while time.ticks_diff(time.ticks_ms(),st[0])<=st[1]:
+   time.sleep_ms(100)
+  print('E %d watchdog: not fed: reset'%time.ticks_ms())
+  try:
+   open(CAUSE_PATH,'w').close()
+  except OSError:
+   pass
+  os.system('kill -9 $PPID')
+ _thread.start_new_thread(run,())
+ return feed,st
+"""
+exec(_WDT_SRC)  # defines _wdt_make in this module, its code in RAM
+del _WDT_SRC
+_the_wdt = []
 
 
 class _Wdt:
-    """machine.WDT for the virtual board: a thread resets (kills) the process when not fed."""
-
     def __init__(self, timeout_ms):
-        import _thread
+        self.feed, self._st = _wdt_make(timeout_ms)  # noqa: F821 (made by exec above)
 
-        self.timeout_ms = timeout_ms
-        self.feeds = 0
-        self.last = time.ticks_ms()
-        self.running = True
-        _thread.start_new_thread(_wdt_thread, (self,))
 
-    def feed(self):
-        self.feeds += 1
-        self.last = time.ticks_ms()
-
-    def park(self):
-        # Ctrl-C to the REPL: a technician at the console is not reset under their hands
-        self.running = False
+def wdt(timeout_ms):
+    if not _the_wdt:
+        _the_wdt.append(_Wdt(timeout_ms))
+    w = _the_wdt[0]
+    w._st[1] = timeout_ms
+    w.feed()
+    return w
 
 
 class UnixHal:
@@ -106,6 +113,10 @@ class UnixHal:
         self._edges = {}
         self._sock = None
         self._rxbuf = b""
+        if self.sim.get("slow_fs_ms"):  # a slow flash chip, for the power-cut tests
+            from agent.hal.slowfs import install
+
+            install(int(self.sim["slow_fs_ms"]))
         self._connect_gpio()
 
     def _connect_gpio(self):
@@ -169,14 +180,12 @@ class UnixHal:
         return f
 
     def wdt(self, timeout_ms):
-        return _Wdt(timeout_ms)
+        return wdt(timeout_ms)
 
     def wall_time(self):
         return time.time()
 
     def reset_cause(self):
-        import os
-
         try:
             os.remove(CAUSE_PATH)
             return "watchdog"
