@@ -7,13 +7,19 @@ Sequence (raw REPL through mpremote's SerialTransport; the agent is stopped by C
 3. hash every target file on the board (sha256 computed there) and pick the ones that differ;
 4. write each changed file *beside* the old one as ``<file>.gsnew`` and verify its hash on the
    board (a staged file left by an interrupted deploy is reused when its hash is right);
-5. write the switch-over plan, then in ONE exec on the board rename every staged file over its
-   old copy, remove files the old build had and the new one does not, delete the plan;
-6. verify every file's hash again, then restart the agent (soft reset).
+5. the switch-over (Board.switch_over): write the plan (staged file, target, sha256) as a .tmp,
+   then in ONE exec on the board rename it into place (the commit), rename every staged file
+   over its old copy, remove files the old build had and the new one does not, delete the plan;
+6. verify every file's hash again, then restart the agent (soft reset) and wait until it says
+   "agent up" and answers @status.
 
-Until step 5 the board holds the complete old firmware, so an interrupted deploy (Ctrl-C,
-unplugged cable) leaves it runnable; step 5 runs on the board by itself in milliseconds, and a
-power loss during it is finished by the next deploy from the plan file.
+Until step 5 commits, the board holds the complete old firmware, so an interrupted deploy (Ctrl-C,
+unplugged cable, MemoryError on the board) leaves it runnable; step 5 runs on the board by itself
+in milliseconds, and a reset during it is finished at the next boot by the firmware
+(agent/boot.py finish_switch), or by the next deploy on a board whose firmware predates that.
+Whatever happens after the agent was stopped, it is restarted (Board.stopped): the CLI says how
+in one line; without a connection left, the board resets into the agent when its maintenance
+window ends (docs/failsafes.md).
 
 ``romfs=True`` (`gridshed deploy --romfs`, docs/romfs.md): after step 2 the build's ROMFS image is
 written into the board's ROMFS partition (romfs.py: the ports' vfs.rom_ioctl protocol), unless the
@@ -37,7 +43,8 @@ from .errors import UserError
 from .transport import Board, BoardError
 
 STAGE = ".gsnew"
-PLAN = "deploy-plan.json"
+PLAN = "switch-plan.json"              # the firmware's agent/boot.py PLAN_PATH
+LEGACY_PLANS = ("deploy-plan.json",)   # written by earlier gridshed versions (no hashes)
 PLATFORMS = {"esp32": ("esp32",), "rp2": ("rp2",), "unix": ("linux", "darwin", "unix")}
 
 Progress = Callable[[str, dict[str, Any]], None]
@@ -58,21 +65,25 @@ def _ancestors(path: str) -> list[str]:
 
 
 def finish_interrupted(b: Board) -> bool:
-    """Complete a switch-over cut short (power loss); True if there was one."""
-    raw = b.get(PLAN)
-    if raw is None:
-        return False
-    try:
-        plan = json.loads(raw)
-        renames = [tuple(x) for x in plan["renames"]]
-        removes = list(plan["removes"])
-    except (ValueError, KeyError, TypeError):
-        b.remove([PLAN])  # torn plan: it was being written, nothing was switched yet
-        return False
-    # only renames whose staged file is still there (the rest already happened)
-    staged = b.hashes([a for a, _ in renames])
-    b.run_plan([(a, c) for a, c in renames if staged.get(a)], removes, PLAN)
-    return True
+    """Complete a committed switch-over a reset cut short, if the firmware did not at boot (it
+    predates agent/boot.py finish_switch, or did not boot since); True if there was one."""
+    for name in (PLAN,) + LEGACY_PLANS:
+        raw = b.get(name)
+        if raw is None:
+            continue
+        try:
+            plan = json.loads(raw)
+            renames = [tuple(x) for x in plan["renames"]]
+            removes = list(plan["removes"])
+        except (ValueError, KeyError, TypeError):
+            b.remove([name])  # torn (a legacy plan was written in place): nothing was switched yet
+            continue
+        # only renames whose staged file is still there and right (the rest already happened)
+        staged = b.hashes([r[0] for r in renames])
+        todo = [r for r in renames if staged.get(r[0]) and (len(r) < 3 or staged[r[0]] == r[2])]
+        b.switch_over(todo, removes, name, commit=False)
+        return True
+    return False
 
 
 def check_platform(b: Board, manifest: dict[str, Any]) -> str:
@@ -88,8 +99,11 @@ def check_platform(b: Board, manifest: dict[str, Any]) -> str:
 
 def deploy(port: str, build_dir: str | Path, board_name: str | None = None, force: bool = False,
            restart: bool = True, progress: Progress | None = None, baudrate: int = 115200,
-           romfs: bool = False) -> dict[str, Any]:
-    """Deploy `build_dir` to the board on `port`; returns a summary dict."""
+           romfs: bool = False, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Deploy `build_dir` to the board on `port`; returns a summary dict.
+
+    say: gets the one line on the agent's restart when the deploy fails (the summary's "restart"
+    has it otherwise)."""
     from . import romfs as rf
 
     progress = progress or _noop
@@ -99,6 +113,7 @@ def deploy(port: str, build_dir: str | Path, board_name: str | None = None, forc
         raise UserError(f"{build_dir} was built for {manifest['board']}, not {board_name}; "
                         f"run `gridshed build --board {board_name}`")
     bdir = Path(build_dir)
+    agent_files = [e["file"] for e in manifest["files"]]
     rom = manifest.get("romfs") if romfs else None
     image = b""
     rom_top: list[str] = []
@@ -121,11 +136,9 @@ def deploy(port: str, build_dir: str | Path, board_name: str | None = None, forc
                                "bytes_written": 0, "recovered": False, "restarted": False}
     if romfs:
         summary["romfs"] = {"image_size": len(image), "sha256": rom["sha256"], "written": False}
-    switched = False
     with Board(port, baudrate=baudrate) as b:
-        try:
+        with b.stopped(restart=restart, say=say):
             progress("connect", {"port": port})
-            b.enter_raw()
             summary["recovered"] = finish_interrupted(b)
             summary["platform"] = check_platform(b, manifest)
             if romfs:
@@ -180,12 +193,13 @@ def deploy(port: str, build_dir: str | Path, board_name: str | None = None, forc
                                      "nothing was switched, the board still has the old firmware")
             removes = sorted((old_files - set(files)) | {s for s in shadows if have.get(s)})
             removes = [r for r in removes if r not in files and r != BOARD_MANIFEST]
-            renames = [(f + STAGE, f) for f in changed]
+            renames = [(f + STAGE, f, want[f]) for f in changed]
             if renames or removes:
                 progress("switch", {"renames": len(renames), "removes": len(removes)})
-                b.put(PLAN, json.dumps({"renames": renames, "removes": removes}).encode())
-                b.run_plan(renames, removes, PLAN)
-            switched = True
+                # from here the board may have the new build: with the agent in it, the restart
+                # waits until it says "agent up" and answers @status
+                b.wait_for_agent = any(f.startswith("agent/app.") for f in agent_files)
+                b.switch_over(renames, removes, PLAN)
             summary["removed"] = removes
             if romfs:
                 if rom_dirs:
@@ -201,15 +215,9 @@ def deploy(port: str, build_dir: str | Path, board_name: str | None = None, forc
                 raise BoardError(f"{port}: after the switch-over {wrong[0]} has the wrong hash; run deploy again")
             if restart:
                 progress("restart", {})
-                b.restart_agent()
-                summary["restarted"] = True
-        except BaseException:
-            if not switched:
-                try:  # best effort: put the old firmware back to work
-                    b.restart_agent()
-                except Exception:
-                    pass
-            raise
+    summary["restarted"] = bool(b.outcome and b.outcome.startswith("agent restarted"))
+    summary["restart"] = b.outcome
+    summary["agent_status"] = b.agent_status
     summary["seconds"] = round(time.monotonic() - t0, 2)
     return summary
 

@@ -125,8 +125,6 @@ def pull(port: str, since: int | None = None, state_path: Path | None = None, ti
     the first time. The state file is not updated here (see :func:`save_state`): only once the
     caller has written the records somewhere.
     """
-    from agent.journal import from_jsonable
-
     from .transport import Console
 
     say = warn or (lambda s: None)
@@ -168,23 +166,44 @@ def pull(port: str, since: int | None = None, state_path: Path | None = None, ti
                         "(journal erased or board replaced): pulling everything")
                 else:
                     since = last
-        answers = con.request("events", str(int(since)), timeout=timeout)
-    records: list[dict[str, Any]] = []
-    complete = True
-    for a in answers:
-        rec = a.get("rec")
-        if isinstance(rec, dict) and isinstance(rec.get("n"), int):
-            records.append(from_jsonable(rec))
-    last_ans = answers[-1] if answers else {}
-    errors: list[dict[str, Any]] = []
-    if "error" in last_ans or not last_ans.get("ok"):
-        complete = False
-        errors.append({"reason": "board", "detail": str(last_ans.get("error", last_ans))})
-    elif isinstance(last_ans.get("count"), int) and last_ans["count"] != len(records):
-        complete = False
-        errors.append({"reason": "count", "detail": f"board sent {last_ans['count']} records, {len(records)} readable"})
+        records, errors, complete = _pull_records(con, int(since), timeout)
     return EventSet(records, source=f"port:{port}", site=site, device=device, config=cfg, since=int(since),
                     errors=errors, pulled_at=_now_iso(), board_seq=board_seq, complete=complete)
+
+
+def _pull_records(con: Any, since: int, timeout: float,
+                  tries: int = 3) -> tuple[list[dict[str, Any]], list[dict[str, Any]], bool]:
+    """`@events` until the board has sent everything after `since` (records, errors, complete).
+
+    A board short of RAM for one record (a capture record on a fragmented heap) answers an error
+    after the records it did send: ask again from the last one received, so one pull gets as far
+    as the board can go. The same record failing `tries` times in a row ends the pull with that
+    error; the whole pull is bounded by `timeout`.
+    """
+    from agent.journal import from_jsonable
+
+    records: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    cur, stuck = since, 0
+    while True:
+        answers = con.request("events", str(cur), timeout=max(1.0, deadline - time.monotonic()))
+        got = []
+        for a in answers:
+            rec = a.get("rec")
+            if isinstance(rec, dict) and isinstance(rec.get("n"), int) and rec["n"] > cur:
+                got.append(from_jsonable(rec))
+        records += got
+        last = answers[-1] if answers else {}
+        if last.get("ok") and "error" not in last:
+            if isinstance(last.get("count"), int) and last["count"] != len(got):
+                return records, [{"reason": "count", "detail": f"board sent {last['count']} records, "
+                                  f"{len(got)} readable"}], False
+            return records, [], True
+        stuck = 0 if got else stuck + 1
+        cur = got[-1]["n"] if got else cur
+        if stuck >= tries or time.monotonic() > deadline:
+            return records, [{"reason": "board", "after": cur, "detail": str(last.get("error", last))}], False
+        time.sleep(0.3)  # the agent's own work frees what it holds
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,10 +7,13 @@ provision:
 2. stop the agent, read /build.json (which board/build the board runs) and refuse a site.toml
    written for another board;
 3. generate a 256-bit command key and an 8-byte key id, write /config.cbor and /keys.cbor
-   ({kid: key}) beside the old files, verify their hashes on the board, switch them over in
-   one exec, restart the agent;
+   ({kid: key}) beside the old files, verify their hashes on the board, switch them over
+   (Board.switch_over: one committed plan, so config and key change together, also across a
+   power cut: docs/failsafes.md "Writing to a board");
 4. record device id, board, site, key id, key, firmware build, config hash and times in the
-   inventory. The key is never printed.
+   inventory (only once the board has the new files: a failed write leaves the old config and
+   key active, and the inventory as it was). The key is never printed;
+5. restart the agent whatever happened after it was stopped, and wait until it answers @status.
 """
 from __future__ import annotations
 
@@ -20,9 +23,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .deploy import STAGE, read_board_build
+from .deploy import PLAN, STAGE, finish_interrupted, read_board_build
 from .errors import UserError
-from .transport import Board, BoardError, Console
+from .transport import AGENT_UP_WAIT, Board, BoardError, Console
 
 CONFIG_FILE = "config.cbor"
 KEYS_FILE = "keys.cbor"
@@ -49,20 +52,23 @@ def prepare_config(site_path: str | Path, board_name: str | None = None,
 
 def provision(port: str, site_path: str | Path, device_id: str | None = None, board_name: str | None = None,
               inventory_path: str | Path | None = None, keep_key: bool = False, restart: bool = True,
-              verify_agent: float = 0.0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+              verify_agent: float = 0.0, progress: Callable[[str], None] | None = None,
+              say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Write config + key to the board on `port` and record them. progress: step messages; say:
+    the one line on the agent's restart when provisioning fails (result["restart"] otherwise)."""
 
     from . import siteconfig, signing
     from .inventory import Inventory
 
-    say = progress or (lambda msg: None)
+    step = progress or (lambda msg: None)
     if board_name or siteconfig.read_toml(site_path).get("board"):
         prepare_config(site_path, board_name, device_id)  # fail fast, before the board is touched
     inv = Inventory(inventory_path)
     try:
         with Board(port) as b:
-            try:
-                say("stopping the agent")
-                b.enter_raw()
+            step("stopping the agent")
+            with b.stopped(restart=restart, wait=AGENT_UP_WAIT, say=say):
+                finish_interrupted(b)
                 build = read_board_build(b)
                 board_on_device = build.get("board") if build else None
                 if board_name and board_on_device and board_on_device != board_name:
@@ -78,14 +84,16 @@ def provision(port: str, site_path: str | Path, device_id: str | None = None, bo
                     raise UserError("command key must be 256 bits")
                 blobs = {CONFIG_FILE: siteconfig.config_bytes(cfg), KEYS_FILE: siteconfig.keys_bytes({kid: key})}
                 want = {f: hashlib.sha256(d).hexdigest() for f, d in blobs.items()}
-                say("writing config and key")
+                step("writing config and key")
                 for f, data in blobs.items():
                     b.put(f + STAGE, data)
                 staged = b.hashes([f + STAGE for f in blobs])
                 bad = [f for f in blobs if staged.get(f + STAGE) != want[f]]
                 if bad:
-                    raise BoardError(f"{port}: {bad[0]} does not verify after writing; nothing was changed")
-                b.run_plan([(f + STAGE, f) for f in blobs], [], "provision-plan.json")
+                    raise BoardError(f"{port}: {bad[0]} does not verify after writing; nothing was changed, "
+                                     "the old config and key stay active")
+                step("switching over")
+                b.switch_over([(f + STAGE, f, want[f]) for f in blobs], [], PLAN)
                 final = b.hashes(list(blobs))
                 if any(final.get(f) != want[f] for f in blobs):
                     raise BoardError(f"{port}: config/key files differ after the switch-over; provision again")
@@ -93,31 +101,25 @@ def provision(port: str, site_path: str | Path, device_id: str | None = None, bo
                 rec = inv.record_provision(dev, cfg["board"], cfg.get("site"), kid.hex(), key, firmware_build,
                                            siteconfig.config_hash(cfg), port=port)
                 if restart:
-                    say("restarting the agent")
-                    b.restart_agent()
-            except BaseException:
-                if restart:  # a refusal or a failed write never leaves the agent stopped
-                    try:
-                        b.restart_agent()
-                    except Exception:
-                        pass
-                raise
+                    step("restarting the agent")
     finally:
         inv.close()
     result: dict[str, Any] = {"device_id": dev, "board": cfg["board"], "site": cfg.get("site"),
                               "key_id": kid.hex(), "firmware_build": firmware_build,
                               "config_hash": rec["config_hash"], "inventory": str(inv.path),
-                              "warnings": cfg.get("warnings", [])}
+                              "restart": b.outcome, "warnings": cfg.get("warnings", [])}
     if not build:
         result["warnings"].append("no gridshed build on the board (/build.json missing): run `gridshed deploy`")
-    if restart and verify_agent > 0:
+    st = b.agent_status
+    if restart and st is None and verify_agent > 0:
         try:
             st = read_status(port, timeout=verify_agent, events=0)
-            result["agent"] = {"state": st.get("state"), "device": st.get("device")}
-            if st.get("device") != dev:
-                result["warnings"].append(f"agent reports device {st.get('device')!r}, expected {dev!r}")
         except UserError as exc:
             result["warnings"].append(f"agent did not answer after restart: {exc}")
+    if st is not None:
+        result["agent"] = {"state": st.get("state"), "device": st.get("device")}
+        if st.get("device") != dev:
+            result["warnings"].append(f"agent reports device {st.get('device')!r}, expected {dev!r}")
     return result
 
 

@@ -4,21 +4,41 @@ Two ways to talk to a board:
 
 * :class:`Board` stops the agent (Ctrl-C), enters the raw REPL and runs code there (file hashes,
   writes, renames). It never soft-resets on entry (mpremote's ``resume`` semantics: on the virtual
-  board Ctrl-D ends the process). :meth:`Board.restart_agent` leaves the raw REPL and presses
-  Ctrl-D at the friendly REPL: a board soft-reboots and runs main.py; the virtual board's
-  supervisor starts the process again.
+  board Ctrl-D ends the process). Work that stops the agent runs inside :meth:`Board.stopped`,
+  which restarts the agent afterwards whatever happens (an error on the board, a MemoryError, a
+  lost connection, Ctrl-C on the host) and says how that went; :meth:`Board.restart_agent`
+  leaves the raw REPL and presses Ctrl-D at the friendly REPL: a board soft-reboots and runs
+  main.py, the virtual board's supervisor starts the process again.
 * :class:`Console` speaks the agent's console protocol (``@status`` ... answered by ``@{json}``
   lines, the last with ``"end": true``) without interrupting it.
+
+Every wait on the board has an overall deadline: a board that keeps printing (an agent refusing
+its config logs a line every 10 s) never keeps a host tool waiting byte by byte.
+
+While the agent is stopped, protection is off for a bounded window only (firmware agent/maint.py,
+docs/failsafes.md): the board resets itself into the agent when the window ends. Host work
+extends it as it goes (``_gs_keep()`` with a raw-REPL exec at most every KEEP_EVERY seconds), so a
+host that disappears mid-operation leaves protection off for at most one window.
 """
 from __future__ import annotations
 
 import ast
 import binascii
+import contextlib
 import json
+import signal
+import struct
+import threading
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from .errors import UserError
+
+KEEP_EVERY = 5.0       # s between the host's _gs_keep() calls while it works in the raw REPL
+# a boot's console lines (a board reset while the host waited for an exec's output): never in the
+# output of the host's own code (hashes, base64, short words)
+REBOOT_MARKS = (b"soft reboot\r\n", b"agent up: ", b" config: ")
+AGENT_UP_WAIT = 30.0   # s for a restarted agent to say "agent up" and answer @status
 
 
 class BoardError(UserError):
@@ -62,17 +82,77 @@ def _gs_w(d):
 _gs_w({root!r})
 """
 
-
+# Runs on the board right after entering the raw REPL: release what the stopped agent held (the
+# firmware does it itself since agent/maint.py; an older agent stays reachable from asyncio's last
+# task and queues, ~80 KB of a small heap), then report the maintenance window ("-": none, an
+# agent-less board or older firmware) and the free heap.
 _FREE_CODE = """
 import sys,gc
+_c=sys.modules.get('asyncio.core')
+if _c:
+ _c.cur_task=None
+ _c.new_event_loop()
 for _k in list(sys.modules):
  if _k.startswith('agent') or _k=='main':
   del sys.modules[_k]
 for _k in list(globals()):
  if _k[0]!='_' and _k not in ('sys','gc'):
   del globals()[_k]
+_c=None
 gc.collect()
+try:
+ _k=_gs_keep()
+except NameError:
+ _k='-'
+print('gs-maint',_k,gc.mem_free())
 """
+
+# Runs on the board: the switch-over (docs/failsafes.md, "Writing to a board"). The plan is
+# committed by renaming its .tmp into place; then every staged file is renamed over its target
+# (FAT refuses that: remove, then rename), listed files are removed and the plan is deleted. The
+# firmware's agent/boot.py finish_switch() completes a committed plan at the next boot.
+_SWITCH_CODE = """
+import os
+def _gs_r(a,b):
+ try:
+  os.rename(a,b)
+ except OSError:
+  os.remove(b)
+  os.rename(a,b)
+{commit}
+for _r in {renames!r}:
+ try:
+  os.stat(_r[0])
+ except OSError:
+  continue
+ _gs_r(_r[0],_r[1])
+for _p in {removes!r}:
+ try:
+  os.remove(_p)
+ except OSError:
+  pass
+os.remove({plan!r})
+print('switched')
+"""
+
+
+def _at_repl(text: str) -> bool:
+    """Console output that says the board sits at its REPL (the agent is not running)."""
+    return ">>> " in text or "SyntaxError" in text or "PROTECTION OFF" in text or "raw REPL" in text
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[list[int]]:
+    """Ctrl-C on the host is held back (and re-raised after) while the agent is being restarted."""
+    hits: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield hits
+        return
+    old = signal.signal(signal.SIGINT, lambda *a: hits.append(1))
+    try:
+        yield hits
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 class Board:
@@ -101,6 +181,12 @@ class Board:
         except Exception as exc:  # serial.SerialException and OSError
             raise BoardError(f"cannot open {port}: {exc}") from None
         self.raw = False
+        self.maint_left: int | None = None   # the board's maintenance window (s left), None: none
+        self.mem_free: int | None = None      # free heap once the stopped agent was released
+        self.outcome: str | None = None       # how the agent restart after stopped() went
+        self.agent_status: dict[str, Any] | None = None  # its @status after the restart
+        self.wait_for_agent = False   # set by work that put the agent on the board (deploy)
+        self._kept = 0.0
 
     # ---- session -------------------------------------------------------------------------
     def __enter__(self) -> "Board":
@@ -137,17 +223,21 @@ class Board:
                 time.sleep(0.005)
         return bytes(out)
 
+    def _read_until(self, ending: bytes, deadline: float) -> bytes:
+        """Bytes up to and including `ending`, or what came before the deadline."""
+        return self.t.read_until(1, ending, timeout=None, timeout_overall=max(0.05, deadline - time.monotonic()))
+
     def enter_raw(self, attempts: int = 3) -> None:
         """Stop whatever runs (Ctrl-C) and enter the raw REPL, without a soft reset."""
         s = self.t.serial
         seen = b""
         for _ in range(attempts):
             s.write(b"\r\x03")
-            # wait for the friendly prompt (a running agent prints its traceback first)
-            seen = self.t.read_until(1, b">>> ", timeout=0.5, timeout_overall=2)
+            # wait for the friendly prompt (a running agent prints its maintenance notice first)
+            seen = self._read_until(b">>> ", time.monotonic() + 3)
             self._drain()
             s.write(b"\r\x01")
-            data = self.t.read_until(1, b"raw REPL; CTRL-B to exit\r\n", timeout=1, timeout_overall=3)
+            data = self._read_until(b"raw REPL; CTRL-B to exit\r\n", time.monotonic() + 3)
             if data.endswith(b"raw REPL; CTRL-B to exit\r\n"):
                 self.t.in_raw_repl = True
                 self.raw = True
@@ -161,37 +251,236 @@ class Board:
                          "is this a MicroPython board, and is no other program using the port?")
 
     def _free_memory(self) -> None:
-        """Drop the stopped agent's modules so the small heap has room for our helpers."""
+        """Release the stopped agent's RAM for our helpers; learn the maintenance window."""
         try:
-            self.t.exec_raw(_FREE_CODE, timeout=5)
+            out, _ = self._exec_raw(_FREE_CODE, timeout=10)
         except Exception:
-            pass
+            return
+        for line in out.decode(errors="replace").splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == "gs-maint":
+                self.maint_left = int(parts[1]) if parts[1].isdigit() else None
+                self.mem_free = int(parts[2]) if parts[2].isdigit() else None
+                self._kept = time.monotonic()
 
     def exit_raw(self) -> None:
         self.t.serial.write(b"\r\x02")
         self.t.in_raw_repl = False
         self.raw = False
 
-    def restart_agent(self) -> None:
-        """Soft reset from the friendly REPL: the board reboots and runs main.py."""
-        if not self.raw:
+    def restart_agent(self, wait: float = 0.0) -> str:
+        """Back to the friendly REPL from whatever state the console is in, then Ctrl-D (soft reset).
+
+        Ctrl-C first: it stops code running in the raw REPL, and a raw paste cut short is dropped
+        without running (MicroPython raises KeyboardInterrupt while compiling it). With `wait`,
+        until the agent says "agent up" and answers @status (self.agent_status); the result says
+        how far it got.
+        """
+        s = self.t.serial
+        s.write(b"\r\x03")
+        self._drain(limit=0.5)
+        s.write(b"\r\x02")
+        self._read_until(b">>> ", time.monotonic() + 2)
+        self.t.in_raw_repl = False
+        self.raw = False
+        s.write(b"\x04")
+        s.flush()
+        if wait <= 0:
+            time.sleep(0.05)
+            return "agent restarted"
+        return self._wait_agent(wait)
+
+    def _read_for(self, markers: tuple[bytes, ...], deadline: float) -> tuple[bytes, bytes | None]:
+        """Output until one of `markers` and the end of its line (or the deadline): (data, marker)."""
+        s = self.t.serial
+        data = bytearray()
+        found: bytes | None = None
+        while time.monotonic() < deadline:
+            chunk = s.read(max(1, min(s.in_waiting, 4096)))
+            if not chunk:
+                continue
+            data += chunk
+            if found is None:
+                found = next((m for m in markers if m in data), None)
+            if found is not None and data.find(b"\n", data.find(found)) >= 0:
+                break
+        return bytes(data), found
+
+    def _wait_agent(self, wait: float) -> str:
+        deadline = time.monotonic() + wait
+        seen, found = self._read_for((b"agent up", b" config: "), deadline)
+        if found == b" config: ":
+            line = seen[seen.rfind(b"\n", 0, seen.find(found)) + 1:].split(b"\n")[0]
+            why = line.decode(errors="replace").strip().split(" config: ", 1)[-1]
+            return f"agent restarted; it refuses to run without a valid config ({why})"
+        if found is None:
+            tail = " | ".join(x.strip() for x in seen[-160:].decode(errors="replace").splitlines() if x.strip())
+            return f"agent restart sent, but it did not say 'agent up' within {wait:g} s (last output: {tail or 'none'})"
+        time.sleep(0.05)  # its console task starts reading right after the line
+        s = self.t.serial
+        for _ in range(3):
+            s.write(b"@status\n")
+            s.flush()
+            until = time.monotonic() + 5
+            while time.monotonic() < until:
+                line = self._read_until(b"\n", until).strip()
+                if line.startswith(b"@{"):
+                    try:
+                        st = json.loads(line[1:])
+                    except ValueError:
+                        continue
+                    if st.get("end"):
+                        st.pop("end", None)
+                        self.agent_status = st
+                        if "error" in st:
+                            return f"agent restarted (agent up), @status answered an error: {st['error']}"
+                        return f"agent restarted: it answers @status (state {st.get('state')})"
+        return "agent restarted (agent up), but it did not answer @status"
+
+    @contextlib.contextmanager
+    def stopped(self, restart: bool = True, wait: float = AGENT_UP_WAIT,
+                say: Callable[[str], None] | None = None) -> Iterator["Board"]:
+        """The agent stopped for raw-REPL work; restarted afterwards whatever happens.
+
+        The outcome (one line) is in self.outcome. When the work fails, it ends the error's own
+        line (a UserError), or goes to `say` (host Ctrl-C, anything else). `wait`: how long to
+        wait for the restarted agent ("agent up", then @status), if the board ran the agent when
+        it was stopped (it had a maintenance window) or `wait_for_agent` was set meanwhile (the
+        work put the agent on it). restart=False leaves it stopped on purpose: the board then
+        resets into the agent when its maintenance window ends.
+        """
+        try:
             self.enter_raw()
-        self.exit_raw()
-        self.t.read_until(1, b">>> ", timeout=0.5, timeout_overall=2)
-        self.t.serial.write(b"\x04")
-        self.t.serial.flush()
-        time.sleep(0.05)
+            yield self
+        except BaseException as exc:
+            self.outcome = self._finish(restart, wait)
+            if isinstance(exc, UserError) and exc.args:
+                exc.args = (f"{exc.args[0]}; {self.outcome}",) + exc.args[1:]
+            elif say:
+                say(self.outcome)
+            raise
+        self.outcome = self._finish(restart, wait)
+
+    def _finish(self, restart: bool, wait: float) -> str:
+        left = self.maint_left
+        window = (f"the board resets into the agent by itself within {left + 8} s of its last exchange with "
+                  "this host (its maintenance window)"
+                  if left is not None else "reset the board (button or power) to start it")
+        if not restart:
+            if self.raw:
+                return f"agent left stopped at the REPL (--no-restart): protection is OFF; {window}"
+            return "agent not restarted (--no-restart)"
+        if not (self.maint_left is not None or self.wait_for_agent):
+            wait = 0.0  # not our agent (an older one, or none): nothing to wait for
+        with _sigint_deferred() as hits:
+            try:
+                out = self.restart_agent(wait=wait)
+                if not out.startswith("agent restarted") and left is not None:
+                    out += f"; if it is still stopped, {window}"
+            except Exception as exc:
+                out = f"could not restart the agent ({exc}): protection is OFF; {window}"
+        if hits:
+            out += " (Ctrl-C held back while restarting)"
+        return out
 
     # ---- code execution ------------------------------------------------------------------
+    def _raw_paste(self, data: bytes, deadline: float) -> None:
+        """mpremote's raw-paste write, with an overall deadline."""
+        from mpremote.transport import TransportError
+
+        s = self.t.serial
+        hdr = s.read(2)
+        if len(hdr) != 2:
+            raise TransportError("no raw-paste window size")
+        window = struct.unpack("<H", hdr)[0]
+        remain = window
+        i = 0
+        while i < len(data):
+            while remain == 0 or s.in_waiting:
+                if time.monotonic() > deadline:
+                    raise TransportError("the board stopped taking the code (raw paste)")
+                c = s.read(1)
+                if c == b"\x01":
+                    remain += window
+                elif c == b"\x04":  # abrupt end (the board refused the code): acknowledge
+                    s.write(b"\x04")
+                    return
+                elif c:
+                    raise TransportError(f"unexpected read during raw paste: {c!r}")
+            part = data[i:i + remain]
+            s.write(part)
+            remain -= len(part)
+            i += len(part)
+        s.write(b"\x04")
+        if not self._read_until(b"\x04", deadline).endswith(b"\x04"):
+            raise TransportError("the board did not acknowledge the code (raw paste)")
+
+    def _exec_raw(self, code: str, timeout: float) -> tuple[bytes, bytes]:
+        """Run `code` in the raw REPL: (stdout, stderr); TransportError past `timeout` overall."""
+        from mpremote.transport import TransportError
+
+        t = self.t
+        s = t.serial
+        deadline = time.monotonic() + timeout
+        if not self._read_until(b">", min(deadline, time.monotonic() + 5)).endswith(b">"):
+            raise TransportError("no raw REPL prompt")
+        data = code.encode()
+        pasted = False
+        if t.use_raw_paste:
+            s.write(b"\x05A\x01")
+            r = s.read(2)
+            if r == b"R\x01":
+                self._raw_paste(data, deadline)
+                pasted = True
+            elif r == b"R\x00":  # the board has no raw paste
+                t.use_raw_paste = False
+            else:
+                said = r + self._drain(limit=1.0)
+                raise TransportError("the board did not take the code (it answered %r)" % said[-200:].decode(errors="replace"))
+        if not pasted:
+            for i in range(0, len(data), 256):
+                s.write(data[i:i + 256])
+                time.sleep(0.01)
+            s.write(b"\x04")
+            r = s.read(2)
+            if r != b"OK":
+                said = r + self._drain(limit=1.0)
+                raise TransportError("the board did not take the code (it answered %r)" % said[-200:].decode(errors="replace"))
+        out = self._read_output(deadline)
+        if not out.endswith(b"\x04"):
+            raise TransportError(f"no answer within {timeout:g} s")
+        err = self._read_until(b"\x04", max(deadline, time.monotonic() + 1))
+        if not err.endswith(b"\x04"):
+            raise TransportError(f"no answer within {timeout:g} s")
+        return out[:-1], err[:-1]
+
+    def _read_output(self, deadline: float) -> bytes:
+        """An exec's output up to its \\x04; TransportError at once if the board resets meanwhile
+        (a power cut with the USB-serial adapter still powered: the boot's lines come instead)."""
+        from mpremote.transport import TransportError
+
+        data = b""
+        while True:
+            data += self._read_until(b"\x04", min(deadline, time.monotonic() + 0.5))
+            if data.endswith(b"\x04") or time.monotonic() >= deadline:
+                return data
+            if any(m in data for m in REBOOT_MARKS):
+                raise TransportError("the board reset while running the code")
+
     def exec(self, code: str, timeout: float = 10) -> bytes:
         from mpremote.transport import TransportError
 
         if not self.raw:
             self.enter_raw()
+        if self.maint_left is not None and time.monotonic() - self._kept >= KEEP_EVERY:
+            code = "_gs_keep()\n" + code  # still working: the board's maintenance window goes on
+            self._kept = time.monotonic()
         try:
-            out, err = self.t.exec_raw(code, timeout=timeout)
+            out, err = self._exec_raw(code, timeout=timeout)
         except TransportError as exc:
             raise BoardError(f"{self.port}: board stopped answering: {exc}") from None
+        except OSError as exc:  # serial.SerialException: the cable / pty went away
+            raise BoardError(f"{self.port}: lost the connection: {exc}") from None
         if err:
             raise BoardError(f"{self.port}: error on the board: {err.decode(errors='replace').strip().splitlines()[-1]}")
         return out
@@ -240,8 +529,14 @@ class Board:
                 self.exec("_gs_w(_gs_a(%r))" % binascii.b2a_base64(part, newline=False).decode())
                 if progress:
                     progress(len(part))
-        finally:
-            self.exec("_gs_f.close()")
+        except BaseException as exc:
+            # the first error is the one to report; after a host Ctrl-C the console is in an
+            # unknown state: the soft reset that restarts the agent closes the file
+            if not isinstance(exc, KeyboardInterrupt):
+                with contextlib.suppress(UserError):
+                    self.exec("_gs_f.close()")
+            raise
+        self.exec("_gs_f.close()")
 
     def get(self, path: str) -> bytes | None:
         """A file's bytes, or None when it does not exist."""
@@ -261,20 +556,61 @@ class Board:
     def rename(self, old: str, new: str) -> None:
         self.exec("import os\nos.rename(%s,%s)" % (_quote(old), _quote(new)))
 
-    def run_plan(self, renames: list[tuple[str, str]], removes: list[str], plan_path: str) -> None:
-        """Renames then removes, all in one exec on the board, then delete the plan file.
+    def switch_over(self, renames: list[tuple[str, ...]], removes: list[str], plan_path: str,
+                    commit: bool = True) -> None:
+        """Commit and run a switch-over: staged files (already verified) renamed over their targets.
 
-        The whole switch-over runs on the board in one go: a host that disappears midway does
-        not stop it. The plan file (written before) lets the next deploy finish a switch-over
-        cut short by power loss.
+        renames: (staged, target, sha256 of the staged file). commit=False finishes a plan already
+        committed on the board (finish_interrupted). Otherwise the plan goes to the board first as
+        `plan_path`.tmp; ONE exec then renames it into place (the commit), renames every staged
+        file over its target, removes `removes` and deletes the plan. It runs on the board by
+        itself, so a host that disappears midway does not stop it; a reset midway is finished by
+        the firmware at the next boot (agent/boot.py finish_switch), and by finish_interrupted()
+        on a board whose firmware predates that.
+
+        When the exec fails (an error on the board, the board reset, the connection), the board
+        is asked what happened: committed (finished here, or at its boot) returns as a success;
+        not committed raises "nothing was switched"; when it cannot be asked, the error says the
+        board has all old or all new files, never a mix.
         """
-        code = ("import os\nfor a,b in %r:\n try:\n  os.remove(b)\n except OSError:\n  pass\n"
-                " try:\n  os.rename(a,b)\n except OSError:\n  pass\n"
-                "for p in %r:\n try:\n  os.remove(p)\n except OSError:\n  pass\n"
-                "try:\n os.remove(%r)\nexcept OSError:\n pass\nprint('switched')\n" % (renames, removes, plan_path))
-        out = self.exec(code, timeout=30)
-        if b"switched" not in out:
-            raise BoardError(f"{self.port}: switch-over did not complete: {out[-200:]!r}")
+        if commit:
+            plan = {"renames": [list(r) for r in renames], "removes": list(removes)}
+            self.put(plan_path + ".tmp", json.dumps(plan).encode())
+        code = _SWITCH_CODE.format(commit="_gs_r(%r,%r)" % (plan_path + ".tmp", plan_path) if commit else "",
+                                   plan=plan_path, renames=[list(r[:2]) for r in renames], removes=list(removes))
+        try:
+            out = self.exec(code, timeout=60)
+            if b"switched" in out:
+                return
+            error = f"{self.port}: switch-over did not complete: {out[-200:]!r}"
+        except BoardError as exc:
+            error = str(exc)
+        state = self._switch_state(renames, plan_path) if commit else None
+        if state == "done":
+            return
+        if state == "committed":  # the plan is there: finish it now (its boot would, too)
+            self.switch_over(renames, removes, plan_path, commit=False)
+            return
+        if state == "old":
+            raise BoardError(f"{error}; nothing was switched")
+        raise BoardError(f"{error}; the board has either all the old files or all the new ones, never a "
+                         "mix (a committed switch-over is finished at its next boot): check with `gridshed status`")
+
+    def _switch_state(self, renames: list[tuple[str, ...]], plan_path: str) -> str | None:
+        """After a failed switch-over exec: "committed" (the plan is on the board), "done" (every
+        target has its new hash), "old" (neither), None (the board cannot be asked)."""
+        for _ in range(2):
+            try:
+                have = self.hashes([r[1] for r in renames] + [plan_path])
+            except UserError:
+                self.raw = False  # it may have reset and be running the agent: stop it, ask again
+                continue
+            if have.get(plan_path):
+                return "committed"
+            if all(have.get(r[1]) == r[2] for r in renames):
+                return "done"
+            return "old"
+        return None
 
 
 class Console:
@@ -350,6 +686,14 @@ class Console:
                 if on_log:
                     on_log(text)
         tail = " | ".join(self.log_lines[-3:])
+        said = self.log_lines[-20:] + [self._buf.decode(errors="replace")]
+        # the agent never echoes a request; a REPL does (and answers it with a SyntaxError)
+        if any(x.strip().startswith(line.strip()) for x in said) or _at_repl(" ".join(said)):
+            raise BoardError(f"{self.port}: no answer to @{verb} within {timeout:g} s: the board is at its "
+                             "MicroPython REPL, the agent is not running and PROTECTION IS OFF. A stopped agent "
+                             "comes back when its maintenance window ends (docs/failsafes.md), at once with Ctrl-D "
+                             "in a terminal on the port or the reset button; a board without it needs `gridshed "
+                             f"deploy` (last console output: {tail or 'none'})")
         raise BoardError(f"{self.port}: no answer to @{verb} within {timeout:g} s; is the agent running? "
                          f"(last console output: {tail or 'none'})")
 

@@ -14,6 +14,12 @@ Layout (all on this machine)::
 * Ctrl-D at the REPL ends the unix process; the supervisor thread starts it again: a soft reset.
 * Every byte the board prints is appended to ``log_path`` (plus ``[vboard]`` marker lines for
   starts and exits) and kept in memory for :meth:`wait_output`.
+* :meth:`unplug` / :meth:`plug` pull and put back the USB cable: the board runs on, no byte passes
+  the port either way meanwhile (fault tests of host operations).
+* ``heapsize`` defaults to the smallest supported board's budget (``gridshed.boards.budget_heapsize``,
+  from the boards/*.json "memory" blocks: 80wK); docs/architecture.md, Memory.
+* The emulated watchdog (firmware/agent/hal/unix.py) is a thread of the board process: like a
+  chip's, nothing stops it once started; the process dies when it is not fed (a reset).
 
 A board with no main.py in its filesystem (and none in ``firmware_dir``) boots to the REPL, like a
 freshly flashed MicroPython board.
@@ -209,12 +215,16 @@ def _make_ctty() -> None:  # runs in the child between fork and exec
 class VirtualBoard:
     """The real firmware in the unix-port micropython, reachable on a pty like a USB board."""
 
-    def __init__(self, fs_dir: str | os.PathLike, heapsize: str = "64k",
+    def __init__(self, fs_dir: str | os.PathLike, heapsize: str | None = None,
                  sim_config: dict[str, Any] | None = None, firmware_dir: str | os.PathLike | None = None,
                  log_path: str | os.PathLike | None = None, link: str | os.PathLike | None = None,
                  env: dict[str, str] | None = None, exe: str | None = None,
                  romfs: int | None = None, romfs_block: int = ROMFS_BLOCK) -> None:
         self.fs_dir = Path(fs_dir).resolve()
+        if heapsize is None:  # the smallest supported board's budget (boards/*.json "memory")
+            from .boards import budget_heapsize
+
+            heapsize = budget_heapsize()
         self.heapsize = heapsize   # the agent's heap; a ROMFS partition's buffer comes on top
         self.romfs = romfs         # partition size to create (None: keep / no partition)
         # erase block the emulated port reports (vfs.rom_ioctl(6)); the partition size emulates an
@@ -239,6 +249,7 @@ class VirtualBoard:
         self._threads: list[threading.Thread] = []
         self._wake_r, self._wake_w = -1, -1
         self._started_evt = threading.Event()
+        self.unplugged = False     # the USB cable: while True, no byte passes either way
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> "VirtualBoard":
@@ -309,6 +320,14 @@ class VirtualBoard:
     def reset(self) -> None:
         """Hard reset (the EN/RUN button): kill the process; the supervisor boots it again."""
         self._kill()
+
+    def unplug(self) -> None:
+        """Pull the USB cable: the board runs on (own supply), nothing passes the port either way
+        (what the host wrote is lost, the board's output too) until :meth:`plug`."""
+        self.unplugged = True
+
+    def plug(self) -> None:
+        self.unplugged = False
 
     @property
     def pid(self) -> int | None:
@@ -495,6 +514,9 @@ class VirtualBoard:
         hm, bm, wake = self._host_m, self._board_m, self._wake_r
         while not self._stop.is_set():
             now = time.monotonic()
+            if self.unplugged and (to_host or to_board):
+                to_host.clear()
+                to_board.clear()
             if hold_until and (now >= hold_until or not self._board_isig()):
                 hold_until = 0.0
             # USB serial has flow control: while the host drains what we hold, leave the board's
@@ -529,7 +551,8 @@ class VirtualBoard:
                         self._cond.notify_all()
                     if self._log:
                         self._log.write(data)
-                    to_host += data
+                    if not self.unplugged:
+                        to_host += data
                     if len(to_host) > HOST_BUFFER_MAX and now - last_drain > 1.0:
                         # nobody has read for a second: drop the oldest, as a UART would
                         del to_host[:len(to_host) - HOST_BUFFER_MAX]
@@ -540,7 +563,8 @@ class VirtualBoard:
                     data = b""
                     if exc.errno not in (errno.EAGAIN, errno.EIO):
                         break
-                to_board += data
+                if not self.unplugged:
+                    to_board += data
             if hm in w and to_host:
                 try:
                     n = os.write(hm, to_host)

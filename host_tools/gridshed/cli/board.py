@@ -179,7 +179,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     bdir = _build_dir(args)
     romfs = bool(args.romfs)
     if args.json:
-        s = deploy(port, bdir, board_name=args.board, force=args.force, restart=not args.no_restart, romfs=romfs)
+        s = deploy(port, bdir, board_name=args.board, force=args.force, restart=not args.no_restart, romfs=romfs,
+                   say=_say)
         emit(args, s)
         return 0
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
@@ -203,14 +204,19 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                 prog.update(task, description=event)
 
         s = deploy(port, bdir, board_name=args.board, force=args.force, restart=not args.no_restart, progress=cb,
-                   romfs=romfs)
+                   romfs=romfs, say=_say)
     print(f"deployed build {s['build_id']} to {port}: {len(s['written'])} written, {len(s['unchanged'])} unchanged, "
           f"{len(s['removed'])} removed, {s['bytes_written']} bytes in {s['seconds']} s"
           + ("; finished an interrupted deploy first" if s["recovered"] else "")
           + (("; ROMFS image %d bytes %s" % (s["romfs"]["image_size"],
                                               "written" if s["romfs"]["written"] else "unchanged")) if romfs else "")
-          + ("; agent restarted" if s["restarted"] else "; agent left stopped"))
+          + "; " + s["restart"])
     return 0
+
+
+def _say(line: str) -> None:
+    """The one line on the agent after a board write cut short (Ctrl-C), before "interrupted"."""
+    note(f"gridshed: {line}")
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
@@ -227,13 +233,13 @@ def cmd_provision(args: argparse.Namespace) -> int:
     port = _port(args)
     res = provision(port, args.site, device_id=args.device_id, board_name=args.board,
                     inventory_path=args.inventory, keep_key=args.keep_key, verify_agent=5.0,
-                    progress=None if args.json else (lambda m: note(m + "...")))
+                    progress=None if args.json else (lambda m: note(m + "...")), say=_say)
     if args.json:
         emit(args, res)
     else:
         print(f"provisioned {res['device_id']} ({res['board']}, site {res['site']}): key id {res['key_id']}, "
               f"config {res['config_hash']}, firmware {res['firmware_build'] or 'unknown'}; "
-              f"recorded in {res['inventory']}")
+              f"recorded in {res['inventory']}; {res['restart']}")
         for w in res["warnings"]:
             warn(w)
     return 0

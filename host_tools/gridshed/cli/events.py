@@ -123,8 +123,14 @@ def run_events(args: argparse.Namespace) -> int:
         emit(args, info, f"{len(ev.records)} records after seq {ev.since}{rng} from {ev.site or '?'}/"
                          f"{ev.device or '?'} -> {args.output}")
     if not ev.complete:
-        _warn(f"the board stopped answering after {len(ev.records)} records; run the same command again "
-              "to continue from there")
+        stop = next((e for e in ev.errors if e.get("reason") == "board"), None)
+        if stop is not None:
+            _warn(f"the board could not send the record after seq {stop['after']} ({stop['detail']}), 3 times in "
+                  f"a row; the {len(ev.records)} records before it are saved. Pull again later (the agent frees "
+                  f"what it holds), or pass --since {stop['after'] + 1} to skip that record")
+        else:
+            _warn(f"the pull is incomplete after {len(ev.records)} records; run the same command again "
+                  "to continue from there")
         return 1
     return 0
 
