@@ -11,10 +11,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from gridshed import siteconfig
