@@ -207,6 +207,7 @@ class Agent:
         self.q_first = self.q_last = None
         self.q_burst = None
         self.q_logged = [None, None]  # when a burst start / end was last journaled
+        self._mc = None
         self.started = ticks_ms()
         self.signal = None
         self.seq_counters = None  # command counters survive the command-step modules being freed
@@ -386,9 +387,9 @@ class Agent:
                 self.hz = None
                 err = control.BAD_NAMES[ctrl.bad_why]
                 if self.word_order is None or self.word_order == "as mapped":
-                    self._word_hint(mm)
+                    self._comm().word_hint(self, mm)
             if err is not None or self.q_burst:
-                self._quality(now, err)
+                self._comm().quality(self, now, err)
             elif self.word_order is None:
                 self.word_order = "as mapped"
             self.q_polls += 1
@@ -402,61 +403,13 @@ class Agent:
             self.poll_due = ticks_add(ticks_ms(), left + self._read_worst + WDT_POLL_PERIODS * period)
             await asyncio.sleep_ms(left)
 
-    def _quality(self, now, err):
-        # failure path only (and the first good poll after a burst): the summaries
-        if err is not None:
-            name = err if isinstance(err, str) else err.__class__.__name__
-            self.q_fail += 1
-            self.q_last = name
-            if self.q_first is None:
-                self.q_first = name
-            b = self.q_burst
-            if b is None:
-                self.q_burst = [now, name, name, 1]
-                if self._q_ok(0, now):
-                    log("E", "ALARM meter: " + name)
-                    self.journal.append("meter_comm", {"ev": "start", "first": name})
-            else:
-                b[2] = name
-                b[3] += 1
-            return
-        b = self.q_burst  # a good poll ends the burst
-        self.q_burst = None
-        if self._q_ok(1, now):
-            self.journal.append("meter_comm", {"ev": "burst", "failed": b[3], "ms": ticks_diff(now, b[0]),
-                                               "first": b[1], "last": b[2]})
-
-    def _q_ok(self, i, now):
-        # burst starts (0) and ends (1): at most one record of each in 10 s
-        t = self.q_logged
-        if t[i] is None or ticks_diff(now, t[i]) >= 10000:
-            t[i] = now
-            return True
-        return False
-
-    def quality_minute(self, now):
-        # from the tick task: one summary a minute while anything failed in it
-        if ticks_diff(now, self.q_t0) < 60000:
-            return
-        if self.q_fail:
-            self.journal.append("meter_comm", {"ev": "minute", "polls": self.q_polls, "failed": self.q_fail,
-                                               "first": self.q_first, "last": self.q_last,
-                                               "ongoing": self.q_burst is not None})
-        self.q_t0 = now
-        self.q_polls = self.q_fail = 0
-        self.q_first = self.q_last = None
-
-    def _word_hint(self, mm):
-        # an implausible frequency from a 32-bit register: would the other word order be a
-        # frequency? (a float decoding to a denormal such as 2.4e-41 is the classic sign)
-        alt = mm.swapped("hz")
-        if alt is None:
-            return
-        nom = self.cfg["nominal_hz"]
-        if nom * 0.85 < alt < nom * 1.15:
-            self.word_order = "swapped? the meter reads %.3f Hz with the other word order" % alt
-            log("E", "ALARM meter word order: " + self.word_order)
-            self.journal.append("meter_words", {"map": mm.words("hz"), "alt_hz": alt})
+    def _comm(self):
+        # agent/meter_comm.py (the failure path's summaries): loaded while polls fail, freed by
+        # it when they recover, so a healthy site keeps none of its code in RAM
+        m = self._mc
+        if m is None:
+            m = self._mc = __import__("agent.meter_comm", None, None, ("quality",))
+        return m
 
     async def tick_task(self):
         # Time-based progress (restore stagger, meter-loss timer) even when the meter is silent.
@@ -469,7 +422,8 @@ class Agent:
         while True:
             now = ticks_ms()
             self.decide(now, False)
-            self.quality_minute(now)
+            if ticks_diff(now, self.q_t0) >= 60000:  # the minute's summary (docs/meters.md)
+                self._comm().minute(self, now)
             if rec is not None and rec.ready():
                 try:  # one small part per tick: no window-sized allocation
                     cap = rec.capture(now, CAPTURE_PART)
