@@ -69,10 +69,13 @@ def test_disarm_survives_a_reboot(tmp_path):
 
         async def cmd(rig: Rig, name: str) -> dict:
             seq[0] += 1
-            buf = make_command(key, KID, name, seq[0], target_device=cfg["device"])
 
             def ask() -> dict:
                 with Console(rig.board.port) as con:
+                    kw = {}
+                    if name in ("restore", "disarm"):  # freshness: the board's nonce (docs/security.md)
+                        kw["nonce"] = bytes.fromhex(con.request("nonce", timeout=30)[-1]["nonce"])
+                    buf = make_command(key, KID, name, seq[0], target_device=cfg["device"], **kw)
                     return con.request("cmd", base64.b64encode(buf).decode(), timeout=30)[-1]
 
             return await asyncio.to_thread(ask)

@@ -100,6 +100,12 @@ ROWS = [
     ("stage-both-triggers", [S("trip.stages", [dict(STAGE, rocof_hz_s=-1.0)])],
      ["trip.stages[0]: need pickup_hz (<= restore_hz - deadband_hz) or rocof_hz_s (-20..0), "
       "delay_ms 0..600000, blocks = [0..3]; other keys: below_hz, deadband_hz_s, name"]),
+    ("authority-trusted", [S("authority", {"trusted": ["udp"]})],
+     ["authority.trusted: 'udp' is not an unauthenticated channel (modbus, dry_contact)"]),
+    ("authority-restore-all", [S("authority", {"restore_all": ["0042", "XYZ"]})],
+     ['authority.restore_all: \'XYZ\' is not a key id in hex or "*"']),
+    ("modbus-server-address", [S("modbus_server", {"allow": ["10.0.0.300"]})],
+     ["modbus_server: '10.0.0.300' is not an IPv4 address (bind, allow, master)"]),
     ("dry-contact-no-pin", [S("signals.dry_contact", True)], ["signals.dry_contact: the board has no dry-contact input pin"]),
     ("map-missing", [D("meter.map")], ["meter.map: missing meter register map"]),
     ("map-no-hz", [D("meter.map.quantities.hz")], ["meter.map: quantity 'hz' missing"]),
@@ -151,7 +157,8 @@ def test_every_refusal_message_of_validate_has_a_row():
     import re
 
     src = (ROOT / "firmware" / "agent" / "config.py").read_text()
-    fmts = re.findall(r'(?:errors\.append\(|return \[)(?:p \+ )?"([^"]+)"(?: \+ e)?', src)
+    fmts = [f.replace('\\"', '"') for f in
+            re.findall(r'(?:errors\.append\(|return \[)(?:p \+ )?"((?:[^"\\]|\\.)+)"', src)]
     assert len(fmts) >= 28, fmts
     produced = [e for _, _, want in ROWS for e in want]
     missing = []
