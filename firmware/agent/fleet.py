@@ -1,8 +1,9 @@
 # The MQTT fleet channel (config section "mqtt": enabled, host, port, keepalive_s, telemetry_s).
 # Topics and payloads: docs/mqtt.md. Signed commands: docs/security.md.
 #
-# The MQTT client's reader only queues command bytes (bounded: PENDING_MAX, extra ones counted
-# "mqtt_cmd_dropped"); this module's task verifies them through agent.signed_command (the same
+# The MQTT client's reader only queues command bytes (bounded: PENDING_MAX; while it is full the
+# reader waits before taking the next message, so a flood backs up at the broker instead of
+# pushing a real command out; "mqtt_cmd_dropped" counts any that still could not be queued); this module's task verifies them through agent.signed_command (the same
 # path as serial and UDP) and publishes the retained state after each one, with the accepted
 # seq, so a host sees every board act exactly once. Every state message (and the last will)
 # ends with "mac": {kid hex: HMAC-SHA256 with that provisioned key over topic, NUL, the JSON
@@ -36,8 +37,10 @@ class Fleet:
         self.seq = None        # last accepted seq / cmd (any transport sets it via on_result)
         self.cmd = None
         self.refused = None    # last refusal reason on this channel
+        self.rid = None        # and the last 4 bytes (hex) of the refused message
         self.acc = 0
         self.ref = 0
+        self.tries = 0  # attempts at the first pending message that found no RAM
         self._snap = -1
         self.keys = _keys()
         self.client = MqttClient(
@@ -45,7 +48,7 @@ class Fleet:
             will=(self.t_state, self.sign(self.t_state, '{"dev": "%s", "online": false}' % self.dev), True),
             on_message=self.on_message, on_connect=self.on_connect,
             topics=(base + "cmd", "gridshed/%s/cmd" % c["site"]),
-            max_packet=640, queue_max=4)
+            max_packet=640, queue_max=4, busy=lambda: len(self.pending) >= PENDING_MAX)
 
     # ---- MQTT callbacks (reader task: keep them short, never touch relays) ---------------
     def on_message(self, topic, payload):
@@ -65,16 +68,27 @@ class Fleet:
             a.relays.mask & 0x3FFFFF)
 
     def publish_state(self):
+        # (from the reader's on_connect too: never raises; unpublished, it is tried again by
+        # run() because _snap is set only once the message is queued)
         a = self.a
         c = a.ctrl
-        self._snap = self.snapshot()
-        st = {"dev": self.dev, "online": True, "state": control.STATE_NAMES[c.state],
-              "armed": c.armed, "shed": a.cmd_shed, "held": a.auth.held, "mask": a.relays.mask,
-              "seq": self.seq, "cmd": self.cmd, "acc": self.acc, "ref": self.ref,
-              "nonce": a.step("cmdcheck", "nonce_hex", a), "time": a.time_off is not None}
-        if self.refused is not None:
-            st["refused"] = self.refused
-        self.client.publish(self.t_state, self.sign(self.t_state, json.dumps(st)), True, 1)
+        try:
+            snap = self.snapshot()
+            if a.nonce is None:  # made here, outside the module that checks it: no module load
+                import os
+
+                a.nonce = os.urandom(8)
+            st = {"dev": self.dev, "online": True, "state": control.STATE_NAMES[c.state],
+                  "armed": c.armed, "shed": a.cmd_shed, "held": a.auth.held, "mask": a.relays.mask,
+                  "seq": self.seq, "cmd": self.cmd, "acc": self.acc, "ref": self.ref,
+                  "nonce": _hex(a.nonce), "time": a.time_off is not None}
+            if self.refused is not None:
+                st["refused"] = self.refused
+                st["rid"] = self.rid
+            if self.client.publish(self.t_state, self.sign(self.t_state, json.dumps(st)), True, 1):
+                self._snap = snap
+        except MemoryError:
+            a.count("mqtt_state_mem")
 
     def sign(self, topic, body):
         # body (a JSON object's text) with "mac" added last: per key, HMAC-SHA256(key, topic NUL
@@ -97,9 +111,13 @@ class Fleet:
         self.client.publish(self.t_tele, json.dumps(d), False, 0)
 
     def handle(self, buf):
+        # False: no RAM to load the verifier now (nothing consumed): the caller retries it
         gc.collect()  # the verifier's modules load into a small heap: room first
         try:
             res = self.a.signed_command(buf, "mqtt")
+        except MemoryError:
+            self.a.count("mqtt_cmd_mem")
+            return False
         except Exception as e:  # never let one message end the task
             self.a.count("mqtt_cmd_error")
             res = {"ok": False, "refused": "error"}
@@ -112,7 +130,9 @@ class Fleet:
         else:
             self.ref += 1
             self.refused = res.get("refused")
-        self.publish_state()
+            self.rid = _hex(buf[-4:])  # which message: the last 4 bytes of its tag
+        self._snap = -1  # published by run() once the waiting commands are handled (one state
+        # message per batch, not per command: a flood of forgeries does not flood the queue)
 
     async def run(self):
         asyncio.create_task(self.client.run())
@@ -121,7 +141,15 @@ class Fleet:
         while True:
             try:
                 while self.pending:
-                    self.handle(self.pending.pop(0))
+                    if self.handle(self.pending[0]) is False and self.tries < 50:
+                        self.tries += 1  # retried at the next turn (5 s at most), then refused
+                        break
+                    if self.tries >= 50:
+                        self.ref += 1
+                        self.refused = "error"
+                        self._snap = -1
+                    self.tries = 0
+                    self.pending.pop(0)
                 if self.snapshot() != self._snap:
                     self.publish_state()
                 now = ticks_ms()

@@ -38,7 +38,11 @@ class MqttClient:
     def __init__(self, host, port=1883, client_id="", keepalive=30, will=None, on_message=None,
                  topics=(), username=None, password=None, on_connect=None, clean=True,
                  sub_qos=1, max_packet=2048, queue_max=8, max_inflight=4, backoff_min=1.0,
-                 backoff_max=60.0, connect_timeout=10.0, send_timeout=5.0, ping_timeout=None):
+                 backoff_max=60.0, connect_timeout=10.0, send_timeout=5.0, ping_timeout=None, busy=None):
+        # busy: optional callable; while it returns True an incoming PUBLISH waits (not read
+        # further, not acknowledged), so the broker holds the rest back: a flood queues at the
+        # broker instead of pushing a real command out of the application's bounded queue
+        self.busy = busy
         self.host = host
         self.port = port
         self.client_id = client_id
@@ -323,6 +327,10 @@ class MqttClient:
         t = p.type
         if t == mc.PUBLISH:
             self.rx += 1
+            self._ping_sent = -1  # the broker is talking: alive (a flood may delay its PINGRESP)
+            b = self.busy
+            while b is not None and b():
+                await asyncio.sleep_ms(20)
             cb = self.on_message
             if cb is not None:
                 try:

@@ -6,7 +6,8 @@
 # datagram back. Untrusted input, cheap checks first, all counted in the agent's status "errors":
 #   udp_oversize  datagram longer than a command can be (never verified, no reply)
 #   udp_bad       too short / does not start like a COSE_Mac0 (never verified, no reply)
-#   udp_limited   over the verify rate (burst BURST, then one per REFILL_MS): refused "busy"
+#   udp_limited   over its source's verify rate (burst BURST, then one per REFILL_MS, per source
+#                 address: up to NSRC sources have a bucket each, others share one): "busy"
 #   udp_io        socket errors
 #   udp_mem       no RAM to receive a datagram now (read again later if the port left it queued)
 # No reply to the first two: a forged source address must not turn the board into an
@@ -26,6 +27,8 @@ MIN_DATAGRAM = const(40)    # the smallest COSE_Mac0 with a 32-byte tag and a pa
 BURST = const(8)
 REFILL_MS = const(250)
 IDLE_MS = const(50)
+NSRC = const(4)
+BUSY = b'{"ok": false, "refused": "busy"}'  # shorter than any datagram it answers
 NONCE_LEN = const(48)       # "@nonce" padded: a request no shorter than its answer
 
 
@@ -55,8 +58,7 @@ async def _run(agent):
 async def _loop(agent, s):
     p = select.poll()
     p.register(s, select.POLLIN)
-    tokens = BURST
-    last = ticks_ms()
+    srcs = {}  # source address -> [tokens, last refill]: a flood from one source spends its own
     while True:
         buf = None
         for _ in p.ipoll(0):  # allocation-free
@@ -79,35 +81,36 @@ async def _loop(agent, s):
         if n > MAX_DATAGRAM:
             agent.count("udp_oversize")
             continue
-        if n >= NONCE_LEN and buf[:6] == b"@nonce":  # freshness for restore / disarm / time
-            res = {"nonce": agent.step("cmdcheck", "nonce_hex", agent), "time_trusted": agent.time_off is not None}
+        nonce = n >= NONCE_LEN and buf[:6] == b"@nonce"  # freshness for restore / disarm / time
+        # too short, or not tag 17 (0xd1) + array(4) (0x84) nor the untagged array(4)
+        if not nonce and (n < MIN_DATAGRAM or not (buf[0] == 0x84 or (buf[0] == 0xD1 and buf[1] == 0x84))):
+            agent.count("udp_bad")
+            continue
+        now = ticks_ms()
+        b = _bucket(srcs, addr, now)
+        gained = ticks_diff(now, b[1]) // REFILL_MS
+        if gained > 0:
+            b[0] = min(BURST, b[0] + gained)
+            b[1] = now
+        if b[0] <= 0:
+            agent.count("udp_limited")
             buf = None
             try:
-                s.sendto(json.dumps(res).encode(), addr)
+                s.sendto(BUSY, addr)
             except OSError:
                 agent.count("udp_io")
             await asyncio.sleep_ms(0)
             continue
-        # too short, or not tag 17 (0xd1) + array(4) (0x84) nor the untagged array(4)
-        if n < MIN_DATAGRAM or not (buf[0] == 0x84 or (buf[0] == 0xD1 and buf[1] == 0x84)):
-            agent.count("udp_bad")
-            continue
-        now = ticks_ms()
-        gained = ticks_diff(now, last) // REFILL_MS
-        if gained > 0:
-            tokens = min(BURST, tokens + gained)
-            last = now
-        if tokens <= 0:
-            agent.count("udp_limited")
-            res = {"ok": False, "refused": "busy"}
-        else:
-            tokens -= 1
-            gc.collect()  # the verifier's modules load into a small heap: room first
-            try:
+        b[0] -= 1
+        gc.collect()  # the verifier's modules load into a small heap: room first
+        try:
+            if nonce:
+                res = {"nonce": agent.step("cmdcheck", "nonce_hex", agent), "time_trusted": agent.time_off is not None}
+            else:
                 res = agent.signed_command(buf, "udp")
-            except Exception as e:  # never let one datagram end the task
-                agent.count("udp_error")
-                res = {"ok": False, "error": repr(e)[:60]}
+        except Exception as e:  # never let one datagram end the task
+            agent.count("udp_error")
+            res = {"ok": False, "error": repr(e)[:60]}
         buf = None
         # the answer: ok, cmd, seq or refused (or error); a "status" / "test" command adds a
         # short status, not the console's (the datagram stays small, no console code loaded)
@@ -127,6 +130,26 @@ async def _loop(agent, s):
         except OSError:
             agent.count("udp_io")
         await asyncio.sleep_ms(0)
+
+
+def _bucket(srcs, addr, now):
+    # the rate bucket of a source address (raw sockaddr on the unix port: its IPv4 bytes; an
+    # (ip, port) tuple on lwIP): NSRC sources get their own; when the table is full, a source
+    # idle with a full bucket is replaced, else the newcomer shares the "*" bucket
+    k = addr[0] if isinstance(addr, tuple) else bytes(addr[4:8])
+    b = srcs.get(k)
+    if b is None:
+        if len(srcs) >= NSRC:
+            for o in srcs:
+                if o != "*" and srcs[o][0] >= BURST:
+                    del srcs[o]
+                    break
+            else:
+                k = "*"
+                b = srcs.get(k)
+        if b is None:
+            b = srcs[k] = [BURST, now]
+    return b
 
 
 def start(agent):

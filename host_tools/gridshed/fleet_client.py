@@ -334,11 +334,10 @@ def send_mqtt(broker: str, signed: list[Signed], timeout: float = 10.0, settle: 
     topics = [state_topic(s.target) for s in signed]
     w = _StateWatch(host, port, topics, {state_topic(s.target): (s.target.kid, s.target.key) for s in signed})
     try:
-        # the retained states first: the baseline of each board's refusal count
+        # the retained states first (a board that is offline says so in its last will)
         deadline = time.monotonic() + settle
         with w.cv:
             w.cv.wait_for(lambda: all(t in w.seen for t in topics), max(0.0, deadline - time.monotonic()))
-            base = {t: dict(w.state.get(t, {})) for t in topics}
         infos = []
         for s in signed:
             infos.append(w.publish(f"gridshed/{s.target.site}/{s.target.device}/cmd", s.msg))
@@ -351,8 +350,8 @@ def send_mqtt(broker: str, signed: list[Signed], timeout: float = 10.0, settle: 
                 return None
             if st.get("seq") == s.seq:
                 return {"ok": True, "cmd": st.get("cmd"), "seq": s.seq, "state": st}
-            b = base.get(t, {})
-            if st.get("online") and st.get("ref", 0) > b.get("ref", 0) and st.get("refused"):
+            # a refusal of this very message (its tag's last 4 bytes): not another's, in a flood
+            if st.get("online") and st.get("refused") and st.get("rid") == s.msg[-4:].hex():
                 return {"ok": False, "refused": st.get("refused"), "state": st}
             return None
 

@@ -436,28 +436,27 @@ def test_malformed_oversize_and_refusals_counted_then_recovers(spawn):
         fb.serve_until_eof(i, conn, pong=True)
 
     def oversize(fb, i, conn):
+        # a PUBLISH over the agent's max_packet (1024) is skipped and counted, not fatal (a
+        # retained one would otherwise end every session): the next message on the same
+        # connection still arrives
         fb.handshake(i, conn)
-        big = mc.publish("gridshed/site1/dev1/cmd", bytes(5000))  # agent max_packet is 1024
-        fb.serve_until_eof(i, conn, pong=True, extra=big)
-
-    def good(fb, i, conn):
-        fb.handshake(i, conn)
+        big = mc.publish("gridshed/site1/dev1/cmd", bytes(5000))
         fb.serve_until_eof(i, conn, pong=True,
-                           extra=mc.publish("gridshed/site1/dev1/cmd", b"ok", 1, False, False, 77))
+                           extra=big + mc.publish("gridshed/site1/dev1/cmd", b"ok", 1, False, False, 77))
 
-    fb = ScriptedBroker([refused, refused, refused, garbage, oversize, good])
+    fb = ScriptedBroker([refused, refused, refused, garbage, oversize])
     try:
         a = spawn(cfg(fb.port, ka=10, bmin=0.2, maxp=1024))
         a.wait_line(lambda x: x == "MSG gridshed/site1/dev1/cmd " + b"ok".hex(), timeout=60)
         # connects, malformed, dead, failures printed at each CONNACK (before any message)
         i_msg = a.lines.index("MSG gridshed/site1/dev1/cmd " + b"ok".hex())
         assert [x for x in a.lines[:i_msg] if x.startswith("CONNECTED")] == [
-            "CONNECTED 1 0 0 3", "CONNECTED 2 1 0 3", "CONNECTED 3 2 0 3"], a.lines
+            "CONNECTED 1 0 0 3", "CONNECTED 2 1 0 3"], a.lines
         assert a.p.poll() is None
         deadline = time.monotonic() + 20  # the QoS 1 message gets its PUBACK
-        while fb.when(5, "PUBACK") is None and time.monotonic() < deadline:
+        while fb.when(4, "PUBACK") is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert [e[3].pid for e in fb.events if e[1] == 5 and e[2] == "PUBACK"] == [77]
+        assert [e[3].pid for e in fb.events if e[1] == 4 and e[2] == "PUBACK"] == [77]
         # exponential back-off after refusals: gaps 0.2*(1..1.5), 0.4*(1..1.5), 0.8*(1..1.5) s;
         # never sooner (how much later on a loaded host is a figure of make bench, not a test)
         t = [fb.when(i, "CONNECT") for i in range(4)]
