@@ -55,8 +55,8 @@ def run(a, c, src):
     if cmd == "time":  # the host's signed time: the board's clock is trusted from now on
         import time
 
-        w = a.hal.wall_time()  # NTP / RTC, when the port has a plausible one: only a sanity bound
-        if w is not None and abs(w - c["t"]) > TIME_SKEW_S:
+        w = a.hal.wall_time()  # NTP / RTC: only a sanity bound, and only once it looks set
+        if w is not None and w > RTC_FLOOR and abs(w - c["t"]) > TIME_SKEW_S:
             n["stale"] += 1
             a.journal.append("cmd_refused", {"src": src, "why": "time-skew", "seq": c["seq"], "t": c["t"]})
             return {"ok": False, "refused": "time-skew"}
@@ -92,6 +92,7 @@ def run(a, c, src):
 
 
 TIME_SKEW_S = 300  # a signed time further than this from a plausible RTC/NTP time is refused
+RTC_FLOOR = 1767225600  # 2026-01-01: an RTC before it is a port default (rp2 starts at 2021), unset
 
 
 def slot(au, iid, create=True):
