@@ -520,3 +520,29 @@ print(json.dumps(v.counters))
         except CommandRefused as e:
             host.append(e.reason)
     assert host == results
+
+
+def test_time_command_trusts_the_clock_with_an_rtc_sanity_bound(tmp_path, monkeypatch) -> None:
+    """The board's steps for `time`: it needs the board's nonce; an RTC that looks set (after
+    2026) bounds it (300 s); a port-default RTC (rp2: 2021) is ignored; the nonce is single use."""
+    from agent import cmdcheck, cmdrun, mac0
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keys.cbor").write_bytes(integrity.wrap(cbor.dumps({KID: KEY})))
+    a = StepAgent()
+    a.time_off = None
+    a.now_unix = lambda: None  # not trusted yet
+
+    def command(buf: bytes) -> dict:
+        return cmdrun.run(a, cmdcheck.run(a, mac0.run(a, buf)), "serial")
+
+    a.nonce = b"nonce-01"
+    assert command(cmd(1, "time", t=T0 + 1000, nonce=b"nonce-01")) == {"ok": False, "refused": "time-skew"}
+    assert a.time_off is None and a.nonce is None  # the nonce was used (seq spent too)
+    a.nonce = b"nonce-02"
+    assert command(cmd(2, "time", t=T0 + 10, nonce=b"nonce-02"))["ok"] and a.time_off is not None
+    a.wall_time = lambda: 1609459200  # rp2's RTC default (2021-01-01): not a bound
+    a.nonce = b"nonce-03"
+    assert command(cmd(3, "time", t=T0, nonce=b"nonce-03"))["ok"]
+    assert command(cmd(4, "time", t=T0, nonce=b"nonce-03")) == {"ok": False, "refused": "stale"}
+    assert [f.get("why") for k, f in a.records if k == "cmd_refused"] == ["time-skew", "stale"]
