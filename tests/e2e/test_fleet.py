@@ -3,7 +3,7 @@
 Rig: a private Mosquitto on 127.0.0.1 (ephemeral port), one shared pymodbus TCP meter (polled
 every 500 ms by each board), 20 virtual boards (mpy-cross build) with [mqtt] enabled, each with
 its own key in /keys.cbor and in the inventory, plus one site-wide key shared by all of them for
-the gridshed/<site>/cmd topic. Heap: 84wK, above the 80wK budget (see HEAP); every board is
+the gridshed/<site>/cmd topic. Heap: 86wK, above the 80wK budget (see HEAP); every board is
 checked at teardown for restarts, MemoryErrors and tracebacks, and answers `@status`.
 Relays are observed on each board's GPIO socket; the retained state is read with paho-mqtt.
 """
