@@ -35,7 +35,7 @@ def errors(r: Rig) -> dict:
     return console(r, "status")["errors"]
 
 
-def test_udp_flood_does_not_starve_a_signed_shed(rig):
+def test_udp_flood_does_not_starve_a_signed_shed(rig):  # noqa: F811  (fixture imported above)
     stop = threading.Event()
     sent = [0]
 
