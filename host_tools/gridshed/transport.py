@@ -689,12 +689,12 @@ class Console:
         said = self.log_lines[-20:] + [self._buf.decode(errors="replace")]
         # the agent never echoes a request; a REPL does (and answers it with a SyntaxError)
         if any(x.strip().startswith(line.strip()) for x in said) or _at_repl(" ".join(said)):
-            raise BoardError(f"{self.port}: no answer to @{verb} within {timeout:g} s: the board is at its "
+            raise BoardError(f"{self.port}: no answer to @{verb} within {timeout:.2g} s: the board is at its "
                              "MicroPython REPL, the agent is not running and PROTECTION IS OFF. A stopped agent "
                              "comes back when its maintenance window ends (docs/failsafes.md), at once with Ctrl-D "
                              "in a terminal on the port or the reset button; a board without it needs `gridshed "
                              f"deploy` (last console output: {tail or 'none'})")
-        raise BoardError(f"{self.port}: no answer to @{verb} within {timeout:g} s; is the agent running? "
+        raise BoardError(f"{self.port}: no answer to @{verb} within {timeout:.2g} s; is the agent running? "
                          f"(last console output: {tail or 'none'})")
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
