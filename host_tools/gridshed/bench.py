@@ -40,11 +40,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .boards import budget_heapsize
+
 ROOT = Path(__file__).resolve().parents[2]
 FIRMWARE = ROOT / "firmware"
 DEMO_SITE = ROOT / "scenarios" / "demo-site.toml"
 BENCH_DIR = ROOT / "bench"
-HEAP = "64wK"  # board-realistic: 64 KB on a 32-bit board (DESIGN.md, Budgets)
+# the smallest supported board's budget (boards/*.json "memory": 80wK, 80 KB on a 32-bit board)
+HEAP = budget_heapsize()
+BUDGET_WK = int(HEAP[:-2])
 MICRO_HEAP = "256wK"  # micro benchmarks: room for the bench script and its JSON inputs (compiled from source)
 SECTIONS = ("modbus", "cycle", "latency", "memory", "fleet", "host", "bounds", "soak")
 DEFAULT_SECTIONS = SECTIONS[:-1]  # "soak" runs only when asked for (--only soak): it is long
@@ -923,20 +927,21 @@ def bench_memory(res: dict[str, Any], quick: bool) -> None:
 
     try:
         step = 4 if quick else 2
-        at(64)
-        full, full_fail = smallest("ok", 8, 64 if at(64)["ok"] else 160, step)
-        ctl, ctl_fail = smallest("control_ok", 8, full or 64, step)
+        at(BUDGET_WK)
+        full, full_fail = smallest("ok", 8, BUDGET_WK if at(BUDGET_WK)["ok"] else 160, step)
+        ctl, ctl_fail = smallest("control_ok", 8, full or BUDGET_WK, step)
         out["min_heapsize_wK"] = full
         out["highest_failing_wK"] = full_fail
         out["min_heapsize_control_only_wK"] = ctl
         out["highest_failing_control_only_wK"] = ctl_fail
-        out["status_at_64wK"] = at(64).get("status_error") or "ok"
+        out["status_at_budget"] = at(BUDGET_WK).get("status_error") or "ok"
+        out["budget_wK"] = BUDGET_WK
         if full is not None:
             out["min_heapsize_bytes_unix64"] = heap_bytes(full)
             out["min_heapsize_bytes_32bit_board"] = full * 1024
             if at(full).get("mem_free") is not None:
                 out["in_use_at_status_min_heap_bytes"] = heap_bytes(full) - at(full)["mem_free"]
-        for k in (64, 96, 128):
+        for k in (64, BUDGET_WK, 96, 128):
             if k in tried and tried[k].get("mem_free") is not None:
                 out["in_use_at_status_%dwK_bytes" % k] = heap_bytes(k) - tried[k]["mem_free"]
                 out["heap_%dwK_bytes" % k] = heap_bytes(k)
@@ -1612,13 +1617,13 @@ def table(res: dict[str, Any]) -> str:
         if mem.get("min_heapsize_wK"):
             rows.append(("4 smallest -X heapsize (run+@status)", "%dwK = %d B here (%d B on a 32-bit board)" % (
                 mem["min_heapsize_wK"], mem["min_heapsize_bytes_unix64"], mem["min_heapsize_bytes_32bit_board"]),
-                "fails at %dwK; budget 64wK (target 48wK)" % mem["highest_failing_wK"]))
+                "fails at %dwK; budget %swK (target 48wK)" % (mem["highest_failing_wK"], mem.get("budget_wK"))))
         elif "min_heapsize_wK" in mem:
             rows.append(("4 smallest -X heapsize (run+@status)", "none up to %dwK" % mem["highest_failing_wK"], ""))
         if "min_heapsize_control_only_wK" in mem:
             rows.append(("4 smallest heapsize, control only", "%swK" % mem["min_heapsize_control_only_wK"],
                          "trip+restore, no @status; fails at %swK" % mem["highest_failing_control_only_wK"]))
-        rows.append(("4 @status at 64wK", str(mem.get("status_at_64wK"))[:60], ""))
+        rows.append(("4 @status at the budget (%swK)" % mem.get("budget_wK"), str(mem.get("status_at_budget"))[:60], ""))
         if "in_use_at_status_min_heap_bytes" in mem:
             rows.append(("4 heap in use at @status (min heap)", "%d B" % mem["in_use_at_status_min_heap_bytes"],
                          "64-bit objects, gc.mem_free in the reply"))
