@@ -31,6 +31,7 @@ def status(a):
     yield "mem_free", gc.mem_free()
     yield "signal", a.auth.held != 0  # some issuer holds a shed (held: which)
     yield "held", holders(a.auth)
+    yield "time_trusted", a.time_off is not None  # a signed time received (docs/security.md)
     yield "min_off_left_ms", c.min_off_left_ms()
     yield "config_hash", getattr(a, "config_hash", None)
     yield "integrity", a.integrity  # {file: reason} of a refused state/keys file, else None

@@ -786,3 +786,38 @@ def test_event_overflow_is_counted_and_the_next_decision_starts_clean(mp):
     assert want == repr([16, [1, 2, 3], 24, 0, 0])
     res = mp.run(code, heapsize="128k")
     assert res.out.strip() == want
+
+
+# ---- shed authority (control.Authority; the state.cbor record read back by cmdcheck.load_auth)
+def test_authority_entries_release_only_their_own_and_persist():
+    from agent import cmdcheck
+    from agent.control import I_CONTACT, I_HEARTBEAT, I_MODBUS, I_SIGNED, Authority
+
+    a = Authority()
+    a.shed(I_MODBUS)
+    a.shed(I_SIGNED + 1, 500)
+    a.shed(I_CONTACT)
+    a.ids[1] = b"kid#openadr"
+    assert a.held == (1 << I_MODBUS) | (1 << I_CONTACT) and a.target() == 500.0
+    n = a.changes
+    assert a.release(1 << I_MODBUS) is True and a.changes == n + 1
+    assert a.release(1 << I_MODBUS) is False and a.changes == n + 1  # nothing left: no change
+    assert a.held == 1 << I_CONTACT and a.target() == 500.0          # others untouched
+    a.shed(I_MODBUS, 300)
+    assert a.target() == 500.0                                        # the largest target
+    assert a.release(1 << (I_SIGNED + 1), full=False) and a.target() == 300.0
+    a.shed(I_HEARTBEAT)
+    snap = a.snapshot()
+    b = Authority()
+    cmdcheck.load_auth(b, {"auth": snap})
+    assert (b.held, b.target(), b.ids[1]) == (a.held, 300.0, b"kid#openadr")
+    # a record from before the table: an unknown signer's shed and target
+    c = Authority()
+    cmdcheck.load_auth(c, {"cmd_shed": True, "shed_kw": 40})
+    assert c.held == 1 << I_SIGNED and c.kw[I_SIGNED] == 40.0 and c.ids[0] == b""
+    # an unreadable record: held (never less shed than stored)
+    d = Authority()
+    cmdcheck.load_auth(d, {"auth": "garbage"})
+    assert d.held & (1 << I_SIGNED)
+    # a restore-all
+    assert a.release(-1) and a.held == 0 and a.target() is None

@@ -284,6 +284,11 @@ def _status_table(st: dict[str, Any]):
             ("counters", f"samples {st.get('samples')}, meter errors {st.get('meter_errors')}, "
                          f"transitions {st.get('transitions')}, errors {st.get('errors')}"),
             ("uptime", f"{(st.get('uptime_ms') or 0) / 1000:.1f} s, free mem {st.get('mem_free')}")]
+    if st.get("held"):  # the shed authority's entries holding a shed (docs/control.md)
+        rows.append(("shed held by", ", ".join(st["held"])))
+    if "time_trusted" in st:
+        rows.append(("clock", "trusted (signed time)" if st["time_trusted"]
+                     else "NOT trusted: run `gridshed time-sync` (restore/disarm use the board's nonce)"))
     rows += _alarm_rows(st)
     for k, v in rows:
         t.add_row(k, str(v))
