@@ -176,10 +176,13 @@ def test_broadcast_and_peers(rig):
     """Review 6 and deliver 2: unit 0 / 255 shed but never release; a client not on the allow
     list is refused; the SCADA master keeps its reserved connection; 300 writes do not roll
     the journal."""
-    assert raw(rig.port, 0, R_SHED, 1)[7:8] == b"\x06"  # broadcast shed: acted on
+    p = write(rig.port, R_SHED, 1, unit=0)  # libmodbus: TCP unit 0 (broadcast)
+    assert p.returncode == 0, p.stdout + p.stderr        # the shed direction: acted on
     assert rig.gpio.wait(lambda: not any(rig.closed()), 20)
     for unit in (0, 255):
-        ans = raw(rig.port, unit, R_SHED, 0)
+        p = write(rig.port, R_SHED, 0, unit=unit)
+        assert p.returncode != 0 and "Illegal function" in p.stdout + p.stderr, p.stdout + p.stderr
+        ans = raw(rig.port, unit, R_RELEASE, 1)
         assert ans[7:9] == b"\x86\x01", ans           # illegal function: never the restore direction
     assert status(rig)["held"] == ["modbus"]
     assert raw(rig.port, 1, R_SHED, 0, src="127.0.0.3") == b""  # not on the allow list: closed
