@@ -186,6 +186,7 @@ class Board:
         self.outcome: str | None = None       # how the agent restart after stopped() went
         self.agent_status: dict[str, Any] | None = None  # its @status after the restart
         self.wait_for_agent = False   # set by work that put the agent on the board (deploy)
+        self.reached = False          # a raw REPL answered (a MicroPython board is there)
         self._kept = 0.0
 
     # ---- session -------------------------------------------------------------------------
@@ -240,7 +241,7 @@ class Board:
             data = self._read_until(b"raw REPL; CTRL-B to exit\r\n", time.monotonic() + 3)
             if data.endswith(b"raw REPL; CTRL-B to exit\r\n"):
                 self.t.in_raw_repl = True
-                self.raw = True
+                self.raw = self.reached = True
                 self._free_memory()
                 return
             seen = data or seen
@@ -379,6 +380,8 @@ class Board:
                     out += f"; if it is still stopped, {window}"
             except Exception as exc:
                 out = f"could not restart the agent ({exc}): protection is OFF; {window}"
+        if not self.reached and out == "agent restarted":
+            out = "agent restart sent (Ctrl-C, Ctrl-D), but no MicroPython REPL ever answered on this port"
         if hits:
             out += " (Ctrl-C held back while restarting)"
         return out
