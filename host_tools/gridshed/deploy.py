@@ -218,6 +218,7 @@ def deploy(port: str, build_dir: str | Path, board_name: str | None = None, forc
     summary["restarted"] = bool(b.outcome and b.outcome.startswith("agent restarted"))
     summary["restart"] = b.outcome
     summary["agent_status"] = b.agent_status
+    summary["warnings"] = list(b.warnings)
     summary["seconds"] = round(time.monotonic() - t0, 2)
     return summary
 

@@ -107,7 +107,7 @@ def provision(port: str, site_path: str | Path, device_id: str | None = None, bo
     result: dict[str, Any] = {"device_id": dev, "board": cfg["board"], "site": cfg.get("site"),
                               "key_id": kid.hex(), "firmware_build": firmware_build,
                               "config_hash": rec["config_hash"], "inventory": str(inv.path),
-                              "restart": b.outcome, "warnings": cfg.get("warnings", [])}
+                              "restart": b.outcome, "warnings": cfg.get("warnings", []) + b.warnings}
     if not build:
         result["warnings"].append("no gridshed build on the board (/build.json missing): run `gridshed deploy`")
     st = b.agent_status

@@ -187,6 +187,10 @@ class Board:
         self.agent_status: dict[str, Any] | None = None  # its @status after the restart
         self.wait_for_agent = False   # set by work that put the agent on the board (deploy)
         self.reached = False          # a raw REPL answered (a MicroPython board is there)
+        # what went wrong without failing the operation (callers put these in their result's
+        # "warnings"; a library never prints); free_memory_failures counts the cleanup's failures
+        self.warnings: list[str] = []
+        self.free_memory_failures = 0
         self._kept = 0.0
 
     # ---- session -------------------------------------------------------------------------
@@ -252,10 +256,15 @@ class Board:
                          "is this a MicroPython board, and is no other program using the port?")
 
     def _free_memory(self) -> None:
-        """Release the stopped agent's RAM for our helpers; learn the maintenance window."""
+        """Release the stopped agent's RAM for our helpers; learn the maintenance window.
+
+        Never fails the host operation: what went wrong is counted (free_memory_failures) and
+        said in self.warnings (the helpers then run in whatever heap the stopped agent left, and
+        no maintenance window is known, so a restart is not waited for)."""
         try:
-            out, _ = self._exec_raw(_FREE_CODE, timeout=10)
-        except Exception:
+            out, err = self._exec_raw(_FREE_CODE, timeout=10)
+        except Exception as exc:
+            self._free_memory_failed(f"{type(exc).__name__}: {exc}")
             return
         for line in out.decode(errors="replace").splitlines():
             parts = line.split()
@@ -263,6 +272,14 @@ class Board:
                 self.maint_left = int(parts[1]) if parts[1].isdigit() else None
                 self.mem_free = int(parts[2]) if parts[2].isdigit() else None
                 self._kept = time.monotonic()
+                return
+        said = (err or out).decode(errors="replace").strip().splitlines()
+        self._free_memory_failed(said[-1] if said else "no answer")
+
+    def _free_memory_failed(self, why: str) -> None:
+        self.free_memory_failures += 1
+        self.warnings.append(f"{self.port}: could not release the stopped agent's memory ({why}); "
+                             "continuing in the heap it left, maintenance window unknown")
 
     def exit_raw(self) -> None:
         self.t.serial.write(b"\r\x02")

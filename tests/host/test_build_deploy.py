@@ -186,6 +186,45 @@ def test_cli_build_and_deploy_json(tmp_path, board, capsys):
                         r"agent restarted" % (m["build_id"], re.escape(board.port), len(m["files"]), total), line), line
 
 
+BROKEN_KEEP = """\
+import builtins
+def _keep():
+    raise OSError(5)
+builtins._gs_keep = _keep
+print("broken keep")
+while True:
+    pass
+"""
+
+
+def test_a_failed_memory_release_is_reported_not_fatal(tmp_path, board, capsys):
+    """The board-side cleanup when the host stops the agent (Board._free_memory) fails: here the
+    board's maintenance hook raises. The deploy still goes through, and says what went wrong."""
+    (board.fs_dir / "main.py").write_text(BROKEN_KEEP)
+    with Board(board.port) as b:
+        b.restart_agent()
+    assert board.wait_output("broken keep", 30)
+    src = make_src(tmp_path / "src", 4)
+    out = tmp_path / "b4"
+    buildmod.build("unix-sim", src=src, out=out)
+    assert cli.main(["deploy", "--port", board.port, "--build", str(out), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert "main.py" in s["written"] and board.wait_output("booted 4", 30)
+    assert len(s["warnings"]) == 1 and "could not release the stopped agent's memory (OSError: [Errno 5] EIO)" in s["warnings"][0]
+    # the next session's cleanup works again (the hook is gone with the old main.py): no warning
+    with Board(board.port) as b:
+        b.enter_raw()
+        assert b.free_memory_failures == 0 and b.warnings == [] and b.mem_free
+        b.exit_raw()
+    # a failure on the host side of the exchange counts and warns the same way
+    with Board(board.port) as b:
+        b._exec_raw = lambda code, timeout: (_ for _ in ()).throw(OSError("link dropped"))
+        b.enter_raw()
+        assert b.raw and b.free_memory_failures == 1 and "OSError: link dropped" in b.warnings[0]
+        b.exit_raw()
+        b.restart_agent()
+
+
 def test_real_firmware_deploys_to_virtual_board(tmp_path):
     b = buildmod.build("unix-sim", out=tmp_path / "fw")
     with VirtualBoard(tmp_path / "fs", heapsize="1m") as vb:

@@ -211,6 +211,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
           + (("; ROMFS image %d bytes %s" % (s["romfs"]["image_size"],
                                               "written" if s["romfs"]["written"] else "unchanged")) if romfs else "")
           + "; " + s["restart"])
+    for w in s.get("warnings", []):
+        warn(w)
     return 0
 
 
