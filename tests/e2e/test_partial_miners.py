@@ -193,6 +193,12 @@ class Rig:
     async def status(self) -> dict[str, Any]:
         return await self.request("status")
 
+    async def agent_ms(self, ms: int) -> dict[str, Any]:
+        """The positive marker before asserting an absence: the agent's own clock (@status
+        uptime_ms) passed `ms` from now, whatever the host's pace."""
+        u0 = (await self.status())["uptime_ms"]
+        return await self.until(lambda s: s["uptime_ms"] >= u0 + ms, 60, f"the agent's clock to pass {ms} ms")
+
     async def until(self, pred, timeout: float, what: str) -> dict[str, Any]:
         end = time.monotonic() + timeout
         while True:
@@ -261,7 +267,7 @@ def test_kw_shed_sleeps_miners_falls_back_and_restores_staggered(tmp_path):
                        and [t for t, closed in rig.block_pin_events(1) if closed and t > t_restore]):
                 assert time.monotonic() < deadline, "wakes / row-b close not seen by the host"
                 await asyncio.sleep(0.05)
-            await asyncio.sleep(0.3)
+            await rig.agent_ms(300)  # then nothing more may come (a second close, a second wake)
             wakes = sorted(min(t for t, c, p in m.commands("ascenable")) for m in miners[:4])
             assert len(wakes) == 4 and wakes[0] > t_restore
             gaps = [b - a for a, b in zip(wakes, wakes[1:])]
@@ -292,8 +298,9 @@ def test_error_reply_falls_back_at_once_and_full_shed_is_hard(tmp_path):
             assert (await rig.command("shed", kw=5))["ok"]
             st = await rig.until(lambda s: (s.get("curtail") or {}).get("met"), 30, "target confirmed")
             opens_a = [t for t, closed in rig.block_pin_events(0) if not closed]
-            # an error answer does not wait for the 10 s timeout
-            assert len(opens_a) == 1 and opens_a[0] - t_cmd < 7.0
+            # an error answer does not wait for the 10 s timeout: row-a is open and the agent's
+            # own counters say it fell back on the error, with no miner timed out
+            assert len(opens_a) == 1 and opens_a[0] >= t_cmd
             assert st["miners"]["errors"] >= 1 and st["miners"]["timeouts"] == 0
             assert st["mask"] == 0b1110
             # a full shed (no kW) is a guaranteed trip: every relay opens, no miner is asked
@@ -309,7 +316,7 @@ def test_error_reply_falls_back_at_once_and_full_shed_is_hard(tmp_path):
             while not all(any(not closed and t > t_full for t, closed in rig.block_pin_events(i)) for i in range(4)):
                 assert time.monotonic() < deadline, "relay openings not seen by the host"
                 await asyncio.sleep(0.05)
-            await asyncio.sleep(0.3)
+            await rig.agent_ms(300)  # then no relay may open a second time
             for i in range(4):
                 opens = [t for t, closed in rig.block_pin_events(i) if not closed and t > t_full]
                 assert len(opens) == 1, i
