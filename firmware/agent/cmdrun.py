@@ -42,7 +42,7 @@ def run(a, c, src):
     cmd = c["cmd"]
     kid = c["kid"]
     iss = c.get("iss")
-    iid = kid if iss is None else kid + b"#" + iss.encode()  # this signer's issuer entry
+    iid = bytes((len(kid),)) + kid + (iss.encode() if iss else b"")  # this signer's issuer entry: len, kid, label
     if c.get("all"):
         ra = (a.cfg.get("authority") or {}).get("restore_all", ["*"])
         if cmd != "restore" or iss is not None or not ("*" in ra or _hex(kid) in ra):

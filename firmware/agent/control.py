@@ -592,7 +592,7 @@ class Authority:
     def __init__(self):
         self.held = 0               # bit i: issuer i holds a full shed
         self.kw = [0.0] * NISSUERS  # issuer i's partial target in kW (0: none)
-        self.ids = [None] * NSIGNED  # signed slot -> issuer id (kid bytes [+ b"#" + iss])
+        self.ids = [None] * NSIGNED  # signed slot -> issuer id (kid length byte, kid, then the iss label)
         self.changes = 0  # bumped by every change (the agent persists when it moved)
 
     def active(self, i):

@@ -127,8 +127,11 @@ def holders(au):
             if i < I_SIGNED:
                 out.append(("modbus", "dry_contact", "heartbeat", "schedule")[i])
             else:
-                v = au.ids[i - I_SIGNED] or b""
-                j = v.find(b"#")
-                k = v if j < 0 else v[:j]
-                out.append("signed:" + ("".join("%02x" % b for b in k) or "?") + ("" if j < 0 else "#" + v[j + 1:].decode()))
+                v = au.ids[i - I_SIGNED] or b"\0"
+                n = v[0] + 1  # kid bytes (any value) then the label (checked UTF-8 without "#")
+                try:
+                    iss = v[n:].decode()
+                except UnicodeError:
+                    iss = "?"
+                out.append("signed:" + ("".join("%02x" % b for b in v[1:n]) or "?") + ("#" + iss if iss else ""))
     return out
