@@ -40,7 +40,7 @@ test: setup
 	$(BIN)/pytest tests
 
 bench: setup
-	$(BIN)/python -m gridshed.bench
+	$(BIN)/python bench/run.py
 
 firmware: setup
 	$(BIN)/gridshed build --board unix-sim

@@ -222,7 +222,7 @@ def test_rtu_master_fuzzed_line_micropython(mp, mpy_dir):
     assert res["ok"] + res["err"] == n and res["ok"] > 50 and res["err"] > 50
     # never a hang: every one of the n transactions ended (answered or an error), the loop
     # above counted them all; how long the slowest took is a figure of make bench
-    # (host_tools/gridshed/bench.py, "fuzzed RTU line"), not a test's bound
+    # (bench/run.py, "fuzzed RTU line"), not a test's bound
     print("fuzzed RTU line: %d transactions, slowest %d ms" % (n, res["max_ms"]))
     c = res["counters"]
     assert c["crc_errors"] > 0 and c["timeouts"] > 0 and c["exceptions"] > 0 and c["junk"] > 0

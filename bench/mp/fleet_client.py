@@ -1,0 +1,33 @@
+"""A lightweight fleet board for the fleet bench (bench/README.md, --fleet-mode client): agent.mqtt and
+agent.commands, verifying and acting on signed commands. Run by bench/run.py:
+  micropython fleet_client.py '{"dev": ..., "site": ..., "host": ..., "port": ..., "kid": hex, "key": hex}'"""
+import sys, json, asyncio, binascii
+from agent.mqtt import MqttClient
+from agent.commands import CommandVerifier, MemorySeqStore, CommandRefused
+cfg = json.loads(sys.argv[1])
+dev = cfg["dev"]; site = cfg["site"]
+base = "gridshed/%s/%s/" % (site, dev)
+v = CommandVerifier({binascii.unhexlify(cfg["kid"]): binascii.unhexlify(cfg["key"])}, dev, site,
+                    MemorySeqStore())
+pending = []
+def on_message(topic, payload):
+    pending.append(bytes(payload))
+def on_connect(cl):
+    cl.publish(base + "state", '{"dev":"%s","online":true,"seq":null}' % dev, True, 1)
+c = MqttClient(cfg["host"], cfg["port"], dev, keepalive=30,
+               will=(base + "state", '{"dev":"%s","online":false}' % dev, True),
+               on_message=on_message, on_connect=on_connect,
+               topics=("gridshed/%s/cmd" % site,), max_packet=1024)
+async def main():
+    asyncio.create_task(c.run())
+    while True:
+        while pending:
+            buf = pending.pop(0)
+            try:
+                cmd = v.verify(buf, None)
+                c.publish(base + "state", '{"dev":"%s","online":true,"seq":%d,"cmd":"%s"}' % (
+                    dev, cmd["seq"], cmd["cmd"]), True, 1)
+            except CommandRefused as e:
+                c.publish(base + "state", '{"dev":"%s","refused":"%s"}' % (dev, e.reason), True, 1)
+        await asyncio.sleep_ms(10)
+asyncio.run(main())
