@@ -36,8 +36,10 @@ apt:
 demo: setup
 	$(BIN)/gridshed sim scenarios/ercot_ffr_dip.csv --site scenarios/demo-site.toml
 
+# two workers on a 2-core machine (most e2e time is the simulated site's real time); a module's
+# tests stay on one worker (module fixtures such as the 20-board fleet)
 test: setup
-	$(BIN)/pytest tests
+	$(BIN)/pytest tests -n 2 --dist loadfile
 
 bench: setup
 	$(BIN)/python bench/run.py

@@ -34,7 +34,8 @@ def test_first_sample_trip_and_conditions_while_shed(tmp_path):
     s = json.loads(r.stdout)
     uf = [t for t in s["trips"] if t["cause"] == "under-frequency"]
     assert len(uf) == 1 and uf[0]["at_start"] and uf[0]["relay_open_s"] is not None
-    assert uf[0]["relay_open_s"] < 0.5  # opened on the first sample, before or at the scenario start
+    # opened by the first below-pickup run (0..1.5 s of the scenario), not by the later dip at 2.0 s
+    assert uf[0]["relay_open_s"] < 1.5
     assert set(s["opens_per_block"].values()) == {1}
     causes = sorted(a["cause"] for a in s["already_shed"])
     assert causes == ["meter invalid", "under-frequency"], s["already_shed"]  # 0 Hz then NaN: one run
