@@ -30,14 +30,18 @@ class Window:
         self.end = time.ticks_add(time.ticks_ms(), self.window_ms)
         self.over = False
 
-    def keep(self, s=None):
+    def keep(self, s=None, lease=False):
         # The window ends no sooner than s seconds from now (default: one window); keep(0) ends
-        # it now. Returns the seconds left (0: the board is about to reset).
+        # it now. lease=True (host tools): it ends exactly s seconds from now, at most one window,
+        # so a host that disappears mid-write leaves protection off for one short lease, not a
+        # technician's whole window. Returns the seconds left (0: the board is about to reset).
         now = time.ticks_ms()
         ms = self.window_ms if s is None else int(min(max(s, 0), MAX_S) * 1000)
+        if lease:
+            ms = min(ms, self.window_ms)
         if not ms:
             self.end = now
-        elif time.ticks_diff(time.ticks_add(now, ms), self.end) > 0:
+        elif lease or time.ticks_diff(time.ticks_add(now, ms), self.end) > 0:
             self.end = time.ticks_add(now, ms)
         return 0 if self.over else (max(0, time.ticks_diff(self.end, now)) + 999) // 1000
 

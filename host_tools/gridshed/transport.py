@@ -17,8 +17,9 @@ its config logs a line every 10 s) never keeps a host tool waiting byte by byte.
 
 While the agent is stopped, protection is off for a bounded window only (firmware agent/maint.py,
 docs/failsafes.md): the board resets itself into the agent when the window ends. Host work
-extends it as it goes (``_gs_keep()`` with a raw-REPL exec at most every KEEP_EVERY seconds), so a
-host that disappears mid-operation leaves protection off for at most one window.
+holds it on a short lease as it goes (``_gs_keep(LEASE_S, 1)`` with a raw-REPL exec at most every
+KEEP_EVERY seconds), so a host that disappears mid-operation leaves protection off for at most
+LEASE_S seconds (never more than the site's window), plus the watchdog's timeout.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from typing import Any, Callable, Iterable, Iterator
 from .errors import UserError
 
 KEEP_EVERY = 5.0       # s between the host's _gs_keep() calls while it works in the raw REPL
+LEASE_S = 30           # what each call leaves: a host gone mid-write leaves protection off this long
 # a boot's console lines (a board reset while the host waited for an exec's output): never in the
 # output of the host's own code (hashes, base64, short words)
 REBOOT_MARKS = (b"soft reboot\r\n", b"agent up: ", b" config: ")
@@ -101,7 +103,7 @@ for _k in list(globals()):
 _c=None
 gc.collect()
 try:
- _k=_gs_keep()
+ _k=_gs_keep(LEASE_S,1)
 except NameError:
  _k='-'
 print('gs-maint',_k,gc.mem_free())
@@ -262,7 +264,7 @@ class Board:
         said in self.warnings (the helpers then run in whatever heap the stopped agent left, and
         no maintenance window is known, so a restart is not waited for)."""
         try:
-            out, err = self._exec_raw(_FREE_CODE, timeout=10)
+            out, err = self._exec_raw(_FREE_CODE.replace("LEASE_S", str(LEASE_S)), timeout=10)
         except Exception as exc:
             self._free_memory_failed(f"{type(exc).__name__}: {exc}")
             return
@@ -493,7 +495,7 @@ class Board:
         if not self.raw:
             self.enter_raw()
         if self.maint_left is not None and time.monotonic() - self._kept >= KEEP_EVERY:
-            code = "_gs_keep()\n" + code  # still working: the board's maintenance window goes on
+            code = "_gs_keep(%d,1)\n" % LEASE_S + code  # still working: the board's maintenance window goes on
             self._kept = time.monotonic()
         try:
             out, err = self._exec_raw(code, timeout=timeout)

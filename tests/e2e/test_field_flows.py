@@ -592,7 +592,11 @@ def test_console_stop_is_seen_on_mqtt_at_once(tmp_path, agent_build):  # noqa: F
             with b.stopped():
                 # within 20 s: long before the broker's own keepalive timeout would say it (90 s)
                 assert watch.wait(lambda: watch.last[topic].get("online") is False, 20), watch.last[topic]
-                assert b.maint_left is not None and b.maint_left > 50
+                # this site keeps the default 300 s window; a host tool holds only a short lease
+                # (a host gone now would leave protection off LEASE_S, not 300 s)
+                from gridshed.transport import LEASE_S
+
+                assert b.maint_left == LEASE_S < 300
         assert b.outcome == "agent restarted: it answers @status (state normal)", b.outcome
         assert watch.wait(lambda: watch.last[topic].get("online") is True, 60), watch.last[topic]
         check_board(rig.board, restarts=1)

@@ -188,7 +188,7 @@ def test_cli_build_and_deploy_json(tmp_path, board, capsys):
 
 BROKEN_KEEP = """\
 import builtins
-def _keep():
+def _keep(*a):
     raise OSError(5)
 builtins._gs_keep = _keep
 print("broken keep")
