@@ -49,10 +49,16 @@ def test_boot_state_open_keeps_load_off_until_a_healthy_grid(tmp_path):
             closes = sorted(t for t, boot, i, closed in rig.block_log if closed)
             assert len(closes) == len(cfg["blocks"])
             assert all(b - a >= 0.3 - 0.02 for a, b in zip(closes, closes[1:]))  # staggered, never sooner
+
+            def ctl_events():
+                return [r.get("ev") for r in rig.journal()[0] if r["k"] == "ctl"]
+
+            # the last block closing comes before its restore_done record: wait for the record
+            await rig.until(lambda: "restore_done" in ctl_events(), 30, "restore_done journaled")
             recs, _ = rig.journal()
             boot = next(r for r in recs if r["k"] == "boot")
             assert boot["mask"] == 0
-            evs = [r.get("ev") for r in recs if r["k"] == "ctl"]
+            evs = ctl_events()
             assert "restore_done" in evs and not any(e and e.startswith("trip") for e in evs), evs
 
     asyncio.run(main())
