@@ -284,14 +284,9 @@ class Agent:
         # Issuer i (control.I_*) sheds (everything, or to kw) or releases its own entry (its
         # full shed and/or its kW target). Nothing here releases another issuer's entry or
         # sets the release that trip.release_required waits for. Returns True on a change.
-        a = self.auth
-        n = a.changes
-        if shed:
-            a.shed(i, kw)
-        else:
-            a.release(1 << i, full, kw is not None)
+        changed = self.auth.apply(i, shed, kw, full)
         self.auth_sync()
-        return a.changes != n
+        return changed
 
     def auth_sync(self):
         self.cmd_shed = self.auth.held & control.SIGNED_MASK != 0

@@ -608,6 +608,16 @@ class Authority:
             self.kw[i] = float(kw)
             self.changes += 1
 
+    def apply(self, i, shed, kw=None, full=True):
+        # issuer i sheds (everything, or to kw) or releases its own entry only (its full shed
+        # and/or, when kw is given, its kW target); True when the table changed
+        n = self.changes
+        if shed:
+            self.shed(i, kw)
+        else:
+            self.release(1 << i, full, kw is not None)
+        return self.changes != n
+
     def release(self, mask, full=True, kw=True):
         # release the entries (full shed and/or kW target) of the issuers in mask; True when
         # one of them was active

@@ -67,16 +67,11 @@ class A:
         return self.auth.held != 0
     def shed_requested(self):
         return self.auth.held != 0
-    # the Agent's own entry points (agent/app.py), copied: this stand-in loads no asyncio agent
+    # the Agent's entry point (agent/app.py): the same Authority.apply, then this stand-in's sync
     def issue(self, i, shed, kw=None, full=True):
-        a = self.auth
-        n = a.changes
-        if shed:
-            a.shed(i, kw)
-        else:
-            a.release(1 << i, full, kw is not None)
+        changed = self.auth.apply(i, shed, kw, full)
         self.auth_sync()
-        return a.changes != n
+        return changed
     def auth_sync(self):
         self.shed_kw = self.auth.target()
     def decide(self, now, sample):
