@@ -82,6 +82,13 @@ OPTIONAL = {
         "port": (1883, "i", 1, 65535),
         "keepalive_s": (30, "i", 5, 3600),
         "telemetry_s": (10.0, "f", 0.5, 3600.0),
+        # secure fleet channel (docs/mqtt.md "Securing the broker"): TLS checked against the CA
+        # provisioned in /broker.cbor and server_name (default: host); the board's login
+        "tls": (False, "b", None, None),
+        "ca": ("", "s", None, None),            # host side: PEM file of the CA (default: the site CA)
+        "server_name": ("", "s", None, None),
+        "auth": ("none", ("none", "password", "cert"), None, None),
+        "username": ("", "s", None, None),      # host side: the operator's broker login
     },
     "ac_sense": {
         "enabled": (True, "b", None, None),
@@ -280,6 +287,9 @@ def validate(cfg):
         for v in list(ms.get("allow") or ()) + [ms.get("master") or "0.0.0.0", ms.get("bind") or "0.0.0.0"]:
             if not _ipv4(v):
                 errors.append("modbus_server: %r is not an IPv4 address (bind, allow, master)" % (v,))
+    mq = cfg.get("mqtt")
+    if isinstance(mq, dict) and mq.get("auth") == "cert" and not mq.get("tls"):
+        errors.append("mqtt.auth: \"cert\" (a client certificate) needs mqtt.tls = true")
     sig = cfg.get("signals")
     if isinstance(sig, dict) and sig.get("dry_contact") is True and sig.get("dry_contact_pin") is None:
         errors.append("signals.dry_contact: the board has no dry-contact input pin")

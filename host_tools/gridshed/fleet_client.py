@@ -70,6 +70,7 @@ class Target:
     site: str | None
     kid: bytes
     key: bytes = field(repr=False)
+    broker: "BrokerOpts | None" = None  # how to reach the site's broker (TLS, login)
 
 
 @dataclass
@@ -99,9 +100,13 @@ def targets(inventory: str | os.PathLike | None, device: str | None, site: str |
                 raise UserError(f"no device of site {site!r} in the inventory {inv.path} "
                                 "(see `gridshed inventory list`)")
         out = []
+        opts: dict[Any, BrokerOpts] = {}
         for r in rows:
             kid, key = inv.key_for(r["device_id"])
-            out.append(Target(r["device_id"], r.get("site"), kid, key))
+            st = r.get("site")
+            if st not in opts:
+                opts[st] = _site_opts(inv.site(st) if st else None)
+            out.append(Target(r["device_id"], st, kid, key, opts[st]))
         return out
 
 
@@ -198,10 +203,13 @@ def nonce_udp(host: str, port: int, timeout: float = 3.0) -> bytes:
         raise UserError(f"udp {host}:{port}: no nonce from the board ({rep.get('error') or rep})") from None
 
 
-def nonces_mqtt(broker: str, tgts: list[Target], timeout: float = 10.0, strict: bool = True) -> dict[str, bytes]:
+def nonces_mqtt(broker: str, tgts: list[Target], timeout: float = 10.0, strict: bool = True,
+                opts: BrokerOpts | None = None) -> dict[str, bytes]:
     """{device: nonce} from each board's authenticated retained state (strict: all, or UserError)."""
     host, port = parse_hostport(broker, 1883)
-    w = _StateWatch(host, port, [state_topic(t) for t in tgts], {state_topic(t): (t.kid, t.key) for t in tgts})
+    opts = opts or (tgts[0].broker if tgts else None)
+    w = _StateWatch(host, port, [state_topic(t) for t in tgts], {state_topic(t): (t.kid, t.key) for t in tgts},
+                    opts)
     try:
         with w.cv:
             w.cv.wait_for(lambda: all(w.state.get(state_topic(t), {}).get("nonce") for t in tgts), timeout)
@@ -220,12 +228,13 @@ def nonces_mqtt(broker: str, tgts: list[Target], timeout: float = 10.0, strict: 
 
 
 def nonces(via: str, tgts: list[Target], port: str | None = None, host: str | None = None,
-           udp_port: int = UDP_PORT, broker: str | None = None, timeout: float = 10.0) -> dict[str, bytes]:
+           udp_port: int = UDP_PORT, broker: str | None = None, timeout: float = 10.0,
+           opts: BrokerOpts | None = None) -> dict[str, bytes]:
     if via == "serial":
         return {tgts[0].device: nonce_serial(port, timeout)}
     if via == "udp":
         return {tgts[0].device: nonce_udp(host, udp_port, timeout)}
-    return nonces_mqtt(broker, tgts, timeout)
+    return nonces_mqtt(broker, tgts, timeout, opts=opts)
 
 
 # ---- transports ---------------------------------------------------------------------------
@@ -268,11 +277,147 @@ def send_udp(host: str, port: int, msg: bytes, timeout: float = 3.0, retries: in
     return {"ok": False, "error": f"no reply from {host}:{port} within {timeout:g} s"}
 
 
+@dataclass
+class BrokerOpts:
+    """How the host reaches a site's broker (the inventory's record of the site's [mqtt] section,
+    written by `gridshed provision` / `gridshed broker-config`): TLS with the CA it trusts and
+    the host name it checks, and the host's own login (password or client certificate)."""
+    tls: bool = False
+    ca_pem: str | None = None
+    server_name: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    cert_pem: str | None = None
+    key_pem: str | None = field(default=None, repr=False)
+
+
+def broker_opts(inventory: str | os.PathLike | None, site: str | None) -> BrokerOpts:
+    """The site's broker options from the inventory (plain, no login, for a site never set up)."""
+    from .inventory import Inventory
+
+    if not site:
+        return BrokerOpts()
+    with Inventory(inventory) as inv:
+        return _site_opts(inv.site(site))
+
+
+def _site_opts(s: dict[str, Any] | None) -> BrokerOpts:
+    if not s:
+        return BrokerOpts()
+    return BrokerOpts(bool(s["tls"]), s["trust_ca"] or s["ca_cert"], s["server_name"] or None,
+                      s["host_user"] or None, s["host_password"] or None, s["host_cert"], s["host_key"])
+
+
+def tls_reason(exc: BaseException) -> str:
+    """One of expired certificate / unknown CA / hostname mismatch / ... for a TLS failure."""
+    text = str(exc).lower()
+    if "expired" in text or "validity" in text:
+        return "expired certificate"
+    if "hostname" in text or "ip address mismatch" in text or "common name" in text:
+        return "hostname mismatch"
+    if "unknown ca" in text or "unable to get local issuer" in text or "self-signed" in text \
+            or "self signed" in text or "not correctly signed" in text:
+        return "unknown CA"
+    return "TLS error"
+
+
+def _named_context_class():  # type: ignore[no-untyped-def]
+    import ssl
+
+    class Ctx(ssl.SSLContext):
+        """Checks the broker's certificate against server_name when it differs from the address."""
+        gs_name: str | None = None
+
+        def wrap_socket(self, sock, *a, server_hostname=None, **k):  # type: ignore[no-untyped-def,override]
+            return super().wrap_socket(sock, *a, server_hostname=self.gs_name or server_hostname, **k)
+
+    return Ctx
+
+
+def paho_client(client_id: str, opts: BrokerOpts | None, host: str):  # type: ignore[no-untyped-def]
+    """A paho client set up for the site's broker options (TLS, login)."""
+    import ssl
+    import tempfile
+
+    import paho.mqtt.client as paho
+
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
+    if opts is None:
+        return c
+    if opts.tls:
+        if not opts.ca_pem:
+            raise UserError("the site's broker uses TLS but no CA is recorded: run `gridshed broker-config` "
+                            "or set [mqtt] ca in site.toml and provision")
+        ctx = _named_context_class()(ssl.PROTOCOL_TLS_CLIENT)  # verify_mode CERT_REQUIRED, check_hostname
+        ctx.gs_name = opts.server_name if opts.server_name and opts.server_name != host else None
+        try:
+            ctx.load_verify_locations(cadata=opts.ca_pem)
+            if opts.cert_pem and opts.key_pem:
+                with tempfile.TemporaryDirectory() as d:  # ssl loads a chain only from files
+                    cp, kp = Path(d) / "c.pem", Path(d) / "k.pem"
+                    cp.write_text(opts.cert_pem)
+                    kp.touch(0o600)
+                    kp.write_text(opts.key_pem)
+                    ctx.load_cert_chain(str(cp), str(kp))
+        except (ssl.SSLError, ValueError) as exc:
+            raise UserError(f"the site's broker CA / client certificate in the inventory is unusable: {exc}") from None
+        c.tls_set_context(ctx)
+    if opts.username:
+        c.username_pw_set(opts.username, opts.password)
+    return c
+
+
+def connect_error(host: str, port: int, exc: BaseException) -> UserError:
+    import ssl
+
+    if isinstance(exc, ssl.SSLError):
+        return UserError(f"MQTT broker {host}:{port}: TLS refused: {tls_reason(exc)} "
+                         f"({getattr(exc, 'verify_message', None) or exc})")
+    return UserError(f"MQTT broker {host}:{port}: {exc}")
+
+
+CONNACK_WHY = {1: "protocol refused", 2: "client id refused", 3: "server unavailable",
+               4: "login refused (bad user name or password)", 5: "login refused (not authorized)"}
+
+
+def connect_paho(c, host: str, port: int, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    """connect + loop_start, then wait for the CONNACK: UserError naming a refusal (TLS: expired
+    certificate, unknown CA, hostname mismatch; login: CONNACK 4/5)."""
+    got = threading.Event()
+    res: list[Any] = []
+    prev = c.on_connect
+
+    def on_connect(client: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        res.append(rc)
+        got.set()
+        if prev is not None:
+            prev(client, userdata, flags, rc, props)
+
+    c.on_connect = on_connect
+    try:
+        c.connect(host, port, keepalive=30)
+    except OSError as exc:
+        raise connect_error(host, port, exc) from None
+    c.loop_start()
+    if not got.wait(timeout):
+        c.loop_stop()
+        raise UserError(f"MQTT broker {host}:{port}: no CONNACK within {timeout:g} s")
+    rc = res[0]
+    if getattr(rc, "is_failure", False) or (isinstance(rc, int) and rc):
+        c.loop_stop()
+        val = getattr(rc, "value", rc)
+        why = CONNACK_WHY.get(val, f"refused ({rc})")
+        if val in (0x86, 0x87, 134, 135):  # paho maps 3.1.1 rc 4/5 onto MQTT 5 reason codes
+            why = CONNACK_WHY[4 if val in (0x86, 134) else 5]
+        raise UserError(f"MQTT broker {host}:{port}: {why}")
+
+
 class _StateWatch:
     """paho-mqtt subscriber to the targets' state topics; keeps only states whose MAC verifies
     with the device's key (``forged`` counts the others)."""
 
-    def __init__(self, host: str, port: int, topics: list[str], keys: dict[str, tuple[bytes, bytes]]) -> None:
+    def __init__(self, host: str, port: int, topics: list[str], keys: dict[str, tuple[bytes, bytes]],
+                 opts: BrokerOpts | None = None) -> None:
         import paho.mqtt.client as paho
 
         self.paho = paho
@@ -281,17 +426,11 @@ class _StateWatch:
         self.cv = threading.Condition()
         self.state: dict[str, dict[str, Any]] = {}
         self.seen: set[str] = set()
-        self.c = paho.Client(paho.CallbackAPIVersion.VERSION2,
-                             client_id="gridshed-cli-%d-%d" % (os.getpid(), int(time.time() * 1000) % 100000),
-                             protocol=paho.MQTTv311)
+        self.c = paho_client("gridshed-cli-%d-%d" % (os.getpid(), int(time.time() * 1000) % 100000), opts, host)
         self.c.on_message = self._on
         subscribed = threading.Event()
         self.c.on_subscribe = lambda *a: subscribed.set()
-        try:
-            self.c.connect(host, port, keepalive=30)
-        except OSError as exc:
-            raise UserError(f"MQTT broker {host}:{port}: {exc}") from None
-        self.c.loop_start()
+        connect_paho(self.c, host, port)
         rc, _ = self.c.subscribe([(t, 1) for t in topics])
         if rc != 0 or not subscribed.wait(5):
             self.close()
@@ -324,7 +463,8 @@ def state_topic(t: Target) -> str:
     return f"gridshed/{t.site}/{t.device}/state"
 
 
-def send_mqtt(broker: str, signed: list[Signed], timeout: float = 10.0, settle: float = 1.5) -> list[dict[str, Any]]:
+def send_mqtt(broker: str, signed: list[Signed], timeout: float = 10.0, settle: float = 1.5,
+              opts: BrokerOpts | None = None) -> list[dict[str, Any]]:
     """Publish each command on its device's cmd topic (QoS 1) and wait for each board's
     retained state to carry the seq (accepted) or a new refusal."""
     host, port = parse_hostport(broker, 1883)
@@ -332,7 +472,9 @@ def send_mqtt(broker: str, signed: list[Signed], timeout: float = 10.0, settle: 
         if not s.target.site:
             raise UserError(f"device {s.target.device!r} has no site in the inventory: cannot address it over MQTT")
     topics = [state_topic(s.target) for s in signed]
-    w = _StateWatch(host, port, topics, {state_topic(s.target): (s.target.kid, s.target.key) for s in signed})
+    opts = opts or (signed[0].target.broker if signed else None)
+    w = _StateWatch(host, port, topics, {state_topic(s.target): (s.target.kid, s.target.key) for s in signed},
+                    opts)
     try:
         # the retained states first (a board that is offline says so in its last will)
         deadline = time.monotonic() + settle

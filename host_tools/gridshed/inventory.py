@@ -37,6 +37,35 @@ CREATE TABLE IF NOT EXISTS devices (
     provisioned_at TEXT NOT NULL,
     last_seen      TEXT
 );
+CREATE TABLE IF NOT EXISTS broker_creds (
+    device_id  TEXT PRIMARY KEY,
+    kind       TEXT NOT NULL,
+    username   TEXT NOT NULL,
+    password   TEXT,
+    cert       TEXT,
+    key        TEXT,
+    issued_at  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sites (
+    site          TEXT PRIMARY KEY,
+    tls           INTEGER NOT NULL DEFAULT 0,
+    auth          TEXT NOT NULL DEFAULT 'none',
+    trust_ca      TEXT,
+    server_name   TEXT,
+    host_user     TEXT,
+    host_password TEXT,
+    host_cert     TEXT,
+    host_key      TEXT,
+    ca_cert       TEXT,
+    ca_key        TEXT,
+    updated_at    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pending_keys (
+    device_id TEXT PRIMARY KEY,
+    key_id    TEXT NOT NULL,
+    key       TEXT NOT NULL,
+    at        TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS history (
     id        INTEGER PRIMARY KEY AUTOINCREMENT,
     device_id TEXT NOT NULL,
@@ -133,6 +162,56 @@ class Inventory:
                 self.db.execute("INSERT INTO history (device_id, at, action) VALUES (?,?,?)",
                                 (device_id, now_iso(), "remove"))
         return cur.rowcount > 0
+
+    # ---- broker credentials, site broker settings, key rotation (docs/mqtt.md) -----------
+    def set_broker_creds(self, device_id: str, kind: str, username: str, password: str | None = None,
+                         cert: str | None = None, key: str | None = None) -> None:
+        at = now_iso()
+        with self.db:
+            self.db.execute(
+                "INSERT OR REPLACE INTO broker_creds (device_id, kind, username, password, cert, key, issued_at)"
+                " VALUES (?,?,?,?,?,?,?)", (device_id, kind, username, password, cert, key, at))
+            self.db.execute("INSERT INTO history (device_id, at, action) VALUES (?,?,?)",
+                            (device_id, at, "broker-creds:" + kind))
+
+    def broker_creds(self, device_id: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT * FROM broker_creds WHERE device_id=?", (device_id,)).fetchone()
+        return dict(row) if row else None
+
+    def site(self, site: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT * FROM sites WHERE site=?", (site,)).fetchone()
+        return dict(row) if row else None
+
+    def set_site(self, site: str, **fields: Any) -> dict[str, Any]:
+        """Create or update a site's broker settings (columns of the sites table)."""
+        cols = ("tls", "auth", "trust_ca", "server_name", "host_user", "host_password", "host_cert",
+                "host_key", "ca_cert", "ca_key")
+        bad = set(fields) - set(cols)
+        if bad:
+            raise ValueError(f"unknown site fields {sorted(bad)}")
+        with self.db:
+            self.db.execute("INSERT OR IGNORE INTO sites (site, updated_at) VALUES (?,?)", (site, now_iso()))
+            for k, v in fields.items():
+                self.db.execute(f"UPDATE sites SET {k}=?, updated_at=? WHERE site=?", (v, now_iso(), site))
+        return self.site(site)  # type: ignore[return-value]
+
+    def set_pending_key(self, device_id: str, key_id: str, key: bytes) -> None:
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO pending_keys (device_id, key_id, key, at) VALUES (?,?,?,?)",
+                            (device_id, key_id, key.hex(), now_iso()))
+
+    def pending_key(self, device_id: str) -> tuple[bytes, bytes] | None:
+        row = self.db.execute("SELECT key_id, key FROM pending_keys WHERE device_id=?", (device_id,)).fetchone()
+        return (bytes.fromhex(row["key_id"]), bytes.fromhex(row["key"])) if row else None
+
+    def commit_key(self, device_id: str, key_id: str, key: bytes, action: str = "rotate-key") -> None:
+        """The device's key is now (key_id, key); any pending key is dropped."""
+        at = now_iso()
+        with self.db:
+            self.db.execute("UPDATE devices SET key_id=?, key=? WHERE device_id=?", (key_id, key.hex(), device_id))
+            self.db.execute("DELETE FROM pending_keys WHERE device_id=?", (device_id,))
+            self.db.execute("INSERT INTO history (device_id, at, action, key_id) VALUES (?,?,?,?)",
+                            (device_id, at, action, key_id))
 
     # ---- reads ---------------------------------------------------------------------------
     @staticmethod

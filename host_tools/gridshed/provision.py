@@ -29,6 +29,7 @@ from .transport import AGENT_UP_WAIT, Board, BoardError, Console
 
 CONFIG_FILE = "config.cbor"
 KEYS_FILE = "keys.cbor"
+BROKER_FILE = "broker.cbor"  # the board's broker CA and login (agent/mqtt_tls.py)
 KID_LEN = 8
 
 
@@ -83,6 +84,12 @@ def provision(port: str, site_path: str | Path, device_id: str | None = None, bo
                 if len(key) != 32:
                     raise UserError("command key must be 256 bits")
                 blobs = {CONFIG_FILE: siteconfig.config_bytes(cfg), KEYS_FILE: siteconfig.keys_bytes({kid: key})}
+                broker = broker_blob(inv, cfg, site_path)
+                removes = []
+                if broker is not None:
+                    blobs[BROKER_FILE] = broker
+                else:
+                    removes = [BROKER_FILE]  # a site without broker security: no stale login left
                 want = {f: hashlib.sha256(d).hexdigest() for f, d in blobs.items()}
                 step("writing config and key")
                 for f, data in blobs.items():
@@ -93,7 +100,7 @@ def provision(port: str, site_path: str | Path, device_id: str | None = None, bo
                     raise BoardError(f"{port}: {bad[0]} does not verify after writing; nothing was changed, "
                                      "the old config and key stay active")
                 step("switching over")
-                b.switch_over([(f + STAGE, f, want[f]) for f in blobs], [], PLAN)
+                b.switch_over([(f + STAGE, f, want[f]) for f in blobs], removes, PLAN)
                 final = b.hashes(list(blobs))
                 if any(final.get(f) != want[f] for f in blobs):
                     raise BoardError(f"{port}: config/key files differ after the switch-over; provision again")
@@ -121,6 +128,23 @@ def provision(port: str, site_path: str | Path, device_id: str | None = None, bo
         if st.get("device") != dev:
             result["warnings"].append(f"agent reports device {st.get('device')!r}, expected {dev!r}")
     return result
+
+
+def broker_blob(inv: Any, cfg: dict[str, Any], site_path: str | Path) -> bytes | None:
+    """/broker.cbor for this device (docs/mqtt.md "Securing the broker"): the site's [mqtt]
+    security settings recorded in the inventory, the device's broker credentials (issued once,
+    kept across provisionings; `gridshed rotate-key --broker` replaces them). None when the
+    site's broker needs neither TLS nor a login."""
+    from . import brokerauth
+
+    mq = cfg.get("mqtt") or {}
+    if not mq.get("enabled") or (not mq.get("tls") and (mq.get("auth") or "none") == "none"):
+        return None
+    row = brokerauth.record_site(inv, cfg["site"], mq, Path(site_path).resolve().parent)
+    creds = inv.broker_creds(cfg["device"])
+    if row["auth"] != "none" and (not creds or creds["kind"] != row["auth"]):
+        creds = brokerauth.issue_device(inv, cfg["device"], row)
+    return brokerauth.board_file(row, creds if row["auth"] != "none" else None)
 
 
 def config_hash_of(cfg: dict[str, Any]) -> str:

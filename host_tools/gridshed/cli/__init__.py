@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "gridshed.cli.fleet",
     "gridshed.cli.board",
     "gridshed.cli.inventory",
+    "gridshed.cli.security",
     "gridshed.cli.openadr",
     "gridshed.cli.meter",
     "gridshed.cli.completion",
