@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.setup-stamp
 APT_PKGS := mosquitto mbpoll socat
 
-.PHONY: setup demo test bench firmware lint clean apt
+.PHONY: setup demo test bench pipx-check firmware lint clean apt
 
 setup: $(STAMP)
 
@@ -43,6 +43,11 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/run.py
+
+# `pipx install .` into a private PIPX_HOME and the installed gridshed run from another directory
+# (boards, meters, build, sim, vboard + deploy + status); also a section of make bench
+pipx-check: setup
+	$(BIN)/python bench/run.py --only install --out build/pipx-check.json
 
 firmware: setup
 	$(BIN)/gridshed build --board unix-sim
