@@ -1,0 +1,443 @@
+# The market loop's decision core: economic curtailment per block from a schedule of prices or
+# kW targets, under minimum run/off times, a daily cycle cap, a re-energise ramp and a frequency
+# obligation (docs/market.md). Pure logic in the MicroPython/CPython common subset: the board
+# runs it every tick (the market feature) and `gridshed backtest` runs the very same decide().
+#
+#   m = Market(cfg)                       # cfg: the normalized site config
+#   m.set_schedule(sid, iv)               # None, or why it is refused (a signed "schedule")
+#   off = m.step(now_unix, closed_mask)   # trusted unix time or None; relays left closed by protection
+#   relays.apply(closed_mask & ~off)      # economics only ever ADDS open blocks
+#   for k in range(m.nev): journal(m.event(k))
+#
+# Times are whole seconds since EPOCH (2020-01-01 UTC): small ints on a 32-bit board. Between two
+# changes (a new second, a new relay mask) step() compares ints and returns at once; a decision
+# touches preallocated lists only. (Comments, not docstrings: less RAM when compiled from source.)
+from array import array
+
+from agent.compat import const
+
+EPOCH = const(1577836800)  # 2020-01-01T00:00:00Z, a whole number of days
+DAY = const(86400)
+MAX_IV = const(96)         # schedule intervals kept (a day of 15-minute prices)
+NEVER = const(0x3FFFFFFF)
+CLASSES = ("interruptible", "firm", "heat")
+C_INT = const(0)
+C_FIRM = const(1)
+C_HEAT = const(2)
+# interval modes
+M_NONE = const(0)
+M_PRICE = const(1)
+M_KW = const(2)
+MODES = (None, "p", "kw")
+# events (kind) and reasons (why): every economic transition, journaled by the caller
+EV_SHED = const(1)
+EV_RESTORE = const(2)
+EV_HOLD = const(3)
+EV_NAMES = ("none", "shed", "restore", "hold")
+W_NONE = const(0)
+W_PRICE = const(1)       # shed: price above the block's strike
+W_KW = const(2)          # shed: the schedule's kW target
+W_MIN_RUN = const(3)     # hold: on for less than min_run_s (stays on)
+W_MIN_OFF = const(4)     # hold: off for less than min_off_s (stays off)
+W_CAP = const(5)         # hold: max_cycles_day reached (stays on)
+W_OBLIG = const(6)       # hold: refused, it would leave less sheddable load on than committed
+W_RAMP = const(7)        # hold: another block is still ramping back (stays off)
+W_PRICE_OK = const(8)    # restore: price at or below the strike
+W_TARGET = const(9)      # restore: the kW target no longer needs it
+W_NO_IV = const(10)      # restore: no schedule interval now
+W_OBLIG_ON = const(11)   # restore: the obligation hour needs the load on
+W_CLOCK = const(12)      # restore: the board's clock is not trusted (no economic action)
+WHY = ("none", "price_above_strike", "kw_target", "min_run", "min_off", "cycle_cap", "obligation",
+       "ramp", "price_at_or_below_strike", "target_lowered", "no_interval", "obligation_hour",
+       "clock_unknown")
+_NEV = const(40)
+
+
+def _num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def trip_mask(cfg, n):
+    # blocks an under-frequency / ROCOF trip would shed: the union of the stages' blocks
+    st = (cfg.get("trip") or {}).get("stages")
+    if not st:
+        return (1 << n) - 1
+    m = 0
+    for s in st:
+        for b in s.get("blocks") or range(n):
+            m |= 1 << b
+    return m
+
+
+class Market:
+    def __init__(self, cfg):
+        blocks = cfg["blocks"]
+        mk = cfg.get("market") or {}
+        self.n = n = len(blocks)
+        self.names = [b.get("name", "") for b in blocks]
+        self.kw = [float(b.get("miners", 0) * b.get("kw_per_miner", 0)) for b in blocks]
+        self.cls = bytearray(n)
+        self.strike = [None] * n
+        self.min_run = [0] * n
+        self.min_off = [0] * n
+        self.cap = [0] * n
+        self.ramp = [0.0] * n
+        im = 0
+        for i in range(n):
+            b = blocks[i]
+            c = b.get("class", "interruptible")
+            self.cls[i] = CLASSES.index(c)
+            s = b.get("strike_usd_mwh")
+            self.strike[i] = None if s is None else float(s)
+            self.min_run[i] = int(b.get("min_run_s", 0))
+            self.min_off[i] = int(b.get("min_off_s", 0))
+            self.cap[i] = int(b.get("max_cycles_day", 0))
+            self.ramp[i] = float(b.get("ramp_kw_per_min", 0))
+            if self.cls[i] == C_INT and self.kw[i] > 0:
+                im |= 1 << i
+        self.int_mask = im
+        self.heat_min_kw = float(mk.get("heat_min_kw", 0))
+        self.oblig_kw = float(mk.get("obligation_mw", 0)) * 1000
+        self.program = mk.get("program", "RRS")
+        self.hours = bytearray(24)  # 1: an obligation hour (UTC)
+        for h in mk.get("obligation_hours") or ():
+            a, b = int(h[0]) % 24, int(h[1])
+            k = a
+            while True:
+                self.hours[k] = 1
+                k = (k + 1) % 24
+                if k == b % 24:
+                    break
+        self.trip = trip_mask(cfg, n)
+        # shed order: interruptible, then heat (shed last); each by priority, the largest first;
+        # firm blocks never shed for economics. Restores go the other way round.
+        pr = [b.get("priority", 1) for b in blocks]
+        self.order = tuple(sorted([i for i in range(n) if self.cls[i] != C_FIRM and self.kw[i] > 0],
+                                  key=lambda i: (self.cls[i] == C_HEAT, pr[i], -self.kw[i], i)))
+        # schedule: parallel arrays, times in seconds since EPOCH, later intervals win
+        self.sid = -1
+        self.niv = 0
+        self.iv_s = array("i", [0] * MAX_IV)
+        self.iv_e = array("i", [0] * MAX_IV)
+        self.iv_m = bytearray(MAX_IV)
+        self.iv_v = array("d", [0.0] * MAX_IV)
+        # dynamic state (every attribute exists from here on)
+        self.off = 0            # blocks economics holds open
+        self.why = bytearray(n)  # each block's last journaled reason
+        self.on_t = [0] * n     # when each block last came on (relays' real state)
+        self.off_t = [0] * n    # when economics last opened it
+        self.cycles = [0] * n   # economic sheds today (UTC day)
+        self.day = -1
+        self.fin = -1           # the relays' mask at the last decision (-1: none yet)
+        self.t = -1             # the second of the last decision
+        self.closed = -1
+        self.ramp_until = 0
+        self.wake = NEVER       # the next second a hold ends (a decision is due then)
+        self.edge = 0           # the next interval start or end
+        self.mode = M_NONE
+        self.val = 0.0
+        self.avail_kw = 0.0     # sheddable load on now: what a frequency trip would shed
+        self.oblig = False      # in an obligation hour now
+        self.short = False      # in an obligation hour with less available than committed
+        self.refused = 0        # economic curtailments refused for the obligation (episodes)
+        self.unknown = 0        # decisions skipped: no trusted time
+        self.known = False
+        self.ev = bytearray(3 * _NEV)
+        self.nev = self.dropped = 0
+
+    # ---- the schedule ------------------------------------------------------------------
+    def set_schedule(self, sid, iv, boot=False):
+        # A signed schedule {"sid": id, "iv": [[start_unix, end_unix, "p"|"kw", value], ...]}:
+        # None when taken (it replaces the whole schedule), else why it is refused. A lower or
+        # equal id is a replay (boot=True: the stored one, taken as it is).
+        if not isinstance(sid, int) or isinstance(sid, bool) or not 0 <= sid < 1 << 31:
+            return "bad-id"
+        if sid <= self.sid and not boot:
+            return "replay"
+        if not isinstance(iv, list) or len(iv) > MAX_IV:
+            return "too-many-intervals"
+        for x in iv:
+            if not isinstance(x, list) or len(x) != 4:
+                return "bad-interval"
+            s, e, m, v = x
+            if not (isinstance(s, int) and isinstance(e, int) and EPOCH <= s < e < EPOCH + NEVER):
+                return "bad-interval"
+            if not _num(v) or not ((m == "p" and -10000 <= v <= 100000) or (m == "kw" and 0 <= v < 1e7)):
+                return "bad-interval"
+        k = 0
+        for x in iv:
+            self.iv_s[k] = x[0] - EPOCH
+            self.iv_e[k] = x[1] - EPOCH
+            self.iv_m[k] = M_PRICE if x[2] == "p" else M_KW
+            self.iv_v[k] = x[3]
+            k += 1
+        self.niv = k
+        self.sid = sid
+        self.closed = -1  # decide again at the next step
+        return None
+
+    def schedule(self):
+        # the stored form (market.cbor), times back in unix seconds
+        out = []
+        for k in range(self.niv):
+            out.append([self.iv_s[k] + EPOCH, self.iv_e[k] + EPOCH, MODES[self.iv_m[k]], self.iv_v[k]])
+        return {"sid": self.sid, "iv": out}
+
+    def lookup(self, t):
+        # the interval in force at t: the last one in the list that holds t wins
+        k = self.niv - 1
+        while k >= 0:
+            if self.iv_s[k] <= t < self.iv_e[k]:
+                self.mode = self.iv_m[k]
+                self.val = self.iv_v[k]
+                return
+            k -= 1
+        self.mode = M_NONE
+
+    def _next_edge(self, t):
+        # the next interval start or end after t
+        w = NEVER
+        for k in range(self.niv):
+            s = self.iv_s[k]
+            if t < s < w:
+                w = s
+            s = self.iv_e[k]
+            if t < s < w:
+                w = s
+        return w
+
+    # ---- the board's entry: once per control decision ---------------------------------
+    def step(self, unix, closed):
+        # unix: the board's trusted time (Agent.now_unix) or None; closed: the blocks protection
+        # and commands leave closed. Returns the mask economics holds open.
+        self.nev = 0
+        if unix is None:
+            self.unknown += 1
+            self.known = False
+            if self.off:  # no trusted time: no economic action at all
+                self._release_all(W_CLOCK)
+            self.t = -1
+            self.available(closed)
+            return self.off
+        t = int(unix - EPOCH)
+        if t == self.t and closed == self.closed:
+            return self.off
+        if t < self.wake and t < self.edge and self.t >= 0 and closed == self.closed and t // 3600 == self.t // 3600:
+            self.t = t
+            return self.off
+        self.known = True
+        self.t = t
+        self.closed = closed
+        self.lookup(t)
+        self.decide(t, self.mode, self.val, closed)
+        self.edge = self._next_edge(t)
+        return self.off
+
+    def _release_all(self, why):
+        for i in self.order:
+            if (self.off >> i) & 1:
+                self._emit(EV_RESTORE, i, why)
+                self.why[i] = W_NONE
+        self.off = 0
+
+    def _emit(self, kind, i, why):
+        k = self.nev
+        if k < _NEV:
+            self.ev[3 * k] = kind
+            self.ev[3 * k + 1] = i
+            self.ev[3 * k + 2] = why
+            self.nev = k + 1
+        else:
+            self.dropped += 1
+
+    def event(self, k):
+        # the k-th event of the last decision as a journal record
+        i = self.ev[3 * k + 1]
+        return {"ev": EV_NAMES[self.ev[3 * k]], "block": self.names[i], "why": WHY[self.ev[3 * k + 2]],
+                "mode": MODES[self.mode], "value": self.val if self.mode else None,
+                "avail_kw": self.avail_kw, "cycles": self.cycles[i]}
+
+    def _hold(self, i, why, until):
+        if self.why[i] != why:
+            self.why[i] = why
+            self._emit(EV_HOLD, i, why)
+            if why == W_OBLIG:
+                self.refused += 1
+        if until < self.wake:
+            self.wake = until
+
+    # ---- the decision (also `gridshed backtest`'s) -------------------------------------
+    def decide(self, t, mode, val, closed):
+        # t: seconds since EPOCH; mode/val: the interval in force (M_NONE, M_PRICE $/MWh, M_KW
+        # kW to curtail); closed: the blocks protection and commands leave closed.
+        n = self.n
+        self.mode = mode
+        self.val = val
+        day = t // DAY
+        if day != self.day:
+            self.day = day
+            for i in range(n):
+                self.cycles[i] = 0
+        self.wake = (day + 1) * DAY  # a cycle cap ends with the day
+        bit = 1
+        fin = closed & ~self.off
+        for i in range(n):  # when each block came on (min run): the relays' real state
+            if fin & bit and (self.fin < 0 or not self.fin & bit):
+                self.on_t[i] = t
+            bit <<= 1
+        want = self._want(mode, val)
+        kw = self.kw
+        trip = self.trip
+        avail = self.available(fin)
+        ob = self.oblig_kw > 0 and self.hours[(t // 3600) % 24] == 1
+        self.oblig = ob
+        order = self.order
+        # 1. restores: held open by economics, no longer wanted open
+        k = len(order) - 1
+        while k >= 0:
+            i = order[k]
+            b = 1 << i
+            k -= 1
+            if not self.off & b or want & b:
+                continue
+            if t - self.off_t[i] < self.min_off[i]:
+                self._hold(i, W_MIN_OFF, self.off_t[i] + self.min_off[i])
+            elif t < self.ramp_until:
+                self._hold(i, W_RAMP, self.ramp_until)
+            else:
+                avail += self._restore(t, i, W_PRICE_OK if mode == M_PRICE else (W_TARGET if mode == M_KW else W_NO_IV), closed)
+        # 2. sheds: wanted open, in shed order
+        for i in order:
+            b = 1 << i
+            if not want & b or self.off & b:
+                continue
+            if not closed & b:
+                continue  # opened by protection or a command: economics waits until it is back
+            if t - self.on_t[i] < self.min_run[i]:
+                self._hold(i, W_MIN_RUN, self.on_t[i] + self.min_run[i])
+            elif self.cap[i] and self.cycles[i] >= self.cap[i]:
+                self._hold(i, W_CAP, self.wake)
+            elif ob and trip & b and avail - kw[i] < self.oblig_kw - 1e-6:
+                self._hold(i, W_OBLIG, (t // 3600 + 1) * 3600)
+            else:
+                self.off |= b
+                self.off_t[i] = t
+                self.cycles[i] += 1
+                if trip & b:
+                    avail -= kw[i]
+                self.why[i] = W_PRICE if mode == M_PRICE else W_KW
+                self._emit(EV_SHED, i, self.why[i])
+        # 3. an obligation hour with less on than committed: economics gives load back
+        if ob and avail < self.oblig_kw - 1e-6:
+            k = len(order) - 1
+            while k >= 0 and avail < self.oblig_kw - 1e-6:
+                i = order[k]
+                b = 1 << i
+                k -= 1
+                if self.off & b and trip & b and closed & b:
+                    if t < self.ramp_until:
+                        self._hold(i, W_RAMP, self.ramp_until)
+                        break
+                    avail += self._restore(t, i, W_OBLIG_ON, closed)
+                    if want & b:  # still priced out: held on by the obligation from here
+                        self.why[i] = W_OBLIG
+                        self.refused += 1
+        self.short = ob and avail < self.oblig_kw - 1e-6
+        if ob and (t // 3600 + 1) * 3600 < self.wake:
+            self.wake = (t // 3600 + 1) * 3600
+        bit = 1
+        for i in range(n):  # a reason that is spent (a hold is journaled once per episode)
+            w = self.why[i]
+            if self.off & bit:
+                if want & bit and w != W_KW:
+                    self.why[i] = W_KW if mode == M_KW else W_PRICE
+            elif (w == W_PRICE or w == W_KW or w == W_MIN_OFF or w == W_RAMP or (w == W_MIN_RUN and not want & bit)
+                  or (w == W_OBLIG and not ob) or (w == W_CAP and self.cycles[i] < self.cap[i])):
+                self.why[i] = W_NONE
+            bit <<= 1
+        self.avail_kw = avail
+        self.fin = closed & ~self.off
+        return self.off
+
+    def available(self, fin):
+        # kW a frequency trip would shed with the relays at fin
+        a = 0.0
+        m = fin & self.trip
+        for i in range(self.n):
+            if (m >> i) & 1:
+                a += self.kw[i]
+        self.avail_kw = a
+        return a
+
+    def _restore(self, t, i, why, closed):
+        b = 1 << i
+        self.off &= ~b
+        self.why[i] = W_NONE
+        self.on_t[i] = t  # (on now if protection has it closed; else from when it closes)
+        self._emit(EV_RESTORE, i, why)
+        r = self.ramp[i]
+        if r > 0:
+            self.ramp_until = t + int(self.kw[i] * 60 / r + 0.5)
+            if self.ramp_until < self.wake:
+                self.wake = self.ramp_until
+        return self.kw[i] if closed & self.trip & b else 0.0
+
+    def _want(self, mode, val):
+        # the blocks economics wants open now (before min times, cap, obligation, ramp)
+        want = 0
+        order = self.order
+        if mode == M_PRICE:
+            for i in order:
+                s = self.strike[i]
+                if s is not None and val > s and self.cls[i] == C_INT:
+                    want |= 1 << i
+            if want & self.int_mask == self.int_mask:  # heat sheds last
+                heat = self._heat_on()
+                for i in order:
+                    s = self.strike[i]
+                    if self.cls[i] == C_HEAT and s is not None and val > s and heat - self.kw[i] >= self.heat_min_kw - 1e-6:
+                        want |= 1 << i
+                        heat -= self.kw[i]
+        elif mode == M_KW:
+            got = 0.0
+            heat = self._heat_on()
+            for i in order:
+                if got >= val - 1e-6:
+                    break
+                if self.cls[i] == C_HEAT:
+                    if heat - self.kw[i] < self.heat_min_kw - 1e-6:
+                        continue
+                    heat -= self.kw[i]
+                want |= 1 << i
+                got += self.kw[i]
+        return want
+
+    def _heat_on(self):
+        h = 0.0
+        for i in self.order:
+            if self.cls[i] == C_HEAT:
+                h += self.kw[i]
+        return h
+
+    # ---- status -------------------------------------------------------------------------
+    def status(self):
+        w = None
+        if self.short:
+            w = "%s obligation: %.0f kW available of %.0f kW committed" % (self.program, self.avail_kw, self.oblig_kw)
+        elif self.oblig and self.why_count(W_OBLIG):
+            w = "economic curtailment refused: %s obligation" % self.program
+        elif not self.known and self.niv:
+            w = "clock not trusted: schedule not executed"
+        return {"clock": self.known, "sid": self.sid if self.sid >= 0 else None, "intervals": self.niv,
+                "mode": MODES[self.mode], "value": self.val if self.mode else None, "off": self.off,
+                "avail_kw": self.avail_kw, "avail_mw": self.avail_kw / 1000, "program": self.program,
+                "obligation_kw": self.oblig_kw, "obligation_hour": self.oblig, "short": self.short,
+                "refused": self.refused, "unknown_clock": self.unknown, "cycles": self.cycles,
+                "holds": [WHY[self.why[i]] for i in range(self.n)], "warning": w}
+
+    def why_count(self, why):
+        c = 0
+        for i in range(self.n):
+            if self.why[i] == why:
+                c += 1
+        return c
