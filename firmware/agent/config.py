@@ -282,6 +282,10 @@ def validate(cfg):
         for v in au.get("restore_all") or ():
             if not (v == "*" or (isinstance(v, str) and 0 < len(v) <= 64 and not v.strip("0123456789abcdef"))):
                 errors.append("authority.restore_all: %r is not a key id in hex or \"*\"" % (v,))
+    if "market" in cfg or any(len(b) > 6 for b in cfg.get("blocks") or () if isinstance(b, dict)):
+        from agent.market_check import check  # docs/market.md: loaded only for a market site
+
+        check(cfg, errors, _check)
     ms = cfg.get("modbus_server")
     if isinstance(ms, dict):
         for v in list(ms.get("allow") or ()) + [ms.get("master") or "0.0.0.0", ms.get("bind") or "0.0.0.0"]:

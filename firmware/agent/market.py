@@ -271,6 +271,7 @@ class Market:
         # t: seconds since EPOCH; mode/val: the interval in force (M_NONE, M_PRICE $/MWh, M_KW
         # kW to curtail); closed: the blocks protection and commands leave closed.
         n = self.n
+        self.nev = 0
         self.mode = mode
         self.val = val
         day = t // DAY

@@ -355,3 +355,43 @@ print(m.off, m.why[0], m.t)
 """ % T0
     res = mp.run(code, heapsize="256k")  # compiled from source here (the board runs the .mpy)
     assert res.out.split() == ["0", "3", str(T0 + 2 + 99 - 1577836800)]  # a held by min run
+
+
+# ---- site config: [market] and the block keys (agent/market_check.py via agent.config) -------
+def test_config_checks_market_keys():
+    from agent import config as fw
+    from gridshed import siteconfig
+    from gridshed.errors import UserError
+
+    ok = siteconfig.load_site("scenarios/market-site.toml")
+    assert ok["market"]["obligation_mw"] == 0.25 and ok["blocks"][3]["class"] == "heat"
+    assert fw.validate(ok) == []
+
+    def errs(mut):
+        import copy
+        c = copy.deepcopy(ok)
+        mut(c)
+        return fw.validate(c)
+
+    assert errs(lambda c: c["blocks"][0].update({"class": "gold"})) == [
+        "blocks[0].class: must be one of interruptible/firm/heat, got 'gold'"]
+    assert errs(lambda c: c["blocks"][0].update({"strike_usd_mwh": "45"})) == [
+        "blocks[0].strike_usd_mwh: must be a number, got '45'"]
+    assert errs(lambda c: c["blocks"][1].update({"max_cycles_day": -1})) == [
+        "blocks[1].max_cycles_day: -1 is outside 0..1000"]
+    assert errs(lambda c: c["market"].update({"obligation_hours": [[5, 5]]})) == [
+        "market.obligation_hours: [5, 5] is not [start_hour, end_hour] (0..23, 1..24, UTC)"]
+    assert errs(lambda c: c["market"].update({"obligation_hours": [[25, 2], "x"]}))[0].startswith("market.obligation_hours")
+    assert errs(lambda c: c["market"].update({"bogus": 1})) == ["market.bogus: unknown key"]
+    assert errs(lambda c: c["market"].update({"obligation_mw": -1})) == ["market.obligation_mw: -1 is outside 0.0..10000.0"]
+    # the firm block (inference, index 4) may only be in stage firm_stage (1)
+    assert errs(lambda c: c["trip"]["stages"][0]["blocks"].append(4)) == [
+        "blocks[4]: a firm block sheds only in stage 1 (market.firm_stage), not in stage 0"]
+    assert errs(lambda c: c["market"].update({"firm_stage": 0})) == [
+        "blocks[4]: a firm block sheds only in stage 0 (market.firm_stage), not in stage 1"]
+    assert errs(lambda c: c.update({"market": 3})) == ["market: must be a table"]
+    # host side: unknown block key and the one-line error
+    site = siteconfig.read_toml("scenarios/market-site.toml")
+    site["blocks"][0]["strike"] = 4
+    with pytest.raises(UserError, match=r"blocks\[0\]\.strike: unknown key"):
+        siteconfig.normalize(site)

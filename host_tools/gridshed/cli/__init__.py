@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "gridshed.cli.security",
     "gridshed.cli.openadr",
     "gridshed.cli.meter",
+    "gridshed.cli.market",
     "gridshed.cli.completion",
 ]
 
