@@ -75,6 +75,12 @@ CREATE TABLE IF NOT EXISTS history (
     firmware_build TEXT,
     config_hash    TEXT
 );
+CREATE TABLE IF NOT EXISTS schedules (
+    device_id TEXT PRIMARY KEY,
+    last_id   INTEGER NOT NULL,
+    sent_at   TEXT NOT NULL,
+    intervals INTEGER
+);
 """
 
 
@@ -212,6 +218,30 @@ class Inventory:
             self.db.execute("DELETE FROM pending_keys WHERE device_id=?", (device_id,))
             self.db.execute("INSERT INTO history (device_id, at, action, key_id) VALUES (?,?,?,?)",
                             (device_id, at, action, key_id))
+
+    def next_schedule_id(self, device_id: str, at_least: int = 0, intervals: int | None = None) -> int:
+        """Reserve the device's next schedule id: max(last + 1, at_least), written before it is
+        returned (gridshed dispatch; the board keeps the schedule with the highest id)."""
+        try:
+            with self.db:
+                self.db.execute("BEGIN IMMEDIATE")
+                sid = self.peek_schedule_id(device_id, at_least)
+                self.db.execute(
+                    "INSERT INTO schedules (device_id, last_id, sent_at, intervals) VALUES (?,?,?,?)"
+                    " ON CONFLICT(device_id) DO UPDATE SET last_id=excluded.last_id, sent_at=excluded.sent_at,"
+                    " intervals=excluded.intervals", (device_id, sid, now_iso(), intervals))
+        except sqlite3.Error as exc:
+            raise UserError(f"inventory {self.path}: cannot record the schedule id: {exc}") from None
+        return sid
+
+    def peek_schedule_id(self, device_id: str, at_least: int = 0) -> int:
+        """The id next_schedule_id would give now (nothing written)."""
+        row = self.db.execute("SELECT last_id FROM schedules WHERE device_id=?", (device_id,)).fetchone()
+        return max((row["last_id"] + 1) if row else 0, int(at_least))
+
+    def schedule_info(self, device_id: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT * FROM schedules WHERE device_id=?", (device_id,)).fetchone()
+        return dict(row) if row else None
 
     # ---- reads ---------------------------------------------------------------------------
     @staticmethod

@@ -23,7 +23,9 @@ TOP_KEYS = {"site", "device", "board", "nominal_hz", "meter", "trip", "failsafe"
             "signals", "mqtt", "modbus_server", "udp", "journal", "capture", "miners",
             "ac_sense", "override", "stages", "authority", "maintenance", "market"}
 BLOCK_KEYS = {"name", "relays", "miners", "kw_per_miner", "priority", "active", "class", "strike_usd_mwh",
-              "revenue_usd_mwh", "min_run_s", "min_off_s", "max_cycles_day", "ramp_kw_per_min"}
+              "revenue_usd_mwh", "min_run_s", "min_off_s", "max_cycles_day", "ramp_kw_per_min",
+              "efficiency_j_th"}
+HOST_BLOCK_KEYS = {"efficiency_j_th"}  # read by host tools (gridshed breakeven), not sent to the board
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -99,7 +101,7 @@ def normalize(site: dict[str, Any], board_name: str | None = None, device_id: st
             active = levels.pop()
         else:
             raise UserError(f"{where}.relays: relays with different active levels in one block; set active = 0|1")
-        nb = {k: v for k, v in b.items() if k != "relays"}
+        nb = {k: v for k, v in b.items() if k != "relays" and k not in HOST_BLOCK_KEYS}
         nb.setdefault("name", f"block{i + 1}")
         nb["pins"] = pins
         nb["active"] = active

@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "gridshed.cli.openadr",
     "gridshed.cli.meter",
     "gridshed.cli.market",
+    "gridshed.cli.market_host",
     "gridshed.cli.completion",
 ]
 

@@ -1,0 +1,171 @@
+"""Host side of the board's economic schedule: build it, bound it, sign it, send it.
+
+A schedule is one signed command (COSE_Mac0, the same path as ``gridshed shed``; see
+docs/security.md) whose payload carries, beside cmd/seq/exp/dev/site,
+
+    "cmd": "schedule", "id": <int, monotonic per device>,
+    "iv": [[start_unix, end_unix, "p", usd_per_mwh] | [start_unix, end_unix, "kw", kw_to_curtail], ...]
+
+A later interval wins where two overlap; a schedule with a higher id replaces the board's
+whole schedule (docs/market.md). Ids are kept per device in the inventory (table
+``schedules``); each new id is max(last + 1, now in unix seconds), so ids stay increasing even
+if the inventory is lost and rebuilt.
+
+Bounds (the board keeps its schedule in RAM and on flash): at most :data:`MAX_INTERVALS`
+intervals and :data:`MAX_SIGNED_BYTES` bytes of signed command; a longer schedule is refused
+with the count and what to do (``--horizon``), never cut silently.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import UserError
+from .prices import Interval, iso
+
+MAX_INTERVALS = 96          # the board's cap per schedule (agent.market MAX_IV; docs/market.md)
+# what the board takes in a row (agent.market Market.set_schedule): times from 2020-01-01 on,
+# a price in -10000..100000 $/MWh, kW to curtail in 0..1e7
+MIN_START = 1577836800
+PRICE_RANGE = (-10000.0, 100000.0)
+KW_MAX = 1e7
+MAX_SIGNED_BYTES = 2560     # the signed command's size cap (96 rows with cent prices: ~2.2 KB)
+CMD = "schedule"
+PRICE, KW = "p", "kw"
+
+
+def _num(v: float, nd: int) -> int | float:
+    """Rounded; an int when whole (a smaller CBOR item on the wire)."""
+    r = round(float(v), nd)
+    return int(r) if r == int(r) and abs(r) < 2**53 else r
+
+
+def price_intervals(series: list[Interval], now: float | None = None, horizon_s: float | None = None) -> list[list]:
+    """Price Intervals -> schedule rows [start, end, "p", $/MWh]: intervals already over at `now`
+    are dropped, intervals starting at or after now + horizon are cut, and neighbours with the
+    same price (to the cent) that touch are merged into one row."""
+    out: list[list] = []
+    for iv in series:
+        if now is not None and iv.end <= now:
+            continue
+        if horizon_s is not None and now is not None and iv.start >= now + horizon_s:
+            break
+        p = _num(iv.value, 2)
+        if out and out[-1][1] == iv.start and out[-1][3] == p:
+            out[-1][1] = iv.end
+        else:
+            out.append([iv.start, iv.end, PRICE, p])
+    return out
+
+
+def kw_intervals(windows: list[tuple[int, int]], kw: float, now: float | None = None) -> list[list]:
+    """Windows (start, end) -> rows [start, end, "kw", kW to curtail] (windows over at `now` dropped)."""
+    if isinstance(kw, bool) or not isinstance(kw, (int, float)) or not math.isfinite(kw) or kw < 0:
+        raise UserError(f"kW target must be a number >= 0, got {kw!r}")
+    return [[s, e, KW, _num(kw, 3)] for s, e in windows if now is None or e > now]
+
+
+def check_rows(rows: list[list]) -> None:
+    """UserError (naming the interval) for a row the board would refuse: [int start < int end
+    (from 2020 on), "p" with -10000..100000 $/MWh or "kw" with 0..1e7 kW]."""
+    for i, r in enumerate(rows):
+        ok = (isinstance(r, list) and len(r) == 4 and all(isinstance(x, int) and not isinstance(x, bool) for x in r[:2])
+              and MIN_START <= r[0] < r[1] < 2**31 and r[2] in (PRICE, KW) and isinstance(r[3], (int, float))
+              and not isinstance(r[3], bool) and math.isfinite(r[3]))
+        if not ok:
+            raise UserError(f"schedule interval {i} is not [start < end (unix, 2020 on), \"p\"|\"kw\", value]: {r!r}")
+        lo, hi = PRICE_RANGE if r[2] == PRICE else (0.0, KW_MAX)
+        if not lo <= r[3] <= hi:
+            what = "price" if r[2] == PRICE else "kW to curtail"
+            raise UserError(f"schedule interval {i} ({iso(r[0])}): {what} {r[3]:g} is outside what a board "
+                            f"takes ({lo:g} .. {hi:g})")
+
+
+def check_size(rows: list[list], what: str = "the schedule") -> None:
+    """The board's interval cap: UserError with the count and how to shorten it."""
+    if not rows:
+        raise UserError(f"{what} has no interval from now on (all of it is in the past?)")
+    if len(rows) > MAX_INTERVALS:
+        first, last = rows[0][0], max(r[1] for r in rows)
+        raise UserError(f"{what} has {len(rows)} intervals ({iso(first)} .. {iso(last)}); a board holds at most "
+                        f"{MAX_INTERVALS} per schedule: send a shorter window with --horizon (e.g. --horizon 24h "
+                        f"for 15-minute prices) and dispatch again before it runs out")
+
+
+def payload(dev: str, site: str | None, seq: int, exp: int, sched_id: int, rows: list[list],
+            nonce: bytes | None = None) -> dict[str, Any]:
+    """The schedule command's CBOR payload (keys in a fixed order: deterministic bytes)."""
+    p: dict[str, Any] = {"cmd": CMD, "seq": seq, "exp": int(exp), "dev": dev}
+    if site is not None:
+        p["site"] = site
+    p["id"] = int(sched_id)
+    p["iv"] = rows
+    if nonce is not None:
+        p["nonce"] = bytes(nonce)
+    return p
+
+
+def fresh_needed() -> bool:
+    """Does the board want the schedule command fresh (a nonce before it trusts its clock)?"""
+    from agent import cmdcheck
+
+    return CMD in cmdcheck.FRESH
+
+
+@dataclass
+class SignedSchedule:
+    target: Any     # fleet_client.Target
+    seq: int
+    exp: int
+    sched_id: int
+    msg: bytes
+
+    @property
+    def cmd(self) -> str:
+        return CMD
+
+
+def sign(tgts: list[Any], rows: list[list], seq_path: Any, inventory: Any, expires_s: float = 60.0,
+         now: float | None = None, nonces: dict[str, bytes] | None = None,
+         reserve_ids: bool = True) -> list[SignedSchedule]:
+    """One signed schedule per target: its own key, seq and schedule id (reserved in the
+    inventory before signing, so an id is never given twice). reserve_ids=False (dry run):
+    the id the next dispatch would get, nothing written."""
+    from agent import cbor, cose
+
+    from .inventory import Inventory
+    from .signing import SeqCounter
+
+    check_rows(rows)
+    check_size(rows)
+    now = time.time() if now is None else now
+    counter = SeqCounter(seq_path)
+    out = []
+    with Inventory(inventory) as inv:
+        for t in tgts:
+            sid = (inv.next_schedule_id(t.device, at_least=int(now), intervals=len(rows)) if reserve_ids
+                   else inv.peek_schedule_id(t.device, at_least=int(now)))
+            seq = counter.next(t.kid, at_least=int(now)) if reserve_ids else max(counter.last(t.kid) + 1, int(now))
+            p = payload(t.device, t.site, seq, int(now + expires_s), sid, rows, (nonces or {}).get(t.device))
+            msg = cose.mac0_create(t.key, t.kid, cbor.dumps(p), tagged=True)
+            if len(msg) > MAX_SIGNED_BYTES:
+                raise UserError(f"the signed schedule for {t.device} is {len(msg)} bytes, over the board's "
+                                f"{MAX_SIGNED_BYTES}: send fewer intervals (--horizon)")
+            out.append(SignedSchedule(t, seq, p["exp"], sid, msg))
+    return out
+
+
+def summary(rows: list[list]) -> dict[str, Any]:
+    prices = [r[3] for r in rows if r[2] == PRICE]
+    kws = [r for r in rows if r[2] == KW]
+    return {"intervals": len(rows), "from": iso(min(r[0] for r in rows)) if rows else None,
+            "to": iso(max(r[1] for r in rows)) if rows else None,
+            "price_intervals": len(prices), "kw_intervals": len(kws),
+            "price_min": min(prices) if prices else None, "price_max": max(prices) if prices else None}
+
+
+def rows_json(rows: list[list]) -> list[dict[str, Any]]:
+    return [{"start": iso(r[0]), "end": iso(r[1]), "start_unix": r[0], "end_unix": r[1],
+             ("price_usd_mwh" if r[2] == PRICE else "curtail_kw"): r[3]} for r in rows]
