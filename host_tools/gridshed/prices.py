@@ -8,10 +8,10 @@ CSV (what `gridshed dispatch` and `gridshed backtest` read, what `gridshed price
 
 * ``interval_start`` is ISO 8601 with a UTC offset (``Z`` or ``+hh:mm``); a time without an
   offset is refused (a price series must never depend on the host's time zone).
-* The interval length comes from the data: each interval ends where the next one starts; the
-  last one is as long as the one before it. A series of one row needs ``interval_s``.
-* Rows may come in any order; a duplicate start, a missing or non-finite price is an error
-  naming the line.
+* Rows in time order. The interval length comes from the data: the most common step between
+  two starts; a longer step is a gap (no price there), a shorter one an error. A series needs
+  two rows at least.
+* A missing or non-finite price is an error naming the line.
 
 The same reader takes the forecast CSV of the 4CP predictor (``value_col="forecast_mw"``).
 
@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import UserError
 
@@ -57,27 +57,25 @@ def iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def from_rows(rows: Iterable[tuple[int, float]], source: str, interval_s: int | None = None) -> list[Interval]:
-    """(start unix, value) pairs -> Intervals, sorted, each ending where the next starts."""
-    pts = sorted(rows)
-    if not pts:
-        raise UserError(f"{source}: no rows")
-    for (a, _), (b, _) in zip(pts, pts[1:]):
-        if a == b:
-            raise UserError(f"{source}: two rows start at {iso(a)}")
-    if len(pts) == 1 and not interval_s:
-        raise UserError(f"{source}: one row: the interval length cannot come from the data (give two or more rows)")
-    out = []
-    for i, (t, v) in enumerate(pts):
-        if i + 1 < len(pts):
-            end = pts[i + 1][0]
-        else:
-            end = t + (interval_s or (t - pts[i - 1][0]))
-        out.append(Interval(t, end, v))
-    return out
+def from_rows(rows: list[tuple[int, float]], source: str) -> list[Interval]:
+    """(start unix, value) pairs in time order -> Intervals of the data's interval length (the
+    most common step between starts; a longer step is a gap, a shorter one an error)."""
+    from collections import Counter
+
+    if len(rows) < 2:
+        raise UserError(f"{source}: need at least two rows (the interval length comes from the data)")
+    for (a, _), (b, _) in zip(rows, rows[1:]):
+        if b <= a:
+            raise UserError(f"{source}: {iso(b)} is not after the row before (rows must be in time order)")
+    steps = Counter(b[0] - a[0] for a, b in zip(rows, rows[1:]))
+    step = max(steps.items(), key=lambda kv: (kv[1], -kv[0]))[0]
+    short = [b[0] - a[0] for a, b in zip(rows, rows[1:]) if b[0] - a[0] < step]
+    if short:
+        raise UserError(f"{source}: irregular intervals: a {short[0]} s step where the data's interval is {step} s")
+    return [Interval(t, t + step, v) for t, v in rows]
 
 
-def read_series(path: str | Path, value_col: str = PRICE_COL, interval_s: int | None = None) -> list[Interval]:
+def read_series(path: str | Path, value_col: str = PRICE_COL) -> list[Interval]:
     """A CSV with ``interval_start`` and ``value_col`` -> sorted Intervals (UserError naming the line)."""
     p = Path(path)
     try:
@@ -107,7 +105,7 @@ def read_series(path: str | Path, value_col: str = PRICE_COL, interval_s: int | 
                 rows.append((t, v))
         except (csv.Error, UnicodeDecodeError) as exc:
             raise UserError(f"{p}: not a readable CSV: {exc}") from None
-    return from_rows(rows, str(p), interval_s)
+    return from_rows(rows, str(p))
 
 
 def write_series(path: str | Path | None, series: list[Interval], value_col: str = PRICE_COL) -> str:
@@ -159,7 +157,7 @@ def normalise(frame: Any, location: str, source: str) -> list[Interval]:
         v = float(v)
         if math.isfinite(v):
             rows.append((int(ts.timestamp()), v))
-    return from_rows(rows, source)
+    return from_rows(sorted(rows), source)
 
 
 DEFAULT_LOCATION = {"ERCOT": "HB_NORTH", "CAISO": "TH_NP15_GEN-APND"}

@@ -116,16 +116,23 @@ def _csv(path: Path, rows: list[tuple[str, str]], col: str = "price_usd_mwh") ->
 
 
 def test_price_csv_reader(tmp_path):
-    p = _csv(tmp_path / "p.csv", [("2027-07-15T00:15:00-05:00", "30"), ("2027-07-15T00:00:00-05:00", "20.5"),
-                                  ("2027-07-15T05:30:00Z", "-3")])
+    # offsets mixed; the interval is the most common step (15 min); the 45-minute step is a gap
+    p = _csv(tmp_path / "p.csv", [("2027-07-15T00:00:00-05:00", "20.5"), ("2027-07-15T00:15:00-05:00", "30"),
+                                  ("2027-07-15T05:30:00Z", "-3"), ("2027-07-15T07:30:00+01:00", "7")])
     s = read_series(p)
     assert [(iv.start - T0, iv.end - T0, iv.value) for iv in s] == [(0, 900, 20.5), (900, 1800, 30.0),
-                                                                   (1800, 2700, -3.0)]
-    for rows, msg in (([("2027-07-15T00:00:00", "1"), ("2027-07-15T01:00:00", "2")], "no UTC offset"),
-                      ([("2027-07-15T00:00:00Z", "1"), ("2027-07-15T00:00:00+00:00", "2")], "two rows start"),
+                                                                   (1800, 2700, -3.0), (5400, 6300, 7.0)]
+    # a gap is no interval in the schedule (the board runs there), never the price before it stretched
+    assert dp.price_intervals(s, now=T0) == [[T0, T0 + 900, "p", 20.5], [T0 + 900, T0 + 1800, "p", 30],
+                                             [T0 + 1800, T0 + 2700, "p", -3], [T0 + 5400, T0 + 6300, "p", 7]]
+    for rows, msg in (([("2027-07-15T00:00:00", "1"), ("2027-07-15T01:00:00", "2")], ":2: bad time|no UTC offset"),
+                      ([("2027-07-15T01:00:00Z", "1"), ("2027-07-15T00:00:00+00:00", "2")], "time order"),
+                      ([("2027-07-15T00:00:00Z", "1"), ("2027-07-15T00:00:00+00:00", "2")], "time order"),
                       ([("2027-07-15T00:00:00Z", "1"), ("2027-07-15T01:00:00Z", "x")], ":3: price_usd_mwh 'x'"),
                       ([("2027-07-15T00:00:00Z", "1"), ("2027-07-15T01:00:00Z", "inf")], "finite"),
-                      ([("2027-07-15T00:00:00Z", "1")], "one row")):
+                      ([("2027-07-15T00:00:00Z", "1"), ("2027-07-15T01:00:00Z", "1"), ("2027-07-15T02:00:00Z", "1"),
+                        ("2027-07-15T02:10:00Z", "1")], "irregular intervals: a 600 s step"),
+                      ([("2027-07-15T00:00:00Z", "1")], "at least two rows")):
         with pytest.raises(UserError, match=msg):
             read_series(_csv(tmp_path / "bad.csv", rows))
     (tmp_path / "cols.csv").write_text("time,price\n")
