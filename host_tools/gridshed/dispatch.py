@@ -139,7 +139,8 @@ def sign(tgts: list[Any], rows: list[list], seq_path: Any, inventory: Any, expir
     from .signing import SeqCounter
 
     check_rows(rows)
-    check_size(rows)
+    if len(rows) > MAX_INTERVALS:  # an empty schedule is fine here: it clears the board's
+        check_size(rows)
     now = time.time() if now is None else now
     counter = SeqCounter(seq_path)
     out = []

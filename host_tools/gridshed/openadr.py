@@ -21,6 +21,12 @@ Mapping (several active events are combined: any full shed wins, else the larges
 * LOAD_DISPATCH ``delta``: shed ``|value|`` kW (the bridge can only reduce load);
   ``setpoint``: shed ``site_kw - value`` kW. The signal's measurement (unit W and SI scale)
   converts to kW; without a measurement the value is taken as kW.
+* ELECTRICITY_PRICE ``price``: with a schedule sender (``send_schedule``), each interval
+  becomes a schedule row ``[start, end, "p", $/MWh]`` (measurement ``currencyPerKWh``: x 1000
+  times its SI scale; no measurement: ``price_unit``, $/kWh by default) and the price rows of
+  every live price event go to the site as ONE signed schedule (gridshed.dispatch; the board
+  sheds each block above its strike, docs/market.md). A cancel sends the schedule without
+  that event's rows. Without a schedule sender price signals are not acted on.
 * Any other signal is not acted on; an event with no usable signal is answered optOut.
 * Test events (``test_event`` true) are answered optIn and logged but never acted on.
 """
@@ -42,6 +48,7 @@ from .errors import UserError
 log = logging.getLogger("gridshed.openadr")
 
 SendFn = Callable[[str, str, "float | None", int], Any]
+ScheduleFn = Callable[[list, str, int], Any]
 LogFn = Callable[[dict[str, Any]], None]
 
 ISSUER = "openadr"  # the issuer label the bridge signs into every command (its own shed entry)
@@ -206,6 +213,48 @@ def signal_segments(signal: dict[str, Any], levels: LevelMap, site_kw: float | N
     return out
 
 
+PRICE_SIGNAL = "ELECTRICITY_PRICE"
+
+
+def price_rows(signal: dict[str, Any], price_unit: str = "kwh") -> list[list]:
+    """An ELECTRICITY_PRICE ``price`` signal -> schedule rows [start, end, "p", $/MWh];
+    ValueError if the bridge cannot act on it (relative prices, another currency or unit, an
+    interval without a duration)."""
+    stype = signal.get("signal_type")
+    if stype != "price":
+        raise ValueError(f"{PRICE_SIGNAL}/{stype}: only absolute prices (signal type price) are supported")
+    meas = signal.get("measurement") or {}
+    if meas:
+        name = str(meas.get("name") or "")
+        unit = str(meas.get("unit") or "USD")
+        scale = _SCALE.get(str(meas.get("scale") or "none"))
+        if scale is None:
+            raise ValueError(f"unknown SI scale {meas.get('scale')!r}")
+        if unit != "USD":
+            raise ValueError(f"{PRICE_SIGNAL}: currency {unit!r} (the boards' strikes are in USD)")
+        if name == "currencyPerKWh":
+            factor = 1000.0 * scale
+        elif name in ("currencyPerMWh", "customUnit") and "MWh" in str(meas.get("description") or name):
+            factor = scale
+        else:
+            raise ValueError(f"{PRICE_SIGNAL}: measurement {name!r} is not a price per energy")
+    else:
+        factor = 1000.0 if price_unit == "kwh" else 1.0
+    rows = []
+    for iv in signal.get("intervals") or []:
+        start = _ts(iv["dtstart"])
+        dur = _secs(iv.get("duration"))
+        if dur <= 0:
+            raise ValueError(f"{PRICE_SIGNAL}: an interval without a duration")
+        value = iv.get("signal_payload")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{PRICE_SIGNAL}: payload {value!r} is not a number")
+        rows.append([int(start), int(start + dur), "p", round(value * factor, 2)])
+    if not rows:
+        raise ValueError(f"{PRICE_SIGNAL}: no intervals")
+    return rows
+
+
 def plan_event(event: dict[str, Any], levels: LevelMap, site_kw: float | None) -> tuple[list[Segment], list[str]]:
     """Segments from every supported signal of an event, and the reasons others were skipped."""
     signals = event.get("event_signals") or []
@@ -214,6 +263,8 @@ def plan_event(event: dict[str, Any], levels: LevelMap, site_kw: float | None) -
     segs: list[Segment] = []
     skipped = []
     for s in signals:
+        if s.get("signal_name") == PRICE_SIGNAL:
+            continue  # the bridge's price path (VenBridge._take)
         try:
             segs.extend(signal_segments(s, levels, site_kw))
         except (ValueError, KeyError, TypeError) as exc:
@@ -264,13 +315,19 @@ class VenBridge:
     ``client_kwargs``). ``now`` is the wall clock (unix seconds). Secure by default: the VTN
     URL must be https and openleadr's XML signatures stay on (``client_kwargs`` then needs the
     VEN's ``cert`` and ``key``); ``insecure=True`` allows http and turns signatures off.
+
+    ``send_schedule(rows, site, expires_s)`` (optional) delivers the price rows of every live
+    ELECTRICITY_PRICE event as one signed schedule (:meth:`SiteSender.schedule`); without it
+    price signals are skipped. ``price_unit`` ("kwh" or "mwh"): the unit of a price signal
+    that carries no measurement.
     """
 
     def __init__(self, vtn_url: str, ven_name: str, site: str, send: SendFn, *,
                  levels: LevelMap | None = None, site_kw: float | None = None, expires_s: int = 60,
                  ven_id: str | None = None, on_log: LogFn | None = None, retry_s: float = 5.0,
                  client_kwargs: dict[str, Any] | None = None, now: Callable[[], float] = time.time,
-                 insecure: bool = False) -> None:
+                 insecure: bool = False, send_schedule: ScheduleFn | None = None,
+                 price_unit: str = "kwh") -> None:
         if not insecure and not str(vtn_url).startswith("https://"):
             raise UserError(f"VTN {vtn_url!r}: https is required (plain http only with --insecure)")
         self.insecure = insecure
@@ -293,6 +350,13 @@ class VenBridge:
         self.client: Any = None
         self._lock: asyncio.Lock | None = None
         self._retry: asyncio.Task | None = None
+        if price_unit not in ("kwh", "mwh"):
+            raise UserError(f"price unit {price_unit!r}: kwh or mwh")
+        self.send_schedule = send_schedule
+        self.price_unit = price_unit
+        self.prices: dict[str, list[list]] = {}  # event id -> its schedule rows (arrival order)
+        self.sched_sent: list[list] | None = None  # the rows last delivered
+        self._sched_retry: asyncio.Task | None = None
 
     # -- log ----------------------------------------------------------------------------------
     def log(self, kind: str, **fields: Any) -> dict[str, Any]:
@@ -340,8 +404,9 @@ class VenBridge:
         for p in self.plans.values():
             if p.task:
                 p.task.cancel()
-        if self._retry:
-            self._retry.cancel()
+        for r in (self._retry, self._sched_retry):
+            if r:
+                r.cancel()
         if self.client is not None and self.client.client_session is not None:
             await self.client.stop()
         self.log("stop", shed_state=self.sent.describe() if self.sent else None)
@@ -378,27 +443,91 @@ class VenBridge:
         old = self.plans.pop(eid, None)
         if old and old.task:
             old.task.cancel()
+        had_prices = self.prices.pop(eid, None) is not None
         if status == "cancelled":
             self.log("cancelled", event_id=eid)
             self._kick()
-            return old.opt if old else "optIn"
+            if had_prices:
+                self._kick_schedule()
+            return old.opt if old else self.opts.get(eid, "optIn")
         segs, skipped = plan_event(event, self.levels, self.site_kw)
-        for why in skipped:
+        rows, pskipped = self._price_rows(event)
+        for why in skipped + pskipped:
             self.log("signal-skipped", event_id=eid, reason=why)
-        if not segs:
+        if not segs and not rows:
             self.log("opt", event_id=eid, opt="optOut", reason="no signal this bridge can act on")
+            if had_prices:
+                self._kick_schedule()
             return "optOut"
         test = bool(desc.get("test_event"))
         plan = _Plan(eid, segs, "optIn", test)
         self.log("opt", event_id=eid, opt="optIn", test_event=test,
                  timeline=[{"start": _iso(s.start), "end": _iso(s.end), "action": s.action.describe(),
-                            "why": s.why} for s in segs])
+                            "why": s.why} for s in segs],
+                 prices=[{"start": _iso(r[0]), "end": _iso(r[1]), "usd_mwh": r[3]} for r in rows])
         if test:
             self.log("test-event", event_id=eid, note="test event: logged, not acted on")
             return "optIn"
-        self.plans[eid] = plan
-        plan.task = asyncio.get_running_loop().create_task(self._run_plan(plan))
+        if segs:
+            self.plans[eid] = plan
+            plan.task = asyncio.get_running_loop().create_task(self._run_plan(plan))
+        if rows:
+            self.prices[eid] = rows
+        if rows or had_prices:
+            self._kick_schedule()
         return "optIn"
+
+    def _price_rows(self, event: dict[str, Any]) -> tuple[list[list], list[str]]:
+        rows: list[list] = []
+        skipped = []
+        for sig in event.get("event_signals") or []:
+            if not isinstance(sig, dict) or sig.get("signal_name") != PRICE_SIGNAL:
+                continue
+            if self.send_schedule is None:
+                skipped.append(f"{PRICE_SIGNAL}: no schedule sender (price events go over --via mqtt or serial)")
+                continue
+            try:
+                rows.extend(price_rows(sig, self.price_unit))
+            except (ValueError, KeyError, TypeError) as exc:
+                skipped.append(str(exc))
+        return rows, skipped
+
+    # -- price schedule -------------------------------------------------------------------------
+    def schedule_rows(self, t: float) -> list[list]:
+        """The rows of every live price event, older events first (a later row wins where rows
+        overlap, so a newer event overrides an older one), rows already over at t dropped."""
+        return [list(r) for rows in self.prices.values() for r in rows if r[1] > t]
+
+    def _kick_schedule(self) -> None:
+        asyncio.get_running_loop().create_task(self.send_prices())
+
+    async def send_prices(self) -> None:
+        """Send the site the schedule of all live price events, when it changed."""
+        from .dispatch import MAX_INTERVALS
+
+        assert self._lock is not None and self.send_schedule is not None
+        async with self._lock:
+            rows = self.schedule_rows(self.now())
+            if rows == self.sched_sent:
+                return
+            if len(rows) > MAX_INTERVALS:
+                self.log("error", cmd="schedule", error=f"the price events carry {len(rows)} intervals; a board "
+                                                        f"holds at most {MAX_INTERVALS}: schedule not sent")
+                return
+            self.log("send", cmd="schedule", site=self.site, intervals=len(rows), events=sorted(self.prices))
+            try:
+                result = await asyncio.to_thread(self.send_schedule, rows, self.site, self.expires_s)
+            except Exception as exc:
+                self.log("send-failed", cmd="schedule", error=f"{type(exc).__name__}: {exc}", retry_s=self.retry_s)
+                if self._sched_retry is None or self._sched_retry.done():
+                    self._sched_retry = asyncio.get_running_loop().create_task(self._retry_schedule())
+                return
+            self.sched_sent = rows
+            self.log("sent", cmd="schedule", intervals=len(rows), result=result)
+
+    async def _retry_schedule(self) -> None:
+        await asyncio.sleep(self.retry_s)
+        await self.send_prices()
 
     # -- timeline -------------------------------------------------------------------------------
     async def _run_plan(self, plan: _Plan) -> None:
@@ -563,3 +692,17 @@ class SiteSender:
 
     def __call__(self, cmd: str, target_site: str, kw: float | None, expires_s: int) -> list[dict[str, Any]]:
         return self.deliver(self.sign(cmd, target_site, kw, expires_s))
+
+    def schedule(self, rows: list[list], target_site: str, expires_s: int) -> list[dict[str, Any]]:
+        """The price rows as one signed schedule per device of the site (gridshed.dispatch: its
+        key, a fresh seq, its next schedule id from the inventory), delivered like a command.
+        An empty list clears the boards' schedules (the price events were cancelled)."""
+        from . import dispatch
+
+        if self.via == "udp":
+            raise UserError("a schedule does not fit a UDP datagram: use --via mqtt or serial")
+        tg = self.targets(target_site)
+        nonces = self._nonces(tg) if dispatch.fresh_needed() else None
+        out = self.deliver(dispatch.sign(tg, rows, self.seq_path, self.inventory, expires_s,  # type: ignore[arg-type]
+                                         nonces=nonces))
+        return out

@@ -9,6 +9,8 @@
 - the default sender's bytes, caught on a real Mosquitto, are COSE_Mac0 commands that
   agent.commands.CommandVerifier accepts with the device's inventory key (and refuses with
   another device's), one per device of the site, seq increasing, through the real CLI;
+- ELECTRICITY_PRICE events become signed schedules (the real SiteSender on a real Mosquitto),
+  a cancel re-sends without the cancelled event's rows, relative prices are answered optOut;
 - the level map and the signal mapping (pure).
 """
 from __future__ import annotations
@@ -548,3 +550,91 @@ def test_level_map_and_signal_mapping():
     assert not segs and "site-kw" in skipped[0]
     segs, skipped = plan_event(ev("LOAD_CONTROL", "x-loadControlCapacity", 0.5), m, 800.0)
     assert not segs and "not supported" in skipped[0]
+
+
+# ------------------------------------------------------------------------------ price events
+def test_price_events_from_openleadr_vtn_become_signed_schedules(inventory, broker):
+    """ELECTRICITY_PRICE events from openleadr's VTN -> the real SiteSender -> one signed
+    schedule per device of the site on a real Mosquitto: the rows of every live price event
+    ($/kWh x 1000), a newer event's rows after an older one's, a cancel re-sending without it;
+    a relative price is answered optOut and sends nothing."""
+    from agent import mac0
+
+    path, keys = inventory
+    sub = CmdSub(broker.port)
+    sender = SiteSender(path, via="mqtt", broker=f"{HOST}:{broker.port}", ack_timeout=0.3)
+    kwh = objects.Measurement(name="currencyPerKWh", description="currencyPerKWh", unit="USD", scale="none")
+
+    def schedules(b: VenBridge) -> list[dict]:
+        return [r for r in b.records if r["kind"] == "sent" and r.get("cmd") == "schedule"]
+
+    async def scenario() -> tuple[dict, dict, VenBridge, float]:
+        vtn = Vtn()
+        url = await vtn.start()
+        bridge = VenBridge(url, "site1-ven", "site1", lambda *a: None, insecure=True,
+                           levels=LevelMap.parse(["1=full"]), send_schedule=sender.schedule, expires_s=45)
+        await bridge.start()
+        t0 = time.time()
+        ids = {"a": vtn.add("ELECTRICITY_PRICE", "price", [(600, 900, 0.25), (1500, 900, 0.031)], kwh)}
+        await _until(lambda: len(schedules(bridge)) == 1, "the first schedule", bridge.records)
+        ids["b"] = vtn.add("ELECTRICITY_PRICE", "price", [(900, 900, 0.5)], kwh)
+        await _until(lambda: len(schedules(bridge)) == 2, "the second schedule", bridge.records)
+        ids["rel"] = vtn.add("ELECTRICITY_PRICE", "priceRelative", [(600, 900, 0.1)])
+        await _until(lambda: ids["rel"] in bridge.opts, "the relative price's answer", bridge.records)
+        vtn.server.cancel_event(VEN_ID, ids["a"])
+        await _until(lambda: len(schedules(bridge)) == 3, "the schedule after the cancel", bridge.records)
+        await _until(lambda: all(i in vtn.opts for i in ids.values()), "the VTN's record of every opt",
+                     bridge.records)
+        await quiet(bridge, 60)
+        await bridge.stop()
+        await vtn.server.stop()
+        return ids, vtn.opts, bridge, t0
+
+    try:
+        ids, opts, bridge, t0 = asyncio.run(scenario())
+        deadline = time.time() + 30
+        while time.time() < deadline and len(sub.msgs) < 6:
+            time.sleep(0.05)
+    finally:
+        sub.close()
+    assert opts[ids["a"]] == "optIn" and opts[ids["b"]] == "optIn" and opts[ids["rel"]] == "optOut"
+    assert any(r["kind"] == "signal-skipped" and "only absolute prices" in r["reason"] for r in bridge.records)
+    assert [r["intervals"] for r in schedules(bridge)] == [2, 3, 1]
+    # on the wire: per device three schedules, each verifying with that device's key, ids rising
+    by_dev: dict[str, list[dict]] = {}
+    for topic, payload in sub.msgs:
+        dev = topic.split("/")[2]
+        kid, key = keys[dev]
+        r = mac0.verify(payload, {kid: key}, 4096)
+        assert isinstance(r, tuple), (dev, r)
+        by_dev.setdefault(dev, []).append(cbor.loads(r[1]))
+    assert sorted(by_dev) == ["site1-ctl1", "site1-ctl2"]
+    for dev, ps in by_dev.items():
+        assert [p["cmd"] for p in ps] == ["schedule"] * 3 and all(p["dev"] == dev for p in ps)
+        assert ps[0]["id"] < ps[1]["id"] < ps[2]["id"] and ps[0]["seq"] < ps[1]["seq"] < ps[2]["seq"]
+        a1, a2 = ps[0]["iv"]
+        assert [a1[2], a1[3], a2[2], a2[3]] == ["p", 250, "p", 31]        # $0.25/kWh, $0.031/kWh
+        assert a1[1] - a1[0] == 900 and a2[0] - a1[0] == 900 and a2[1] - a2[0] == 900
+        assert t0 + 600 - 5 <= a1[0] <= time.time() + 600
+        assert ps[1]["iv"][:2] == ps[0]["iv"] and ps[1]["iv"][2][3] == 500  # the newer event last: it wins
+        assert ps[2]["iv"] == ps[1]["iv"][2:]                               # event a cancelled
+
+
+def test_price_signal_units():
+    from gridshed.openadr import price_rows
+
+    t = datetime(2027, 7, 15, 20, tzinfo=timezone.utc)
+    iv = [{"dtstart": t, "duration": timedelta(minutes=15), "signal_payload": 0.1234}]
+    sig = {"signal_name": "ELECTRICITY_PRICE", "signal_type": "price", "intervals": iv}
+    u = int(t.timestamp())
+    assert price_rows(sig) == [[u, u + 900, "p", 123.4]]                   # no measurement: $/kWh
+    assert price_rows(sig, "mwh") == [[u, u + 900, "p", 0.12]]
+    assert price_rows({**sig, "measurement": {"name": "currencyPerKWh", "unit": "USD", "scale": "m"}}) == \
+        [[u, u + 900, "p", 0.12]]                                           # milli-dollars per kWh
+    for bad, msg in (({**sig, "signal_type": "priceMultiplier"}, "only absolute"),
+                     ({**sig, "measurement": {"name": "currencyPerKWh", "unit": "EUR"}}, "currency 'EUR'"),
+                     ({**sig, "measurement": {"name": "currencyPerKW", "unit": "USD"}}, "not a price per energy"),
+                     ({**sig, "intervals": [{**iv[0], "duration": timedelta(0)}]}, "without a duration"),
+                     ({**sig, "intervals": [{**iv[0], "signal_payload": float("nan")}]}, "not a number")):
+        with pytest.raises(ValueError, match=msg):
+            price_rows(bad)

@@ -21,6 +21,9 @@ EPILOG = """examples:
 SIMPLE levels (default 0=none 1=50% 2=full 3=full; a percentage is of --site-kw):
   --level 1=40%   --level 1=250kw   --level 2=full   --level 0=none
 LOAD_DISPATCH: delta sheds |value| kW; setpoint sheds (--site-kw - value) kW.
+ELECTRICITY_PRICE (price): the intervals become one signed price schedule to the site's boards
+  (mqtt or serial; each block sheds while the price is above its strike, docs/market.md);
+  currencyPerKWh x 1000 = $/MWh; a price without a measurement is in --price-unit (default kwh).
 Runs until Ctrl-C (or --run-for). Stopping the bridge never sends restore by itself.
 Secure by default: https and OpenADR XML signatures (--cert, --key, --vtn-fingerprint); plain
 http without signatures only with --insecure. Every command carries the issuer label "openadr":
@@ -46,6 +49,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--level", action="append", default=[], metavar="N=SPEC",
                    help="SIMPLE level mapping: N=full, N=none, N=P%%, N=KWkw (repeat)")
     p.add_argument("--site-kw", type=float, help="site's sheddable load in kW (for %% levels and setpoints)")
+    p.add_argument("--price-unit", choices=("kwh", "mwh"), default="kwh",
+                   help="unit of an ELECTRICITY_PRICE signal without a measurement: $/kWh (default) or $/MWh")
     p.add_argument("--expires", default="60s", help="lifetime of each command, e.g. 30s (default 60s)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for board answers (default 10)")
     p.add_argument("--log", metavar="FILE", help="append every log record to FILE (JSON lines)")
@@ -145,7 +150,8 @@ def cmd_openadr_ven(args: argparse.Namespace) -> int:
     sink = _Sink(args.json, args.log)
     bridge = VenBridge(args.vtn, args.ven_name, site, sender, levels=levels, site_kw=args.site_kw,
                        expires_s=expires, ven_id=args.ven_id, on_log=sink, client_kwargs=client_kwargs,
-                       insecure=args.insecure)
+                       insecure=args.insecure, send_schedule=sender.schedule if args.via != "udp" else None,
+                       price_unit=args.price_unit)
     sender.warn = lambda msg: bridge.log("warning", detail=msg)  # into the log, not the terminal by itself
     bridge.log("site", site=site, devices=devices, via=args.via,
                broker=args.broker if args.via == "mqtt" else None)
