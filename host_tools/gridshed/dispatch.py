@@ -3,7 +3,7 @@
 A schedule is one signed command (COSE_Mac0, the same path as ``gridshed shed``; see
 docs/security.md) whose payload carries, beside cmd/seq/exp/dev/site,
 
-    "cmd": "schedule", "id": <int, monotonic per device>,
+    "cmd": "schedule", "sid": <schedule id, int, monotonic per device>,
     "iv": [[start_unix, end_unix, "p", usd_per_mwh] | [start_unix, end_unix, "kw", kw_to_curtail], ...]
 
 A later interval wins where two overlap; a schedule with a higher id replaces the board's
@@ -33,6 +33,8 @@ PRICE_RANGE = (-10000.0, 100000.0)
 KW_MAX = 1e7
 MAX_SIGNED_BYTES = 2560     # the signed command's size cap (96 rows with cent prices: ~2.2 KB)
 CMD = "schedule"
+ID_KEY = "sid"              # the schedule id's payload key (docs/market.md "The schedule")
+CONSOLE_LINE_MAX = 1024     # the agent's longest console line (agent/app.py LINE_MAX)
 PRICE, KW = "p", "kw"
 
 
@@ -100,7 +102,7 @@ def payload(dev: str, site: str | None, seq: int, exp: int, sched_id: int, rows:
     p: dict[str, Any] = {"cmd": CMD, "seq": seq, "exp": int(exp), "dev": dev}
     if site is not None:
         p["site"] = site
-    p["id"] = int(sched_id)
+    p[ID_KEY] = int(sched_id)
     p["iv"] = rows
     if nonce is not None:
         p["nonce"] = bytes(nonce)
@@ -148,6 +150,8 @@ def sign(tgts: list[Any], rows: list[list], seq_path: Any, inventory: Any, expir
         for t in tgts:
             sid = (inv.next_schedule_id(t.device, at_least=int(now), intervals=len(rows)) if reserve_ids
                    else inv.peek_schedule_id(t.device, at_least=int(now)))
+            if sid >= 2**31:  # the board keeps ids below 2**31 (agent.market Market.set_schedule)
+                raise UserError(f"{t.device}: schedule id {sid} is past the board's limit (2**31 - 1)")
             seq = counter.next(t.kid, at_least=int(now)) if reserve_ids else max(counter.last(t.kid) + 1, int(now))
             p = payload(t.device, t.site, seq, int(now + expires_s), sid, rows, (nonces or {}).get(t.device))
             msg = cose.mac0_create(t.key, t.kid, cbor.dumps(p), tagged=True)
@@ -156,6 +160,21 @@ def sign(tgts: list[Any], rows: list[list], seq_path: Any, inventory: Any, expir
                                 f"{MAX_SIGNED_BYTES}: send fewer intervals (--horizon)")
             out.append(SignedSchedule(t, seq, p["exp"], sid, msg))
     return out
+
+
+def console_line_len(msg: bytes) -> int:
+    """Characters of the console request ``@cmd <base64>\\n`` carrying msg."""
+    return len("@cmd ") + 4 * ((len(msg) + 2) // 3) + 1
+
+
+def check_console(signed: list[SignedSchedule], rows: int) -> None:
+    """UserError when a signed schedule does not fit one console line."""
+    for s in signed:
+        n = console_line_len(s.msg)
+        if n > CONSOLE_LINE_MAX:
+            raise UserError(f"the signed schedule for {s.target.device} ({rows} intervals, {len(s.msg)} bytes) needs "
+                            f"a {n}-character console line; the agent takes {CONSOLE_LINE_MAX} (about 30 intervals): "
+                            "send fewer with --horizon, or over MQTT (--broker)")
 
 
 def summary(rows: list[list]) -> dict[str, Any]:

@@ -243,15 +243,42 @@ def test_dispatch_interval_cap(tmp_path, capsys, inv):
            "--dry-run", "--horizon", "24h")
     assert len(d["schedule"]) == 96 and d["schedule"][-1]["end_unix"] == T0 + 86400
     assert all(b["bytes"] <= dp.MAX_SIGNED_BYTES for b in d["boards"])
-    # out of what a board takes: one line naming the interval
+    # out of what a board takes: one line naming the row (the backtest's reader, the same CSV)
     bad = _prices(tmp_path, 4, price=lambda i: 200000 if i == 2 else 10)
     rc, _, err = run(capsys, "dispatch", str(bad), "--site", str(site), "--inventory", str(db), "--now", now,
                      "--dry-run")
-    assert rc == 2 and "price 200000 is outside" in err
+    assert rc == 2 and "prices.csv:4:" in err and "outside -10000..100000" in err
+    with pytest.raises(UserError, match=r"interval 1 \(.*\): kW to curtail 2e\+07 is outside"):
+        dp.check_rows([[T0, T0 + 900, "p", 1], [T0 + 900, T0 + 1800, "kw", 2e7]])
     # everything in the past
-    rc, _, err = run(capsys, "dispatch", str(bad), "--site", str(site), "--inventory", str(db), "--dry-run",
-                     "--now", "2030-01-01T00:00:00Z")
+    rc, _, err = run(capsys, "dispatch", str(_prices(tmp_path, 4)), "--site", str(site), "--inventory", str(db),
+                     "--dry-run", "--now", "2030-01-01T00:00:00Z")
     assert rc == 2 and "no interval from now on" in err
+
+
+def test_console_line_limit(tmp_path, capsys, inv):
+    import re
+
+    src = (ROOT / "firmware" / "agent" / "app.py").read_text()
+    assert int(re.search(r"^LINE_MAX = (\d+)", src, re.M).group(1)) == dp.CONSOLE_LINE_MAX
+    db, _ = inv
+    site = ROOT / "scenarios" / "demo-site.toml"
+    now = "2027-07-15T00:00:00-05:00"
+    # 40 cent prices do not fit one console line: refused before anything is reserved or sent
+    prices = _prices(tmp_path, 40, price=lambda i: 20 + i * 1.37)
+    d = js(capsys, "dispatch", str(prices), "--site", str(site), "--inventory", str(db), "--now", now, "--dry-run",
+           "--device", "ctl-1")
+    assert d["boards"][0]["console_line"] > dp.CONSOLE_LINE_MAX
+    rc, out, err = run(capsys, "dispatch", str(prices), "--site", str(site), "--inventory", str(db), "--now", now,
+                       "--device", "ctl-1", "--port", str(tmp_path / "no-such-port"))
+    assert rc == 2 and out == "" and "console line; the agent takes 1024" in err and "--broker" in err
+    with Inventory(db) as x:
+        assert x.schedule_info("ctl-1") is None
+    # a day of hourly whole-dollar prices does
+    prices = _prices(tmp_path, 24, step=3600, price=lambda i: 20 + i)
+    d = js(capsys, "dispatch", str(prices), "--site", str(site), "--inventory", str(db), "--now", now, "--dry-run",
+           "--device", "ctl-1")
+    assert len(d["schedule"]) == 24 and d["boards"][0]["console_line"] <= dp.CONSOLE_LINE_MAX
 
 
 def test_signed_schedule_verifies_and_ids_rise(tmp_path, inv):
@@ -270,7 +297,7 @@ def test_signed_schedule_verifies_and_ids_rise(tmp_path, inv):
         assert isinstance(r, tuple), r
         p = cbor.loads(r[1])
         assert p["cmd"] == "schedule" and p["dev"] == a.target.device and p["site"] == "demo-site"
-        assert p["id"] == b.sched_id and p["iv"] == rows and p["exp"] == T0 - 100 + 60
+        assert p["sid"] == b.sched_id and p["iv"] == rows and p["exp"] == T0 - 100 + 60
         other = keys["other-1"]
         assert mac0.verify(b.msg, {kid: other[1]}, 4096) == "bad-mac"
     with Inventory(db) as x:

@@ -611,7 +611,7 @@ def test_price_events_from_openleadr_vtn_become_signed_schedules(inventory, brok
     assert sorted(by_dev) == ["site1-ctl1", "site1-ctl2"]
     for dev, ps in by_dev.items():
         assert [p["cmd"] for p in ps] == ["schedule"] * 3 and all(p["dev"] == dev for p in ps)
-        assert ps[0]["id"] < ps[1]["id"] < ps[2]["id"] and ps[0]["seq"] < ps[1]["seq"] < ps[2]["seq"]
+        assert ps[0]["sid"] < ps[1]["sid"] < ps[2]["sid"] and ps[0]["seq"] < ps[1]["seq"] < ps[2]["seq"]
         a1, a2 = ps[0]["iv"]
         assert [a1[2], a1[3], a2[2], a2[3]] == ["p", 250, "p", 31]        # $0.25/kWh, $0.031/kWh
         assert a1[1] - a1[0] == 900 and a2[0] - a1[0] == 900 and a2[1] - a2[0] == 900

@@ -192,14 +192,17 @@ def build_rows(args: argparse.Namespace, now: float, site: dict[str, Any]) -> tu
     """The schedule rows (price rows, then 4CP kW rows) and the 4CP windows."""
     from .. import dispatch as dp
     from .. import fleet_client as fc
-    from ..prices import read_series
+    from ..backtest import load_prices
+    from ..prices import Interval
 
     if not args.prices and not args.fourcp:
         raise UserError("give a price CSV and/or --4cp CONFIG")
     horizon = fc.parse_duration(args.horizon) if args.horizon else None
     rows: list[list] = []
     if args.prices:
-        rows += dp.price_intervals(read_series(args.prices), now, horizon)
+        pr = load_prices(args.prices)  # the backtest's reader: one reading of the price CSV
+        series = [Interval(t, t + pr["interval_s"], p) for t, p in zip(pr["t"], pr["p"])]
+        rows += dp.price_intervals(series, now, horizon)
     wins: list[dict[str, Any]] = []
     if args.fourcp:
         cfg, wins = _fourcp(args.fourcp, args.forecast)
@@ -248,7 +251,8 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
     seq_path = fc.seq_file(args.inventory, args.seq_file)
     if args.dry_run:
         signed = dp.sign(tgts, rows, seq_path, args.inventory, expires, now, reserve_ids=False)
-        boards = [{"device": s.target.device, "schedule_id": s.sched_id, "bytes": len(s.msg)} for s in signed]
+        boards = [{"device": s.target.device, "schedule_id": s.sched_id, "bytes": len(s.msg),
+                   "console_line": dp.console_line_len(s.msg)} for s in signed]
         emit(args, {"dry_run": True, "site": site_id, "summary": summ, "boards": boards,
                      "schedule": dp.rows_json(rows)},
              [f"schedule for {site_id}: {summ['intervals']} intervals {summ['from']} .. {summ['to']} "
@@ -259,6 +263,8 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
         return 0
     broker = args.broker or os.environ.get("GRIDSHED_BROKER") or "127.0.0.1:1883"
     via = "serial" if args.port else "mqtt"
+    if via == "serial":  # the console line's limit, checked before an id or seq is spent
+        dp.check_console(dp.sign(tgts, rows, seq_path, args.inventory, expires, now, reserve_ids=False), len(rows))
     nonces = None
     if dp.fresh_needed():
         nonces = fc.nonces(via, tgts, port=args.port, broker=broker, timeout=args.timeout)
