@@ -188,7 +188,7 @@ def inv(tmp_path) -> tuple[Path, dict[str, tuple[bytes, bytes]]]:
     path = tmp_path / "inv.sqlite"
     keys = {}
     with Inventory(path) as db:
-        for dev, site in (("ctl-1", "demo-site"), ("ctl-2", "demo-site"), ("other-1", "other")):
+        for dev, site in (("ctl-1", "demo-site"), ("ctl-2", "demo-site"), ("other-1", "other"), ("mkt-1", "market-site")):
             kid, key = os.urandom(8), new_key()
             db.record_provision(dev, "unix-sim", site, kid.hex(), key, "b1", "c1")
             keys[dev] = (kid, key)
@@ -224,6 +224,13 @@ def test_dispatch_dry_run_schedule(tmp_path, capsys, inv):
     assert d["schedule"][-1] == {"start": "2027-07-15T05:30:00Z", "end": "2027-07-15T05:45:00Z",
                                  "start_unix": T0 + 1800, "end_unix": T0 + 2700, "curtail_kw": 369}
     assert len(d["schedule"]) == 5 and [b["device"] for b in d["boards"]] == ["ctl-1"]
+    # the demo site has no strikes: said once on stderr, stdout stays the JSON
+    rc, out, err = run(capsys, "dispatch", str(prices), "--site", str(site), "--inventory", str(db), "--now", now,
+                       "--dry-run", "--json")
+    assert rc == 0 and json.loads(out)["dry_run"] and "no [[blocks]] has strike_usd_mwh" in err
+    rc, _, err = run(capsys, "dispatch", str(prices), "--site", str(ROOT / "scenarios" / "market-site.toml"),
+                     "--inventory", str(db), "--now", now, "--dry-run")
+    assert rc == 0 and err == ""
     # a person's text says it is a dry run
     rc, out, _ = run(capsys, "dispatch", str(prices), "--site", str(site), "--inventory", str(db), "--now", now,
                      "--dry-run")

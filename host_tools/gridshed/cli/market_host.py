@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from ..errors import UserError
-from .output import emit, note
+from .output import emit, note, warn
 
 BREAKEVEN_EPILOG = """formula:
   strike ($/MWh) = hashprice ($/TH/day) x (1 - pool fee) / (efficiency (J/TH) x 86400 / 3.6e9)
@@ -238,6 +238,10 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
     rows, _ = build_rows(args, now, site)
     dp.check_rows(rows)
     dp.check_size(rows)
+    if any(r[2] == "p" for r in rows) and not any(isinstance(b, dict) and "strike_usd_mwh" in b
+                                                  for b in site.get("blocks") or []):
+        warn(f"{args.site}: no [[blocks]] has strike_usd_mwh: the boards take the prices but shed nothing for them "
+             "(see `gridshed breakeven --site`)")
     summ = dp.summary(rows)
     if args.device:
         tgts = [t for d in dict.fromkeys(args.device) for t in fc.targets(args.inventory, d, None)]
