@@ -35,6 +35,8 @@ MAX_SIGNED_BYTES = 2560     # the signed command's size cap (96 rows with cent p
 CMD = "schedule"
 ID_KEY = "sid"              # the schedule id's payload key (docs/market.md "The schedule")
 CONSOLE_LINE_MAX = 1024     # the agent's longest console line (agent/app.py LINE_MAX)
+FLEET_MAX_PACKET = 640      # the board's MQTT receive buffer (agent/fleet.py max_packet): a bigger
+                            # PUBLISH is skipped by the board, unanswered
 PRICE, KW = "p", "kw"
 
 
@@ -167,14 +169,45 @@ def console_line_len(msg: bytes) -> int:
     return len("@cmd ") + 4 * ((len(msg) + 2) // 3) + 1
 
 
-def check_console(signed: list[SignedSchedule], rows: int) -> None:
-    """UserError when a signed schedule does not fit one console line."""
+def mqtt_packet_len(s: SignedSchedule) -> int:
+    """Bytes of the MQTT PUBLISH (QoS 1) that carries s to its board's cmd topic."""
+    rem = 2 + len(f"gridshed/{s.target.site}/{s.target.device}/cmd".encode()) + 2 + len(s.msg)
+    return 1 + (1 if rem < 128 else 2 if rem < 16384 else 3) + rem
+
+
+def transport_size(s: SignedSchedule, via: str) -> tuple[int, int, str]:
+    """(size, limit, what) of the signed schedule on a transport ("serial" or "mqtt")."""
+    if via == "serial":
+        return console_line_len(s.msg), CONSOLE_LINE_MAX, "console line (characters)"
+    return mqtt_packet_len(s), FLEET_MAX_PACKET, "MQTT packet (bytes) of the board's fleet channel"
+
+
+def fits(signed: list[SignedSchedule], via: str) -> bool:
+    return all(transport_size(s, via)[0] <= transport_size(s, via)[1] for s in signed)
+
+
+def check_transport(signed: list[SignedSchedule], rows: int, via: str) -> None:
+    """UserError when a signed schedule does not fit what the board takes on `via`."""
     for s in signed:
-        n = console_line_len(s.msg)
-        if n > CONSOLE_LINE_MAX:
-            raise UserError(f"the signed schedule for {s.target.device} ({rows} intervals, {len(s.msg)} bytes) needs "
-                            f"a {n}-character console line; the agent takes {CONSOLE_LINE_MAX} (about 30 intervals): "
-                            "send fewer with --horizon, or over MQTT (--broker)")
+        n, limit, what = transport_size(s, via)
+        if n > limit:
+            raise UserError(f"the signed schedule for {s.target.device} ({rows} intervals) is a {n}-long {what}; "
+                            f"the board takes {limit}: send fewer intervals (--horizon, or --fit to send as many "
+                            "as fit)")
+
+
+def fit_rows(rows: list[list], ok: Any) -> list[list]:
+    """The rows starting before the latest cut-off time for which ok(rows) holds (every row
+    kind cut at the same time, so the 4CP rows of the kept hours stay); [] if none fits."""
+    starts = sorted({r[0] for r in rows})
+    lo, hi = 0, len(starts)  # keep rows with start <= starts[k-1]; find the largest k that fits
+    while lo < hi:
+        k = (lo + hi + 1) // 2
+        if ok([r for r in rows if r[0] <= starts[k - 1]]):
+            lo = k
+        else:
+            hi = k - 1
+    return [r for r in rows if r[0] <= starts[lo - 1]] if lo else []
 
 
 def summary(rows: list[list]) -> dict[str, Any]:

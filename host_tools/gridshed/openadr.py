@@ -702,7 +702,19 @@ class SiteSender:
         if self.via == "udp":
             raise UserError("a schedule does not fit a UDP datagram: use --via mqtt or serial")
         tg = self.targets(target_site)
+
+        def trial(rs: list[list]) -> list[Any]:
+            return dispatch.sign(tg, rs, self.seq_path, self.inventory, expires_s, reserve_ids=False)
+
+        if rows and not dispatch.fits(trial(rows), self.via):
+            kept = dispatch.fit_rows(rows, lambda rs: dispatch.fits(trial(rs), self.via))
+            msg = (f"the price schedule has {len(rows)} intervals; {len(kept)} fit the board's {self.via} "
+                   f"transport: sending those (they reach {_iso(max(r[1] for r in kept)) if kept else 'nothing'})")
+            if self.warn:
+                self.warn(msg)
+            else:
+                log.warning("%s", msg)
+            rows = kept
         nonces = self._nonces(tg) if dispatch.fresh_needed() else None
-        out = self.deliver(dispatch.sign(tg, rows, self.seq_path, self.inventory, expires_s,  # type: ignore[arg-type]
-                                         nonces=nonces))
-        return out
+        return self.deliver(dispatch.sign(tg, rows, self.seq_path, self.inventory, expires_s,  # type: ignore[arg-type]
+                                          nonces=nonces))

@@ -263,29 +263,46 @@ def test_dispatch_interval_cap(tmp_path, capsys, inv):
     assert rc == 2 and "no interval from now on" in err
 
 
-def test_console_line_limit(tmp_path, capsys, inv):
+def test_transport_limits_and_fit(tmp_path, capsys, inv):
     import re
 
+    # the board's limits, read from the firmware: the console line and the fleet channel's buffer
     src = (ROOT / "firmware" / "agent" / "app.py").read_text()
     assert int(re.search(r"^LINE_MAX = (\d+)", src, re.M).group(1)) == dp.CONSOLE_LINE_MAX
+    src = (ROOT / "firmware" / "agent" / "fleet.py").read_text()
+    assert int(re.search(r"max_packet=(\d+)", src).group(1)) == dp.FLEET_MAX_PACKET
     db, _ = inv
-    site = ROOT / "scenarios" / "demo-site.toml"
+    site = ROOT / "scenarios" / "market-site.toml"
     now = "2027-07-15T00:00:00-05:00"
-    # 40 cent prices do not fit one console line: refused before anything is reserved or sent
-    prices = _prices(tmp_path, 40, price=lambda i: 20 + i * 1.37)
-    d = js(capsys, "dispatch", str(prices), "--site", str(site), "--inventory", str(db), "--now", now, "--dry-run",
-           "--device", "ctl-1")
-    assert d["boards"][0]["console_line"] > dp.CONSOLE_LINE_MAX
-    rc, out, err = run(capsys, "dispatch", str(prices), "--site", str(site), "--inventory", str(db), "--now", now,
-                       "--device", "ctl-1", "--port", str(tmp_path / "no-such-port"))
-    assert rc == 2 and out == "" and "console line; the agent takes 1024" in err and "--broker" in err
+    base = ["dispatch", "--site", str(site), "--inventory", str(db), "--now", now]
+    # 40 cent prices fit neither a console line nor the board's MQTT buffer: refused before
+    # anything is reserved or sent (the port and the broker are never opened)
+    prices = str(_prices(tmp_path, 40, price=lambda i: 20 + i * 1.37))
+    d = js(capsys, *base, prices, "--dry-run")
+    assert d["boards"][0]["fits"] == {"serial": False, "mqtt": False}
+    assert d["boards"][0]["console_line"] > dp.CONSOLE_LINE_MAX and d["boards"][0]["mqtt_packet"] > dp.FLEET_MAX_PACKET
+    for via in (["--port", str(tmp_path / "no-such-port")], ["--broker", "127.0.0.1:9"]):
+        rc, out, err = run(capsys, *base, prices, *via)
+        assert rc == 2 and out == "" and err.count("\n") == 1, err
+        assert "the board takes" in err and "--fit" in err, err
     with Inventory(db) as x:
-        assert x.schedule_info("ctl-1") is None
-    # a day of hourly whole-dollar prices does
-    prices = _prices(tmp_path, 24, step=3600, price=lambda i: 20 + i)
-    d = js(capsys, "dispatch", str(prices), "--site", str(site), "--inventory", str(db), "--now", now, "--dry-run",
-           "--device", "ctl-1")
-    assert len(d["schedule"]) == 24 and d["boards"][0]["console_line"] <= dp.CONSOLE_LINE_MAX
+        assert x.schedule_info("mkt-1") is None
+    # --fit: the longest head that fits, cut at one time for every row kind, and said how far
+    rc, out, err = run(capsys, *base, prices, "--dry-run", "--fit", "--port", "/dev/null", "--json")
+    d = json.loads(out)
+    n = d["summary"]["intervals"]
+    assert rc == 0 and 10 < n < 40 and d["boards"][0]["fits"]["serial"] is True, d
+    assert f"--fit: {n} of 40 intervals fit the serial transport" in err
+    assert [r["start_unix"] for r in d["schedule"]] == [T0 + 900 * i for i in range(n)]
+    d = js(capsys, *base, prices, "--dry-run", "--fit")
+    assert d["boards"][0]["fits"]["mqtt"] is True and d["summary"]["intervals"] < n  # MQTT: 640 bytes
+    rows = [[T0 + 900 * i, T0 + 900 * (i + 1), "p", i] for i in range(10)] + [[T0, T0 + 9000, "kw", 5]]
+    assert dp.fit_rows(rows, lambda rs: len(rs) <= 7) == rows[:6] + rows[10:]
+    assert dp.fit_rows(rows, lambda rs: False) == []
+    # a day of hourly whole-dollar prices fits one console line
+    prices = str(_prices(tmp_path, 24, step=3600, price=lambda i: 20 + i))
+    d = js(capsys, *base, prices, "--dry-run")
+    assert len(d["schedule"]) == 24 and d["boards"][0]["fits"]["serial"] is True
 
 
 def test_signed_schedule_verifies_and_ids_rise(tmp_path, inv):

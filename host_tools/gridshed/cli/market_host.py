@@ -92,6 +92,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--horizon", metavar="DURATION", help="only intervals starting within this from now (e.g. 24h)")
     p.add_argument("--now", metavar="ISO", help="the time the schedule starts from (default: the host clock)")
     p.add_argument("--dry-run", action="store_true", help="print the schedule; sign nothing, send nothing")
+    p.add_argument("--fit", action="store_true",
+                   help="send the first intervals that fit the transport (a warning says how far they reach) "
+                        "instead of refusing a schedule that does not fit")
     p.add_argument("--port", "-p", help="serial port of the board's console (one board)")
     p.add_argument("--broker", help="MQTT broker HOST[:PORT] (default $GRIDSHED_BROKER or 127.0.0.1:1883)")
     p.add_argument("--expires", default="60s", help="the command's delivery lifetime (default 60s)")
@@ -253,22 +256,36 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
     if args.port and len(tgts) != 1:
         raise UserError(f"--port reaches one board: name it with --device ({len(tgts)} boards in site {site_id!r})")
     seq_path = fc.seq_file(args.inventory, args.seq_file)
+    via = "serial" if args.port else "mqtt"
+
+    def trial(rs: list[list]) -> list[Any]:  # signed as it would be, nothing reserved
+        return dp.sign(tgts, rs, seq_path, args.inventory, expires, now, reserve_ids=False)
+
+    if args.fit and not dp.fits(trial(rows), via):
+        kept = dp.fit_rows(rows, lambda rs: dp.fits(trial(rs), via))
+        if not kept:
+            raise UserError(f"not even the first interval fits the {via} transport")
+        warn(f"--fit: {len(kept)} of {len(rows)} intervals fit the {via} transport; the schedule reaches "
+             f"{dp.iso(max(r[1] for r in kept))}: dispatch again before then")
+        rows = kept
+        summ = dp.summary(rows)
     if args.dry_run:
-        signed = dp.sign(tgts, rows, seq_path, args.inventory, expires, now, reserve_ids=False)
+        signed = trial(rows)
         boards = [{"device": s.target.device, "schedule_id": s.sched_id, "bytes": len(s.msg),
-                   "console_line": dp.console_line_len(s.msg)} for s in signed]
+                   "console_line": dp.console_line_len(s.msg), "console_max": dp.CONSOLE_LINE_MAX,
+                   "mqtt_packet": dp.mqtt_packet_len(s), "mqtt_max": dp.FLEET_MAX_PACKET,
+                   "fits": {v: dp.fits([s], v) for v in ("serial", "mqtt")}} for s in signed]
         emit(args, {"dry_run": True, "site": site_id, "summary": summ, "boards": boards,
                      "schedule": dp.rows_json(rows)},
              [f"schedule for {site_id}: {summ['intervals']} intervals {summ['from']} .. {summ['to']} "
               f"(dry run: nothing signed into the inventory, nothing sent)"]
              + [f"  {r['start']} .. {r['end']}  " + (f"${r['price_usd_mwh']}/MWh" if "price_usd_mwh" in r
                                                       else f"curtail {r['curtail_kw']} kW") for r in dp.rows_json(rows)]
-             + [f"  {b['device']}: would be schedule id {b['schedule_id']} ({b['bytes']} bytes signed)" for b in boards])
+             + [f"  {b['device']}: would be schedule id {b['schedule_id']} ({b['bytes']} bytes signed; console line "
+                f"{b['console_line']}/{b['console_max']}, MQTT packet {b['mqtt_packet']}/{b['mqtt_max']})" for b in boards])
         return 0
     broker = args.broker or os.environ.get("GRIDSHED_BROKER") or "127.0.0.1:1883"
-    via = "serial" if args.port else "mqtt"
-    if via == "serial":  # the console line's limit, checked before an id or seq is spent
-        dp.check_console(dp.sign(tgts, rows, seq_path, args.inventory, expires, now, reserve_ids=False), len(rows))
+    dp.check_transport(trial(rows), len(rows), via)  # before an id or seq is spent
     nonces = None
     if dp.fresh_needed():
         nonces = fc.nonces(via, tgts, port=args.port, broker=broker, timeout=args.timeout)
