@@ -24,7 +24,7 @@ def _micro_setup(work: Path) -> Path:
     import struct
 
     from agent.crc import crc16_modbus
-    from agent.meter import MeterMap
+    from agent.meter_check import MeterMap
 
     cfg = demo_cfg()
     cfg.pop("warnings", None)

@@ -7,24 +7,17 @@
 # from source.)
 import asyncio
 import gc
-import json
 import sys
 
-from agent import cbor
 from agent import control
+from agent.base import BUILD, KEYS_PATH, STATE_PATH, ConsoleLines, log, read_checked, reply, unload, write_cbor_atomic
 from agent.compat import ticks_ms, ticks_diff, ticks_add
 from agent.journal import Journal
 from agent.meter import MeterMap
 from agent.relays import RelayBank
 
-BUILD = "dev"
-CONFIG_PATH = "config.cbor"
-STATE_PATH = "state.cbor"
-KEYS_PATH = "keys.cbor"
-SEQ_PATH = "seq.cbor"
 TICK_MS = 50
 CAPTURE_PART = 40     # samples per capture record (400 bytes)
-INPUT_MS = 10
 WDT_MS = 8000        # hardware watchdog timeout (rp2 allows at most 8388 ms)
 WDT_POLL_PERIODS = 3  # the poll task must finish its next cycle within 3 periods + its worst read
 WDT_BOOT_MS = 3000    # extra allowance for the first cycle (UART/socket open, first connect)
@@ -36,69 +29,6 @@ def _cause(hal):
     # watchdog marker): journaled with the boot record
     f = getattr(hal, "reset_cause", None)
     return f() if f else None
-
-
-def log(level, msg):
-    print("%s %d %s" % (level, ticks_ms(), msg))
-
-
-def read_checked(path):
-    # A settings file in its integrity wrapper (agent/integrity.py): (obj, None); (None, None)
-    # when there is no such file; (None, reason) when it is there but fails its check.
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None, None
-    from agent import integrity  # loaded for the read only (2.3 KB resident otherwise)
-
-    body, why = integrity.unwrap(raw)
-    unload("agent.integrity")
-    if why is None:
-        try:
-            return cbor.loads(body), None
-        except ValueError:
-            why = "sound CRC but not CBOR"
-    return None, why
-
-
-def read_cbor(path):
-    return read_checked(path)[0]
-
-
-def write_cbor_atomic(path, obj):
-    import os
-
-    from agent.integrity import wrap
-
-    data = wrap(cbor.dumps(obj))
-    unload("agent.integrity")
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.rename(tmp, path)
-
-
-def unload(name):
-    # Free a module loaded for a one-off job: drop it from sys.modules and from its package.
-    sys.modules.pop(name, None)
-    pkg = sys.modules.get("agent")
-    short = name.rsplit(".", 1)[-1]
-    if pkg is not None and short in pkg.__dict__:
-        delattr(pkg, short)
-
-
-def reply(obj, end):
-    # One JSON object per line, streamed (json.dump): no reply or value string in RAM. obj: a
-    # dict, or (key, value) pairs made one at a time (the status).
-    w = sys.stdout.write
-    w("@{")
-    for k, v in obj.items() if isinstance(obj, dict) else obj:
-        w(json.dumps(k))
-        w(": ")
-        json.dump(v, sys.stdout)
-        w(", ")
-    w('"end": true}\n' if end else '"end": false}\n')
 
 
 class Agent:
@@ -188,7 +118,7 @@ class Agent:
         jc = cfg.get("journal") or {}
         self.journal = Journal(".", seg_size=jc.get("segment_bytes", 16384), max_segs=jc.get("segments", 4),
                                clock=self.now_unix)
-        self.meter_map = MeterMap(cfg["meter"]["map"], checked=True)  # checked in agent/boot.py
+        self.meter_map = MeterMap(cfg["meter"]["map"])  # checked in agent/boot.py
         # the map now lives in meter_map's arrays; keep only what the host needs to name it
         cfg["meter"]["map"] = {"model": self.meter_map.model}
         self.hz = None
@@ -553,82 +483,6 @@ class Agent:
         log("I", "agent up: site=%s device=%s blocks=%d state=%s" % (
             self.cfg["site"], self.cfg["device"], len(self.cfg["blocks"]), control.STATE_NAMES[self.ctrl.state]))
         await self.poll_task()
-
-
-LINE_MAX = 1024  # longest console line kept; a longer one is discarded as it arrives
-
-
-def _chunk(s):
-    # (awaited) the next piece of a console line, at most 256 bytes, up to and with its
-    # newline: the wait is asyncio's (as in its Stream), the read is the stream's own readline
-    from asyncio import core  # type: ignore[attr-defined]  # the ports' asyncio package (frozen); not in the stubs
-
-    yield core._io_queue.queue_read(s)
-    return s.readline(256)
-
-
-class ConsoleLines:
-    # Console request lines (str, stripped). A line that arrives in one piece (every request
-    # but a long signed command) is taken as read; a longer one is gathered in a buffer made for
-    # it (LINE_MAX) and freed after it. An over-long line is thrown away a piece at a time as it
-    # arrives (counted console_long, never held in RAM), a line that is not UTF-8 is counted
-    # console_utf8, a read error console_io.
-    def __init__(self, count):
-        self.count = count
-        self.s = getattr(sys.stdin, "buffer", sys.stdin)
-
-    async def next(self):
-        buf = None
-        n = 0
-        long = False
-        while True:
-            try:
-                c = await _chunk(self.s)
-            except Exception:
-                self.count("console_io")
-                await asyncio.sleep_ms(500)
-                continue
-            if not c:
-                await asyncio.sleep_ms(50)
-                continue
-            if isinstance(c, str):  # a port whose stdin has no binary buffer
-                c = c.encode()
-            k = len(c)
-            end = c[k - 1] == 10
-            if end and n == 0 and not long:
-                line = c
-            else:
-                if not long:
-                    if n + k > LINE_MAX:
-                        long = True
-                    else:
-                        if buf is None:
-                            try:
-                                buf = bytearray(LINE_MAX)
-                            except MemoryError:
-                                long = True
-                        if buf is not None:
-                            buf[n:n + k] = c
-                            n += k
-                del c
-                if not end:
-                    continue
-                if long:
-                    self.count("console_long")
-                    buf = None
-                    long = False
-                    n = 0
-                    continue
-                line = bytes(buf[:n])
-                buf = None
-                n = 0
-            try:
-                line = line.decode().strip()
-            except UnicodeError:
-                line = None
-                self.count("console_utf8")
-            if line:
-                return line
 
 
 def run(cfg=None, errors=None, chash=None, switched=None):

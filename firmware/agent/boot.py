@@ -14,9 +14,9 @@ still there whose hash is the plan's is renamed into place, so config and key al
 together.
 """
 import gc
-import sys
 
-CONFIG_PATH = "config.cbor"
+from agent.base import CONFIG_PATH, log, unload
+
 PLAN_PATH = "switch-plan.json"
 
 
@@ -71,7 +71,7 @@ def finish_switch():
             if h is None:
                 continue  # renamed before the reset
             if len(r) > 2 and h != r[2]:
-                print("E switch-over: %s does not match the plan, left as it is" % r[0])
+                log("E", "switch-over: %s does not match the plan, left as it is" % r[0])
                 continue
             replace(r[0], r[1])
             done += 1
@@ -81,12 +81,12 @@ def finish_switch():
             except OSError:
                 pass
     except (ValueError, KeyError, TypeError, IndexError, OSError) as e:
-        print("E switch-over plan unusable: %r" % e)
+        log("E", "switch-over plan unusable: %r" % e)
     try:
         os.remove(PLAN_PATH)
     except OSError:
         pass
-    print("I switch-over finished at boot: %d files" % done)
+    log("I", "switch-over finished at boot: %d files" % done)
     gc.collect()
     return done
 
@@ -108,7 +108,7 @@ def load_config():
 
     body, why = integrity.unwrap(raw)
     del integrity
-    _unload("integrity")
+    unload("agent.integrity")
     if why is not None:
         return None, ["/%s integrity: %s: refused, provision the board again" % (CONFIG_PATH, why)], chash
     try:
@@ -120,19 +120,12 @@ def load_config():
 
     errors = config.validate(cfg)
     del config
-    _unload("config")
+    unload("agent.config")
     if not errors:
         from agent import meter_check
 
         errors = ["meter.map: " + e for e in meter_check.validate(cfg["meter"]["map"])]
         del meter_check
-        _unload("meter_check")
+        unload("agent.meter_check")
     gc.collect()
     return cfg, errors, chash
-
-
-def _unload(short):
-    sys.modules.pop("agent." + short, None)
-    pkg = sys.modules.get("agent")
-    if pkg is not None and short in pkg.__dict__:
-        delattr(pkg, short)

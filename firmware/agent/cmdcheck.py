@@ -115,7 +115,7 @@ def run(a, r):
     # comes back as (command, new marks): agent.cmdrun writes the marks first, then acts, so a
     # command is never acted on without its seq persisted, and one that could not be carried
     # to that step (no room to load it) has consumed nothing.
-    from agent.app import SEQ_PATH
+    from agent.base import SEQ_PATH
 
     try:
         hwm = load(SEQ_PATH)

@@ -10,7 +10,7 @@ from agent import cbor
 
 def run(a, c, src):
     # c: what agent.cmdcheck.run returned, (the command, new seq marks) or why it is refused
-    from agent.app import SEQ_PATH, log
+    from agent.base import SEQ_PATH, log
     from agent.compat import ticks_ms, ticks_diff
 
     if isinstance(c, tuple):  # accepted: the marks are persisted before anything else

@@ -4,7 +4,7 @@
 # load (milliseconds) and nothing while idle. The frequent ones do not load this module:
 # Agent.console_line hands @status to agent/status.py, a signed command (`@cmd`) to
 # Agent.signed_command and @events to agent/journal_read.py. Line protocol: docs/architecture.md.
-from agent.app import reply, unload
+from agent.base import reply, unload
 
 
 def handle(a, line):

@@ -16,6 +16,7 @@ import gc
 import json
 
 from agent import control
+from agent.base import hmac_sha256, log
 from agent.compat import const, ticks_ms, ticks_diff
 
 PENDING_MAX = const(4)
@@ -94,7 +95,7 @@ class Fleet:
         # body (a JSON object's text) with "mac" added last: per key, HMAC-SHA256(key, topic NUL
         # body) in hex
         parts = (topic.encode(), b"\x00", body.encode())
-        m = ", ".join('"%s": "%s"' % (_hex(kid), _hex(_hmac(k, parts))) for kid, k in self.keys)
+        m = ", ".join('"%s": "%s"' % (_hex(kid), _hex(hmac_sha256(k, parts))) for kid, k in self.keys)
         return body[:-1] + ', "mac": {%s}}' % m
 
     def telemetry(self):
@@ -121,7 +122,7 @@ class Fleet:
         except Exception as e:  # never let one message end the task
             self.a.count("mqtt_cmd_error")
             res = {"ok": False, "refused": "error"}
-            print("W mqtt cmd: %r" % (e,))
+            log("W", "mqtt cmd: %r" % (e,))
         if res.get("ok"):
             self.acc += 1
             self.seq = res.get("seq")
@@ -164,7 +165,7 @@ class Fleet:
 
 def _keys():
     # the provisioned keys (keys.cbor, {kid: key}), at most 4: [(kid, key)]
-    from agent.app import KEYS_PATH, read_cbor
+    from agent.base import KEYS_PATH, read_cbor
 
     try:
         k = read_cbor(KEYS_PATH)  # None when missing or failing its integrity check
@@ -175,27 +176,6 @@ def _keys():
 
 def _hex(b):
     return "".join("%02x" % x for x in b)
-
-
-def _hmac(key, parts):
-    # HMAC-SHA256 (as agent.mac0.hmac_sha256, which is loaded only for a command)
-    import hashlib
-
-    if len(key) > 64:
-        key = hashlib.sha256(key).digest()
-    pad = bytearray(64)
-    pad[:len(key)] = key
-    for i in range(64):
-        pad[i] ^= 0x36
-    h = hashlib.sha256(pad)
-    for p in parts:
-        h.update(p)
-    d = h.digest()
-    for i in range(64):
-        pad[i] ^= 0x6A
-    h = hashlib.sha256(pad)
-    h.update(d)
-    return h.digest()
 
 
 def start(agent):

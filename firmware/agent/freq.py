@@ -15,14 +15,11 @@
 import asyncio
 from time import ticks_us
 
+from agent.base import log
 from agent.compat import ticks_diff, ticks_ms
 from agent.freqmeter import FreqMeter
 
 WAKE_MS = 10
-
-
-def log(msg):
-    print("E %d %s" % (ticks_ms(), msg))
 
 
 class Freq:
@@ -78,7 +75,7 @@ class Freq:
                     self.lost += 1
                     a.count("ac_sense_lost")
                     a.journal.append("ac_sense", {"ok": False, "counters": fm.counters()})
-                    log("ac sense lost: frequency from the meter")
+                    log("E", "ac sense lost: frequency from the meter")
                 continue
             if not n:
                 continue
@@ -86,7 +83,7 @@ class Freq:
             if not self.ok:
                 self.ok = True
                 a.journal.append("ac_sense", {"ok": True, "role": "primary" if self.primary else "secondary"})
-                log("ac sense ok")
+                log("E", "ac sense ok")
             self.hz = hz = fm.hz()
             ctl.rocof = self.rocof = fm.rocof()
             if self.primary:
@@ -113,7 +110,7 @@ class Freq:
                 self.disagreements += 1
                 a.count("freq_disagree")
                 a.journal.append("freq_disagree", {"local_hz": hz, "meter_hz": m, "max_hz": self.max_dis})
-                log("freq_disagree local=%.3f meter=%.3f" % (hz, m))
+                log("E", "freq_disagree local=%.3f meter=%.3f" % (hz, m))
             return
         self._dis_t0 = None
         if self.disagree:

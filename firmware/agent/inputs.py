@@ -7,6 +7,8 @@ to the agent (loaded only when the dry contact or the override is enabled).
 """
 from agent.compat import ticks_diff
 
+INPUT_MS = 10  # the input task's sampling period
+
 
 class Debounced:
     # initial: the level assumed before the first sample (-1 = unknown: the first reading is
@@ -111,7 +113,7 @@ def boot_override(cfg, hal, persisted):
 async def run(a):
     # The agent's input task: sample every INPUT_MS, hand debounced changes to the decision.
     import asyncio
-    from agent.app import INPUT_MS, log
+    from agent.base import log
     from agent.compat import ticks_ms
 
     from agent.control import I_CONTACT

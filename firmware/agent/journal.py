@@ -460,13 +460,6 @@ class Journal:
                 self.io_errors += 1
             self._f = None
 
-    # -- reading: code in agent/journal_read.py, loaded by the console when a pull arrives ----
-    def read(self, since_seq=0, limit=None):
-        """Yield record dicts with n > since_seq from all segments, oldest first."""
-        from agent.journal_read import read
-
-        return read(self, since_seq, limit)
-
     def stats(self):
         total = 0
         for k in self._segs:
@@ -477,21 +470,3 @@ class Journal:
         return {"seq": self.seq, "segments": len(self._segs), "bytes": total, "torn": self.torn,
                 "io_errors": self.io_errors, "dropped": self.dropped,
                 "rotations": self.rotations, "read_errors": self.read_errors, "mem_errors": self.mem_errors}
-
-
-# ---------------------------------------------------------------------------------------------
-# JSON view of records (console `@events` replies, host exports): bytes fields such as a
-# capture's "smp" become {"b64": "<base64>"}; from_jsonable() reverses it.
-
-
-def jsonable(obj):
-    """JSON view of a record (bytes -> {"b64": ...}); in agent/journal_read.py."""
-    from agent.journal_read import jsonable as j
-
-    return j(obj)
-
-
-def from_jsonable(obj):
-    from agent.journal_read import from_jsonable as f
-
-    return f(obj)

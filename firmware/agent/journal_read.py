@@ -73,7 +73,7 @@ def read(self, since_seq=0, limit=None):
 
 def events(a, arg):
     """Console `@events [since]`: one reply line per record, then a summary line."""
-    from agent.app import reply
+    from agent.base import reply
 
     since = int(arg) if arg.isdigit() else 0
     n = 0

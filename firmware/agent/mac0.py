@@ -7,29 +7,9 @@
 # computed by feeding MAC_structure to SHA-256 in pieces, so no copy of the message is built.
 # agent.cose is the documented API over this (the rules, mac0_create for the host).
 # (Comments, not docstrings: less RAM when this is compiled from source.)
-import hashlib
 
 from agent import cbor
-
-
-def hmac_sha256(key, parts):
-    # HMAC-SHA256 (RFC 2104; MicroPython has no hmac module) of the concatenated byte strings
-    # in parts: one 64-byte pad buffer, flipped from the inner to the outer pad in place.
-    if len(key) > 64:
-        key = hashlib.sha256(key).digest()
-    pad = bytearray(64)
-    pad[:len(key)] = key
-    for i in range(64):
-        pad[i] ^= 0x36
-    h = hashlib.sha256(pad)
-    for p in parts:
-        h.update(p)
-    parts = h.digest()
-    for i in range(64):
-        pad[i] ^= 0x6A  # 0x36 ^ 0x5C
-    h = hashlib.sha256(pad)
-    h.update(parts)
-    return h.digest()
+from agent.base import hmac_sha256  # noqa: F401  (agent.cose uses mac0.hmac_sha256)
 
 
 def compare_digest(a, b):
@@ -98,7 +78,7 @@ def verify(buf, keys, max_len=4096):
 def run(a, buf):
     # The agent's step (Agent.signed_command): verify with the provisioned keys (/keys.cbor).
     # buf may be the console's base64 text: None when it is not base64.
-    from agent.app import KEYS_PATH, read_cbor
+    from agent.base import KEYS_PATH, read_cbor
 
     if isinstance(buf, str):
         import binascii

@@ -1,7 +1,7 @@
 """Meter register maps (data, meters/*.json) -> read plans, decode and encode of registers.
 
 Pure module: runs unchanged under MicroPython and CPython (the host simulator builds its register
-image with encode(), the very code the board decodes with).
+image with agent.meter_check.MeterMap.encode(), the inverse of the decode the board runs).
 
 A map:
     {"model": str, "function": 3|4,
@@ -59,20 +59,16 @@ def plan(spans, max_gap=DEFAULT_MAX_GAP, max_read=MAX_READ):
 
 
 class MeterMap:
-    """One meter map, checked, with its read plans and decoders.
+    """One meter map (already checked), with its read plans and decoders.
 
     Attributes: model, function, names (quantity names, map order), hot_plan and full_plan
     (lists of (start, count)), values (list of floats aligned with names, filled by update()),
     resolution_hz (or None).
     """
 
-    def __init__(self, m, max_gap=None, checked=False):
-        if not checked:  # the board checks the map at boot (agent/boot.py) and passes True
-            from agent.meter_check import validate
-
-            errors = validate(m)
-            if errors:
-                raise ValueError("meter map: " + "; ".join(errors))
+    def __init__(self, m, max_gap=None):
+        # m must be checked already: the board checks it at boot (agent/boot.py); the host builds
+        # agent.meter_check.MeterMap, which checks it and adds encode()
         self.model = m["model"]
         self.function = m["function"]
         self.resolution_hz = m.get("resolution_hz")
@@ -206,22 +202,3 @@ class MeterMap:
     def value(self, name):
         """Last value stored by update() for `name`."""
         return self.values[self._index[name]]
-
-    def encode(self, name, value):
-        """Value (in the map's unit) -> list of u16 words, in register order from the address."""
-        from agent.meter_check import words16
-
-        i = self._index[name]
-        return words16(self._type[i], self._little[i], value / self._scale[i])
-
-
-def validate(m):
-    """List of problems with a map dict (the checker lives in agent.meter_check: boot/host only)."""
-    from agent.meter_check import validate as v
-
-    return v(m)
-
-
-def encode(m, name, value):
-    """Module-level form of MeterMap.encode for a map dict (host convenience)."""
-    return MeterMap(m).encode(name, value)

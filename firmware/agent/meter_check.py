@@ -6,6 +6,7 @@ this module after boot).
 import struct
 
 from agent.meter import MAX_READ, TYPES, WORDS, QUANTITIES, REQUIRED, T_U16, T_S16, T_U32, T_F32
+from agent.meter import MeterMap as _MeterMap
 
 CONFIDENCE = ("reference", "manual", "community")
 MAP_KEYS = ("model", "title", "source", "confidence", "function", "resolution_hz", "quantities",
@@ -151,3 +152,24 @@ def words16(typ, little, raw):
     return [lo, hi] if little else [hi, lo]
 
 
+
+
+class MeterMap(_MeterMap):
+    """agent.meter.MeterMap for the host and the simulator: the map is checked first (ValueError
+    with every problem), and encode() writes values as the meter would (the board only decodes)."""
+
+    def __init__(self, m, max_gap=None):
+        errors = validate(m)
+        if errors:
+            raise ValueError("meter map: " + "; ".join(errors))
+        super().__init__(m, max_gap)
+
+    def encode(self, name, value):
+        """Value (in the map's unit) -> list of u16 words, in register order from the address."""
+        i = self._index[name]
+        return words16(self._type[i], self._little[i], value / self._scale[i])
+
+
+def encode(m, name, value):
+    """MeterMap(m).encode(name, value) for a map dict (host convenience)."""
+    return MeterMap(m).encode(name, value)

@@ -1,7 +1,7 @@
 # The meter's communication-quality summaries and the word-order hint (docs/meters.md): the
 # failure path of the poll task, loaded by Agent._comm() while polls fail or are implausible and
 # freed when they recover (a healthy site keeps none of this in RAM).
-from agent.app import log, unload
+from agent.base import log, unload
 from agent.compat import ticks_diff
 
 

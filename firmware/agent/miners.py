@@ -25,6 +25,7 @@ import errno
 import json
 import socket
 
+from agent.base import log
 from agent.compat import const, ticks_ms, ticks_diff, ticks_add
 
 MAX_REPLY = const(2048)
@@ -420,12 +421,6 @@ class Miners:
             self.ev.clear()
             while self._work(ticks_ms()):
                 await asyncio.sleep_ms(WORK_MS)
-
-
-def log(level, msg):
-    from agent.app import log as _log
-
-    _log(level, msg)
 
 
 def start(agent):

@@ -6,7 +6,8 @@
 import asyncio
 import gc
 
-from agent.app import BUILD, ConsoleLines, Journal, log, reply
+from agent.base import BUILD, ConsoleLines, log, reply
+from agent.journal import Journal
 
 
 async def refuse_forever(errors, chash):

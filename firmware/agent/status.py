@@ -5,7 +5,7 @@
 import gc
 
 from agent import control
-from agent.app import BUILD
+from agent.base import BUILD
 from agent.compat import ticks_ms, ticks_diff
 
 

@@ -20,6 +20,7 @@ import select
 import socket
 
 from agent import control
+from agent.base import log
 from agent.compat import const, ticks_ms, ticks_diff
 
 MAX_DATAGRAM = const(512)   # = agent.commands.MAX_COMMAND_LEN
@@ -51,7 +52,7 @@ async def _run(agent):
             raise
         except Exception as e:  # bind failure...: say so, retry later
             agent.count("udp_io")
-            print("W udp: %r" % (e,))
+            log("W", "udp: %r" % (e,))
             await asyncio.sleep(5)
 
 

@@ -6,7 +6,7 @@ import asyncio
 from agent import modbus_rtu as rtu
 from agent.compat import ticks_ms, ticks_diff
 from agent.modbus_errors import ModbusError
-from agent.utility_server import _log
+from agent.base import log
 
 
 async def serve(s, cfg):
@@ -15,7 +15,7 @@ async def serve(s, cfg):
         u = a.hal.uart("utility", cfg)
     except Exception as e:
         a.count("utility_uart")
-        _log("E", "utility modbus server: no utility UART: %r" % e)
+        log("E", "utility modbus server: no utility UART: %r" % e)
         return
     de = None
     uc = (a.cfg.get("uart") or {}).get("utility") or {}
@@ -28,7 +28,7 @@ async def serve(s, cfg):
     mv = memoryview(rx)
     got = 0
     last = ticks_ms()
-    _log("I", "utility modbus server: rtu %d baud unit %d" % (baud, s.unit))
+    log("I", "utility modbus server: rtu %d baud unit %d" % (baud, s.unit))
     while True:
         if got >= len(rx):  # longer than any Modbus frame: noise
             s.requests += 1
@@ -57,7 +57,7 @@ async def serve(s, cfg):
                 k = s.handle_rtu(rx, n)
             except Exception as e:
                 a.count("utility_error")
-                _log("E", "utility: %r" % e)
+                log("E", "utility: %r" % e)
                 k = 0
             if k:
                 try:

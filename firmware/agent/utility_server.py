@@ -14,6 +14,7 @@ import asyncio
 
 from agent import modbus_rtu as rtu
 from agent import modbus_tcp as tcp
+from agent.base import log
 from agent.compat import const, ticks_ms, ticks_diff
 from agent.control import I_MODBUS, I_CONTACT, I_HEARTBEAT
 from agent.modbus_errors import ModbusError, ModbusException
@@ -52,10 +53,6 @@ REL_BURST = const(4)     # restore-direction writes: burst, then one per REL_MS,
 REL_MS = const(1000)
 NOTE_BURST = const(10)   # journaled write records: burst, then one per NOTE_MS (all counted)
 NOTE_MS = const(1000)
-
-
-def _log(level, msg):
-    print("%s %d %s" % (level, ticks_ms(), msg))
 
 
 class UtilityServer:
@@ -226,7 +223,7 @@ class UtilityServer:
             d["skipped"] = self.unnoted
             self.unnoted = 0
         self.a.journal.append("utility", d)
-        _log("E", "utility %s %d (%s)" % (what, v, self.src))
+        log("E", "utility %s %d (%s)" % (what, v, self.src))
 
     def _set(self, r, v):
         a = self.a
@@ -259,7 +256,7 @@ class UtilityServer:
             if self.hb_lost:
                 self.hb_lost = False
                 a.journal.append("utility", {"ev": "heartbeat_ok", "src": self.src})
-                _log("E", "utility heartbeat back")
+                log("E", "utility heartbeat back")
             # a heartbeat-loss shed ends with the heartbeat only on a trusted line (never a
             # broadcast); otherwise a signed restore-all ends it
             if a.auth.held >> I_HEARTBEAT & 1 and a.trusted >> I_MODBUS & 1 and not self.bcast:
@@ -277,7 +274,7 @@ class UtilityServer:
             self.a.count("utility_heartbeat_lost")
             act = "shed" if self.hb_shed else "alarm"
             self.a.journal.append("utility", {"ev": "heartbeat_lost", "action": act, "src": self.src})
-            _log("W", "utility heartbeat lost (%d ms): %s" % (self.hb_ms, act))
+            log("W", "utility heartbeat lost (%d ms): %s" % (self.hb_ms, act))
             if self.hb_shed:
                 self.a.issue(I_HEARTBEAT, True)
                 self.apply()
@@ -323,7 +320,7 @@ class UtilityServer:
         self.bad += 1
         self.a.count("utility_bad_frame")
         if self.bad < 4 or self.bad % 100 == 0:
-            _log("W", "utility: bad frame (%d)" % self.bad)
+            log("W", "utility: bad frame (%d)" % self.bad)
 
     # ---- transports ----------------------------------------------------------------------
     async def _fill(self, r, mv, got, need):
@@ -383,7 +380,7 @@ class UtilityServer:
                     k = self.handle_tcp(rx, n)
                 except Exception as e:  # a bug must not take the server down: count, keep serving
                     self.a.count("utility_error")
-                    _log("E", "utility: %r" % e)
+                    log("E", "utility: %r" % e)
                     k = 0
                 if k:
                     w.write(self.txmv[:k])
@@ -409,11 +406,11 @@ class UtilityServer:
         while True:
             try:
                 self.server = await asyncio.start_server(self._client, host, port)
-                _log("I", "utility modbus server: tcp %s:%d unit %d" % (host, port, self.unit))
+                log("I", "utility modbus server: tcp %s:%d unit %d" % (host, port, self.unit))
                 return
             except OSError as e:
                 self.a.count("utility_listen")
-                _log("E", "utility modbus server: cannot listen on %d: %r (retry in 10 s)" % (port, e))
+                log("E", "utility modbus server: cannot listen on %d: %r (retry in 10 s)" % (port, e))
                 await asyncio.sleep(10)
 
     async def hb_task(self):

@@ -10,7 +10,7 @@ Layout of a build folder (default ``build/<board>``)::
                             manifest "romfs": {file, size, sha256, files}; see docs/romfs.md
 
 ``build_id`` is a hash of the sources and the compiler (so the same sources give the same id),
-and is baked into the agent: the line ``BUILD = "dev"`` in agent/app.py becomes
+and is baked into the agent: the line ``BUILD = "dev"`` in agent/base.py becomes
 ``BUILD = "<build_id>"`` so `gridshed status` shows which build a board runs. The manifest is
 also copied to the board as ``/build.json`` by `gridshed deploy`.
 """
@@ -42,6 +42,7 @@ PORT_ONLY = {"agent/hal/unix.py": ("unix",), "agent/hal/slowfs.py": ("unix",), "
 SKIP_DIRS = {"__pycache__", ".git", "tests"}
 MANIFEST = "manifest.json"
 BOARD_MANIFEST = "build.json"                 # the manifest's name on the board
+BUILD_FILE = "agent/base.py"                  # holds the build id line
 BUILD_LINE = re.compile(rb'^BUILD = "dev"$', re.M)
 
 
@@ -125,8 +126,10 @@ def build(board_name: str, src: str | Path | None = None, out: str | Path | None
         entries = []
         for rel in files:
             data = (src / rel).read_bytes()
-            if rel.as_posix() == "agent/app.py":
-                data = BUILD_LINE.sub(b'BUILD = "%s"' % build_id.encode(), data)
+            if rel.as_posix() == BUILD_FILE:
+                data, n = BUILD_LINE.subn(b'BUILD = "%s"' % build_id.encode(), data)
+                if n != 1:
+                    raise UserError(f"{BUILD_FILE}: no line BUILD = \"dev\" to carry the build id")
             if rel.as_posix() in SOURCE_ONLY:
                 dest_rel = rel
                 (staging / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ Two sources, one result (:class:`EventSet`):
 
 Exports: CSV (one row per record, columns ``n,t,ms,kind`` then the flattened fields; capture
 records optionally followed by one ``sample`` row per recorded meter sample) and JSON (the
-records as ``agent.journal.jsonable`` makes them, plus where they came from and the site
+records as ``agent.journal_read.jsonable`` makes them, plus where they came from and the site
 config's trip settings, so a report can be drawn from the file alone). Both read back losslessly
 (:func:`read_file`), except that a CSV cannot tell a missing field from a null one.
 
@@ -180,7 +180,7 @@ def _pull_records(con: Any, since: int, timeout: float,
     as the board can go. The same record failing `tries` times in a row ends the pull with that
     error; the whole pull is bounded by `timeout`.
     """
-    from agent.journal import from_jsonable
+    from agent.journal_read import from_jsonable
 
     records: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
@@ -357,7 +357,7 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
 
 def record_row(rec: dict[str, Any]) -> dict[str, Any]:
     """One CSV row of a record: core columns, then its fields flattened (a.b for nested maps)."""
-    from agent.journal import jsonable
+    from agent.journal_read import jsonable
 
     j = jsonable(rec)
     row: dict[str, Any] = {"n": j.get("n"), "t": j.get("t"), "ms": j.get("ms"), "kind": j.get("k")}
@@ -427,7 +427,7 @@ def to_csv(records: list[dict[str, Any]], samples: bool = False) -> str:
 
 def from_csv(text: str) -> list[dict[str, Any]]:
     """Records back from to_csv() output (sample rows are skipped: the capture row has them all)."""
-    from agent.journal import from_jsonable
+    from agent.journal_read import from_jsonable
 
     rd = csv.reader(io.StringIO(text))
     try:
@@ -457,7 +457,7 @@ def from_csv(text: str) -> list[dict[str, Any]]:
 
 def to_document(ev: EventSet, samples: bool = False) -> dict[str, Any]:
     """The JSON export: records as jsonable() makes them (bytes as {"b64": ...}) plus context."""
-    from agent.journal import jsonable
+    from agent.journal_read import jsonable
 
     recs = []
     for r in ev.records:
@@ -471,7 +471,7 @@ def to_document(ev: EventSet, samples: bool = False) -> dict[str, Any]:
 
 
 def from_document(doc: Any, source: str = "json") -> EventSet:
-    from agent.journal import from_jsonable
+    from agent.journal_read import from_jsonable
 
     if isinstance(doc, list):  # a bare list of records
         doc = {"records": doc}

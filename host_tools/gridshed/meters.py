@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from agent import meter as fwmeter
+from agent import meter_check as fwmeter
 
 from .datafiles import list_entries, load_entry, repo_root
 from .errors import UserError
@@ -26,7 +26,7 @@ def list_meters() -> list[str]:
 
 
 def validate_meter(m: Any) -> list[str]:
-    """agent.meter.validate plus what a library entry must carry (title, source, confidence)."""
+    """agent.meter_check.validate plus what a library entry must carry (title, source, confidence)."""
     errors = list(fwmeter.validate(m))
     if isinstance(m, dict):
         for k in LIBRARY_REQUIRED:

@@ -19,7 +19,7 @@ import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol
 
-from agent import meter as fwmeter
+from agent import meter_check as fwmeter
 
 from .errors import UserError
 from .meters import list_meters, load_meter

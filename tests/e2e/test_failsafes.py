@@ -375,7 +375,8 @@ sys.path.insert(0, ".")
 import agent.app as app
 app.WDT_MS = 1500
 from agent.hal import load
-cfg = app.read_cbor("config.cbor")
+from agent.base import read_cbor
+cfg = read_cbor("config.cbor")
 a = app.Agent(cfg, load(cfg["board"]))
 MODE = %r
 
@@ -433,8 +434,8 @@ def test_watchdog_resets_a_hung_agent(tmp_path, mode):
             assert [r for r in recs if r["k"] == "watchdog"], recs[-3:]
         # the next boot reads the cause and journals it
         p2 = subprocess.run([micropython_exe(), "-X", f"heapsize={WDT_HEAP}", "-c",
-                             "import sys\nsys.path.insert(0, '.')\nimport agent.app as app\nfrom agent.hal import load\n"
-                             "cfg = app.read_cbor('config.cbor')\napp.Agent(cfg, load(cfg['board']))\n"],
+                             "import sys\nsys.path.insert(0, '.')\nimport agent.app as app\nfrom agent.hal import load\nfrom agent.base import read_cbor\n"
+                             "cfg = read_cbor('config.cbor')\napp.Agent(cfg, load(cfg['board']))\n"],
                             cwd=board, env=env, capture_output=True, timeout=30)
         assert p2.returncode == 0, p2.stderr
         boot = [r for r in journal_records(board)[0] if r["k"] == "boot"][-1]

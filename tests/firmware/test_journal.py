@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent import journal as hj  # the same file, imported by CPython
+from agent.journal_read import read as jread
 from conftest import FIRMWARE
 
 PRE = """
@@ -19,6 +20,7 @@ import json, os
 import agent.journal
 assert agent.journal.__file__.endswith(".mpy"), agent.journal.__file__
 from agent.journal import Journal, parse_stream
+from agent.journal_read import read as jread
 def dump(x):
     print("J" + json.dumps(x))
 """
@@ -57,9 +59,9 @@ ok = [j.append("boot", {"fw": "0.1", "reason": "power"}),
       j.append("restore", None),
       j.append("meter_fault", {"n": 99, "err": "timeout"})]
 dump(ok)
-dump([r for r in j.read()])
-dump([r["n"] for r in j.read(since_seq=2)])
-dump([r["n"] for r in j.read(since_seq=1, limit=2)])
+dump([r for r in jread(j)])
+dump([r["n"] for r in jread(j, since_seq=2)])
+dump([r["n"] for r in jread(j, since_seq=1, limit=2)])
 dump(j.stats())
 """, tmp_path)
     ok, recs, since2, lim, stats = out
@@ -124,10 +126,10 @@ while True:
     j = Journal(".")
     st = j.stats()
     size = os.stat("journal.0")[6]
-    seqs = [r["n"] for r in j.read()]
+    seqs = [r["n"] for r in jread(j)]
     rerr = j.read_errors
     ok = j.append("restore", {"x": 1})
-    seqs2 = [r["n"] for r in j.read()]
+    seqs2 = [r["n"] for r in jread(j)]
     j.close()
     dump([st["seq"], st["torn"], size, seqs, rerr, ok, seqs2])
     os.remove("journal.0")
@@ -167,8 +169,8 @@ def test_corrupt_middle_record_skipped_and_counted(board, tmp_path, where):
     (tmp_path / "journal.0").write_bytes(bytes(b))
     out = run(board, """
 j = Journal(".")
-seqs = [r["n"] for r in j.read()]
-dump([j.seq, j.torn, j.read_errors, seqs, j.append("cmd", {}), [r["n"] for r in j.read(9)]])
+seqs = [r["n"] for r in jread(j)]
+dump([j.seq, j.torn, j.read_errors, seqs, j.append("cmd", {}), [r["n"] for r in jread(j, 9)]])
 """, tmp_path)[0]
     seq, torn, rerr, seqs, ok, tail = out
     assert seqs == [1, 2, 3, 4, 6, 7, 8, 9, 10]
@@ -192,8 +194,8 @@ j.close()
 j = Journal(".", seg_size=512, max_segs=3)
 res.append(j.seq)
 j.append("boot", {})
-res.append([r["n"] for r in j.read()])
-res.append([r["n"] for r in j.read(since_seq=195)])
+res.append([r["n"] for r in jread(j)])
+res.append([r["n"] for r in jread(j, since_seq=195)])
 dump(res)
 """, tmp_path)
     stats, names, seq, seqs, since = out[0]
@@ -218,12 +220,12 @@ def test_reopen_after_fresh_rotation_and_interrupted_truncation(board, tmp_path)
     (tmp_path / "journal.0.tmp").write_bytes(raw[:5])
     out = run(board, """
 j = Journal(".")
-dump([j.seq, sorted(os.listdir(".")), j.append("boot", {}), [r["n"] for r in j.read()]])
+dump([j.seq, sorted(os.listdir(".")), j.append("boot", {}), [r["n"] for r in jread(j)]])
 j.close()
 # a truncation cut after the fallback remove: only the complete .tmp is left
 os.rename("journal.1", "journal.1.tmp")
 j = Journal(".")
-dump([j.seq, sorted(os.listdir(".")), [r["n"] for r in j.read()]])
+dump([j.seq, sorted(os.listdir(".")), [r["n"] for r in jread(j)]])
 """, tmp_path)
     assert out[0] == [4, ["journal.0", "journal.1"], True, [1, 2, 3, 4, 5]]
     assert out[1] == [5, ["journal.0", "journal.1"], [1, 2, 3, 4, 5]]
@@ -234,7 +236,7 @@ def test_append_never_raises_on_io_error(board, tmp_path):
     out = run(board, """
 j = Journal(".")
 r = [j.append("trip", {"hz": 59.1}), j.append("trip", {"bad": object()})]
-dump([r, j.io_errors >= 2, j.dropped, list(j.read())])
+dump([r, j.io_errors >= 2, j.dropped, list(jread(j))])
 """, tmp_path)[0]
     assert out == [[False, False], True, 2, []]
 
@@ -329,7 +331,7 @@ def _fault_run(board, d: Path, seed: int, kills: int, seg: int, maxs: int):
     # reboot once more, cleanly, and read everything back on the board
     final = board.run(PRE + """
 j = Journal(".", seg_size=%d, max_segs=%d)
-for r in j.read():
+for r in jread(j):
     dump([r["n"], r.get("i")])
 dump(["end", j.read_errors, j.seq])
 """ % (seg, maxs), cwd=d)
@@ -420,10 +422,10 @@ f = open("/flash/journal.0", "ab")
 f.write(b"\\xfc\\x00\\x30partial")   # power cut mid-write
 f.close()
 j = Journal("/flash", seg_size=1024, max_segs=3)
-dump([j.seq, j.torn, sorted(os.listdir("/flash")), [r["n"] for r in j.read()]])
+dump([j.seq, j.torn, sorted(os.listdir("/flash")), [r["n"] for r in jread(j)]])
 for i in range(100):
     j.append("trip", {"i": i})
-dump([j.seq, sorted(os.listdir("/flash")), j.stats()["bytes"], [r["n"] for r in j.read()][-1],
+dump([j.seq, sorted(os.listdir("/flash")), j.stats()["bytes"], [r["n"] for r in jread(j)][-1],
       j.read_errors, j.io_errors])
 """, tmp_path, heapsize="256k")
     (seq, torn, names, seqs), (seq2, names2, total, last, rerr, ioerr) = out
@@ -510,7 +512,7 @@ os.remove("/flash/ballast")       # the technician frees space
 ok = [j.append("trip", {"i": 100 + i}) for i in range(3)]
 j.close()
 j2 = Journal("/flash", seg_size=4096, max_segs=2)
-dump([ok, [r["n"] for r in j2.read()], j2.torn, [r.get("i") for r in j2.read()][-3:]])
+dump([ok, [r["n"] for r in jread(j2)], j2.torn, [r.get("i") for r in jread(j2)][-3:]])
 """, tmp_path, heapsize="256k")
     (first_fail, later_ok, io_errors, dropped, seq), (ok, seqs, torn, last_i) = out
     print("\nfull flash: first failed append %d, io_errors %d, dropped %d, kept %s" % (first_fail, io_errors, dropped, seqs))
@@ -528,7 +530,7 @@ size = os.stat("journal.0")[6]
 big = j.append("blob", {"data": "x" * (MAX + 10)})
 after = os.stat("journal.0")[6]
 fine = j.append("trip", {"hz": 59.6})
-dump([ok, big, fine, size == after, j.dropped, j.io_errors, [r["n"] for r in j.read()]])
+dump([ok, big, fine, size == after, j.dropped, j.io_errors, [r["n"] for r in jread(j)]])
 """
 
 
@@ -545,7 +547,7 @@ def test_oversize_body_dropped_and_counted_cpython(tmp_path, monkeypatch):
     size = (tmp_path / "journal.0").stat().st_size
     assert j.append("blob", {"data": "x" * (hj.MAX_BODY + 10)}) is False
     assert (tmp_path / "journal.0").stat().st_size == size and j.dropped == 1 and j.io_errors == 0
-    assert j.append("trip", {"hz": 59.6}) and [r["n"] for r in j.read()] == [1, 2]
+    assert j.append("trip", {"hz": 59.6}) and [r["n"] for r in jread(j)] == [1, 2]
 
 
 def test_no_ram_while_reading_back_is_never_a_bad_record(board, tmp_path):
@@ -593,7 +595,7 @@ except MemoryError:
 hog = None
 gc.collect()
 j3 = Journal(".")
-dump([got, rec, os.stat("journal.0")[6] == size_before, [r["n"] for r in j3.read()], j3.torn])
+dump([got, rec, os.stat("journal.0")[6] == size_before, [r["n"] for r in jread(j3)], j3.torn])
 """, tmp_path, heapsize="64k")[0]
     got, rec, unchanged, seqs, torn = out
     assert got == "MemoryError"

@@ -8,6 +8,7 @@ import struct
 import pytest
 
 from agent import journal as hj
+from agent import journal_read as hjr
 from agent.recorder import SAMPLE_SIZE, Recorder, decode_capture
 
 PRE = """
@@ -161,7 +162,8 @@ for i in range(400):
         break
 dump_rec(c)
 dump([j.append("capture", c), j.seq])
-back = list(j.read())[-1]
+from agent.journal_read import read as jread
+back = list(jread(j))[-1]
 dump([back["k"], back["smp"] == c["smp"], back["t0"] == c["t0"] and back["pre"] == c["pre"]])
 """
     rec, (ok, seq), same = run(board, code, tmp_path)
@@ -183,7 +185,7 @@ dump([back["k"], back["smp"] == c["smp"], back["t0"] == c["t0"] and back["pre"] 
     assert errs == [] and recs[0]["k"] == "capture"
     assert decode_capture(recs[0]) == got
     # JSON view (console replies) round-trips the packed samples
-    back = hj.from_jsonable(json.loads(json.dumps(hj.jsonable(recs[0]))))
+    back = hjr.from_jsonable(json.loads(json.dumps(hjr.jsonable(recs[0]))))
     assert decode_capture(back) == got
 
 

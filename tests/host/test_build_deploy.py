@@ -56,8 +56,8 @@ def test_build_manifest_per_arch(tmp_path):
             assert blob[0:1] == b"M" and blob[1] == 6       # mpy v6
     assert m["total_size"] == sum(e["size"] for e in m["files"])
     assert json.loads((d / "manifest.json").read_text())["build_id"] == m["build_id"]
-    # the build id is baked into the agent so `status` can report it
-    assert m["build_id"].encode() in (d / "agent/app.mpy").read_bytes()
+    # the build id is baked into the agent (agent/base.py) so `status` can report it
+    assert m["build_id"].encode() in (d / "agent/base.mpy").read_bytes()
     # same sources, same id; another arch, another id
     assert buildmod.build("rpi-pico", out=tmp_path / "pico2")["build_id"] == m["build_id"]
     assert buildmod.build("esp32-devkitc-max3485", out=tmp_path / "esp")["build_id"] != m["build_id"]
@@ -231,7 +231,7 @@ def test_real_firmware_deploys_to_virtual_board(tmp_path):
         s = deploy(vb.port, b["path"], restart=False)
         assert len(s["written"]) == len(b["files"])
         with Board(vb.port) as bd:
-            assert bd.eval("__import__('agent.app').app.BUILD") == b["build_id"]
+            assert bd.eval("__import__('agent.base').base.BUILD") == b["build_id"]
 
 
 def test_port_auto_detect():

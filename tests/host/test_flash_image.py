@@ -209,8 +209,8 @@ def test_real_agent_image_for_the_virtual_board(tmp_path, mp):
 from agent import cbor, config, integrity
 cfg = cbor.loads(bytes(integrity.unwrap(open('config.cbor', 'rb').read())[0]))
 print('errors', config.validate(cfg), cfg['device'])
-import agent.app
-print(agent.app.__file__, agent.app.BUILD)
+import agent.app, agent.base
+print(agent.app.__file__, agent.base.BUILD)
 """)
     assert "errors [] ctl-1" in res
     assert "/flash/agent/app.mpy %s" % b["build_id"] in res

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import meter as fwmeter
+from agent import meter
+from agent import meter_check as fwmeter
 from gridshed import meters as hostmeters
 from gridshed.errors import UserError
 
@@ -76,16 +77,16 @@ def test_validate_reports_errors():
 
 
 def test_plan_merges_small_gaps_and_splits_at_125():
-    assert fwmeter.plan([(0, 2), (4, 2)], max_gap=2) == [(0, 6)]
-    assert fwmeter.plan([(0, 2), (5, 2)], max_gap=2) == [(0, 2), (5, 2)]
-    assert fwmeter.plan([(10, 2), (0, 2), (2, 1)], max_gap=0) == [(0, 3), (10, 2)]
+    assert meter.plan([(0, 2), (4, 2)], max_gap=2) == [(0, 6)]
+    assert meter.plan([(0, 2), (5, 2)], max_gap=2) == [(0, 2), (5, 2)]
+    assert meter.plan([(10, 2), (0, 2), (2, 1)], max_gap=0) == [(0, 3), (10, 2)]
     spans = [(a, 2) for a in range(0, 300, 2)]
-    reads = fwmeter.plan(spans, max_gap=0)
+    reads = meter.plan(spans, max_gap=0)
     assert all(c <= 125 for _, c in reads)
     assert sum(c for _, c in reads) == 300
     # never splits a 32-bit value
     assert all(c % 2 == 0 for _, c in reads)
-    assert fwmeter.plan([]) == []
+    assert meter.plan([]) == []
 
 
 # Hand vectors: register words as the manual / reference shows them -> value.
@@ -195,7 +196,7 @@ def test_vectors_in_micropython(board):
     cases = [[v[0], v[1], v[2], _words_bytes(v[3]).hex(), v[4]] for v in VECTORS]
     res = board.run("""
         import json, binascii
-        from agent.meter import MeterMap
+        from agent.meter_check import MeterMap
         maps = json.loads(%r)
         out = []
         for model, name, addr, hexregs, value in json.loads(%r):
@@ -236,7 +237,7 @@ def test_decode_allocates_at_most_a_few_floats(mp):
     m = hostmeters.load_meter("carlo_gavazzi_em24")
     res = mp.run("""
         import gc, json
-        from agent.meter import MeterMap
+        from agent.meter_check import MeterMap
         mm = MeterMap(json.loads(%r))
         regs = bytearray(104)
         regs[102] = 0x02; regs[103] = 0x57
@@ -310,7 +311,7 @@ def test_pymodbus_server_roundtrip_through_micropython(mp):
     # One case per stdin line, decoded one at a time: runs in the agent's 64k heap.
     res = mp.run("""
         import sys, json, binascii, gc
-        from agent.meter import MeterMap
+        from agent.meter_check import MeterMap
         while True:
             line = sys.stdin.readline()
             if not line:

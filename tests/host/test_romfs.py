@@ -52,8 +52,8 @@ import vfs,sys,os
 f=open({str(d / romfs.IMAGE)!r},'rb');b=f.read();f.close()
 vfs.mount(vfs.VfsRom(b),'/rom')
 sys.path[:]=['/rom','.frozen']
-import agent.app
-print(agent.__path__, agent.app.BUILD, sorted(os.listdir('/rom')), len(os.listdir('/rom/agent')))
+import agent.app, agent.base
+print(agent.__path__, agent.base.BUILD, sorted(os.listdir('/rom')), len(os.listdir('/rom/agent')))
 """)
     path, build_id, top, n = out.split(maxsplit=3)
     assert path == "/rom/agent" and build_id == fw["build_id"]
@@ -124,7 +124,7 @@ def test_deploy_romfs_to_a_virtual_board(fw, tmp_path, capsys):
         with Board(vb.port) as b:
             assert b.eval("__import__('sys').path[:4]") == ["", ".frozen", "/rom", "/rom/lib"]
             assert b.eval("__import__('agent').__path__") == "/rom/agent"
-            assert b.eval("__import__('agent.app').app.BUILD") == fw["build_id"]
+            assert b.eval("__import__('agent.base').base.BUILD") == fw["build_id"]
             b.restart_agent()
         # again: the partition already holds the image, nothing is written
         s = deploy(vb.port, fw["path"], romfs=True)
