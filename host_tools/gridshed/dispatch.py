@@ -34,7 +34,7 @@ KW_MAX = 1e7
 MAX_SIGNED_BYTES = 2560     # the signed command's size cap (96 rows with cent prices: ~2.2 KB)
 CMD = "schedule"
 ID_KEY = "sid"              # the schedule id's payload key (docs/market.md "The schedule")
-CONSOLE_LINE_MAX = 1024     # the agent's longest console line (agent/app.py LINE_MAX)
+CONSOLE_LINE_MAX = 1024     # the agent's longest console line (agent/base.py LINE_MAX)
 FLEET_MAX_PACKET = 640      # the board's MQTT receive buffer (agent/fleet.py max_packet): a bigger
                             # PUBLISH is skipped by the board, unanswered
 PRICE, KW = "p", "kw"
