@@ -184,7 +184,7 @@ def load_auth(au, persisted):
         for i in range(NSIGNED if ids else 0):
             v = ids[i]
             au.ids[i] = v if isinstance(v, bytes) else None
-        for i in range(NISSUERS if kws else 0):
+        for i in range(min(NISSUERS, len(kws)) if kws else 0):  # a record from before an issuer was added is shorter
             k = kws[i]
             if isinstance(k, (int, float)) and not isinstance(k, bool) and 0 < k < 1e7:
                 au.kw[i] = float(k)

@@ -56,6 +56,8 @@ def status(a):
             yield "curtail", a.curtailer.status()
     if getattr(a, "miners", None) is not None:
         yield "miners", a.miners.status()
+    if getattr(a, "dnp3", None) is not None:
+        yield "dnp3", a.dnp3.status()
 
 
 def _meter(a, c):
@@ -118,14 +120,14 @@ def answer(a, out):
 
 def holders(au):
     # the issuers with an active entry in the shed authority (docs/control.md "Shed authority"):
-    # "modbus", "dry_contact", "heartbeat", "schedule", "signed:<kid hex>[#iss]"
-    from agent.control import I_SIGNED, NISSUERS
+    # "modbus", "dry_contact", "heartbeat", "schedule", "signed:<kid hex>[#iss]", "dnp3"
+    from agent.control import I_SIGNED, NISSUERS, NSIGNED
 
     out = []
     for i in range(NISSUERS):
         if au.active(i):
-            if i < I_SIGNED:
-                out.append(("modbus", "dry_contact", "heartbeat", "schedule")[i])
+            if i < I_SIGNED or i >= I_SIGNED + NSIGNED:
+                out.append(("modbus", "dry_contact", "heartbeat", "schedule")[i] if i < I_SIGNED else "dnp3")
             else:
                 v = au.ids[i - I_SIGNED] or b"\0"
                 n = v[0] + 1  # kid bytes (any value) then the label (checked UTF-8 without "#")
