@@ -119,7 +119,7 @@ def test_console_script_runs_the_installed_copy(installed):
     for line in r.stdout.split():
         assert line.startswith(str(installed.venv)) and not line.startswith(str(ROOT)), r.stdout
     r = installed("--help")
-    assert r.returncode == 0 and "vboard" in r.stdout, r.stderr
+    assert r.returncode == 0 and "vboard" in r.stdout and "exporter" in r.stdout, r.stderr
 
 
 def test_installed_cli_reads_its_own_data(installed):

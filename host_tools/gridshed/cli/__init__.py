@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "gridshed.cli.meter",
     "gridshed.cli.market",
     "gridshed.cli.market_host",
+    "gridshed.cli.exporter",
     "gridshed.cli.completion",
 ]
 
