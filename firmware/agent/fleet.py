@@ -44,12 +44,24 @@ class Fleet:
         self.tries = 0  # attempts at the first pending message that found no RAM
         self._snap = -1
         self.keys = _keys()
+        self.fail = None  # the last named connection failure (agent/mqtt_tls.py), for @status
+        kw = {}
+        if m.get("tls") or m.get("auth", "none") != "none":
+            from agent import mqtt_tls
+
+            kw, why = mqtt_tls.options(m, self.dev)
+            if why is not None:  # TLS or a login asked for and not provisioned: never in clear
+                kw = {"may_connect": lambda: False}
+                self.on_fail(why)
+            elif m.get("tls"):
+                kw["may_connect"] = lambda: mqtt_tls.steady(agent)
+            kw["on_fail"] = self.on_fail
         self.client = MqttClient(
             m["host"], m["port"], self.dev, keepalive=m["keepalive_s"],
             will=(self.t_state, self.sign(self.t_state, '{"dev": "%s", "online": false}' % self.dev), True),
             on_message=self.on_message, on_connect=self.on_connect,
             topics=(base + "cmd", "gridshed/%s/cmd" % c["site"]),
-            max_packet=640, queue_max=4, busy=lambda: len(self.pending) >= PENDING_MAX)
+            max_packet=640, queue_max=4, busy=lambda: len(self.pending) >= PENDING_MAX, **kw)
 
     # ---- MQTT callbacks (reader task: keep them short, never touch relays) ---------------
     def on_message(self, topic, payload):
@@ -59,7 +71,26 @@ class Fleet:
         self.pending.append(payload)
 
     def on_connect(self, client):
+        self.fail = None
         self.publish_state()
+
+    def on_fail(self, e):
+        # a connection refused for a reason worth naming: counted, journaled when it changes
+        if isinstance(e, str):
+            why = e
+        else:
+            from agent import mqtt_tls
+
+            why = mqtt_tls.reason(e)
+        if why is None:
+            return False
+        a = self.a
+        a.count("mqtt_" + why)
+        if why != self.fail:
+            a.journal.append("mqtt_fail", {"why": why})
+            print("W mqtt: connection refused: %s" % why)
+        self.fail = why
+        return True
 
     # ---- state ---------------------------------------------------------------------------
     def snapshot(self):

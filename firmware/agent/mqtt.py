@@ -38,7 +38,16 @@ class MqttClient:
     def __init__(self, host, port=1883, client_id="", keepalive=30, will=None, on_message=None,
                  topics=(), username=None, password=None, on_connect=None, clean=True,
                  sub_qos=1, max_packet=2048, queue_max=8, max_inflight=4, backoff_min=1.0,
-                 backoff_max=60.0, connect_timeout=10.0, send_timeout=5.0, ping_timeout=None, busy=None):
+                 backoff_max=60.0, connect_timeout=10.0, send_timeout=5.0, ping_timeout=None, busy=None,
+                 ssl=None, server_hostname=None, may_connect=None, on_fail=None):
+        # ssl: an SSLContext (TLS; server_hostname is the name checked in the broker's
+        # certificate); may_connect: optional callable, a connection is opened only while it
+        # returns True; on_fail(exc): optional, told why a session ended, returns True when it
+        # named the failure (then not counted as malformed). See agent/mqtt_tls.py.
+        self.ssl = ssl
+        self.server_hostname = server_hostname
+        self.may_connect = may_connect
+        self.on_fail = on_fail
         # busy: optional callable; while it returns True an incoming PUBLISH waits (not read
         # further, not acknowledged), so the broker holds the rest back: a flood queues at the
         # broker instead of pushing a real command out of the application's bounded queue
@@ -161,7 +170,13 @@ class MqttClient:
                 self._teardown()
                 raise
             except Exception as e:  # OSError, TimeoutError, ValueError, MemoryError...
-                if isinstance(e, ValueError):
+                named = False
+                if self.on_fail is not None:
+                    try:
+                        named = self.on_fail(e)
+                    except Exception:
+                        self.cb_errors += 1
+                if isinstance(e, ValueError) and not named:
                     self.malformed += 1
                 self.last_error = e
             self._teardown()
@@ -232,11 +247,23 @@ class MqttClient:
         self._rx_error = None
         self._sub_new = []
         self._parser.reset()
-        self._r, self._w = await asyncio.wait_for(
-            asyncio.open_connection(self.host, self.port), self.connect_timeout)
+        g = self.may_connect
+        while g is not None and not g() and not self._stop:
+            await self._wait(200)
+        if self._stop:
+            return
+        if self.ssl is None:
+            op = asyncio.open_connection(self.host, self.port)
+        else:  # the handshake runs in the first send (the CONNECT below)
+            op = asyncio.open_connection(self.host, self.port, ssl=self.ssl, server_hostname=self.server_hostname)
+        self._r, self._w = await asyncio.wait_for(op, self.connect_timeout)
         self._lock = asyncio.Lock()
-        self._rtask = asyncio.create_task(self._reader())
-        await self._send(self._connect_pkt)
+        if self.ssl is not None:  # the handshake runs in this send, before any read: its
+            await self._send(self._connect_pkt)  # failure then names the check (ValueError)
+            self._rtask = asyncio.create_task(self._reader())
+        else:
+            self._rtask = asyncio.create_task(self._reader())
+            await self._send(self._connect_pkt)
         t0 = ticks_ms()
         limit = int(self.connect_timeout * 1000)
         while not self.connected:
@@ -312,6 +339,8 @@ class MqttClient:
             while True:
                 if has_readinto:
                     n = await r.readinto(buf)
+                    if n is None:  # TLS: the socket was readable, no application data yet
+                        continue
                     data = buf[:n] if n else None
                 else:  # CPython StreamReader
                     data = await r.read(256)

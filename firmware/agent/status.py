@@ -46,7 +46,10 @@ def status(a):
                           "heartbeat_losses": u.hb_losses, "commands": u.commands}
     f = getattr(a, "fleet", None)
     if f is not None:
-        yield "mqtt", f.client.stats()
+        st = f.client.stats()
+        if f.fail is not None:
+            st["fail"] = f.fail  # the last named connection failure (agent/mqtt_tls.py)
+        yield "mqtt", st
     f = getattr(a, "freq", None)
     if f is not None:
         yield "ac_sense", f.status()

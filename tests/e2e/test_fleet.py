@@ -1,9 +1,15 @@
 """End to end: the MQTT fleet channel, 20 virtual boards running the real agent, a real Mosquitto.
 
-Rig: a private Mosquitto on 127.0.0.1 (ephemeral port), one shared pymodbus TCP meter (polled
-every 500 ms by each board), 20 virtual boards (mpy-cross build) with [mqtt] enabled, each with
-its own key in /keys.cbor and in the inventory, plus one site-wide key shared by all of them for
-the gridshed/<site>/cmd topic. Heap: 86wK, above the 80wK budget (see HEAP); every board is
+Rig: a private Mosquitto on 127.0.0.1 set up as `gridshed broker-config` writes it (TLS with a
+server certificate from the site CA, a password file, the per-device ACL, anonymous refused),
+one shared pymodbus TCP meter (polled every 500 ms by each board), 20 virtual boards (mpy-cross
+build) with [mqtt] tls = true and auth = "password", each with its own key in /keys.cbor, its
+broker login and the CA in /broker.cbor and both in the inventory, plus one site-wide key shared
+by all of them for the gridshed/<site>/cmd topic. The host side (CLI and the watcher) reaches the
+broker with the site's TLS settings and operator login from the inventory. A 21st board of
+another site holds a wrong broker password: refused, named, and its relays never move.
+(Plain MQTT with the agent stays covered by tests/e2e/test_field_flows.py and
+tests/firmware/test_mqtt_client.py.) Heap: 86wK, above the 80wK budget (see HEAP); every board is
 checked at teardown for restarts, MemoryErrors and tracebacks, and answers `@status`.
 Relays are observed on each board's GPIO socket; the retained state is read with paho-mqtt.
 """
@@ -11,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import threading
 import time
@@ -20,8 +27,11 @@ import paho.mqtt.client as paho
 import pytest
 
 from mosquitto_broker import Mosquitto
+from gridshed import brokerauth as ba
+from gridshed import fleet_client as fc
+from gridshed.inventory import Inventory
 from gridshed.signing import make_command
-from test_signed_commands import Meter, Rig, agent_build, cli, console, free_port, site_config  # noqa: F401
+from test_signed_commands import Meter, Rig, agent_build, cli, console, free_port, journal, site_config  # noqa: F401
 from rig import check_board
 
 # MQTT needs more than the 80wK budget: beside two busy loops 80wK ran out of memory twice in two
@@ -29,25 +39,28 @@ from rig import check_board
 # measured floor 82wK, run at 84wK (docs/architecture.md, Test heaps). Issue 13 (the state MAC'd
 # per key, the nonce, per-batch publishing) costs about 2wK more: at 84wK one board of 20 could
 # not answer @status at the end (MemoryError), 86wK and 88wK passed.
-HEAP = os.environ.get("GS_FLEET_HEAP") or "86wK"
+# Issue 17 (TLS to the broker, the login, agent/mqtt_tls.py): 86wK ran out of memory (a board
+# could not answer @status), 90wK and 96wK passed; run at 92wK. On the unix port mbedTLS's own
+# buffers are malloc'd outside the MicroPython heap (as on an ESP32, in the IDF heap): see
+# docs/mqtt.md, Memory.
+HEAP = os.environ.get("GS_FLEET_HEAP") or "92wK"
 N_BOARDS = 20
 SITE = "fleet-site"
+BAD_SITE = "other-site"
 
 
 class Watch:
     """paho subscriber keeping the last message per topic (and every telemetry message)."""
 
-    def __init__(self, port: int, topics: list[str]) -> None:
+    def __init__(self, port: int, topics: list[str], opts: fc.BrokerOpts | None = None) -> None:
         self.cv = threading.Condition()
         self.last: dict[str, dict] = {}
         self.history: dict[str, list[dict]] = {}
-        self.c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="watch-%d" % os.getpid(),
-                             protocol=paho.MQTTv311)
+        self.c = fc.paho_client("watch-%d-%d" % (os.getpid(), len(topics)), opts, "127.0.0.1")
         self.c.on_message = self._on
         ok = threading.Event()
         self.c.on_subscribe = lambda *a: ok.set()
-        self.c.connect("127.0.0.1", port, 30)
-        self.c.loop_start()
+        fc.connect_paho(self.c, "127.0.0.1", port)
         self.c.subscribe([(t, 1) for t in topics])
         assert ok.wait(30)
 
@@ -75,36 +88,66 @@ def fleet(tmp_path_factory, agent_build):  # noqa: F811  (pytest fixture importe
     # one fleet for the module (booting 20 boards is the slow part); the last-will test kills a
     # board, so it runs last
     tmp_path = tmp_path_factory.mktemp("fleet")
-    broker = Mosquitto(tmp_path).start()
+    broker = None
     meter = Meter(site_config()["meter"]["map"])
     site_kid, site_key = b"site-" + secrets.token_bytes(4), secrets.token_bytes(32)
     inv = tmp_path / "inv.sqlite"
     rigs: list[Rig] = []
+    bad = None
     watch = None
+    port = free_port()
+    mq = {"enabled": True, "host": "127.0.0.1", "port": port, "keepalive_s": 10, "telemetry_s": 1.0,
+          "tls": True, "auth": "password", "server_name": "127.0.0.1"}
     try:
-        for i in range(N_BOARDS):
-            cfg = site_config(site=SITE, device=f"b{i:02d}", meter_port=meter.port, poll_ms=500,
-                              min_off_s=1, restore_hold_s=0.3, stagger_s=0.2, jitter_s=0.05,
-                              extra={"mqtt": {"enabled": True, "host": "127.0.0.1", "port": broker.port,
-                                              "keepalive_s": 10, "telemetry_s": 1.0}})
-            rigs.append(Rig(tmp_path, agent_build, cfg, inv, heap=HEAP, extra_keys={site_kid: site_key}).start())
-        watch = Watch(broker.port, [f"gridshed/{SITE}/+/state", f"gridshed/{SITE}/+/telemetry"])
-        for r in rigs:
+        with Inventory(inv) as i:  # what gridshed provision does per board: site settings, login
+            row = ba.record_site(i, SITE, mq)
+            bad_row = ba.record_site(i, BAD_SITE, dict(mq, username="op-other"))
+            files = {f"b{n:02d}": ba.board_file(row, ba.issue_device(i, f"b{n:02d}", row)) for n in range(N_BOARDS)}
+            ba.issue_device(i, "bad", bad_row)
+            wrong = dict(i.broker_creds("bad") or {}, password="not-the-password")
+            files["bad"] = ba.board_file(row, wrong)  # the CA of the one broker both sites share
+        for n in range(N_BOARDS):
+            cfg = site_config(site=SITE, device=f"b{n:02d}", meter_port=meter.port, poll_ms=500,
+                              min_off_s=1, restore_hold_s=0.3, stagger_s=0.2, jitter_s=0.05, extra={"mqtt": mq})
+            rigs.append(Rig(tmp_path, agent_build, cfg, inv, heap=HEAP, extra_keys={site_kid: site_key},
+                            files={"broker.cbor": files[cfg["device"]]}))
+        bad = Rig(tmp_path, agent_build, site_config(site=BAD_SITE, device="bad", meter_port=meter.port, poll_ms=500,
+                                                     extra={"mqtt": mq}), inv, heap=HEAP,
+                  files={"broker.cbor": files["bad"]})
+        with Inventory(inv) as i:  # gridshed broker-config, for both sites
+            conf = ba.broker_config(i, SITE, tmp_path / "broker", port=port, bind="127.0.0.1",
+                                    server_names=["127.0.0.1"])
+            conf2 = ba.broker_config(i, BAD_SITE, tmp_path / "broker2", port=port, bind="127.0.0.1",
+                                     server_names=["127.0.0.1"])
+        listener = Path(conf["files"]["conf"]).read_text()
+        # one broker for both sites: their password files and ACLs merged
+        (tmp_path / "broker" / "passwd").write_text((tmp_path / "broker" / "passwd").read_text()
+                                                    + (tmp_path / "broker2" / "passwd").read_text())
+        (tmp_path / "broker" / "acl").write_text((tmp_path / "broker" / "acl").read_text()
+                                                 + (tmp_path / "broker2" / "acl").read_text())
+        assert conf2["devices"] == ["bad"]
+        broker = Mosquitto(tmp_path / "broker", port=port, listener_conf=listener).start()
+        for r in rigs + [bad]:
+            r.start()
+        watch = Watch(broker.port, [f"gridshed/{SITE}/+/state", f"gridshed/{SITE}/+/telemetry"],
+                      fc.broker_opts(inv, SITE))
+        for r in rigs + [bad]:
             r.wait_up(120)  # 20 boards booting at once: slow on a loaded 2-core runner
         topics = [f"gridshed/{SITE}/{r.dev}/state" for r in rigs]
         assert watch.wait(lambda: all(watch.last.get(t, {}).get("online") for t in topics), 90), \
             f"not every board came online: {sorted(t for t in topics if t not in watch.last)}"
         assert all(all(r.closed()) for r in rigs)
-        yield rigs, watch, broker, inv, (site_kid, site_key)
-        for r in rigs:  # the last-will test stopped one board on purpose: no @status from it
+        yield rigs, watch, broker, inv, (site_kid, site_key), bad
+        for r in rigs + [bad]:  # the last-will test stopped one board on purpose: no @status from it
             check_board(r.board, status=r.board.running)
     finally:
         if watch:
             watch.close()
-        for r in rigs:
+        for r in rigs + ([bad] if bad else []):
             r.stop()
         meter.stop()
-        broker.stop()
+        if broker:
+            broker.stop()
 
 
 def opens(r: Rig, mark: int) -> dict[int, int]:
@@ -118,7 +161,7 @@ def opens(r: Rig, mark: int) -> dict[int, int]:
 
 
 def test_site_command_fans_out_exactly_once(fleet, tmp_path):
-    rigs, watch, broker, inv, (site_kid, site_key) = fleet
+    rigs, watch, broker, inv, (site_kid, site_key), _ = fleet
     marks = [r.gpio.mark() for r in rigs]
     t0 = time.monotonic()
     r = cli("shed", "--site", SITE, "--broker", f"127.0.0.1:{broker.port}", "--inventory", str(inv),
@@ -187,7 +230,7 @@ def test_site_command_fans_out_exactly_once(fleet, tmp_path):
 
 
 def test_last_will_when_a_board_dies(fleet):
-    rigs, watch, broker, inv, _ = fleet
+    rigs, watch, broker, inv, _, _ = fleet
     dead = rigs[7]
     topic = f"gridshed/{SITE}/{dead.dev}/state"
     assert watch.last[topic]["online"] is True
@@ -196,7 +239,7 @@ def test_last_will_when_a_board_dies(fleet):
     assert {k: v for k, v in watch.last[topic].items() if k != "mac"} == {"dev": dead.dev, "online": False}
     assert len(watch.last[topic]["mac"][dead.kid.hex()]) == 64  # the last will is authenticated too
     # a host arriving later sees it too (retained), and the CLI reports the board offline
-    late = Watch(broker.port, [topic])
+    late = Watch(broker.port, [topic], fc.broker_opts(inv, SITE))
     try:
         assert late.wait(lambda: (late.last.get(topic) or {}).get("online") is False, 20)
     finally:
@@ -210,3 +253,25 @@ def test_last_will_when_a_board_dies(fleet):
     r = cli("ping", "--device", other.dev, "--broker", f"127.0.0.1:{broker.port}", "--inventory", str(inv),
             "--timeout", "30", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_wrong_broker_password_refused_named_relays_untouched(fleet):
+    # the 21st board's broker password is wrong: CONNACK refused (rc 5 from Mosquitto), named
+    # "login-refused" in its counters, its journal and @status; back-off; no relay ever moves
+    rigs, watch, broker, inv, _, bad = fleet
+    assert all(bad.closed())
+    mark = bad.gpio.mark()
+    st = console(bad, "status")
+    deadline = time.monotonic() + 60
+    while (st.get("mqtt") or {}).get("failures", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(1)
+        st = console(bad, "status")
+    m = st["mqtt"]
+    assert m["fail"] == "login-refused" and not m["connected"] and m["connects"] == 0 and m["failures"] >= 2, m
+    assert st["errors"].get("mqtt_login-refused", 0) >= 2 and m["malformed"] == 0, st["errors"]
+    fails = [e for e in journal(bad) if e.get("k") == "mqtt_fail" or e.get("kind") == "mqtt_fail"
+             or "mqtt_fail" in json.dumps(e)]
+    assert fails and "login-refused" in json.dumps(fails[0]), fails
+    assert len(fails) == 1  # journaled once per change of reason, not per attempt
+    assert all(bad.closed()) and bad.gpio.since(mark) == []
+    assert re.search(r"Sending CONNACK to \S+ \(0, [45]\)", broker.logtext(10 ** 7))

@@ -180,7 +180,8 @@ class Rig:
     """A virtual board with its GPIO, its key (in /keys.cbor and in the inventory)."""
 
     def __init__(self, root: Path, build_dir: Path, cfg: dict[str, Any], inventory: Path,
-                 heap: str = HEAP, extra_keys: dict[bytes, bytes] | None = None) -> None:
+                 heap: str = HEAP, extra_keys: dict[bytes, bytes] | None = None,
+                 files: dict[str, bytes] | None = None) -> None:
         self.cfg = cfg
         self.dev = cfg["device"]
         self.dir = root / self.dev
@@ -192,6 +193,8 @@ class Rig:
         keys = {self.kid: self.key}
         keys.update(extra_keys or {})
         (self.dir / "keys.cbor").write_bytes(siteconfig.keys_bytes(keys))
+        for name, data in (files or {}).items():  # other provisioned files (/broker.cbor)
+            (self.dir / name).write_bytes(data)
         with Inventory(inventory) as inv:
             inv.record_provision(self.dev, cfg["board"], cfg["site"], self.kid.hex(), self.key, None,
                                  siteconfig.config_hash(cfg))

@@ -1,0 +1,95 @@
+# Secure fleet channel on the board (docs/mqtt.md "Securing the broker"): TLS to the broker,
+# its certificate checked against the CA provisioned in /broker.cbor and the configured name
+# (server_name, default host), an optional client certificate, the MQTT login; every refused
+# connection named (expired certificate, unknown CA, hostname mismatch, refused login), counted,
+# journaled once per change and shown in @status, then the client's back-off.
+#
+# The handshake's public-key steps run in one go each (mbedTLS): on an MCU a step can take a
+# large part of a second, so a TLS connection is attempted only while the site is steady
+# (steady() below): never while a trip may be pending. Nothing here touches a relay.
+# Comments, not docstrings: this module is compiled from source on small boards.
+from agent import control
+
+BROKER_PATH = "broker.cbor"
+
+# failure names (counter "mqtt_<name>", journal record "mqtt_fail", @status mqtt "fail")
+EXPIRED = "tls-expired"
+UNKNOWN_CA = "tls-unknown-ca"
+HOSTNAME = "tls-hostname"
+TLS_OTHER = "tls-error"
+LOGIN = "login-refused"
+NO_CREDS = "no-credentials"
+
+
+def options(m, dev):
+    # (keyword arguments for MqttClient, None) or (None, NO_CREDS) when the site asks for TLS or a
+    # login and /broker.cbor cannot give it: the board then never connects (never in clear)
+    auth = m.get("auth") or "none"
+    tls = m.get("tls")
+    if not tls and auth == "none":
+        return {}, None
+    from agent.app import read_cbor
+
+    try:
+        b = read_cbor(BROKER_PATH)
+    except Exception:
+        b = None
+    if not isinstance(b, dict):
+        return None, NO_CREDS
+    kw = {}
+    if auth == "password":
+        if not b.get("pass"):
+            return None, NO_CREDS
+        kw["username"] = b.get("user") or dev
+        kw["password"] = b["pass"]
+    if tls:
+        ca = b.get("ca")
+        if not ca or (auth == "cert" and not (b.get("cert") and b.get("key"))):
+            return None, NO_CREDS
+        import ssl
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.verify_mode = ssl.CERT_REQUIRED  # type: ignore[attr-defined]  # (stubs lag the port)
+        try:
+            ctx.load_verify_locations(cadata=bytes(ca))
+            if auth == "cert":
+                ctx.load_cert_chain(bytes(b["cert"]), bytes(b["key"]))
+        except Exception:
+            return None, NO_CREDS
+        kw["ssl"] = ctx
+        kw["server_hostname"] = m.get("server_name") or m["host"]
+    return kw, None
+
+
+def reason(e):
+    # the name of a connection failure, or None (a network error: not named)
+    s = str(e.args[0]) if getattr(e, "args", None) else str(e)
+    if isinstance(e, OSError) and s.startswith("CONNACK refused"):
+        return LOGIN if s.endswith((": 4", ": 5")) else None
+    if not isinstance(e, ValueError):
+        return None
+    # mbedTLS's verification text (one line per failed check)
+    if "expired" in s or "future" in s:
+        return EXPIRED
+    if "Common Name" in s or "CN" in s or "hostname" in s:
+        return HOSTNAME
+    if "trusted CA" in s or "not correctly signed" in s or "CA" in s:
+        return UNKNOWN_CA
+    if "MBEDTLS" in s or "SSL" in s or "certificate" in s:
+        return TLS_OTHER
+    return None
+
+
+def steady(a):
+    # True when a TLS handshake may run: no trip can be pending behind it. Either every relay
+    # block is open already (nothing left to trip), or the controller is normal / tripped /
+    # disarmed (no pickup timer, no timed restore step) with a plausible meter reading at or
+    # above the restore threshold (the frequency is where restoring would be allowed)
+    c = a.ctrl
+    st = c.state
+    if st == control.TRIPPED and a.relays.mask == 0:
+        return True
+    if st not in (control.NORMAL, control.TRIPPED, control.DISARMED):
+        return False
+    hz = a.hz
+    return bool(a.meter_ok) and not c.bad_why and hz is not None and hz >= c.restore_hz

@@ -1,0 +1,121 @@
+"""The board's TLS and login to the broker (agent/mqtt_tls.py, agent.mqtt) in the real
+micropython (its `ssl` module, mbedTLS) against real Mosquitto TLS listeners whose certificates
+are made in the test: the good broker (CA and name checked, password login) is reached; an
+expired server certificate, one from another CA, one for another host name and a wrong password
+are each refused and named (the names agent/fleet.py counts, journals and shows in @status)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gridshed import brokerauth as ba
+from mosquitto_broker import HOST, Certs, Mosquitto
+
+USERS = {"dev1": "pw-dev1"}
+
+SCRIPT = r"""
+import sys, json, asyncio, time
+sys.path.insert(0, ".")
+from agent import mqtt_tls
+from agent.mqtt import MqttClient
+cases = json.loads(open("cases.json").read())
+res = {}
+gap = [0]
+async def ticker():
+    last = time.ticks_ms()
+    while True:
+        await asyncio.sleep_ms(1)
+        n = time.ticks_ms()
+        d = time.ticks_diff(n, last)
+        if d > gap[0]:
+            gap[0] = d
+        last = n
+def client(name, c):
+    open("broker.cbor", "wb").write(bytes.fromhex(c["file"]))
+    kw, why = mqtt_tls.options({"host": "127.0.0.1", "tls": True, "auth": "password",
+                                "server_name": c.get("name", "")}, c["user"])
+    assert why is None, why
+    r = res[name] = {"fail": [], "connected": 0}
+    def on_fail(e):
+        r["fail"].append(mqtt_tls.reason(e))
+        return r["fail"][-1] is not None
+    def on_connect(cl):
+        r["connected"] += 1
+        cl.publish("gridshed/s1/dev1/state", "hello", True, 1)
+    return MqttClient("127.0.0.1", c["port"], name, on_fail=on_fail, on_connect=on_connect,
+                      backoff_min=0.2, backoff_max=0.4, **kw)
+async def main():
+    asyncio.create_task(ticker())
+    cs = [client(n, c) for n, c in cases.items()]
+    for cl in cs:
+        asyncio.create_task(cl.run())
+    t0 = time.ticks_ms()
+    while time.ticks_diff(time.ticks_ms(), t0) < 60000:
+        await asyncio.sleep_ms(100)
+        if all(r["connected"] or len(r["fail"]) >= 2 for r in res.values()):
+            break
+    for n, cl in zip(cases, cs):
+        res[n]["stats"] = cl.stats()
+        res[n]["err"] = repr(cl.last_error)
+    print("RESULT", json.dumps({"res": res, "gap_ms": gap[0]}))
+asyncio.run(main())
+"""
+
+
+@pytest.fixture(scope="module")
+def brokers(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    certs = Certs(tmp_path_factory.mktemp("certs"))
+    acl = ba.acl_text({"s1": ["dev1"]})
+    ms = {w: Mosquitto(tmp_path_factory.mktemp(w), users=USERS, acl=acl, tls=(certs, w)).start()
+          for w in ("server", "expired", "wrong_ca", "wrong_host")}
+    yield certs, ms
+    for m in ms.values():
+        m.stop()
+
+
+def board_file(certs: Certs, user: str, password: str) -> str:
+    row = {"tls": 1, "ca_cert": certs.ca.decode()}
+    return ba.board_file(row, {"username": user, "password": password}).hex()  # type: ignore[union-attr]
+
+
+def test_tls_refusals_named(mp, brokers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    certs, ms = brokers
+    good = board_file(certs, "dev1", "pw-dev1")
+    cases = {
+        "ok": {"port": ms["server"].port, "user": "dev1", "file": good},
+        "ok_by_name": {"port": ms["server"].port, "user": "dev1", "file": good, "name": "localhost"},
+        "expired": {"port": ms["expired"].port, "user": "dev1", "file": good},
+        "wrong_ca": {"port": ms["wrong_ca"].port, "user": "dev1", "file": good},
+        "wrong_host": {"port": ms["wrong_host"].port, "user": "dev1", "file": good},
+        "name_mismatch": {"port": ms["server"].port, "user": "dev1", "file": good, "name": "broker.example"},
+        "password": {"port": ms["server"].port, "user": "dev1", "file": board_file(certs, "dev1", "nope")},
+    }
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    # the module reads /broker.cbor from the working directory, as on a board
+    r = mp.run(SCRIPT, heapsize="256k", cwd=tmp_path, timeout=120)
+    line = [x for x in r.out.splitlines() if x.startswith("RESULT ")]
+    assert line, r.out + r.err
+    out = json.loads(line[0][7:])
+    res = out["res"]
+    for ok in ("ok", "ok_by_name"):
+        assert res[ok]["connected"] == 1 and not res[ok]["fail"], res[ok]
+    want = {"expired": "tls-expired", "wrong_ca": "tls-unknown-ca", "wrong_host": "tls-hostname",
+            "name_mismatch": "tls-hostname", "password": "login-refused"}
+    for case, why in want.items():
+        assert not res[case]["connected"], res[case]
+        assert res[case]["fail"][:2] == [why, why], (case, {k: (v["fail"], v["err"]) for k, v in res.items()})
+        st = res[case]["stats"]
+        assert st["malformed"] == 0 and st["failures"] >= 2, (case, st)  # back-off, then again
+    print(f"\nlongest event-loop gap with 7 TLS clients connecting: {out['gap_ms']} ms")
+
+
+def test_missing_credentials_never_connect_in_clear(mp, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    r = mp.run(r"""
+from agent import mqtt_tls
+print(mqtt_tls.options({"host": "h", "tls": True, "auth": "none"}, "d"))
+print(mqtt_tls.options({"host": "h", "tls": False, "auth": "password"}, "d"))
+print(mqtt_tls.options({"host": "h", "tls": False, "auth": "none"}, "d"))
+""", heapsize="256k", cwd=tmp_path)
+    assert r.out.split() == ["(None,", "'no-credentials')", "(None,", "'no-credentials')", "({},", "None)"], r.out
