@@ -28,7 +28,7 @@ def options(m, dev):
     tls = m.get("tls")
     if not tls and auth == "none":
         return {}, None
-    from agent.app import read_cbor
+    from agent.base import read_cbor
 
     try:
         b = read_cbor(BROKER_PATH)
