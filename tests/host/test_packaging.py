@@ -130,6 +130,10 @@ def test_installed_cli_reads_its_own_data(installed):
     r = installed("meters", "--json")
     assert r.returncode == 0, r.stderr
     assert {m["model"] for m in json.loads(r.stdout)} == {p.stem for p in (ROOT / "meters").glob("*.json")}
+    # the Grafana dashboard ships too
+    r = installed("exporter", "--dashboard")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == json.loads((ROOT / "docs" / "grafana" / "gridshed.json").read_text())
 
 
 def test_installed_cli_builds(installed):

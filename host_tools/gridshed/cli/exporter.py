@@ -26,11 +26,12 @@ EXAMPLES = """examples:
   gridshed exporter --site-config site1-ctl1.toml        (available MW from the closed blocks' nameplate kW)
   gridshed exporter --ha-discovery                       (Home Assistant MQTT discovery, retained configs)
   gridshed exporter --json                               (one JSON object per line: listening, connected, ...)
+  gridshed exporter --dashboard > gridshed.json           (the Grafana dashboard, to import)
 
 then:
   curl -s http://127.0.0.1:9855/metrics
   Prometheus: scrape_configs: [{job_name: gridshed, static_configs: [{targets: ["127.0.0.1:9855"]}]}]
-  Grafana: import docs/grafana/gridshed.json (datasource: your Prometheus)
+  Grafana: import `gridshed exporter --dashboard` (docs/grafana/gridshed.json; datasource: your Prometheus)
 
 available MW (gridshed_available_megawatts) is what a trip would shed now: the board's own figure
 when its messages carry one (available_kw); else the nameplate kW (miners x kw_per_miner) of the
@@ -60,6 +61,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                    help="publish retained Home Assistant MQTT discovery configs for every board seen")
     p.add_argument("--ha-prefix", default="homeassistant", help="Home Assistant discovery prefix (default "
                                                                 "homeassistant)")
+    p.add_argument("--dashboard", action="store_true",
+                   help="print the Grafana dashboard built on these metrics (JSON, to import in Grafana) and exit")
     p.set_defaults(func=run)
 
 
@@ -85,8 +88,23 @@ def _keys(inventory: str | None, sites: list[str]) -> dict[str, bytes]:
     return out
 
 
+def dashboard() -> str:
+    """The Grafana dashboard JSON (docs/grafana/gridshed.json; shipped inside the wheel)."""
+    from ..datafiles import repo_root
+
+    path = repo_root() / "docs" / "grafana" / "gridshed.json"
+    try:
+        return path.read_text()
+    except OSError as e:
+        raise UserError(f"cannot read the Grafana dashboard {path}: {e.strerror or e}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from ..exporter import Exporter, Fleet, blocks_from_site
+
+    if args.dashboard:
+        print(dashboard(), end="")
+        return 0
     from ..fleet_client import BrokerOpts, broker_opts, parse_hostport
 
     broker = parse_hostport(args.broker or os.environ.get("GRIDSHED_BROKER") or "127.0.0.1:1883", 1883)
@@ -118,15 +136,18 @@ def run(args: argparse.Namespace) -> int:
     exp = Exporter(broker, listen, fleet, ha_prefix=args.ha_prefix if args.ha_discovery else None,
                    client_id=f"gridshed-exporter-{os.getpid()}", opts=opts, on_event=event)
     stop = threading.Event()
-    prev = signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    exp.start()
+    # Ctrl-C and SIGTERM stop it; SIGINT handled here too, since a shell starts a background job
+    # with SIGINT ignored
+    prev = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        exp.start()
         while not stop.wait(0.5):
             pass
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, prev)
+        for s, h in prev.items():
+            signal.signal(s, h)
         exp.stop()
     with fleet.lock:
         bad = sum(fleet.bad.values())
