@@ -28,6 +28,18 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--inventory", help="inventory database (default: user data dir, or $GRIDSHED_INVENTORY)")
     p.set_defaults(func=cmd_broker_config)
 
+    p = _parser(sub, common, "rotate-key",
+                "replace a board's command key (or --broker: its broker login); never leaves it without one",
+                "  gridshed rotate-key site1-ctl1 --port /dev/ttyUSB0\n"
+                "  gridshed rotate-key site1-ctl1 --port /dev/ttyUSB0 --broker   (then broker-config + reload)\n"
+                "  gridshed rotate-key site1-ctl1 --json\n")
+    p.add_argument("device", help="device id (in the inventory)")
+    p.add_argument("--port", help="the board's serial port (default: the one attached board)")
+    p.add_argument("--broker", action="store_true", help="rotate the broker password / client certificate instead")
+    p.add_argument("--inventory", help="inventory database (default: user data dir, or $GRIDSHED_INVENTORY)")
+    p.add_argument("--seq-file", help="host seq counters (default: seq.json beside the inventory)")
+    p.set_defaults(func=cmd_rotate_key)
+
 
 def cmd_broker_config(args: argparse.Namespace) -> int:
     from .. import brokerauth as ba
@@ -54,4 +66,29 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
     lines.append(f"{len(res['devices'])} device(s) of site {args.site}; start with: mosquitto -c {res['files']['conf']}")
     lines += [f"warning: {w}" for w in res["warnings"]]
     emit(args, res, lines)
+    return 0
+
+
+def cmd_rotate_key(args: argparse.Namespace) -> int:
+    from .. import fleet_client as fc
+    from ..rotate import rotate_key
+    from .board import _port, _say
+    from .output import note, warn
+
+    port = _port(args)
+    res = rotate_key(port, args.device, args.inventory, broker=args.broker,
+                     seq_path=fc.seq_file(args.inventory, args.seq_file),
+                     progress=None if args.json else (lambda m: note(m + "...")), say=_say)
+    if args.json:
+        emit(args, res)
+        return 0
+    if args.broker:
+        print(f"{args.device}: new broker credentials on the board and in the inventory; {res['restart']}")
+        note(res["note"])
+    else:
+        print(f"{args.device}: command key {res.get('old_key_id')} -> {res['key_id']}"
+              + (" (an interrupted rotation, finished)" if res.get("finished_interrupted") else "")
+              + f"; {res.get('restart', '')}")
+    for w in res.get("warnings", []):
+        warn(w)
     return 0
