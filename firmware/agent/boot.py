@@ -121,6 +121,7 @@ def load_config():
     errors = config.validate(cfg)
     del config
     unload("agent.config")
+    unload("agent.dnp3_check")  # loaded by the validator for a DNP3 site only
     if not errors:
         from agent import meter_check
 

@@ -114,18 +114,6 @@ OPTIONAL = {
         "active": (0, "i", 0, 1),
         "mode": ("lockout", ("lockout", "shed"), None, None),
     },
-    # DNP3 outstation (agent/dnp3.py, docs/dnp3.md)
-    "dnp3": {
-        "enabled": (True, "b", None, None),
-        "port": (20000, "i", 1, 65535),
-        "address": (10, "i", 0, 65519),
-        "masters": ([], "l", None, None),
-        "allow": ([], "l", None, None),
-        "bind": ("", "s", None, None),
-        "hz_deadband": (0.01, "f", 0.0, 10.0),
-        "kw_deadband": (10.0, "f", 0.0, 1000000.0),
-        "mw_deadband": (0.1, "f", 0.0, 10000.0),
-    },
     # how long protection may stay off after the agent is stopped from the console (Ctrl-C)
     # before the watchdog resets the board into the agent; host tools extend it while they work
     # (agent/maint.py). The default applies without the section: agent/maint.py WINDOW_S.
@@ -223,6 +211,11 @@ def apply_defaults(cfg):
             for k, spec in keys.items():
                 if k not in d:
                     d[k] = spec[0]
+    if isinstance(cfg.get("dnp3"), dict):
+        from agent.dnp3_check import SECTION
+
+        for k, spec in SECTION.items():
+            cfg["dnp3"].setdefault(k, spec[0])
     for b in cfg.get("blocks") or ():
         if isinstance(b, dict):
             for k, spec in BLOCK_SCHEMA.items():
@@ -298,6 +291,10 @@ def validate(cfg):
         from agent.market_check import check  # docs/market.md: loaded only for a market site
 
         check(cfg, errors, _check)
+    if "dnp3" in cfg:
+        from agent.dnp3_check import check as dnp3_check  # docs/dnp3.md: loaded only for a DNP3 site
+
+        dnp3_check(cfg, errors, _check, _ipv4)
     ms = cfg.get("modbus_server")
     if isinstance(ms, dict):
         for v in list(ms.get("allow") or ()) + [ms.get("master") or "0.0.0.0", ms.get("bind") or "0.0.0.0"]:
@@ -306,14 +303,6 @@ def validate(cfg):
     mq = cfg.get("mqtt")
     if isinstance(mq, dict) and mq.get("auth") == "cert" and not mq.get("tls"):
         errors.append("mqtt.auth: \"cert\" (a client certificate) needs mqtt.tls = true")
-    dn = cfg.get("dnp3")
-    if isinstance(dn, dict):
-        for v in list(dn.get("allow") or ()) + [dn.get("bind") or "0.0.0.0"]:
-            if not _ipv4(v):
-                errors.append("dnp3: %r is not an IPv4 address (bind, allow)" % (v,))
-        for v in dn.get("masters") or ():
-            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 65519 or v == dn.get("address"):
-                errors.append("dnp3.masters: %r is not a master link address (0..65519, not the outstation's)" % (v,))
     sig = cfg.get("signals")
     if isinstance(sig, dict) and sig.get("dry_contact") is True and sig.get("dry_contact_pin") is None:
         errors.append("signals.dry_contact: the board has no dry-contact input pin")

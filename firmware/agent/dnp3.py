@@ -1,6 +1,7 @@
 # DNP3 (IEEE 1815) outstation feature: [dnp3] in site.toml (docs/dnp3.md).
 #
-# TCP (one master connection at a time: a new one replaces the old). The protocol is
+# TCP (one master connection at a time: a new one replaces the old) or serial on the utility
+# UART ([dnp3] transport = "serial"). The protocol is
 # agent/dnp3_link.py (link + transport) and agent/dnp3_app.py (application); this module maps
 # the agent onto points, scans them every SCAN_MS into events, and executes controls. DNP3 has
 # no authentication here (no SAv5): like the Modbus server it may shed and arm, and release
@@ -193,13 +194,7 @@ class Dnp3:
                     break
                 lk.have += k
                 while True:
-                    try:
-                        k = lk.step()
-                    except Exception as e:  # a bug must not take the server down: counted, input dropped
-                        self.a.count("dnp3_error")
-                        _log("E", "dnp3: %r" % e)
-                        lk.have = 0
-                        k = -1
+                    k = self._step()
                     if k < 0:
                         break
                     if k:
@@ -216,6 +211,57 @@ class Dnp3:
             except Exception:
                 pass
 
+    def _step(self):
+        lk = self.link
+        try:
+            return lk.step()
+        except Exception as e:  # a bug must not take the server down: counted, input dropped
+            self.a.count("dnp3_error")
+            _log("E", "dnp3: %r" % e)
+            lk.have = 0
+            return -1
+
+    async def serial_task(self):
+        # DNP3 serial on the board's utility UART (RS-485, 8N1): frames delimit themselves
+        # (05 64 + length); the link resynchronises on noise. One master on the line.
+        a = self.a
+        try:
+            u = a.hal.uart("utility", self.cfg)
+        except Exception as e:
+            a.count("dnp3_uart")
+            _log("E", "dnp3: no utility UART: %r" % e)
+            return
+        de = None
+        uc = (a.cfg.get("uart") or {}).get("utility") or {}
+        if uc.get("de") is not None:
+            de = a.hal.out_pin(uc["de"], 0)
+        char_us = 10000000 // self.cfg["baud"]
+        lk = self.link
+        self.peer = "serial"
+        _log("I", "dnp3 outstation: serial %d baud address %d" % (self.cfg["baud"], self.cfg["address"]))
+        while True:
+            try:
+                k = u.readinto(lk.rxmv[lk.have:])
+            except OSError:
+                k = None
+            if k:
+                lk.have += k
+                while True:
+                    k = self._step()
+                    if k < 0:
+                        break
+                    if k:
+                        try:
+                            if de is not None:
+                                de.value(1)
+                            u.write(lk.outmv[:k])
+                            if de is not None:
+                                await asyncio.sleep_ms(k * char_us // 1000 + 1)
+                                de.value(0)
+                        except OSError:
+                            a.count("dnp3_io")
+            await asyncio.sleep_ms(2 if lk.have else 5)
+
     async def tcp_task(self, port):
         sim = getattr(self.a.hal, "sim", None)
         host = sim.get("utility_bind", "127.0.0.1") if isinstance(sim, dict) else "0.0.0.0"
@@ -231,7 +277,7 @@ class Dnp3:
                 await asyncio.sleep(10)
 
     def status(self):
-        d = {"port": self.cfg["port"], "peer": self.peer, "peers_refused": self.refused,
+        d = {"transport": self.cfg["transport"], "port": self.cfg["port"], "peer": self.peer, "peers_refused": self.refused,
              "events": self.app.ne, "time_synced": self.app.synced}
         for i in range(link.NCOUNTS):
             d[link.COUNT_NAMES[i]] = self.link.counts[i]
@@ -254,6 +300,9 @@ def start(agent):
     cfg = agent.cfg["dnp3"]
     s = Dnp3(agent, cfg)
     agent.dnp3 = s
-    asyncio.create_task(s.tcp_task(cfg["port"]))
+    if cfg["transport"] == "serial":
+        asyncio.create_task(s.serial_task())
+    else:
+        asyncio.create_task(s.tcp_task(cfg["port"]))
     asyncio.create_task(s.scan_task())
     return s

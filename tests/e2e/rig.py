@@ -189,6 +189,7 @@ class Rig:
         self.kills = 0
         self.expect_restarts = 0   # reboots the test causes besides kill_board (reset, deploy...)
         self.check = True          # check_board at close (off only for a test that checks itself)
+        self.uarts: dict[str, str] = {}  # more sim.json UART roles (e.g. "utility": a Wire's board_path)
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def __aenter__(self) -> "Rig":
@@ -208,7 +209,8 @@ class Rig:
         port = await self.gpio.start()
         self.wire = Wire(m["baud"]).start()
         await self.start_meter()
-        install(self.board_dir, self.cfg, {"gpio": f"127.0.0.1:{port}", "uarts": {"meter": self.wire.board_path}})
+        install(self.board_dir, self.cfg, {"gpio": f"127.0.0.1:{port}",
+                                           "uarts": {"meter": self.wire.board_path, **self.uarts}})
         self.board = VirtualBoard(self.board_dir, heapsize=self.heapsize)
         self.board.start()
         if wait:
