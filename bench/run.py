@@ -48,10 +48,11 @@ import latency  # noqa: E402
 import memory  # noqa: E402
 import micro  # noqa: E402
 import soak  # noqa: E402
+import tls  # noqa: E402
 from common import BENCH_DIR, FIRMWARE, machine_info, say  # noqa: E402
 
 # in the order they run and their rows print
-MODULES = (micro, latency, memory, fleet, host, bounds, install, soak)
+MODULES = (micro, latency, memory, fleet, host, bounds, tls, install, soak)
 SECTIONS = tuple(s for m in MODULES for s in m.SECTIONS)
 DEFAULT_SECTIONS = tuple(s for m in MODULES if m.DEFAULT for s in m.SECTIONS)  # soak only when asked: it is long
 

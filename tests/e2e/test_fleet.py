@@ -23,7 +23,6 @@ import threading
 import time
 from pathlib import Path
 
-import paho.mqtt.client as paho
 import pytest
 
 from mosquitto_broker import Mosquitto

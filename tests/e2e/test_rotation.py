@@ -17,7 +17,7 @@ from gridshed.signing import make_command
 from test_signed_commands import agent_build, cli, console, meter, rig, send  # noqa: F401
 
 
-def _shed_ok(rig, inv: str, verb: str = "shed") -> int:  # type: ignore[no-untyped-def]
+def _shed_ok(rig, inv: str, verb: str = "shed") -> int:  # type: ignore[no-untyped-def]  # noqa: F811
     r = cli(verb, "--device", rig.dev, "--port", rig.board.port, "--inventory", inv, "--json", timeout=90)
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.loads(r.stdout)
@@ -30,7 +30,7 @@ def _kid(inv: str, dev: str) -> tuple[bytes, bytes]:
         return i.key_for(dev)
 
 
-def test_rotate_key(rig, tmp_path):  # type: ignore[no-untyped-def]
+def test_rotate_key(rig, tmp_path):  # type: ignore[no-untyped-def]  # noqa: F811
     inv = str(rig.inventory)
     old_kid, old_key = _kid(inv, rig.dev)
     seq1 = _shed_ok(rig, inv)
@@ -58,7 +58,7 @@ def test_rotate_key(rig, tmp_path):  # type: ignore[no-untyped-def]
     rig.expect_restarts = 1  # the agent restarted after the rotation (the host's stop/start)
 
 
-def _cut_mid_rotation(rig, commit: bool) -> tuple[bytes, bytes]:  # type: ignore[no-untyped-def]
+def _cut_mid_rotation(rig, commit: bool) -> tuple[bytes, bytes]:  # type: ignore[no-untyped-def]  # noqa: F811
     # what rotate-key does up to the switch, then a power cut: the pending key in the inventory,
     # the new table staged on the board, the plan committed (or not), the board reset before any
     # rename
@@ -77,7 +77,7 @@ def _cut_mid_rotation(rig, commit: bool) -> tuple[bytes, bytes]:  # type: ignore
     return kid, key
 
 
-def test_power_cut_mid_rotation_leaves_one_working_key(rig):  # type: ignore[no-untyped-def]
+def test_power_cut_mid_rotation_leaves_one_working_key(rig):  # type: ignore[no-untyped-def]  # noqa: F811
     inv = str(rig.inventory)
     old_kid, _ = _kid(inv, rig.dev)
     # 1. cut after the commit: the board finishes the switch at boot and runs the new key

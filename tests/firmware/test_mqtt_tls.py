@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gridshed import brokerauth as ba
-from mosquitto_broker import HOST, Certs, Mosquitto
+from mosquitto_broker import Certs, Mosquitto
 
 USERS = {"dev1": "pw-dev1"}
 
