@@ -34,7 +34,7 @@ async def ticker():
         last = n
 def client(name, c):
     open("broker.cbor", "wb").write(bytes.fromhex(c["file"]))
-    kw, why = mqtt_tls.options({"host": "127.0.0.1", "tls": True, "auth": "password",
+    kw, why = mqtt_tls.options({"host": "127.0.0.1", "tls": True, "auth": c.get("auth", "password"),
                                 "server_name": c.get("name", "")}, c["user"])
     assert why is None, why
     r = res[name] = {"fail": [], "connected": 0}
@@ -70,6 +70,9 @@ def brokers(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
     acl = ba.acl_text({"s1": ["dev1"]})
     ms = {w: Mosquitto(tmp_path_factory.mktemp(w), users=USERS, acl=acl, tls=(certs, w)).start()
           for w in ("server", "expired", "wrong_ca", "wrong_host")}
+    # mutual TLS: a client certificate required, its CN is the user name the ACL knows
+    ms["mtls"] = Mosquitto(tmp_path_factory.mktemp("mtls"), users={}, acl=acl, tls=(certs, "server"),
+                           client_certs=True).start()
     yield certs, ms
     for m in ms.values():
         m.stop()
@@ -78,6 +81,12 @@ def brokers(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
 def board_file(certs: Certs, user: str, password: str) -> str:
     row = {"tls": 1, "ca_cert": certs.ca.decode()}
     return ba.board_file(row, {"username": user, "password": password}).hex()  # type: ignore[union-attr]
+
+
+def cert_file(certs: Certs, cn: str) -> str:
+    cert, key = certs.client(cn)
+    row = {"tls": 1, "ca_cert": certs.ca.decode()}
+    return ba.board_file(row, {"username": cn, "cert": cert.decode(), "key": key.decode()}).hex()  # type: ignore[union-attr]
 
 
 def test_tls_refusals_named(mp, brokers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -91,6 +100,7 @@ def test_tls_refusals_named(mp, brokers, tmp_path: Path) -> None:  # type: ignor
         "wrong_host": {"port": ms["wrong_host"].port, "user": "dev1", "file": good},
         "name_mismatch": {"port": ms["server"].port, "user": "dev1", "file": good, "name": "broker.example"},
         "password": {"port": ms["server"].port, "user": "dev1", "file": board_file(certs, "dev1", "nope")},
+        "mtls": {"port": ms["mtls"].port, "user": "dev1", "auth": "cert", "file": cert_file(certs, "dev1")},
     }
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     # the module reads /broker.cbor from the working directory, as on a board
@@ -99,7 +109,7 @@ def test_tls_refusals_named(mp, brokers, tmp_path: Path) -> None:  # type: ignor
     assert line, r.out + r.err
     out = json.loads(line[0][7:])
     res = out["res"]
-    for ok in ("ok", "ok_by_name"):
+    for ok in ("ok", "ok_by_name", "mtls"):
         assert res[ok]["connected"] == 1 and not res[ok]["fail"], res[ok]
     want = {"expired": "tls-expired", "wrong_ca": "tls-unknown-ca", "wrong_host": "tls-hostname",
             "name_mismatch": "tls-hostname", "password": "login-refused"}
@@ -108,7 +118,9 @@ def test_tls_refusals_named(mp, brokers, tmp_path: Path) -> None:  # type: ignor
         assert res[case]["fail"][:2] == [why, why], (case, {k: (v["fail"], v["err"]) for k, v in res.items()})
         st = res[case]["stats"]
         assert st["malformed"] == 0 and st["failures"] >= 2, (case, st)  # back-off, then again
-    print(f"\nlongest event-loop gap with 7 TLS clients connecting: {out['gap_ms']} ms")
+    print(f"\nlongest event-loop gap with 8 TLS clients connecting: {out['gap_ms']} ms")
+    # the client certificate's CN was the login: Mosquitto names the user dev1 for it
+    assert "u'dev1'" in ms["mtls"].logtext(10 ** 6), ms["mtls"].logtext()
 
 
 def test_missing_credentials_never_connect_in_clear(mp, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -119,3 +131,37 @@ print(mqtt_tls.options({"host": "h", "tls": False, "auth": "password"}, "d"))
 print(mqtt_tls.options({"host": "h", "tls": False, "auth": "none"}, "d"))
 """, heapsize="256k", cwd=tmp_path)
     assert r.out.split() == ["(None,", "'no-credentials')", "(None,", "'no-credentials')", "({},", "None)"], r.out
+
+
+STEADY = r"""
+from agent import control, mqtt_tls
+class C:
+    restore_hz = 59.95
+    bad_why = 0
+class R:
+    mask = 15
+class A:
+    pass
+a = A(); a.ctrl = C(); a.relays = R(); a.meter_ok = True; a.hz = 60.0
+out = []
+def t(**kw):
+    for k, v in kw.items():
+        setattr(a.ctrl if k in ("state", "bad_why") else a.relays if k == "mask" else a, k, v)
+    out.append(mqtt_tls.steady(a))
+t(state=control.NORMAL)                    # healthy
+t(hz=59.9)                                 # below restore_hz: a trip may be coming
+t(hz=60.0, state=control.PICKUP)           # the pickup timer runs
+t(state=control.RESTORE_HOLD)              # a timed restore step
+t(state=control.RESTORING)
+t(state=control.TRIPPED)                   # shed, frequency healthy
+t(meter_ok=False)                          # meter silent, blocks still closed
+t(mask=0)                                  # ... every block open: nothing left to trip
+t(state=control.DISARMED, mask=15, meter_ok=True)
+t(state=control.NORMAL, bad_why=2)         # an implausible sample
+print(out)
+"""
+
+
+def test_tls_connects_only_while_steady(mp) -> None:  # type: ignore[no-untyped-def]
+    r = mp.run(STEADY, heapsize="256k")
+    assert r.out.strip() == "[True, False, False, False, False, True, False, True, True, False]", r.out

@@ -218,3 +218,37 @@ def test_default_inventory_path_follows_env(tmp_path, monkeypatch):
     assert default_path() == tmp_path / "x.sqlite"
     monkeypatch.delenv("GRIDSHED_INVENTORY")
     assert default_path().name == "inventory.sqlite" and "gridshed" in str(default_path())
+
+
+def test_provision_broker_credentials_and_rotation(tmp_path, vb):
+    # [mqtt] tls + password login: provision records the site's settings, issues the device's
+    # broker password once and writes /broker.cbor (the CA as DER, user, password) beside the
+    # key; rotate-key --broker replaces it on the board and
+    # in the inventory (the command key stays); a site without broker security removes the file
+    from gridshed import brokerauth as ba
+    from gridshed.rotate import rotate_key
+
+    ca, _ = ba.make_ca("the broker's own CA")
+    (tmp_path / "ca.pem").write_bytes(ca)
+    site = tmp_path / "site.toml"
+    site.write_text(SITE.read_text() + '\n[mqtt]\nhost = "10.0.0.5"\nport = 8883\ntls = true\nca = "ca.pem"\n'
+                    'auth = "password"\nserver_name = "broker.site.lan"\n')
+    inv_path = tmp_path / "inv.sqlite"
+    provision(vb.port, site, device_id="d-tls", inventory_path=inv_path, restart=False)
+    b = siteconfig.read_settings((vb.fs_dir / "broker.cbor").read_bytes())
+    assert bytes(b["ca"]) == ba.pem_to_der(ca) and b["user"] == "d-tls" and len(b["pass"]) >= 24
+    with Inventory(inv_path) as inv:
+        assert inv.broker_creds("d-tls")["password"] == b["pass"]
+        row = inv.site("demo-site")
+        assert row["tls"] == 1 and row["auth"] == "password" and row["trust_ca"] == ca.decode()
+        assert row["server_name"] == "broker.site.lan" and row["host_password"]
+        kid = inv.get("d-tls")["key_id"]
+    res = rotate_key(vb.port, "d-tls", inv_path, broker=True, restart=False)
+    b2 = siteconfig.read_settings((vb.fs_dir / "broker.cbor").read_bytes())
+    assert b2["pass"] != b["pass"] and bytes(b2["ca"]) == bytes(b["ca"]) and "broker-config" in res["note"]
+    with Inventory(inv_path) as inv:
+        assert inv.broker_creds("d-tls")["password"] == b2["pass"] and inv.get("d-tls")["key_id"] == kid
+    provision(vb.port, SITE, device_id="d-tls", inventory_path=inv_path, keep_key=True, restart=False)
+    assert not (vb.fs_dir / "broker.cbor").exists()
+    with Inventory(inv_path) as inv:  # the login stays in the inventory (a later TLS site reuses it)
+        assert inv.broker_creds("d-tls")["password"] == b2["pass"]
