@@ -73,9 +73,11 @@ class _Sink:
 
 
 def _fleet_agent_available() -> tuple[bool, str]:
-    p = FIRMWARE / "agent" / "fleet.py"
-    if not p.exists():
-        return False, "firmware/agent/fleet.py absent"
+    # the MQTT feature module: agent/features/mqtt.py (the feature contract), agent/fleet.py before it
+    p = next((q for q in (FIRMWARE / "agent" / "features" / "mqtt.py", FIRMWARE / "agent" / "fleet.py") if q.exists()),
+             None)
+    if p is None:
+        return False, "no MQTT feature module (agent/features/mqtt.py or agent/fleet.py)"
     try:
         from agent import config as fwconfig
 
@@ -83,7 +85,7 @@ def _fleet_agent_available() -> tuple[bool, str]:
             return False, "config has no mqtt section"
     except Exception as e:
         return False, "agent.config: %s" % e
-    return True, "firmware/agent/fleet.py present"
+    return True, "%s present" % p.relative_to(FIRMWARE.parent)
 
 
 FLEET_AGENT_HEAP = "88wK"  # the agent with MQTT enabled (measured in tests/e2e/test_fleet.py)
