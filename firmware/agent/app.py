@@ -107,6 +107,8 @@ class Agent:
             pass
         gc.collect()
         self.master = self._master()
+        self.market = None  # the market feature (agent/features/market.py), when [market] is on
+        self.econ_off = 0   # blocks economics holds open: relays = ctrl.closed_mask & ~econ_off
         self.features = self._load_features()
         gc.collect()
         # held inputs as last persisted (authority changes, lockout): a change is persisted at once
@@ -233,11 +235,11 @@ class Agent:
             ev = self.ctrl.tick(now, sig, rel)
         if self.shed_kw is not None or self.curtailer is not None:
             if self.ctrl.nevents:  # ctrl.shed() below starts a new event list: keep this one
-                self.relays.apply(0 if self.lockout else self.ctrl.closed_mask)
+                self.relays.apply(0 if self.lockout else self.ctrl.closed_mask & ~self.econ_off)
                 self.events(ev, now)
                 self.ctrl.nevents = 0  # journaled: not again below
             ev = self._partial(now) or ev
-        self.relays.apply(0 if self.lockout else self.ctrl.closed_mask)
+        self.relays.apply(0 if self.lockout else self.ctrl.closed_mask & ~self.econ_off)
         if self.ctrl.nevents or self._dirty():
             self.events(ev, now)
         return ev
@@ -452,6 +454,8 @@ class Agent:
         yield "watchdog", w and {"feeds": w[1], "starved": w[2]}
         yield "journal", self.journal.stats()
         yield "cmd_shed", self.cmd_shed
+        if self.market is not None:
+            yield "market", self.market.status()
 
     def _load_features(self):
         # (module, enabled) in start order; imported now, started by start_features()
@@ -465,6 +469,8 @@ class Agent:
                           ("ac_sense", "freq"), ("miners", "miners"), ("dnp3", "dnp3")):
             if (c.get(sec) or {}).get("enabled"):
                 out.append(__import__("agent." + name, None, None, ("start",)))
+        if isinstance(c.get("market"), dict) and c["market"].get("enabled") is not False:
+            out.append(__import__("agent.features.market", None, None, ("start",)))
         return out
 
     def start_features(self):

@@ -6,7 +6,7 @@
 # (Comments, not docstrings: less RAM when this is compiled from source.)
 from agent import cbor
 
-COMMANDS = ("shed", "restore", "arm", "disarm", "test", "status", "time")
+COMMANDS = ("shed", "restore", "arm", "disarm", "test", "status", "time", "schedule")
 # the restore / disarm direction (and the clock itself): fresh by the board's trusted clock
 # (exp), or by carrying the board's current nonce while the clock is not trusted
 FRESH = ("restore", "disarm", "time")
@@ -77,6 +77,12 @@ def check(r, dev_id, site_id, now, hwm, save, nonce=None):
             if not _is_int(v) or not 1600000000 < v < 1 << 40:
                 return "malformed"
             out["t"] = v
+        if "sid" in p or name == "schedule":  # the market schedule (docs/market.md): checked whole by agent/market.py
+            v = p.get("sid")
+            if not _is_int(v) or not isinstance(p.get("iv"), list):
+                return "malformed"
+            out["sid"] = v
+            out["iv"] = p["iv"]
         if not isinstance(name, str) or name not in COMMANDS:
             return "bad-cmd"
         if dev is not None:

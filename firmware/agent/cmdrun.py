@@ -80,6 +80,11 @@ def run(a, c, src):
             if i >= 0:
                 a.issue(i, False, 0)
         a.release = True  # authenticated: satisfies trip.release_required
+    elif cmd == "schedule":  # the market feature takes it, or says why not (docs/market.md)
+        mk = a.market
+        why = "no-market" if mk is None or mk.m is None else mk.schedule(c["sid"], c["iv"], src)
+        if why is not None:
+            return {"ok": False, "refused": why, "seq": c["seq"]}
     elif cmd == "arm" or cmd == "disarm":
         ev = a.ctrl.arm(now) if cmd == "arm" else a.ctrl.disarm(now)
         if a.ctrl.nevents:

@@ -47,9 +47,10 @@ W_TARGET = const(9)      # restore: the kW target no longer needs it
 W_NO_IV = const(10)      # restore: no schedule interval now
 W_OBLIG_ON = const(11)   # restore: the obligation hour needs the load on
 W_CLOCK = const(12)      # restore: the board's clock is not trusted (no economic action)
+W_UTIL = const(13)       # shed: the utility Modbus map's price / kW register (trusted line only)
 WHY = ("none", "price_above_strike", "kw_target", "min_run", "min_off", "cycle_cap", "obligation",
        "ramp", "price_at_or_below_strike", "target_lowered", "no_interval", "obligation_hour",
-       "clock_unknown")
+       "clock_unknown", "utility_register")
 _NEV = const(40)
 
 
@@ -117,10 +118,10 @@ class Market:
         # schedule: parallel arrays, times in seconds since EPOCH, later intervals win
         self.sid = -1
         self.niv = 0
-        self.iv_s = array("i", [0] * MAX_IV)
-        self.iv_e = array("i", [0] * MAX_IV)
+        self.iv_s = array("i", (0 for _ in range(MAX_IV)))
+        self.iv_e = array("i", (0 for _ in range(MAX_IV)))
         self.iv_m = bytearray(MAX_IV)
-        self.iv_v = array("d", [0.0] * MAX_IV)
+        self.iv_v = array("i", (0 for _ in range(MAX_IV)))  # value x 100 (cents / 0.01 kW): no float array
         # dynamic state (every attribute exists from here on)
         self.off = 0            # blocks economics holds open
         self.why = bytearray(n)  # each block's last journaled reason
@@ -142,6 +143,8 @@ class Market:
         self.refused = 0        # economic curtailments refused for the obligation (episodes)
         self.unknown = 0        # decisions skipped: no trusted time
         self.known = False
+        self.x_price = None     # the utility register's price ($/MWh) or None: only adds curtailment
+        self.x_kw = 0.0         # the utility register's kW target (0: none): only adds curtailment
         self.ev = bytearray(3 * _NEV)
         self.nev = self.dropped = 0
 
@@ -169,18 +172,25 @@ class Market:
             self.iv_s[k] = x[0] - EPOCH
             self.iv_e[k] = x[1] - EPOCH
             self.iv_m[k] = M_PRICE if x[2] == "p" else M_KW
-            self.iv_v[k] = x[3]
+            v = x[3] * 100
+            self.iv_v[k] = int(v + 0.5) if v >= 0 else -int(0.5 - v)
             k += 1
         self.niv = k
         self.sid = sid
         self.closed = -1  # decide again at the next step
         return None
 
+    def set_extra(self, price=None, kw=0.0):
+        # the utility register's price / kW target (agent/utility_server.py, trusted line only)
+        self.x_price = price
+        self.x_kw = kw
+        self.closed = -1  # decide again at the next step
+
     def schedule(self):
         # the stored form (market.cbor), times back in unix seconds
         out = []
         for k in range(self.niv):
-            out.append([self.iv_s[k] + EPOCH, self.iv_e[k] + EPOCH, MODES[self.iv_m[k]], self.iv_v[k]])
+            out.append([self.iv_s[k] + EPOCH, self.iv_e[k] + EPOCH, MODES[self.iv_m[k]], self.iv_v[k] / 100])
         return {"sid": self.sid, "iv": out}
 
     def lookup(self, t):
@@ -189,7 +199,7 @@ class Market:
         while k >= 0:
             if self.iv_s[k] <= t < self.iv_e[k]:
                 self.mode = self.iv_m[k]
-                self.val = self.iv_v[k]
+                self.val = self.iv_v[k] / 100
                 return
             k -= 1
         self.mode = M_NONE
@@ -287,6 +297,13 @@ class Market:
                 self.on_t[i] = t
             bit <<= 1
         want = self._want(mode, val)
+        extra = 0  # the utility register's (max with the schedule: it only ever adds)
+        if self.x_price is not None:
+            extra = self._want(M_PRICE, self.x_price)
+        if self.x_kw > 0:
+            extra |= self._want(M_KW, self.x_kw)
+        extra &= ~want
+        want |= extra
         kw = self.kw
         trip = self.trip
         avail = self.available(fin)
@@ -326,7 +343,7 @@ class Market:
                 self.cycles[i] += 1
                 if trip & b:
                     avail -= kw[i]
-                self.why[i] = W_PRICE if mode == M_PRICE else W_KW
+                self.why[i] = W_UTIL if extra & b else (W_PRICE if mode == M_PRICE else W_KW)
                 self._emit(EV_SHED, i, self.why[i])
         # 3. an obligation hour with less on than committed: economics gives load back
         if ob and avail < self.oblig_kw - 1e-6:
@@ -350,9 +367,9 @@ class Market:
         for i in range(n):  # a reason that is spent (a hold is journaled once per episode)
             w = self.why[i]
             if self.off & bit:
-                if want & bit and w != W_KW:
-                    self.why[i] = W_KW if mode == M_KW else W_PRICE
-            elif (w == W_PRICE or w == W_KW or w == W_MIN_OFF or w == W_RAMP or (w == W_MIN_RUN and not want & bit)
+                if want & bit:
+                    self.why[i] = W_UTIL if extra & bit else (W_KW if mode == M_KW else W_PRICE)
+            elif (w == W_PRICE or w == W_KW or w == W_UTIL or w == W_MIN_OFF or w == W_RAMP or (w == W_MIN_RUN and not want & bit)
                   or (w == W_OBLIG and not ob) or (w == W_CAP and self.cycles[i] < self.cap[i])):
                 self.why[i] = W_NONE
             bit <<= 1

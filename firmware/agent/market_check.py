@@ -37,7 +37,7 @@ def check(cfg, errors, chk):
                 errors.append("market.%s: unknown key" % k)
         for h in mk.get("obligation_hours") or ():
             if not (isinstance(h, list) and len(h) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in h)
-                    and 0 <= h[0] <= 23 and 0 <= h[1] <= 24 and h[0] != h[1] % 24):
+                    and 0 <= h[0] <= 23 and 0 <= h[1] <= 24 and h[0] != h[1]):
                 errors.append("market.obligation_hours: %r is not [start_hour, end_hour] (0..23, 1..24, UTC)" % (h,))
     blocks = cfg.get("blocks")
     if not isinstance(blocks, list):

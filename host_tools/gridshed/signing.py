@@ -28,13 +28,16 @@ def new_key() -> bytes:
 def build_payload(cmd: str, seq: int, exp: int, target_device: str | None = None,
                   target_site: str | None = None, kw: float | None = None,
                   blocks: list[str | int] | None = None, iss: str | None = None,
-                  all_: bool = False, nonce: bytes | None = None, t: int | None = None) -> dict:
+                  all_: bool = False, nonce: bytes | None = None, t: int | None = None,
+                  schedule: dict | None = None) -> dict:
     """The command payload map, keys always in the same order (deterministic bytes).
 
     ``iss``: the signer's issuer label (its own entry on the board, e.g. "openadr");
     ``all_``: a restore of every issuer's shed (the board's authority.restore_all decides);
     ``nonce``: the board's current nonce (freshness before the board trusts its clock);
-    ``t``: the host's unix time (the ``time`` command). docs/security.md."""
+    ``t``: the host's unix time (the ``time`` command). docs/security.md.
+    ``schedule``: {"sid": int, "iv": [[start, end, "p"|"kw", value], ...]} for the ``schedule``
+    command (docs/market.md); the board checks the intervals."""
     if cmd not in COMMANDS:
         raise UserError(f"unknown command {cmd!r} (one of: {', '.join(COMMANDS)})")
     if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < 2**64:
@@ -64,6 +67,14 @@ def build_payload(cmd: str, seq: int, exp: int, target_device: str | None = None
         payload["nonce"] = bytes(nonce)
     if t is not None:
         payload["t"] = int(t)
+    if (schedule is not None) != (cmd == "schedule"):
+        raise UserError("a schedule goes with the schedule command, and only with it")
+    if schedule is not None:
+        sid, iv = schedule.get("sid"), schedule.get("iv")
+        if isinstance(sid, bool) or not isinstance(sid, int) or not 0 <= sid < 2**31 or not isinstance(iv, list):
+            raise UserError("schedule: need sid (0 <= int < 2**31) and iv (a list of [start, end, \"p\"|\"kw\", value])")
+        payload["sid"] = sid
+        payload["iv"] = [list(x) for x in iv]
     return payload
 
 
@@ -71,7 +82,7 @@ def make_command(key: bytes, kid: bytes, cmd: str, seq: int, target_device: str 
                  target_site: str | None = None, kw: float | None = None, expires_s: float = 60,
                  now: float | None = None, blocks: list[str | int] | None = None,
                  tagged: bool = True, iss: str | None = None, all_: bool = False,
-                 nonce: bytes | None = None, t: int | None = None) -> bytes:
+                 nonce: bytes | None = None, t: int | None = None, schedule: dict | None = None) -> bytes:
     """A signed command (tagged COSE_Mac0 bytes) ready for any transport.
 
     ``exp`` = int(now + expires_s) with ``now`` defaulting to the host clock.
@@ -81,7 +92,7 @@ def make_command(key: bytes, kid: bytes, cmd: str, seq: int, target_device: str 
     if now is None:
         now = time.time()
     payload = build_payload(cmd, seq, int(now + expires_s), target_device, target_site, kw, blocks,
-                            iss=iss, all_=all_, nonce=nonce, t=t)
+                            iss=iss, all_=all_, nonce=nonce, t=t, schedule=schedule)
     return cose.mac0_create(key, kid, cbor.dumps(payload), tagged=tagged)
 
 

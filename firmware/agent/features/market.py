@@ -1,0 +1,135 @@
+# The market feature ([market] in site.toml, docs/market.md): runs agent/market.py on the board.
+# Once a second it steps the decision core with the board's trusted time and the blocks that
+# protection and commands leave closed, journals every economic transition, and hands the mask
+# of blocks economics holds open to the agent (Agent.econ_off): the relays are
+# ctrl.closed_mask & ~econ_off, so economics only ever adds open blocks and a frequency trip
+# always overrides it. The signed "schedule" command (agent/cmdrun.py) and the utility Modbus
+# map's market registers (agent/utility_server.py) reach it through Agent.market.
+# (Comments, not docstrings: less RAM when compiled from source.)
+import asyncio
+
+from agent.compat import ticks_ms
+from agent.market import Market
+
+PATH = "market.cbor"
+PERIOD_MS = 1000
+
+
+def _io():
+    try:  # after the firmware restructure: the shared leaf
+        from agent import base as b
+    except ImportError:
+        from agent import app as b
+    return b
+
+
+class Feature:
+    def __init__(self, agent):
+        self.a = agent
+        self.m = m = Market(agent.cfg)
+        self.file = None  # why market.cbor was refused at boot (None: sound or absent)
+        self.refusals = 0  # schedules refused (replay, malformed)
+        rec, why = _io().read_checked(PATH)
+        if why is None and rec is not None:
+            try:
+                why = m.set_schedule(rec["sid"], rec["iv"], True)
+                x = rec.get("x")
+                if x:
+                    m.set_extra(x[0], float(x[1]))
+            except Exception:
+                why = "not a schedule record"
+        if why is not None:
+            # a damaged schedule: none is executed (economics holds nothing), the host is told
+            self.file = why
+            agent.count("market_file")
+            agent.journal.append("integrity", {"file": PATH, "why": why})
+        agent.market = self
+
+    def status(self):
+        s = self.m.status()
+        s["refused_schedules"] = self.refusals
+        if self.file:
+            s["file"] = self.file
+        return s
+
+    def save(self):
+        m = self.m
+        rec = m.schedule()
+        if m.x_price is not None or m.x_kw:
+            rec["x"] = [m.x_price, m.x_kw]
+        try:
+            _io().write_cbor_atomic(PATH, rec)
+            return True
+        except (OSError, MemoryError):
+            self.a.count("market_write")
+            return False
+
+    def schedule(self, sid, iv, src):
+        # a verified "schedule" command: None when taken, else why it is refused
+        why = self.m.set_schedule(sid, iv)
+        a = self.a
+        if why is None and not self.save():
+            why = "store-error"  # kept in RAM and run, but it would not survive a power cut
+        if why is None or why == "store-error":
+            self.file = None
+            a.journal.append("market", {"ev": "schedule", "sid": sid, "intervals": self.m.niv, "src": src,
+                                        "stored": why is None})
+        else:
+            self.refusals += 1
+            a.count("market_refused")
+            a.journal.append("market", {"ev": "refused", "why": why, "sid": sid, "src": src})
+        self.step()
+        return why
+
+    def set_extra(self, price, kw):
+        # the utility register (trusted line only): a price / kW target that only adds curtailment
+        self.m.set_extra(price, kw)
+        self.save()
+        self.step()
+
+    def step(self):
+        a = self.a
+        m = self.m
+        off = m.step(a.now_unix(), a.ctrl.closed_mask)
+        for k in range(m.nev):
+            e = m.event(k)
+            a.journal.append("market", e)
+            if e["why"] == "obligation":
+                a.count("market_obligation_refusal")
+                _io().log("W", "market: %s refused: %s obligation" % (e["block"], m.program))
+        if off != a.econ_off:
+            a.econ_off = off
+            a.decide(ticks_ms(), False)
+
+    async def run(self):
+        while True:
+            try:
+                self.step()
+            except MemoryError:
+                self.a.count("market_mem")
+            await asyncio.sleep_ms(PERIOD_MS)
+
+
+class NoRoom:
+    # the feature could not start (no RAM for it): the agent runs on without economics; a
+    # schedule is refused ("no-market") and @status says why
+    m = None
+
+    def status(self):
+        return {"error": "no memory to start the market feature", "clock": None}
+
+
+def start(agent):
+    try:
+        f = agent.market if isinstance(agent.market, Feature) else Feature(agent)
+    except MemoryError:
+        agent.market = f = NoRoom()
+        agent.count("market_mem")
+        _io().log("E", "market: no memory to start; no economic action")
+        try:
+            agent.journal.append("market", {"ev": "no_memory"})
+        except MemoryError:
+            pass
+        return f
+    asyncio.create_task(f.run())
+    return f
