@@ -138,6 +138,11 @@ class Fleet:
             pass
         d = {"t": t, "hz": a.hz, "kw": a.kw, "mask": a.relays.mask,
              "state": control.STATE_NAMES[a.ctrl.state]}
+        m = a.market and a.market.m
+        if m:  # the market (docs/market.md): availability, and the obligation warning
+            d["avail_kw"] = m.avail_kw
+            if m.short or (m.oblig and m.why_count(6)):
+                d["market_warning"] = "%s obligation: %s" % (m.program, "short" if m.short else "refusing curtailment")
         if a.integrity:  # a settings file refused at boot: the alarm rides every telemetry message
             d["integrity"] = a.integrity
         self.client.publish(self.t_tele, json.dumps(d), False, 0)

@@ -38,7 +38,11 @@ R_EXCEPTIONS = const(15)
 R_BAD = const(16)
 R_HB_LOSSES = const(17)
 R_COMMANDS = const(18)
-NREGS = const(19)
+R_AVAIL = const(19)     # kW a frequency trip would shed now (the market's availability)
+R_MARKET = const(20)    # market bits: 1 running, 2 clock trusted, 4 obligation hour, 8 short, 16 refusing
+R_MPRICE = const(21)    # RW (trusted line only): s16 $/MWh that only adds curtailment; -32768 = none
+R_MKW = const(22)       # RW (trusted line only): kW to curtail, only adds to the schedule's; 0 = none
+NREGS = const(23)
 
 ST_ARMED = const(1)
 ST_TRIPPED = const(2)
@@ -137,6 +141,23 @@ class UtilityServer:
         p(R_BAD, self.bad & 0xFFFF)
         p(R_HB_LOSSES, self.hb_losses & 0xFFFF)
         p(R_COMMANDS, self.commands & 0xFFFF)
+        mk = a.market
+        m = mk and mk.m
+        av = 0.0
+        if m:
+            av = m.avail_kw
+        else:  # no market: what the frequency stages would shed with the relays as they are
+            sm = 0
+            for x in c._smask:
+                sm |= x
+            sm &= a.relays.mask
+            for i in range(c.nblocks):
+                if sm >> i & 1:
+                    av += c.kw[i]
+        p(R_AVAIL, 65535 if av > 65535 else int(av + 0.5))
+        p(R_MARKET, 0 if not m else (1 | m.known << 1 | m.oblig << 2 | m.short << 3 | (m.why_count(6) > 0) << 4))
+        p(R_MPRICE, 0x8000 if not m or m.x_price is None else int(m.x_price) & 0xFFFF)
+        p(R_MKW, 0 if not m else int(m.x_kw))
 
     # ---- requests ------------------------------------------------------------------------
     def execute(self, fn, addr, arg, data, unit):
@@ -152,7 +173,14 @@ class UtilityServer:
             n = arg
         else:
             raise ModbusException(rtu.ILLEGAL_FUNCTION, fn, unit)
-        if addr < R_SHED or addr + n > R_HEARTBEAT + 1:
+        if addr >= R_MPRICE and addr + n <= R_MKW + 1:
+            # the market registers: only a line the site trusts (authority.trusted), never a
+            # broadcast, only with the market running (docs/market.md)
+            mk = self.a.market
+            if not self.a.trusted >> I_MODBUS & 1 or self.bcast or mk is None or mk.m is None:
+                self.a.count("utility_market_refused")
+                raise ModbusException(rtu.ILLEGAL_FUNCTION, fn, unit)
+        elif addr < R_SHED or addr + n > R_HEARTBEAT + 1:
             raise ModbusException(rtu.ILLEGAL_DATA_ADDRESS, fn, unit)
         restore = False
         for i in range(n):  # check every value first: a multi-write is all or nothing
@@ -190,6 +218,11 @@ class UtilityServer:
             return v == 1
         if r == R_SHED_KW:
             return v < a.auth.kw[I_MODBUS]
+        if r == R_MPRICE:
+            x = a.market.m.x_price
+            return x is not None and (v == 0x8000 or _s16(v) < x)
+        if r == R_MKW:
+            return v < a.market.m.x_kw
         return False
 
     def _token(self):
@@ -250,6 +283,19 @@ class UtilityServer:
                     a.issue(I_MODBUS, False, 0, False)
                 self._note("shed_kw", v)
                 return True
+        elif r == R_MPRICE or r == R_MKW:
+            m = a.market.m
+            if r == R_MPRICE:
+                x = None if v == 0x8000 else _s16(v)
+                if x == m.x_price:
+                    return False
+                a.market.set_extra(x, m.x_kw)
+            else:
+                if v == m.x_kw:
+                    return False
+                a.market.set_extra(m.x_price, float(v))
+            self._note("market_price" if r == R_MPRICE else "market_kw", v)
+            return True
         elif v != self.hb_val:  # R_HEARTBEAT: only a change counts as alive
             self.hb_val = v
             self.hb_t = ticks_ms()
@@ -419,6 +465,10 @@ class UtilityServer:
         while True:
             await asyncio.sleep_ms(step)
             self.check_heartbeat(ticks_ms())
+
+
+def _s16(v):
+    return v - 0x10000 if v & 0x8000 else v
 
 
 def _peer_ip(addr):

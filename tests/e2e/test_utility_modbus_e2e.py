@@ -42,7 +42,7 @@ HEAP = os.environ.get("GS_HEAP") or budget_heapsize()
 R_STATUS, R_STATE, R_REASON, R_HZ, R_KW, R_MASK = 1, 2, 3, 4, 6, 8
 R_SHED, R_RELEASE, R_SHED_KW, R_HB = 10, 11, 12, 13
 R_REQUESTS, R_EXC, R_BAD, R_HBLOSS, R_CMDS = 14, 15, 16, 17, 18
-NREGS = 19
+NREGS = 23
 
 
 def free_port() -> int:

@@ -395,3 +395,95 @@ def test_config_checks_market_keys():
     site["blocks"][0]["strike"] = 4
     with pytest.raises(UserError, match=r"blocks\[0\]\.strike: unknown key"):
         siteconfig.normalize(site)
+
+
+# ---- the utility Modbus map's market registers (agent/utility_server.py) ------------------
+def test_utility_market_registers_only_on_a_trusted_line_and_only_add_curtailment():
+    from agent import modbus_tcp as tcp
+    from agent import utility_server as us
+    from agent.control import Authority
+    from agent.features import market as feat
+    from agent.modbus_errors import ModbusException
+
+    class Ctrl:
+        armed, shed_mask, state, reason, nblocks = True, 0, 0, 0, 3
+        kw = [100.0, 100.0, 100.0]
+        _smask = [7]
+        closed_mask = 7
+
+    class J:
+        def __init__(self):
+            self.recs = []
+
+        def append(self, k, d):
+            self.recs.append((k, d))
+
+    class Relays:
+        mask = 7
+
+    class A:
+        def __init__(self, trusted):
+            self.ctrl, self.relays, self.journal = Ctrl(), Relays(), J()
+            self.cfg = cfg(THREE)
+            self.hz, self.kw, self.meter_ok, self.auth = 60.0, 300.0, True, Authority()
+            self.trusted, self.signal, self.release, self.errors, self.econ_off = trusted, None, False, {}, 0
+            self.market = None
+
+        def shed_requested(self):
+            return False
+
+        def issue(self, i, shed, kw=None, full=True):
+            return self.auth.apply(i, shed, kw, full)
+
+        def decide(self, now, sample):
+            self.relays.mask = self.ctrl.closed_mask & ~self.econ_off
+
+        def count(self, w):
+            self.errors[w] = self.errors.get(w, 0) + 1
+
+        def now_unix(self):
+            return T0 + 30
+
+    for trusted in (0, 1):
+        a = A(trusted)
+        f = feat.Feature.__new__(feat.Feature)  # the feature without its file (no market.cbor here)
+        f.a, f.m, f.file, f.refusals = a, Market(a.cfg), None, 0
+        f.save = lambda: True
+        a.market = f
+        s = us.UtilityServer(a, {"unit": 1, "heartbeat_s": 0.0, "heartbeat_action": "alarm"})
+        req = bytearray(300)
+
+        def write(reg, v, tid=[0]):
+            tid[0] += 1
+            n = tcp.build_request(req, tid[0], 1, 6, reg, v, None)
+            k = s.handle_tcp(req, n)
+            try:
+                tcp.parse_response(s.tx, k, tid[0], 1, 6, None, None)
+                return "ok"
+            except ModbusException as e:
+                return "E%d" % e.code
+
+        def read():
+            n = tcp.build_request(req, 99, 1, 3, 19, 4, None)
+            k = s.handle_tcp(req, n)
+            mv = tcp.parse_response(s.tx, k, 99, 1, 3, None, None)
+            return [(mv[2 * i] << 8) | mv[2 * i + 1] for i in range(4)]
+
+        f.step()
+        assert read() == [300, 1 | 2, 0x8000, 0]  # 300 kW available, market running, clock known
+        if not trusted:
+            assert write(21, 60) == "E1" and write(22, 100) == "E1"
+            assert a.errors["utility_market_refused"] == 2 and a.relays.mask == 7 and f.m.x_price is None
+            continue
+        assert write(21, 60) == "ok"         # 60 $/MWh: above block a's strike (50)
+        assert a.relays.mask == 0b110 and read()[:3] == [200, 3, 60]
+        assert ("utility", {"cmd": "market_price", "v": 60, "src": "tcp"}) in a.journal.recs
+        assert a.journal.recs[0][1]["why"] == "utility_register"
+        assert write(22, 150) == "ok"        # and 150 kW: a and b
+        assert a.relays.mask == 0b100
+        # a schedule below it does not lower it (max with the schedule): the register only adds
+        sched(f.m, 1, (T0, T0 + H, "p", 10.0))
+        f.step()
+        assert a.relays.mask == 0b100
+        assert write(22, 0) == "ok" and write(21, 0x8000) == "ok"  # a trusted line takes it back
+        assert a.relays.mask == 0b111

@@ -31,6 +31,9 @@ class Ctrl:
     shed_mask = 0
     state = 0
     reason = 0
+    nblocks = 4
+    kw = [10.0, 20.0, 30.0, 45.0]
+    _smask = [3, 8]  # the frequency stages: blocks 0, 1 and 3
 
 class Relays:
     mask = 15
@@ -54,6 +57,7 @@ class A:
         self.meter_ok = True
         self.auth = Authority()
         self.trusted = TRUSTED
+        self.market = None  # no [market]: availability from the stages, market registers refused
         self.signal = None
         self.release = False
         self.shed_kw = None
@@ -113,12 +117,15 @@ def rtu_req(unit, fn, addr, arg=1, values=None):
         return [(mv[2 * i] << 8) | mv[2 * i + 1] for i in range(len(mv) // 2)]
     return "ok"
 
-out["regs"] = tcp_req(1, 3, 0, 19)
-out["regs4"] = tcp_req(255, 4, 0, 19)
+out["regs"] = tcp_req(1, 3, 0, 23)
+out["regs4"] = tcp_req(255, 4, 0, 23)
 out["rtu_regs"] = rtu_req(1, 4, 4, 4)
 out["rtu_other_unit"] = rtu_req(2, 3, 0, 1)
 out["exc"] = {
-    "read_past_end": tcp_req(1, 3, 18, 2),
+    "read_past_end": tcp_req(1, 3, 22, 2),
+    "market_price_no_market": tcp_req(1, 6, 21, 100),
+    "write_avail": tcp_req(1, 6, 19, 1),
+    "write_across_market": tcp_req(1, 16, 20, 2, [0, 1]),
     "read_far": tcp_req(1, 4, 1000, 1),
     "write_status": tcp_req(1, 6, 1, 1),
     "write_counter": tcp_req(1, 16, 13, 2, [5, 5]),
@@ -346,7 +353,9 @@ def r(request, results):
 
 def test_register_map_values(r):
     regs = r["regs"]
-    assert len(regs) == 19 and regs[:14] == r["regs4"][:14]  # function 3 and 4 read the same map
+    assert len(regs) == 23 and regs[:14] == r["regs4"][:14]  # function 3 and 4 read the same map
+    # availability: the stages' blocks that are closed (mask 15: blocks 0, 1, 3): 75 kW; no market
+    assert regs[19] == 75 and regs[20] == 0 and regs[21] == 0x8000 and regs[22] == 0
     assert regs[14] == 1 and r["regs4"][14] == 2  # request counter
     assert regs[0] == 1                              # map version
     assert regs[1] == 1 | 4                          # armed, meter ok (heartbeat not yet seen)
@@ -361,6 +370,7 @@ def test_register_map_values(r):
 def test_exceptions_and_no_input_change(r):
     e = r["exc"]
     assert e["read_past_end"] == "E2" and e["read_far"] == "E2"
+    assert e["market_price_no_market"] == "E1" and e["write_avail"] == "E2" and e["write_across_market"] == "E2"
     assert e["write_status"] == "E2" and e["write_counter"] == "E2"
     assert e["shed_value_7"] == "E3"
     assert e["coils"] == "E1" and e["write_coil"] == "E1"
