@@ -67,8 +67,8 @@ def build_payload(cmd: str, seq: int, exp: int, target_device: str | None = None
         payload["nonce"] = bytes(nonce)
     if t is not None:
         payload["t"] = int(t)
-    if (schedule is not None) != (cmd == "schedule"):
-        raise UserError("a schedule goes with the schedule command, and only with it")
+    if schedule is not None and cmd != "schedule":
+        raise UserError("a schedule goes with the schedule command only")
     if schedule is not None:
         sid, iv = schedule.get("sid"), schedule.get("iv")
         if isinstance(sid, bool) or not isinstance(sid, int) or not 0 <= sid < 2**31 or not isinstance(iv, list):

@@ -54,10 +54,17 @@ def test_accept_and_fields() -> None:
                    "kw": 250.5, "blocks": ["b1", 2]}
     for i, name in enumerate(COMMANDS):  # (the board's trusted clock: T0; "time" needs its nonce)
         extra = {"t": T0, "nonce": b"n0nce123"} if name == "time" else {}
+        if name == "schedule":  # the market schedule (docs/market.md): its id and intervals
+            extra = {"schedule": {"sid": 3, "iv": [[T0, T0 + 900, "p", 42.5]]}}
         assert v.verify(cmd(10 + i, name, dev=None, site=SITE, **extra), now_unix=T0,
                         nonce=b"n0nce123")["cmd"] == name
     assert v.counters["accepted"] == 1 + len(COMMANDS)
     assert v.high_water(KID) == 10 + len(COMMANDS) - 1
+    got = v.verify(cmd(99, "schedule", schedule={"sid": 4, "iv": [[T0, T0 + 900, "kw", 100]]}), now_unix=T0)
+    assert got["sid"] == 4 and got["iv"] == [[T0, T0 + 900, "kw", 100]]
+    for bad in ({"sid": "4", "iv": []}, {"sid": 4}, {"iv": []}, {"sid": 4, "iv": 7}):
+        p = {"cmd": "schedule", "seq": 100, "exp": T0 + 60, "dev": DEV, **bad}
+        assert refused(v, signed(p)) == "malformed", bad
 
 
 def test_replay_and_gaps() -> None:
@@ -440,7 +447,7 @@ def _mutate(r: random.Random, b: bytes) -> bytes:
 
 def _fuzz_corpus(seed: int = 20260101, n: int = 2000):
     r = random.Random(seed)
-    plain = tuple(c for c in COMMANDS if c != "time")  # "time" needs the board's nonce
+    plain = tuple(c for c in COMMANDS if c not in ("time", "schedule"))  # "time": the nonce; "schedule": its body
     base = [cmd(s, r.choice(plain), dev=DEV, site=r.choice([SITE, None]), expires_s=3600)
             for s in range(1, 21)]
     hwm = 20

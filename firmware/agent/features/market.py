@@ -16,11 +16,10 @@ PERIOD_MS = 1000
 
 
 def _io():
-    try:  # after the firmware restructure: the shared leaf
-        from agent import base as b
-    except ImportError:
-        from agent import app as b
-    return b
+    # the settings-file and log helpers (agent/app.py)
+    from agent import app
+
+    return app
 
 
 class Feature:
