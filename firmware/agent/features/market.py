@@ -16,10 +16,10 @@ PERIOD_MS = 1000
 
 
 def _io():
-    # the settings-file and log helpers (agent/app.py)
-    from agent import app
+    # the settings-file and log helpers (the shared leaf)
+    from agent import base
 
-    return app
+    return base
 
 
 class Feature:
