@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 FIRMWARE = ROOT / "firmware"
 sys.path.insert(0, str(ROOT / "host_tools"))
 sys.path.insert(0, str(FIRMWARE))
+
+# A shell starts a background job (`make test &`, a CI runner's job) with SIGINT ignored, and every
+# child inherits that: the CLI processes the tests press Ctrl-C on would never see it. A handler
+# here is reset to the default in each child at exec, as a technician's terminal gives it.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def micropython_exe() -> str:
