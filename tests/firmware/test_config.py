@@ -80,6 +80,8 @@ ROWS = [
     ("optional-unknown-key", [S("udp", {"enabled": True, "prot": 4700})], ["udp.prot: unknown key"]),
     ("optional-list", [S("miners", {"hosts": "10.0.0.2"})], ["miners.hosts: must be a list, got '10.0.0.2'"]),
     ("optional-range", [S("mqtt", {"keepalive_s": 2})], ["mqtt.keepalive_s: 2 is outside 5..3600"]),
+    ("mqtt-cert-needs-tls", [S("mqtt", {"auth": "cert"})],
+     ['mqtt.auth: "cert" (a client certificate) needs mqtt.tls = true']),
     ("pickup-above-restore", [S("trip.pickup_hz", 59.95)],
      ["trip.pickup_hz: must be below trip.restore_hz (59.95 >= 59.9)"]),
     ("pickup-implausible", [S("trip.pickup_hz", 45.0)],
