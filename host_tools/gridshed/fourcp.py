@@ -149,7 +149,15 @@ def read_forecast(cfg: Config, override: str | Path | None = None) -> list[Inter
     return read_series(path, FORECAST_COL)
 
 
-def windows_json(windows: list[dict[str, Any]], shed_kw: float | None) -> list[dict[str, Any]]:
-    return [{"start": iso(w["start"]), "end": iso(w["end"]), "start_unix": w["start"], "end_unix": w["end"],
+def windows_json(windows: list[dict[str, Any]], shed_kw: float | None, tz: str = "UTC") -> list[dict[str, Any]]:
+    from zoneinfo import ZoneInfo
+
+    z = ZoneInfo(tz)
+
+    def local(t: int) -> str:
+        return datetime.fromtimestamp(t, timezone.utc).astimezone(z).isoformat()
+
+    return [{"start": iso(w["start"]), "end": iso(w["end"]), "start_local": local(w["start"]),
+             "end_local": local(w["end"]), "start_unix": w["start"], "end_unix": w["end"],
              "peak_forecast_mw": w["peak_mw"], "forecast_intervals": w["intervals"],
              "shed_kw": "all" if shed_kw is None else shed_kw} for w in windows]

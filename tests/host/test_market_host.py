@@ -180,6 +180,7 @@ def test_fourcp_shipped_example(capsys):
     d = js(capsys, "fourcp", str(ROOT / "scenarios" / "ercot-4cp.toml"))
     # the synthetic day peaks 16:00..18:59 CDT above 78 GW: 21:00Z..00:00Z, padded 15 min
     assert [(w["start"], w["end"]) for w in d["windows"]] == [("2027-07-15T20:45:00Z", "2027-07-16T00:15:00Z")]
+    assert d["windows"][0]["start_local"] == "2027-07-15T15:45:00-05:00"
 
 
 # ---- dispatch ---------------------------------------------------------------------------------

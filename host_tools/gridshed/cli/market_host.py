@@ -181,8 +181,8 @@ def cmd_fourcp(args: argparse.Namespace) -> int:
     from .. import fourcp
 
     cfg, wins = _fourcp(args.config, args.forecast)
-    js = fourcp.windows_json(wins, cfg.shed_kw)
-    lines = [f"{w['start']} .. {w['end']}  peak forecast {w['peak_forecast_mw']:g} MW  -> curtail "
+    js = fourcp.windows_json(wins, cfg.shed_kw, cfg.tz)
+    lines = [f"{w['start_local']} .. {w['end_local']}  peak forecast {w['peak_forecast_mw']:g} MW  -> curtail "
              f"{w['shed_kw'] if cfg.shed_kw is None else format(cfg.shed_kw, 'g') + ' kW'}" for w in js]
     emit(args, {"months": cfg.months, "hours": cfg.hours, "tz": cfg.tz, "threshold_mw": cfg.threshold_mw,
                 "pad_min": cfg.pad_min, "shed_kw": "all" if cfg.shed_kw is None else cfg.shed_kw, "windows": js},
