@@ -11,9 +11,10 @@ whole schedule (docs/market.md). Ids are kept per device in the inventory (table
 ``schedules``); each new id is max(last + 1, now in unix seconds), so ids stay increasing even
 if the inventory is lost and rebuilt.
 
-Bounds (the board keeps its schedule in RAM and on flash): at most :data:`MAX_INTERVALS`
-intervals and :data:`MAX_SIGNED_BYTES` bytes of signed command; a longer schedule is refused
-with the count and what to do (``--horizon``), never cut silently.
+Bounds: the board keeps at most :data:`MAX_INTERVALS` intervals and verifies signed commands of
+at most :data:`MAX_SIGNED_BYTES` bytes (then the transport: a console line, the board's MQTT
+buffer); a schedule over a bound is refused with the count and what to do (``--horizon``,
+``--fit``), never cut silently.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import math
 import time
 from dataclasses import dataclass
 from typing import Any
+
+from agent.commands import MAX_COMMAND_LEN
 
 from .errors import UserError
 from .prices import Interval, iso
@@ -31,7 +34,8 @@ MAX_INTERVALS = 96          # the board's cap per schedule (agent.market MAX_IV;
 MIN_START = 1577836800
 PRICE_RANGE = (-10000.0, 100000.0)
 KW_MAX = 1e7
-MAX_SIGNED_BYTES = 2560     # the signed command's size cap (96 rows with cent prices: ~2.2 KB)
+MAX_SIGNED_BYTES = MAX_COMMAND_LEN  # the board verifies signed commands of at most 512 bytes
+                                   # (agent.commands); a longer one is refused "malformed"
 CMD = "schedule"
 ID_KEY = "sid"              # the schedule id's payload key (docs/market.md "The schedule")
 CONSOLE_LINE_MAX = 1024     # the agent's longest console line (agent/base.py LINE_MAX)
@@ -46,22 +50,44 @@ def _num(v: float, nd: int) -> int | float:
     return int(r) if r == int(r) and abs(r) < 2**53 else r
 
 
-def price_intervals(series: list[Interval], now: float | None = None, horizon_s: float | None = None) -> list[list]:
+def price_intervals(series: list[Interval], now: float | None = None, horizon_s: float | None = None,
+                    strikes: list[float] | None = None) -> list[list]:
     """Price Intervals -> schedule rows [start, end, "p", $/MWh]: intervals already over at `now`
     are dropped, intervals starting at or after now + horizon are cut, and neighbours with the
-    same price (to the cent) that touch are merged into one row."""
+    same price (to the cent) that touch are merged into one row.
+
+    strikes (the site's strike prices): neighbours are merged when the same blocks are above
+    their strikes in both (the board decides only by price > strike, so it decides the same);
+    the merged row carries the time-weighted mean price, which lies between the same strikes."""
     out: list[list] = []
+    acc: list[float] = []  # price x seconds of the run in the last row (strike merging)
+    cut = sorted(set(strikes or ()))
+
+    def band(p: float) -> int:
+        return sum(1 for x in cut if p > x)
+
     for iv in series:
         if now is not None and iv.end <= now:
             continue
         if horizon_s is not None and now is not None and iv.start >= now + horizon_s:
             break
         p = _num(iv.value, 2)
-        if out and out[-1][1] == iv.start and out[-1][3] == p:
+        if out and out[-1][1] == iv.start and (out[-1][3] == p if strikes is None else band(out[-1][4]) == band(p)):
             out[-1][1] = iv.end
+            if strikes is not None:
+                acc[-1] += p * (iv.end - iv.start)
+                out[-1][3] = _num(acc[-1] / (out[-1][1] - out[-1][0]), 2)
         else:
-            out.append([iv.start, iv.end, PRICE, p])
-    return out
+            out.append([iv.start, iv.end, PRICE, p] + ([p] if strikes is not None else []))
+            acc.append(p * (iv.end - iv.start))
+    return [r[:4] for r in out]
+
+
+def site_strikes(site: dict[str, Any]) -> list[float]:
+    """Every block's strike_usd_mwh in a site.toml (as read by siteconfig.read_toml)."""
+    return [float(b["strike_usd_mwh"]) for b in site.get("blocks") or []
+            if isinstance(b, dict) and isinstance(b.get("strike_usd_mwh"), (int, float))
+            and not isinstance(b.get("strike_usd_mwh"), bool)]
 
 
 def kw_intervals(windows: list[tuple[int, int]], kw: float, now: float | None = None) -> list[list]:
@@ -157,9 +183,6 @@ def sign(tgts: list[Any], rows: list[list], seq_path: Any, inventory: Any, expir
             seq = counter.next(t.kid, at_least=int(now)) if reserve_ids else max(counter.last(t.kid) + 1, int(now))
             p = payload(t.device, t.site, seq, int(now + expires_s), sid, rows, (nonces or {}).get(t.device))
             msg = cose.mac0_create(t.key, t.kid, cbor.dumps(p), tagged=True)
-            if len(msg) > MAX_SIGNED_BYTES:
-                raise UserError(f"the signed schedule for {t.device} is {len(msg)} bytes, over the board's "
-                                f"{MAX_SIGNED_BYTES}: send fewer intervals (--horizon)")
             out.append(SignedSchedule(t, seq, p["exp"], sid, msg))
     return out
 
@@ -183,12 +206,18 @@ def transport_size(s: SignedSchedule, via: str) -> tuple[int, int, str]:
 
 
 def fits(signed: list[SignedSchedule], via: str) -> bool:
-    return all(transport_size(s, via)[0] <= transport_size(s, via)[1] for s in signed)
+    """Does every board take its signed schedule: the command size, and the transport's?"""
+    return all(len(s.msg) <= MAX_SIGNED_BYTES and transport_size(s, via)[0] <= transport_size(s, via)[1]
+               for s in signed)
 
 
 def check_transport(signed: list[SignedSchedule], rows: int, via: str) -> None:
-    """UserError when a signed schedule does not fit what the board takes on `via`."""
+    """UserError when a signed schedule is not what the board takes on `via`."""
     for s in signed:
+        if len(s.msg) > MAX_SIGNED_BYTES:
+            raise UserError(f"the signed schedule for {s.target.device} ({rows} intervals) is {len(s.msg)} bytes; the "
+                            f"board verifies signed commands of at most {MAX_SIGNED_BYTES} bytes: send fewer intervals "
+                            "(--horizon, or --fit to send as many as fit)")
         n, limit, what = transport_size(s, via)
         if n > limit:
             raise UserError(f"the signed schedule for {s.target.device} ({rows} intervals) is a {n}-long {what}; "

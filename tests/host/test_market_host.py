@@ -35,6 +35,10 @@ ROOT = Path(__file__).resolve().parents[2]
 T0 = 1815627600  # 2027-07-15T00:00:00-05:00 (CDT) = 05:00Z
 
 
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    return run(capsys, *argv)
+
+
 def run(capsys, *argv: str) -> tuple[int, str, str]:
     rc = main(list(argv))
     out, err = capsys.readouterr()
@@ -250,7 +254,8 @@ def test_dispatch_interval_cap(tmp_path, capsys, inv):
     d = js(capsys, "dispatch", str(prices), "--site", str(site), "--inventory", str(db), "--now", now,
            "--dry-run", "--horizon", "24h")
     assert len(d["schedule"]) == 96 and d["schedule"][-1]["end_unix"] == T0 + 86400
-    assert all(b["bytes"] <= dp.MAX_SIGNED_BYTES for b in d["boards"])
+    # 96 rows are more than the board verifies in one signed command (512 bytes): the dry run says so
+    assert all(b["bytes"] > dp.MAX_SIGNED_BYTES and b["fits"] == {"serial": False, "mqtt": False} for b in d["boards"])
     # out of what a board takes: one line naming the row (the backtest's reader, the same CSV)
     bad = _prices(tmp_path, 4, price=lambda i: 200000 if i == 2 else 10)
     rc, _, err = run(capsys, "dispatch", str(bad), "--site", str(site), "--inventory", str(db), "--now", now,
@@ -285,25 +290,30 @@ def test_transport_limits_and_fit(tmp_path, capsys, inv):
     for via in (["--port", str(tmp_path / "no-such-port")], ["--broker", "127.0.0.1:9"]):
         rc, out, err = run(capsys, *base, prices, *via)
         assert rc == 2 and out == "" and err.count("\n") == 1, err
-        assert "the board takes" in err and "--fit" in err, err
+        assert "board verifies signed commands of at most 512 bytes" in err and "--fit" in err, err
+    from agent.commands import MAX_COMMAND_LEN
+
+    assert dp.MAX_SIGNED_BYTES == MAX_COMMAND_LEN == 512
     with Inventory(db) as x:
         assert x.schedule_info("mkt-1") is None
     # --fit: the longest head that fits, cut at one time for every row kind, and said how far
     rc, out, err = run(capsys, *base, prices, "--dry-run", "--fit", "--port", "/dev/null", "--json")
     d = json.loads(out)
     n = d["summary"]["intervals"]
-    assert rc == 0 and 10 < n < 40 and d["boards"][0]["fits"]["serial"] is True, d
+    assert rc == 0 and n == 17 and d["boards"][0]["fits"]["serial"] is True, d
+    assert d["boards"][0]["bytes"] <= 512 and d["boards"][0]["console_line"] <= 1024
     assert f"--fit: {n} of 40 intervals fit the serial transport" in err
     assert [r["start_unix"] for r in d["schedule"]] == [T0 + 900 * i for i in range(n)]
     d = js(capsys, *base, prices, "--dry-run", "--fit")
-    assert d["boards"][0]["fits"]["mqtt"] is True and d["summary"]["intervals"] < n  # MQTT: 640 bytes
+    assert d["boards"][0]["fits"]["mqtt"] is True and d["summary"]["intervals"] == n
+    assert d["boards"][0]["mqtt_packet"] <= dp.FLEET_MAX_PACKET
     rows = [[T0 + 900 * i, T0 + 900 * (i + 1), "p", i] for i in range(10)] + [[T0, T0 + 9000, "kw", 5]]
     assert dp.fit_rows(rows, lambda rs: len(rs) <= 7) == rows[:6] + rows[10:]
     assert dp.fit_rows(rows, lambda rs: False) == []
-    # a day of hourly whole-dollar prices fits one console line
+    # a day of hourly whole-dollar prices fits one command
     prices = str(_prices(tmp_path, 24, step=3600, price=lambda i: 20 + i))
     d = js(capsys, *base, prices, "--dry-run")
-    assert len(d["schedule"]) == 24 and d["boards"][0]["fits"]["serial"] is True
+    assert len(d["schedule"]) == 24 and d["boards"][0]["fits"] == {"serial": True, "mqtt": True}
 
 
 def test_signed_schedule_verifies_and_ids_rise(tmp_path, inv):
@@ -349,3 +359,56 @@ def test_prices_without_gridstatus(capsys, monkeypatch):
     proj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert any(d.startswith("gridstatus") for d in proj["optional-dependencies"]["live"])
     assert not any("gridstatus" in d for d in proj["optional-dependencies"]["test"] + proj["dependencies"])
+
+
+def test_merge_by_strike_decides_the_same(tmp_path, capsys, inv):
+    """Neighbours between the same strikes merged into one row: the board's own decision core
+    (agent.market, with the example site's strikes, min times, caps and ramp) sheds and restores
+    the same blocks at the same seconds over the merged schedule as over the full one."""
+    import random
+
+    from agent import market as M
+    from gridshed.siteconfig import load_site, read_toml
+
+    site_path = ROOT / "scenarios" / "market-site.toml"
+    cfg = load_site(site_path)
+    strikes = dp.site_strikes(read_toml(site_path))
+    assert sorted(strikes) == [45, 65, 90, 150]
+    rnd = random.Random(16)
+    level = 50.0
+    vals = []
+    for _ in range(96):  # a random walk across the strikes, 15-minute cent prices
+        level = 80 + 0.9 * (level - 80) + rnd.uniform(-15, 15)  # mean-reverting: crosses the strikes
+        vals.append(round(level, 2))
+    series = [dp.Interval(T0 + 900 * i, T0 + 900 * (i + 1), v) for i, v in enumerate(vals)]
+    full = dp.price_intervals(series, T0)
+    merged = dp.price_intervals(series, T0, strikes=strikes)
+    assert len(full) == 96 and 5 < len(merged) < 48, len(merged)
+    for a, b in zip(merged, merged[1:]):
+        assert a[1] == b[0]
+        assert sum(a[3] > s for s in strikes) != sum(b[3] > s for s in strikes)  # neighbours differ in band
+
+    def run(rows: list[list]) -> list:
+        m = M.Market(cfg)
+        assert m.set_schedule(1, rows) is None
+        closed = (1 << m.n) - 1
+        trace = []
+        for t in range(T0, T0 + 96 * 900 + 3600, 60):
+            off = m.step(t, closed)
+            trace.append((t, off, [(e["ev"], e["block"], e["why"]) for e in (m.event(k) for k in range(m.nev))]))
+        return trace
+
+    tf, tm = run(full), run(merged)
+    assert tf == tm
+    assert sum(len(x[2]) for x in tf) > 10  # it did curtail and restore along the way
+    # through the CLI: fewer rows, the same series
+    prices = _csv(tmp_path / "walk.csv", [(dp.iso(iv.start), f"{iv.value:.2f}") for iv in series])
+    db, _ = inv
+    base = ["dispatch", str(prices), "--site", str(site_path), "--inventory", str(db), "--dry-run",
+            "--now", "2027-07-15T00:00:00-05:00"]
+    assert len(js(capsys, *base)["schedule"]) == 96
+    d = js(capsys, *base, "--merge-by-strike")
+    assert [[r["start_unix"], r["end_unix"], "p", r["price_usd_mwh"]] for r in d["schedule"]] == merged
+    rc, _, err = run_cli(capsys, "dispatch", str(prices), "--site", str(ROOT / "scenarios" / "demo-site.toml"),
+                         "--inventory", str(db), "--dry-run", "--merge-by-strike")
+    assert rc == 2 and "--merge-by-strike: no [[blocks]]" in err

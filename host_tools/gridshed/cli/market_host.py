@@ -31,10 +31,12 @@ DISPATCH_EPILOG = """examples:
   gridshed dispatch prices.csv --site site.toml --broker 10.0.0.5:1883          (every board of the site)
   gridshed dispatch prices.csv --site site.toml --device site1-ctl1 --port /dev/ttyUSB0
   gridshed dispatch prices.csv --site site.toml --4cp ercot-4cp.toml --forecast forecast.csv --horizon 24h
+  gridshed dispatch prices.csv --site site.toml --merge-by-strike --fit    (as many hours as one command holds)
 
 the schedule: one row per price interval from now on ([start, end, "p", $/MWh], neighbours with the
   same price merged) then one row per 4CP window ([start, end, "kw", target]; later rows win where
-  they overlap). At most 96 rows per schedule: a longer one is refused (shorten it with --horizon).
+  they overlap). At most 96 rows per schedule, and one signed command holds 512 bytes (about 17 rows
+  of cent prices, 25 of whole dollars): a longer one is refused (--horizon, --merge-by-strike, --fit).
   Each board gets its own signed command (its key, a fresh seq, its next schedule id from the
   inventory); the board keeps the schedule with the highest id. docs/market.md.
 exit status: 0 all boards accepted (or --dry-run), 1 a board refused or did not answer, 2 usage errors."""
@@ -92,6 +94,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--horizon", metavar="DURATION", help="only intervals starting within this from now (e.g. 24h)")
     p.add_argument("--now", metavar="ISO", help="the time the schedule starts from (default: the host clock)")
     p.add_argument("--dry-run", action="store_true", help="print the schedule; sign nothing, send nothing")
+    p.add_argument("--merge-by-strike", action="store_true",
+                   help="merge neighbouring intervals whose prices lie between the same strikes of the site "
+                        "file (the boards decide the same; the row carries the mean price): fewer rows")
     p.add_argument("--fit", action="store_true",
                    help="send the first intervals that fit the transport (a warning says how far they reach) "
                         "instead of refusing a schedule that does not fit")
@@ -205,7 +210,12 @@ def build_rows(args: argparse.Namespace, now: float, site: dict[str, Any]) -> tu
     if args.prices:
         pr = load_prices(args.prices)  # the backtest's reader: one reading of the price CSV
         series = [Interval(t, t + pr["interval_s"], p) for t, p in zip(pr["t"], pr["p"])]
-        rows += dp.price_intervals(series, now, horizon)
+        strikes = None
+        if args.merge_by_strike:
+            strikes = dp.site_strikes(site)
+            if not strikes:
+                raise UserError(f"--merge-by-strike: no [[blocks]] in {args.site} has strike_usd_mwh")
+        rows += dp.price_intervals(series, now, horizon, strikes)
     wins: list[dict[str, Any]] = []
     if args.fourcp:
         cfg, wins = _fourcp(args.fourcp, args.forecast)
