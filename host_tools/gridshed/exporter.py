@@ -439,6 +439,7 @@ class Exporter:
         self.port: int | None = None
         self.client: Any = None
         self._announced: dict[tuple[str, str], tuple[float | None, str]] = {}
+        self._fail_said = False
         if ha_prefix is not None:
             fleet.on_new_device = self._discover
             fleet.on_change = self._publish_available
@@ -467,6 +468,7 @@ class Exporter:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+        c.on_connect_fail = self._on_connect_fail
         c.reconnect_delay_set(1, 30)
         self.client = c
         c.connect_async(self.broker[0], self.broker[1], keepalive=30)
@@ -493,6 +495,7 @@ class Exporter:
             self.on_event("refused", {"broker": "%s:%d" % self.broker, "reason": str(reason)})
             return
         self.connected = True
+        self._fail_said = False
         self.connects += 1
         client.subscribe([(t, 1) for t in self.topics()])
         self._announced.clear()  # a broker restart may have lost retained configs: send them again
@@ -500,6 +503,12 @@ class Exporter:
             for d, _kw, _src in self.fleet.snapshot():
                 self._discover(d)
         self.on_event("connected", {"broker": "%s:%d" % self.broker, "topics": self.topics()})
+
+    def _on_connect_fail(self, client: Any, userdata: Any) -> None:
+        # no TCP connection or TLS refused (paho retries): said once per outage
+        if not self._fail_said:
+            self._fail_said = True
+            self.on_event("unreachable", {"broker": "%s:%d" % self.broker})
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any = None) -> None:
         if self.connected:

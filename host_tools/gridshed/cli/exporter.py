@@ -129,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
             "connected": lambda: f"connected: broker {data['broker']}, subscribed to {' '.join(data['topics'])}",
             "disconnected": lambda: f"disconnected from broker {data['broker']} ({data['reason']}); reconnecting",
             "refused": lambda: f"broker {data['broker']} refused the connection ({data['reason']}); retrying",
+            "unreachable": lambda: f"broker {data['broker']} not reachable (no connection, or TLS refused); retrying",
         }.get(name, lambda: f"{name}: {data}")()
         emit_event(args, {"event": name, **data}, text)
 
