@@ -148,20 +148,23 @@ class _SinkProc:
         self.send_signal(9)
 
 
-def _fleet_boards_client(work: Path, n: int, port: int, kid: bytes, key: bytes, site: str) -> list[subprocess.Popen]:
+def _fleet_boards_client(work: Path, n: int, port: int, kid: bytes, key: bytes, site: str,
+                         tls: bool = False) -> list[subprocess.Popen]:
     script = work / "fleet_client.py"
     shutil.copyfile(MP_DIR / "fleet_client.py", script)
     procs = []
     for i in range(n):
         arg = json.dumps({"dev": "bench-%03d" % i, "site": site, "host": "127.0.0.1", "port": port,
-                          "kid": kid.hex(), "key": key.hex()})
+                          "kid": kid.hex(), "key": key.hex(), "tls": tls})
         procs.append(subprocess.Popen(micropython_cmd() + ["-X", "heapsize=" + HEAP, str(script), arg], env=mp_env(),
                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL, cwd=str(work)))
     return procs
 
 
-def fleet_round(n: int, mode: str, reps: int, work: Path) -> dict[str, Any]:
+def fleet_round(n: int, mode: str, reps: int, work: Path, tls: Any = None) -> dict[str, Any]:
+    """tls (client mode): (start(work) -> (broker, port), /broker.cbor bytes, the host's
+    fleet_client.BrokerOpts): the same round over TLS + login (bench/tls.py)."""
     import paho.mqtt.client as paho
 
     from gridshed.signing import make_command, new_key
@@ -169,7 +172,9 @@ def fleet_round(n: int, mode: str, reps: int, work: Path) -> dict[str, Any]:
     site = "benchsite"
     key = new_key()
     kid = b"benchkid"
-    broker, port = start_mosquitto(work)
+    broker, port = tls[0](work) if tls else start_mosquitto(work)
+    if tls:
+        (work / "broker.cbor").write_bytes(tls[1])
     procs: list[Any] = []
     lock = threading.Lock()
     seen: dict[str, dict[str, Any]] = {}   # dev -> last state payload
@@ -193,13 +198,18 @@ def fleet_round(n: int, mode: str, reps: int, work: Path) -> dict[str, Any]:
             if isinstance(seq, int) and (st.get("cmd") in ("shed", "restore") or mode == "client"):
                 acts.setdefault(seq, {}).setdefault(dev, t)
 
-    sub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-host")
+    if tls:
+        from gridshed.fleet_client import paho_client
+
+        sub = paho_client("bench-host", tls[2], "127.0.0.1")
+    else:
+        sub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-host")
     sub.on_message = on_message
     try:
         if mode == "agent":
             procs = _fleet_boards_agent(work, n, port, kid, key, site)
         else:
-            procs = _fleet_boards_client(work, n, port, kid, key, site)
+            procs = _fleet_boards_client(work, n, port, kid, key, site, tls=bool(tls))
         sub.connect("127.0.0.1", port)
         sub.subscribe("gridshed/%s/+/state" % site, qos=1)
         sub.loop_start()

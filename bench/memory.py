@@ -136,7 +136,8 @@ FULL_FEATURES = ("modbus_server (tcp)", "udp", "mqtt", "signals.dry_contact", "o
                  "miners", "keys.cbor")
 
 
-def full_features_cfg(mqtt_port: int, udp_port: int, mb_port: int, miner_hosts: list[dict[str, Any]]) -> dict[str, Any]:
+def full_features_cfg(mqtt_port: int, udp_port: int, mb_port: int, miner_hosts: list[dict[str, Any]],
+                      mqtt_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The demo site (RTU meter, memory-run trip timers) with every optional feature configured."""
     from gridshed import siteconfig
 
@@ -146,7 +147,7 @@ def full_features_cfg(mqtt_port: int, udp_port: int, mb_port: int, miner_hosts: 
     site["override"] = {"mode": "lockout"}  # switch to GND, pulled up: released unless driven
     site["modbus_server"] = {"transport": "tcp", "port": mb_port}
     site["udp"] = {"port": udp_port}
-    site["mqtt"] = {"host": "127.0.0.1", "port": mqtt_port, "keepalive_s": 30, "telemetry_s": 1.0}
+    site["mqtt"] = {"host": "127.0.0.1", "port": mqtt_port, "keepalive_s": 30, "telemetry_s": 1.0, **(mqtt_extra or {})}
     site["ac_sense"] = {"role": "secondary"}  # fed zero-crossing edges by run_site (sim/acsense.py)
     site["miners"] = {"api": "cgminer", "timeout_ms": 600, "stagger_ms": 100, "hosts": miner_hosts}
     return siteconfig.normalize(site, source=str(DEMO_SITE))
@@ -186,7 +187,7 @@ def _full_requests(cfg: dict[str, Any], key: bytes, udp_port: int, mb_port: int)
     return ask
 
 
-async def _full_site(k: int, bdir: Path, mqtt_port: int) -> dict[str, Any]:
+async def _full_site(k: int, bdir: Path, mqtt_port: int, tls: Any = None) -> dict[str, Any]:
     from gridshed import siteconfig
     from gridshed.signing import new_key
     from gridshed.sim.miners import MinerFarm, SimMiner
@@ -200,16 +201,19 @@ async def _full_site(k: int, bdir: Path, mqtt_port: int) -> dict[str, Any]:
             if m.firmware == "luxos":
                 h["api"] = "luxos"
         udp_port, mb_port = free_port(socket.SOCK_DGRAM), free_port()
-        cfg = full_features_cfg(mqtt_port, udp_port, mb_port, hosts)
+        cfg = full_features_cfg(mqtt_port, udp_port, mb_port, hosts, tls[0] if tls else None)
         key = new_key()
+        files = {"keys.cbor": siteconfig.keys_bytes({FULL_KID: key})}
+        if tls:  # (mqtt settings, /broker.cbor): bench/tls.py's TLS + login variant
+            files["broker.cbor"] = tls[1]
         return await run_site(mem_scenario(), cfg, heapsize="%dwK" % k, keep_dir=bdir, settle_s=0.3, boot_timeout=15, status_timeout=3,
-                              extra_files={"keys.cbor": siteconfig.keys_bytes({FULL_KID: key})}, on_load=farm.attach,
+                              extra_files=files, on_load=farm.attach,
                               before_status=_full_requests(cfg, key, udp_port, mb_port))
     finally:
         await farm.stop()
 
 
-def full_try(k: int, work: Path, mqtt_port: int, tag: str = "") -> dict[str, Any]:
+def full_try(k: int, work: Path, mqtt_port: int, tag: str = "", tls: Any = None) -> dict[str, Any]:
     """The full-feature agent at -X heapsize=<k>wK: ok = the base criteria, no MemoryError
     anywhere in the console log, both signed commands and the Modbus read answered, and every
     feature present in @status (MQTT connected, AC sense measuring)."""
@@ -217,7 +221,7 @@ def full_try(k: int, work: Path, mqtt_port: int, tag: str = "") -> dict[str, Any
     log = bdir.with_name(bdir.name + ".console.log")
     r: dict[str, Any] = {"k": k}
     try:
-        s = asyncio.run(_full_site(k, bdir, mqtt_port))
+        s = asyncio.run(_full_site(k, bdir, mqtt_port, tls))
     except Exception as e:
         r.update(ok=False, why="%s: %s" % (type(e).__name__, str(e)[:200]))
         s = None
@@ -250,8 +254,11 @@ def full_try(k: int, work: Path, mqtt_port: int, tag: str = "") -> dict[str, Any
     return r
 
 
-def bench_full_features(quick: bool, lo: int = 64, hi: int = 160, step: int = 4) -> dict[str, Any]:
-    """Bisect the heap floor of the full-feature agent in [lo, hi] wK (first guess 128wK)."""
+def bench_full_features(quick: bool, lo: int = 64, hi: int = 160, step: int = 4, tls: Any = None,
+                        guess: int = 128) -> dict[str, Any]:
+    """Bisect the heap floor of the full-feature agent in [lo, hi] wK (first guess 128wK).
+    tls: (start(work) -> (broker process, port), mqtt settings, /broker.cbor bytes) for the
+    TLS + login variant (bench/tls.py)."""
     out: dict[str, Any] = {"features": list(FULL_FEATURES), "miners": ["%s block %d" % m for m in FULL_MINERS],
                            "search_wK": [lo, hi], "resolution_wK": step}
     work = Path(tempfile.mkdtemp(prefix="gridshed-bench-full-"))
@@ -265,18 +272,18 @@ def bench_full_features(quick: bool, lo: int = 64, hi: int = 160, step: int = 4)
     mblevel = mblog.level
     mblog.setLevel(logging.CRITICAL)
     try:
-        broker, mqtt_port = start_mosquitto(work)
+        broker, mqtt_port = tls[0](work) if tls else start_mosquitto(work)
+        board_tls = (tls[1], tls[2]) if tls else None
 
         def at(k: int) -> dict[str, Any]:
             if k not in tried:
                 say("memory: full-feature agent at %dwK" % k)
-                tried[k] = full_try(k, work, mqtt_port)
+                tried[k] = full_try(k, work, mqtt_port, tls=board_tls)
                 say("  %s" % ("ok, mem_free %s" % tried[k].get("mem_free") if tried[k]["ok"] else tried[k].get("why")))
             return tried[k]
 
         # first guess 128wK (near the floor measured so far), then halve the bracket (good
         # passes, bad fails; 128 - 64 and 160 - 128 are step x a power of 2)
-        guess = 128
         good: int | None
         bad: int | None
         if at(guess)["ok"]:
@@ -299,7 +306,7 @@ def bench_full_features(quick: bool, lo: int = 64, hi: int = 160, step: int = 4)
         flaky: list[int] = []
         while good is not None and len(confirm) < 3:
             say("memory: full-feature agent at %dwK again (confirm)" % good)
-            c = full_try(good, work, mqtt_port, tag="again")
+            c = full_try(good, work, mqtt_port, tag="again", tls=board_tls)
             say("  %s" % ("ok, mem_free %s" % c.get("mem_free") if c["ok"] else c.get("why")))
             confirm.append(c)
             if c["ok"]:

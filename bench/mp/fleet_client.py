@@ -1,6 +1,7 @@
 """A lightweight fleet board for the fleet bench (bench/README.md, --fleet-mode client): agent.mqtt and
 agent.commands, verifying and acting on signed commands. Run by bench/run.py:
-  micropython fleet_client.py '{"dev": ..., "site": ..., "host": ..., "port": ..., "kid": hex, "key": hex}'"""
+  micropython fleet_client.py '{"dev": ..., "site": ..., "host": ..., "port": ..., "kid": hex, "key": hex}'
+("tls": true: TLS and the login of ./broker.cbor, bench/tls.py's fan-out over TLS)"""
 import sys, json, asyncio, binascii
 from agent.mqtt import MqttClient
 from agent.commands import CommandVerifier, MemorySeqStore, CommandRefused
@@ -14,10 +15,15 @@ def on_message(topic, payload):
     pending.append(bytes(payload))
 def on_connect(cl):
     cl.publish(base + "state", '{"dev":"%s","online":true,"seq":null}' % dev, True, 1)
+kw = {}
+if cfg.get("tls"):  # TLS + login from ./broker.cbor (agent/mqtt_tls.py, as a board does)
+    from agent import mqtt_tls
+    kw, why = mqtt_tls.options({"host": cfg["host"], "tls": True, "auth": "password", "server_name": ""}, dev)
+    assert why is None, why
 c = MqttClient(cfg["host"], cfg["port"], dev, keepalive=30,
                will=(base + "state", '{"dev":"%s","online":false}' % dev, True),
                on_message=on_message, on_connect=on_connect,
-               topics=("gridshed/%s/cmd" % site,), max_packet=1024)
+               topics=("gridshed/%s/cmd" % site,), max_packet=1024, **kw)
 async def main():
     asyncio.create_task(c.run())
     while True:
