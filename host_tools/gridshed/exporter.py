@@ -457,7 +457,8 @@ class Exporter:
             raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
         self.http = started[0] if isinstance(started, tuple) else None
         self.port = self.http.server_port if self.http is not None else port
-        self.on_event("listening", {"url": f"http://{host}:{self.port}/metrics", "port": self.port})
+        shown = f"[{host}]" if ":" in host else host
+        self.on_event("listening", {"url": f"http://{shown}:{self.port}/metrics", "port": self.port})
         self._mqtt()
         return self
 

@@ -74,6 +74,8 @@ def _listen(text: str) -> tuple[str, int]:
         raise UserError(f"bad --listen {text!r}: use [HOST:]PORT") from None
     if not 0 <= p < 65536:
         raise UserError(f"bad port in --listen {text!r}")
+    if host.startswith("[") and host.endswith("]"):  # [::]:9855
+        host = host[1:-1]
     return host or "127.0.0.1", p
 
 
