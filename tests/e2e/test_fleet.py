@@ -7,7 +7,9 @@ build) with [mqtt] tls = true and auth = "password", each with its own key in /k
 broker login and the CA in /broker.cbor and both in the inventory, plus one site-wide key shared
 by all of them for the gridshed/<site>/cmd topic. The host side (CLI and the watcher) reaches the
 broker with the site's TLS settings and operator login from the inventory. A 21st board of
-another site holds a wrong broker password: refused, named, and its relays never move.
+another site holds a wrong broker password: refused, named, and its relays never move. A 22nd
+board reads 59.8 Hz (below restore_hz, above pickup): not steady, so it opens no TLS connection
+(a handshake must never delay a trip) until its meter reads 60 Hz.
 (Plain MQTT with the agent stays covered by tests/e2e/test_field_flows.py and
 tests/firmware/test_mqtt_client.py.) Heap: 86wK, above the 80wK budget (see HEAP); every board is
 checked at teardown for restarts, MemoryErrors and tracebacks, and answers `@status`.
@@ -92,7 +94,8 @@ def fleet(tmp_path_factory, agent_build):  # noqa: F811  (pytest fixture importe
     site_kid, site_key = b"site-" + secrets.token_bytes(4), secrets.token_bytes(32)
     inv = tmp_path / "inv.sqlite"
     rigs: list[Rig] = []
-    bad = None
+    bad = low = None
+    low_meter = Meter(site_config()["meter"]["map"], hz=59.8)  # between pickup (59.7) and restore (59.9)
     watch = None
     port = free_port()
     mq = {"enabled": True, "host": "127.0.0.1", "port": port, "keepalive_s": 10, "telemetry_s": 1.0,
@@ -105,6 +108,7 @@ def fleet(tmp_path_factory, agent_build):  # noqa: F811  (pytest fixture importe
             ba.issue_device(i, "bad", bad_row)
             wrong = dict(i.broker_creds("bad") or {}, password="not-the-password")
             files["bad"] = ba.board_file(row, wrong)  # the CA of the one broker both sites share
+            files["low"] = ba.board_file(row, ba.issue_device(i, "low", bad_row))
         for n in range(N_BOARDS):
             cfg = site_config(site=SITE, device=f"b{n:02d}", meter_port=meter.port, poll_ms=500,
                               min_off_s=1, restore_hold_s=0.3, stagger_s=0.2, jitter_s=0.05, extra={"mqtt": mq})
@@ -113,6 +117,9 @@ def fleet(tmp_path_factory, agent_build):  # noqa: F811  (pytest fixture importe
         bad = Rig(tmp_path, agent_build, site_config(site=BAD_SITE, device="bad", meter_port=meter.port, poll_ms=500,
                                                      extra={"mqtt": mq}), inv, heap=HEAP,
                   files={"broker.cbor": files["bad"]})
+        low = Rig(tmp_path, agent_build, site_config(site=BAD_SITE, device="low", meter_port=low_meter.port, poll_ms=500,
+                                                     extra={"mqtt": mq}), inv, heap=HEAP,
+                  files={"broker.cbor": files["low"]})
         with Inventory(inv) as i:  # gridshed broker-config, for both sites
             conf = ba.broker_config(i, SITE, tmp_path / "broker", port=port, bind="127.0.0.1",
                                     server_names=["127.0.0.1"])
@@ -124,27 +131,28 @@ def fleet(tmp_path_factory, agent_build):  # noqa: F811  (pytest fixture importe
                                                     + (tmp_path / "broker2" / "passwd").read_text())
         (tmp_path / "broker" / "acl").write_text((tmp_path / "broker" / "acl").read_text()
                                                  + (tmp_path / "broker2" / "acl").read_text())
-        assert conf2["devices"] == ["bad"]
+        assert conf2["devices"] == ["bad", "low"]
         broker = Mosquitto(tmp_path / "broker", port=port, listener_conf=listener).start()
-        for r in rigs + [bad]:
+        for r in rigs + [bad, low]:
             r.start()
         watch = Watch(broker.port, [f"gridshed/{SITE}/+/state", f"gridshed/{SITE}/+/telemetry"],
                       fc.broker_opts(inv, SITE))
-        for r in rigs + [bad]:
+        for r in rigs + [bad, low]:
             r.wait_up(120)  # 20 boards booting at once: slow on a loaded 2-core runner
         topics = [f"gridshed/{SITE}/{r.dev}/state" for r in rigs]
         assert watch.wait(lambda: all(watch.last.get(t, {}).get("online") for t in topics), 90), \
             f"not every board came online: {sorted(t for t in topics if t not in watch.last)}"
         assert all(all(r.closed()) for r in rigs)
-        yield rigs, watch, broker, inv, (site_kid, site_key), bad
-        for r in rigs + [bad]:  # the last-will test stopped one board on purpose: no @status from it
+        yield rigs, watch, broker, inv, (site_kid, site_key), (bad, low, low_meter)
+        for r in rigs + [bad, low]:  # the last-will test stopped one board on purpose: no @status from it
             check_board(r.board, status=r.board.running)
     finally:
         if watch:
             watch.close()
-        for r in rigs + ([bad] if bad else []):
+        for r in rigs + [x for x in (bad, low) if x]:
             r.stop()
         meter.stop()
+        low_meter.stop()
         if broker:
             broker.stop()
 
@@ -257,7 +265,7 @@ def test_last_will_when_a_board_dies(fleet):
 def test_wrong_broker_password_refused_named_relays_untouched(fleet):
     # the 21st board's broker password is wrong: CONNACK refused (rc 5 from Mosquitto), named
     # "login-refused" in its counters, its journal and @status; back-off; no relay ever moves
-    rigs, watch, broker, inv, _, bad = fleet
+    rigs, watch, broker, inv, _, (bad, _, _) = fleet
     assert all(bad.closed())
     mark = bad.gpio.mark()
     st = console(bad, "status")
@@ -274,3 +282,20 @@ def test_wrong_broker_password_refused_named_relays_untouched(fleet):
     assert len(fails) == 1  # journaled once per change of reason, not per attempt
     assert all(bad.closed()) and bad.gpio.since(mark) == []
     assert re.search(r"Sending CONNACK to \S+ \(0, [45]\)", broker.logtext(10 ** 7))
+
+
+def test_tls_waits_until_the_site_is_steady(fleet):
+    rigs, watch, broker, inv, _, (_, low, low_meter) = fleet
+    # the other boards are up (the fixture saw them online): this one has been polling 59.8 Hz
+    # all along and never tried the broker
+    st = console(low, "status")
+    assert st["hz"] == pytest.approx(59.8) and st["state"] == "normal", st
+    m = st["mqtt"]
+    assert m["connects"] == 0 and m["failures"] == 0 and not m["connected"], m
+    assert "as low " not in broker.logtext(10 ** 7)
+    low_meter.hz = 60.0  # steady again: it connects (TLS + login) by itself
+    deadline = time.monotonic() + 60
+    while not (console(low, "status").get("mqtt") or {}).get("connected"):
+        assert time.monotonic() < deadline, console(low, "status")
+        time.sleep(0.5)
+    assert all(low.closed())
