@@ -47,10 +47,13 @@ class Dnp3:
         self.nb = len(blocks)
         self.bkw = array("f", [b["miners"] * b["kw_per_miner"] for b in blocks])
         db = array("f", [cfg["hz_deadband"], cfg["kw_deadband"], cfg["mw_deadband"]])
-        self.app = app.Outstation(BI_BLOCK + self.nb, 3, 3, self.ctl, b"\x02\x02\x03", db)
+        self.app = app.Outstation(BI_BLOCK + self.nb, 3, 3, self.ctl, b"\x02\x02\x03", db,
+                                  cfg["unsolicited"] and cfg["transport"] == "tcp")
         self.link = link.Link(self.app, cfg["address"], tuple(cfg["masters"]))
         self.allow = cfg["allow"]
         self.conn = None
+        self.w = None      # the connected master's stream (unsolicited answers)
+        self.lock = asyncio.Lock()  # one writer at a time on it (answers, unsolicited)
         self.peer = None
         self.refused = 0
         self.rel = REL_BURST
@@ -104,6 +107,14 @@ class Dnp3:
             await asyncio.sleep_ms(SCAN_MS)
             try:
                 self.scan()
+                w = self.w
+                if w is not None and not self.lock.locked():
+                    k = self.app.unsolicited()
+                    if k:
+                        k = self.link.send(0, k)
+                        async with self.lock:
+                            w.write(self.link.outmv[:k])
+                            await w.drain()
             except Exception as e:  # a bug must not stop the scan silently: counted, logged
                 self.a.count("dnp3_error")
                 _log("E", "dnp3 scan: %r" % e)
@@ -184,6 +195,7 @@ class Dnp3:
             self.conn.cancel()
         t = self.conn = asyncio.current_task()
         self.peer = ip
+        self.w = w
         lk = self.link
         lk.reset()
         self.app.session()
@@ -198,14 +210,16 @@ class Dnp3:
                     if k < 0:
                         break
                     if k:
-                        w.write(lk.outmv[:k])
-                        await w.drain()
+                        async with self.lock:
+                            w.write(lk.outmv[:k])
+                            await w.drain()
         except Exception:
             self.a.count("dnp3_io")
         finally:
             if self.conn is t:
                 self.conn = None
                 self.peer = None
+                self.w = None
             try:
                 await w.wait_closed()  # MicroPython: this closes the socket
             except Exception:

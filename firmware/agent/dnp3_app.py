@@ -4,7 +4,9 @@
 # (Outstation.tx). The points are set by the owner (update_bi / update_ai, bo[]); controls go
 # to the owner's ctl(index, on, execute) -> CROB status, which decides what a control may do.
 #
-# Supported: CONFIRM, READ (class 0-3, g1v0/v2, g2v0/v2, g10v0/v2, g30v0/v5, g32v0/v7, g50v1),
+# Unsolicited responses (when the owner allows them): a null one after each connection until
+# confirmed, then events of the classes the master enabled (ENABLE_UNSOLICITED), each repeated
+# every UNSOL_MS until confirmed. Supported: CONFIRM, READ (class 0-3, g1v0/v2, g2v0/v2, g10v0/v2, g30v0/v5, g32v0/v7, g50v1),
 # WRITE (g80v1 index 7 = 0, g50v1, g50v3), SELECT / OPERATE / DIRECT_OPERATE / DIRECT_OPERATE_NR
 # with g12v1 (qualifiers 0x17, 0x28), DELAY_MEASURE (g52v2), RECORD_CURRENT_TIME; every other
 # function code answers IIN2.0, every other object IIN2.1. Requests are single fragments (FIR
@@ -32,10 +34,13 @@ ST_TOO_MANY = const(8)
 ST_NOT_AUTHORIZED = const(9)
 ST_LIMITED = const(11)
 
-# event kinds in ek[] (low 2 bits), class in bits 2-3, SENT 0x80
+# event kinds in ek[] (low 2 bits), class in bits 2-3; sent in a solicited answer (SENT) or an
+# unsolicited one (USENT), until its confirm
 K_BI = const(1)
 K_AI = const(2)
 SENT = const(0x80)
+USENT = const(0x40)
+UNSOL_MS = const(5000)  # unsolicited confirm timeout: then the same answer again
 
 # counters (Outstation.counts)
 A_REQ = const(0)       # request fragments
@@ -69,7 +74,7 @@ def _rd(f, n, i, k):
 
 
 class Outstation:
-    def __init__(self, nbi, nai, nbo, ctl, aclass, deadband):
+    def __init__(self, nbi, nai, nbo, ctl, aclass, deadband, unsol=False):
         self.tx = bytearray(TX_MAX)
         self.nbi = nbi
         self.nai = nai
@@ -97,6 +102,8 @@ class Outstation:
         self.t_tick = ticks_ms()
         self.synced = False     # IIN1.4 NEED_TIME until a time write
         self.rec_tick = -1      # RECORD_CURRENT_TIME
+        self.unsol = unsol      # unsolicited responses allowed
+        self.useq = 0
         self.session()
 
     def session(self):
@@ -108,7 +115,11 @@ class Outstation:
         self.sel_seq = -1
         self.sel_crc = -1
         self.sel_t = 0
-        self._unsend()
+        self.umask = 0          # classes enabled for unsolicited answers (bit c: class c)
+        self.ucon = -1          # sequence of the unsolicited answer awaiting its confirm
+        self.ut = 0
+        self.unull = self.unsol  # the null unsolicited answer of a new session is due
+        self._unsend(SENT | USENT)
 
     # ---- time ------------------------------------------------------------------------------
     def now(self):
@@ -170,15 +181,15 @@ class Outstation:
                 self.et[o + b] = self.et[o + 6 + b]
         self.ne = n
 
-    def _unsend(self):
+    def _unsend(self, flag):
         for k in range(self.ne):
-            self.ek[k] &= ~SENT
+            self.ek[k] &= ~flag
 
-    def _confirmed(self):
+    def _confirmed(self, flag):
         k = 0
         was = False
         while k < self.ne:
-            if self.ek[k] & SENT:
+            if self.ek[k] & flag:
                 self._remove(k)
                 was = True
             else:
@@ -204,10 +215,15 @@ class Outstation:
             return 0
         seq = f[0] & 0x0F
         fc = f[1]
-        if fc == 0:  # CONFIRM (of a solicited answer carrying events)
-            if not f[0] & 0x10 and seq == self.con_seq:
+        if fc == 0:  # CONFIRM (of a solicited answer carrying events, or of an unsolicited one)
+            if f[0] & 0x10:
+                if seq == self.ucon:
+                    self.ucon = -1
+                    self.unull = False
+                    self._confirmed(USENT)
+            elif seq == self.con_seq:
                 self.con_seq = -1
-                self._confirmed()
+                self._confirmed(SENT)
             return 0
         h = crc(f, 0, n)
         if fc != 1 and seq == self.last_seq and h == self.last_crc and self.last_n:
@@ -217,7 +233,7 @@ class Outstation:
         self.last_crc = h
         self.last_n = 0
         self.con_seq = -1
-        self._unsend()  # events of an unconfirmed answer are reported again
+        self._unsend(SENT)  # events of an unconfirmed answer are reported again
         if fc < 3 or fc > 4:
             self.sel_seq = -1  # anything but SELECT / OPERATE ends a selection
         iin2 = 0
@@ -236,6 +252,8 @@ class Outstation:
                 o += 2
             elif fc == 24:  # RECORD_CURRENT_TIME (then a WRITE of g50v3)
                 self.rec_tick = ticks_ms()
+            elif (fc == 20 or fc == 21) and self.unsol:  # ENABLE / DISABLE_UNSOLICITED
+                iin2 = self._enable(f, n, fc == 20)
             else:
                 c[A_FUNC] += 1
                 iin2 = 0x01
@@ -244,7 +262,7 @@ class Outstation:
             o = 4
             iin2 = 0x04
             self.con_seq = -1
-            self._unsend()
+            self._unsend(SENT)
         if iin2 & 0x02:
             c[A_OBJ] += 1
         if fc == 6:
@@ -325,7 +343,9 @@ class Outstation:
                 break
         o = 4
         if cls or kinds:
-            o = self._events(o, cls, kinds, lim, seq)
+            o = self._events(o, cls, kinds, lim, SENT)
+            if o > 4:
+                self.con_seq = seq
         tx = self.tx
         for j in (0, 2):  # BI (g1v2), BO (g10v2): flags with the state in bit 7
             a = st[j]
@@ -365,7 +385,7 @@ class Outstation:
             o += 6
         return o, iin2
 
-    def _events(self, o, cls, kinds, lim, seq):
+    def _events(self, o, cls, kinds, lim, flag):
         # events wanted, oldest first, in runs of one group (g2v2: index, flags, time; g32v7:
         # index, flags, float32, time), marked SENT until the confirm; what does not fit in
         # the fragment stays for the next read (its class bit stays in IIN1)
@@ -375,7 +395,7 @@ class Outstation:
         sent = 0
         for k in range(self.ne):
             e = self.ek[k]
-            if not (cls >> (e >> 2 & 3) & 1 or kinds >> (e & 3) & 1):
+            if not (cls >> (e >> 2 & 3) & 1 or kinds >> (e & 3) & 1) or (flag == USENT and e & SENT):
                 continue
             if sent >= lim:
                 break
@@ -401,10 +421,51 @@ class Outstation:
             for j in range(6):
                 tx[o + j] = self.et[6 * k + j]
             o += 6
-            self.ek[k] = e | SENT
+            self.ek[k] = e | flag
             sent += 1
-        if sent:
-            self.con_seq = seq
+        return o
+
+    def _enable(self, f, n, on):
+        # ENABLE / DISABLE_UNSOLICITED of g60v2..v4 (qualifier 06); returns IIN2
+        i = 2
+        m = 0
+        while i < n:
+            if i + 3 > n or f[i] != 60 or not 2 <= f[i + 1] <= 4 or f[i + 2] != 0x06:
+                return 0x02
+            m |= 1 << (f[i + 1] - 1)
+            i += 3
+        self.umask = self.umask | m if on else self.umask & ~m
+        return 0
+
+    def unsolicited(self):
+        # the unsolicited answer due now in self.tx (its length), or 0: the null one of a new
+        # session, events of the enabled classes not yet sent, or a repeat after UNSOL_MS
+        if not self.unsol:
+            return 0
+        now = ticks_ms()
+        seq = self.useq
+        if self.ucon >= 0:
+            if ticks_diff(now, self.ut) < UNSOL_MS:
+                return 0
+            seq = self.ucon  # a repeat keeps its sequence
+            self._unsend(USENT)
+        o = 4
+        if not self.unull:
+            if not self.umask:
+                return 0
+            o = self._events(4, self.umask, 0, 255, USENT)
+            if o == 4:
+                self.ucon = -1
+                return 0
+        tx = self.tx
+        tx[0] = 0xF0 | seq  # FIR FIN CON UNS
+        tx[1] = 0x82
+        tx[2] = self.iin1()
+        tx[3] = 0x08 if self.overflow else 0
+        self.ucon = seq
+        self.ut = now
+        self.useq = (seq + 1) & 0x0F
+        self.last_n = 0  # the last solicited answer is gone from tx: a repeat is executed anew
         return o
 
     def _write(self, f, n):

@@ -16,6 +16,7 @@ SECTION = {
     "hz_deadband": (0.01, "f", 0.0, 10.0),
     "kw_deadband": (10.0, "f", 0.0, 1000000.0),
     "mw_deadband": (0.1, "f", 0.0, 10000.0),
+    "unsolicited": (False, "b", None, None),
 }
 
 

@@ -120,7 +120,7 @@ class Link:
         self.txseq = 0      # transport sequence of our next segment
         self.fcb = -1       # expected FCB of the next confirmed frame (-1: link not reset)
         self.resync = False
-        self.peer = 1       # the master's link address (the source of its last good frame)
+        self.peer = self.masters[0] if self.masters else 1  # the master's link address (then: the source of its last good frame)
 
     def step(self):
         # one frame from rx[:have]: -1 when more bytes are needed; else the bytes left in out

@@ -59,7 +59,8 @@ def site(tmp_path: Path, port: int) -> dict:
         text, n = re.subn(rf"(?m)^{k} = .*$", f"{k} = {json.dumps(v)}", text)
         assert n == 1, k
     p = tmp_path / "site.toml"
-    p.write_text(text + f'\n[dnp3]\nport = {port}\naddress = 10\nmasters = [1]\nallow = ["127.0.0.1"]\n')
+    p.write_text(text + f'\n[dnp3]\nport = {port}\naddress = 10\nmasters = [1]\nallow = ["127.0.0.1"]\n'
+                 'unsolicited = true\n')
     return siteconfig.load_site(p)
 
 
@@ -271,6 +272,26 @@ def test_dnp3_master_polls_commands_and_survives_garbage(tmp_path):
                 await runner.open()
                 await runner.integrity_poll()
                 assert soe.binary_inputs[BI_BLOCK].value
+
+                # ---- unsolicited class 1: the shed and the restore come without a poll
+                await runner.enable_unsolicited(class_2=False, class_3=False)
+                soe.bi_log.clear()
+                assert await crob(runner, master, BO_SHED, ControlCode.LATCH_ON, False) == [CommandStatus.SUCCESS]
+
+                async def heard(pairs: set, what: str) -> None:
+                    for _ in range(40):
+                        info = await runner.listen_unsolicited(timeout=1.0)
+                        assert info is None or info.is_unsolicited
+                        if pairs <= {(v.index, v.value) for v in soe.bi_log}:
+                            return
+                    raise AssertionError(f"unsolicited {what} never came: {soe.bi_log}")
+
+                await heard({(BI_TRIPPED, True), (BI_DNP3_SHED, True)}, "trip")
+                soe.bi_log.clear()
+                assert await crob(runner, master, BO_SHED, ControlCode.LATCH_OFF, False) == [CommandStatus.SUCCESS]
+                await heard({(BI_BLOCK + i, True) for i in range(nb)}, "restore")
+                st = await rig.status()
+                assert rig.all_closed() and st["held"] == [] and st["dnp3"]["bad_requests"] == 0, st
             finally:
                 await runner.close()
 

@@ -35,10 +35,10 @@ from agent import dnp3_link as L
 class Stack:
     """Our outstation (6 BI, 3 AI, 3 BO) and dnp3py's master codec, bytes in between."""
 
-    def __init__(self, masters=()) -> None:
+    def __init__(self, masters=(), unsol=False) -> None:
         self.calls: list[tuple[int, bool, bool]] = []
         self.status = 0
-        self.o = A.Outstation(6, 3, 3, self.ctl, b"\x02\x02\x03", array("f", [0.01, 10.0, 0.1]))
+        self.o = A.Outstation(6, 3, 3, self.ctl, b"\x02\x02\x03", array("f", [0.01, 10.0, 0.1]), unsol)
         self.lk = L.Link(self.o, 10, masters)
         self.soe = DefaultSOEHandler()
         self.m = Master(config=MasterConfig(address=1, outstation_address=10), handler=self.soe)
@@ -242,6 +242,48 @@ def test_bad_frames_are_counted_never_acted_on():
     # after all that (the partial frame in the buffer resynchronised away), a good request works
     s.lk.have = 0
     assert s.xchg(crob_req(s.m, 5, 0, 3)) and s.calls == [(0, True, True)]
+
+
+def test_unsolicited_null_then_enabled_classes_until_confirmed(monkeypatch):
+    s = Stack(unsol=True)
+
+    def unsol() -> list:
+        k = s.o.unsolicited()
+        if not k:
+            return []
+        out = s.lk.send(0, k)
+        return [parse_response(r.data) for f in s.fp.feed(bytes(s.lk.out[:out])) if f.user_data
+                for r in [s.ra.add(TransportSegment.from_bytes(f.user_data))] if r]
+
+    # the null unsolicited answer of a new session, CON + UNS, restart bit; not again before
+    # its confirm timeout; after the confirm, nothing until classes are enabled
+    (r,) = unsol()
+    assert r.header.control.uns and r.header.control.con and not r.objects
+    assert r.header.function == FunctionCode.UNSOLICITED_RESPONSE and IIN.DEVICE_RESTART in r.header.iin
+    s.o.update_bi(0, 1)
+    assert unsol() == []
+    s.xchg(s.m.build_confirm(r.header.control.seq, uns=True))
+    assert unsol() == []
+    s.xchg(s.m.build_enable_unsolicited(class_2=False, class_3=False))
+    s.o.update_ai(0, 60.0, 0x01)  # class 2: not enabled
+    (r,) = unsol()
+    assert [(b.header.group, b.header.variation) for b in r.objects] == [(2, 2)]
+    # no confirm: repeated with the same sequence once UNSOL_MS passed (the clock moved on)
+    assert unsol() == []
+    t = A.ticks_ms()
+    monkeypatch.setattr(A, "ticks_ms", lambda: t + A.UNSOL_MS + 1)
+    (r2,) = unsol()
+    assert r2.header.control.seq == r.header.control.seq and len(r2.objects) == 1
+    s.xchg(s.m.build_confirm(r2.header.control.seq, uns=True))
+    assert s.o.ne == 1 and s.o.ek[0] & 3 == A.K_AI  # the BI event freed, the class 2 one kept
+    assert unsol() == []
+    # disabled: FC 21; and without the owner's permission FC 20 is not supported (IIN2.0)
+    s.xchg(s.m.build_disable_unsolicited())
+    s.o.update_bi(1, 1)
+    assert unsol() == []
+    s2 = Stack()
+    fr = s2.xchg(s2.m.build_enable_unsolicited())
+    assert IIN.NO_FUNC_CODE_SUPPORT in parse_response(fr[0]).header.iin and s2.o.unsolicited() == 0
 
 
 def seal(app: bytes, th: int = 0xC0) -> bytes:
