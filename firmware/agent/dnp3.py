@@ -293,10 +293,9 @@ class Dnp3:
     def status(self):
         d = {"transport": self.cfg["transport"], "port": self.cfg["port"], "peer": self.peer, "peers_refused": self.refused,
              "events": self.app.ne, "time_synced": self.app.synced}
-        for i in range(link.NCOUNTS):
-            d[link.COUNT_NAMES[i]] = self.link.counts[i]
-        for i in range(app.NCOUNTS):
-            d[app.COUNT_NAMES[i]] = self.app.counts[i]
+        # two small tables rather than one large one (a smaller block to find in a full heap)
+        d["link"] = {link.COUNT_NAMES[i]: self.link.counts[i] for i in range(link.NCOUNTS)}
+        d["app"] = {app.COUNT_NAMES[i]: self.app.counts[i] for i in range(app.NCOUNTS)}
         return d
 
 
