@@ -309,9 +309,23 @@ def _peer_ip(addr):
         return "?"
 
 
+class _Off:
+    # the feature could not start (no RAM for its buffers): the agent runs on without it
+    def status(self):
+        return {"running": False, "error": "MemoryError"}
+
+
 def start(agent):
     cfg = agent.cfg["dnp3"]
-    s = Dnp3(agent, cfg)
+    try:
+        s = Dnp3(agent, cfg)
+    except MemoryError:
+        import gc
+
+        gc.collect()  # what the constructor got before it failed
+        agent.count("dnp3_memory")
+        _log("E", "dnp3: not enough RAM for the outstation: not started")
+        return _Off()  # (no agent.dnp3: growing the agent's attributes needs RAM too)
     agent.dnp3 = s
     if cfg["transport"] == "serial":
         asyncio.create_task(s.serial_task())
