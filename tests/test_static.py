@@ -34,7 +34,7 @@ FEATURES = {"agent/utility_server.py", "agent/udp_cmd.py", "agent/fleet.py", "ag
             "agent/mqtt_codec.py", "agent/freq.py", "agent/freqmeter.py", "agent/miners.py",
             "agent/curtail.py", "agent/inputs.py", "agent/utility_rtu.py",
             "agent/modbus_tcp_master.py", "agent/modbus_tcp.py", "agent/market.py", "agent/market_check.py",
-            "agent/dnp3.py", "agent/dnp3_app.py", "agent/dnp3_link.py", "agent/mqtt_tls.py",
+            "agent/features/dnp3.py", "agent/dnp3_app.py", "agent/dnp3_link.py", "agent/mqtt_tls.py",
             "agent/dnp3_check.py", "agent/features/market.py"}  # = docs/architecture.md
 ARCHES = ("xtensawin", "armv6m", "armv7emsp", "x64")
 STUBS_VERSION = "1.29.0.post1"

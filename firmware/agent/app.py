@@ -466,7 +466,7 @@ class Agent:
 
             out.append(inputs)
         for sec, name in (("modbus_server", "utility_server"), ("udp", "udp_cmd"), ("mqtt", "fleet"),
-                          ("ac_sense", "freq"), ("miners", "miners"), ("dnp3", "dnp3")):
+                          ("ac_sense", "freq"), ("miners", "miners"), ("dnp3", "features.dnp3")):
             if (c.get(sec) or {}).get("enabled"):
                 out.append(__import__("agent." + name, None, None, ("start",)))
         if isinstance(c.get("market"), dict) and c["market"].get("enabled") is not False:

@@ -583,7 +583,7 @@ I_HEARTBEAT = const(2)  # Modbus heartbeat lost with heartbeat_action = "shed"
 I_SCHEDULE = const(3)   # schedules (reserved for the market issue)
 I_SIGNED = const(4)     # first signed issuer slot: one per (kid, "iss" label)
 NSIGNED = const(8)
-I_DNP3 = const(12)      # DNP3 outstation: CROB shed / release (unauthenticated, agent/dnp3.py)
+I_DNP3 = const(12)      # DNP3 outstation: CROB shed / release (unauthenticated, agent/features/dnp3.py)
 NISSUERS = const(13)
 SIGNED_MASK = const(0xFF0)
 

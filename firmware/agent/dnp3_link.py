@@ -1,6 +1,6 @@
 # DNP3 (IEEE 1815) data link and transport layers for the outstation (docs/dnp3.md).
 #
-# Pure logic, MicroPython and CPython: no I/O. The transport (agent/dnp3.py: TCP; a serial line
+# Pure logic, MicroPython and CPython: no I/O. The transport (agent/features/dnp3.py: TCP; a serial line
 # would feed the same object) reads bytes straight into Link.rx[Link.have:], adds what it read
 # to Link.have, then calls Link.step() until it returns -1; a step that returns k > 0 left k
 # bytes in Link.out to write. Buffers are allocated once: the frame being received (292 bytes),

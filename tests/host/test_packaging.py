@@ -98,7 +98,8 @@ def test_wheel_has_one_top_level_package_and_the_data(wheel):
     tops = {n.split("/")[0] for n in names}
     assert tops == {"gridshed", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
     for folder, pattern in (("boards", ".json"), ("meters", ".json"), ("scenarios", ".csv"),
-                            ("scenarios", ".toml"), ("firmware/agent", ".py"), ("firmware/agent/hal", ".py")):
+                            ("scenarios", ".toml"), ("firmware/agent", ".py"), ("firmware/agent/hal", ".py"),
+                            ("firmware/agent/features", ".py")):
         here = {p.name for p in (ROOT / folder).glob("*" + pattern)}
         shipped = {n.rsplit("/", 1)[1] for n in names
                    if n.startswith(f"gridshed/_data/{folder}/") and n.count("/") == folder.count("/") + 3
