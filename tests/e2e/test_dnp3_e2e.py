@@ -380,6 +380,20 @@ def test_dnp3_serial_on_the_utility_uart(tmp_path):
                         raise AssertionError(f"class 1 trip event never came: {soe.bi_log}")
                     st = await rig.status()
                     assert st["dnp3"]["transport"] == "serial" and st["dnp3"]["app"]["controls"] == 1, st["dnp3"]
+                    # the meter dies: "meter ok" falls (a class 1 event), frequency reads comm lost,
+                    # IIN1.6 device trouble
+                    await rig.stop_meter()
+                    soe.bi_log.clear()
+                    for _ in range(100):
+                        infos = await runner.integrity_poll()
+                        if (BI_METER_OK, False) in {(v.index, v.value) for v in soe.bi_log}:
+                            break
+                        await asyncio.sleep(0.1)
+                    else:
+                        raise AssertionError(f"no meter-ok event: {soe.bi_log}")
+                    assert IIN.DEVICE_TROUBLE in infos[-1].iin
+                    hz = soe.analog_inputs[0]
+                    assert hz.quality & 0x04 and not hz.quality & 0x01 and hz.value == 0, hz
                 finally:
                     await runner.close()
         finally:
