@@ -284,7 +284,16 @@ class Inventory:
     def export(self, fmt: str = "json", show_key: bool = False, site: str | None = None) -> str:
         rows = self.list(site=site, show_key=show_key)
         if fmt == "json":
-            return json.dumps({"inventory": str(self.path), "devices": rows}, indent=1) + "\n"
+            doc: dict[str, Any] = {"inventory": str(self.path), "devices": rows}
+            if show_key:  # the secure fleet channel's secrets: site CAs, host and device logins
+                q, args = "SELECT * FROM sites", ()
+                if site:
+                    q, args = q + " WHERE site=?", (site,)
+                doc["sites"] = [dict(r) for r in self.db.execute(q, args)]
+                names = {r["device_id"] for r in rows}
+                doc["broker_creds"] = [dict(r) for r in self.db.execute("SELECT * FROM broker_creds")
+                                       if r["device_id"] in names]
+            return json.dumps(doc, indent=1) + "\n"
         if fmt == "csv":
             buf = io.StringIO()
             cols = list(COLUMNS) + (["key"] if show_key else [])
@@ -311,4 +320,12 @@ class Inventory:
             if r.get("last_seen"):
                 self.touch(r["device_id"], at=r["last_seen"])
             n += 1
+        try:
+            for srow in data.get("sites") or []:
+                self.set_site(srow["site"], **{k: v for k, v in srow.items() if k not in ("site", "updated_at")})
+            for c in data.get("broker_creds") or []:
+                self.set_broker_creds(c["device_id"], c["kind"], c["username"], c.get("password"), c.get("cert"),
+                                      c.get("key"))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise UserError(f"not a gridshed inventory export (sites / broker_creds): {exc}") from None
         return n

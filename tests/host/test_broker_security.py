@@ -159,3 +159,23 @@ def test_broker_config_files_work(tmp_path: Path) -> None:
             Client(port, fc.BrokerOpts(True, host_opts.ca_pem, None, "d1", "nope"), "d1")
     finally:
         m.stop()
+
+
+def test_inventory_backup_keeps_broker_secrets(tmp_path: Path) -> None:
+    # `gridshed inventory export --show-keys` / `import` carry the site CA, the operator login and
+    # each device's broker credentials (without them a restored host could not reach the broker)
+    with Inventory(tmp_path / "a.sqlite") as inv:
+        inv.record_provision("d1", "vboard", SITE, "00" * 8, b"k" * 32, None, "h")
+        row = ba.record_site(inv, SITE, {"tls": True, "auth": "password"})
+        ba.issue_device(inv, "d1", row)
+        text = inv.export(show_key=True)
+        plain = inv.export()
+        want_site, want_creds = inv.site(SITE), inv.broker_creds("d1")
+    assert "sites" not in plain and row["host_password"] not in plain
+    with Inventory(tmp_path / "b.sqlite") as inv:
+        assert inv.import_json(text) == 1
+        got = inv.site(SITE)
+        assert {k: got[k] for k in got if k != "updated_at"} == {k: want_site[k] for k in want_site if k != "updated_at"}
+        got_c = inv.broker_creds("d1")
+        assert {k: got_c[k] for k in ("kind", "username", "password")} == \
+            {k: want_creds[k] for k in ("kind", "username", "password")}
