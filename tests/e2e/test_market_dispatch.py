@@ -26,6 +26,7 @@ from gridshed.signing import new_key
 from rig import Rig
 
 HEAP = "88wK"  # the market feature's measured test heap (docs/architecture.md "Test heaps"), as test_market_board
+MQTT_HEAP = "108wK"  # [mqtt] + [market]: 104wK held, 100wK refused a command ("error"), 96wK crashed (docs/architecture.md)
 
 ROOT = Path(__file__).resolve().parents[2]
 KID = b"mkt-host"
@@ -124,3 +125,50 @@ def test_dispatch_to_a_real_agent(tmp_path, capsys):
             assert (await rig.status())["market"]["intervals"] == 17
 
     asyncio.run(scenario())
+
+
+def test_dispatch_over_the_fleet_channel(tmp_path, capsys):
+    """The same CLI over MQTT (a real Mosquitto, the board's [mqtt] fleet channel): the board's
+    authenticated retained state carries the schedule command's seq, the CLI reads it as
+    accepted, and @status shows the schedule id."""
+    from mosquitto_broker import Mosquitto
+
+    broker = Mosquitto(tmp_path).start()
+    try:
+        site = site_file(tmp_path)
+        cfg = siteconfig.load_site(site)
+        cfg["mqtt"] = {"enabled": True, "host": "127.0.0.1", "port": broker.port, "keepalive_s": 60,
+                       "telemetry_s": 5.0}
+        from agent import config as fwconfig
+
+        fwconfig.apply_defaults(cfg)
+        assert not fwconfig.validate(cfg)
+        inv = tmp_path / "inv.sqlite"
+        key = new_key()
+        with Inventory(inv) as db:
+            db.record_provision(cfg["device"], "unix-sim", cfg["site"], KID.hex(), key, "b1", "c1")
+        board_dir = tmp_path / "board"
+        board_dir.mkdir()
+        (board_dir / "keys.cbor").write_bytes(siteconfig.keys_bytes({KID: key}))
+        h0 = int(time.time()) // 3600 * 3600
+        prices = tmp_path / "prices.csv"
+        prices.write_text("interval_start,price_usd_mwh\n"
+                          + "".join(f"{iso(h0 + 3600 * i)},{100 if i < 2 else 20}\n" for i in range(24)))
+        mq = ["--inventory", str(inv), "--broker", f"127.0.0.1:{broker.port}", "--timeout", "30"]
+
+        async def scenario() -> None:
+            async with Rig(cfg, board_dir, heapsize=MQTT_HEAP) as rig:
+                await rig.until(lambda: rig.good_polls() > 5, 30, "meter polls")
+                t = await asyncio.to_thread(cli, capsys, "time-sync", "--site", cfg["site"], "--via", "mqtt", *mq)
+                assert t["ok"], t
+                d = await asyncio.to_thread(cli, capsys, "dispatch", str(prices), "--site", str(site), *mq)
+                assert d["ok"] and d["via"] == "mqtt" and d["results"][0]["device"] == cfg["device"], d
+                sid = d["results"][0]["schedule_id"]
+                st = (await rig.status())["market"]
+                assert st["sid"] == sid and st["intervals"] == 2, st
+                want = [n not in ("row-a", "row-b", "row-c") for n in (b["name"] for b in cfg["blocks"])]
+                await rig.until(lambda: rig.closed() == want, 30, "the miner rows open for the price")
+
+        asyncio.run(scenario())
+    finally:
+        broker.stop()
