@@ -815,6 +815,19 @@ def test_authority_entries_release_only_their_own_and_persist():
     c = Authority()
     cmdcheck.load_auth(c, {"cmd_shed": True, "shed_kw": 40})
     assert c.held == 1 << I_SIGNED and c.kw[I_SIGNED] == 40.0 and c.ids[0] == b""
+    # a DNP3 entry (the last issuer) persists; a record written before it existed (12 kW entries)
+    # still reads as it was, not as unreadable
+    from agent.control import I_DNP3, NISSUERS
+
+    a.shed(I_DNP3)
+    e = Authority()
+    cmdcheck.load_auth(e, {"auth": a.snapshot()})
+    assert e.held == a.held and e.held >> I_DNP3 & 1
+    old = [a.held & ((1 << 12) - 1), [0.0] * 4 + [300.0] + [0.0] * 7, a.ids]
+    f = Authority()
+    cmdcheck.load_auth(f, {"auth": old})
+    assert f.held == old[0] and f.kw[4] == 300.0 and len(f.kw) == NISSUERS
+    a.release(1 << I_DNP3)
     # an unreadable record: held (never less shed than stored)
     d = Authority()
     cmdcheck.load_auth(d, {"auth": "garbage"})
