@@ -20,7 +20,7 @@ from agent.compat import const, ticks_ms, ticks_diff
 from agent.dnp3_link import crc
 
 TX_MAX = const(512)   # largest answer fragment (dnp3_link.OUT_MAX frames it)
-NEV = const(32)       # event buffer (overflow: the oldest goes, IIN2.3)
+NEV = const(32)       # event buffer (overflow: the oldest of class 3, else 2, else 1 goes; IIN2.3)
 SBO_MS = const(5000)  # SELECT to OPERATE
 MAX_CTL = const(4)    # CROBs in one request (more: TOO_MANY_OBJS)
 
@@ -152,8 +152,17 @@ class Outstation:
             self._event(K_AI | self.acls[i] << 2, i, v, flags)
 
     def _event(self, kind, i, v, flags):
-        if self.ne >= NEV:  # full: the oldest goes
-            self._remove(0)
+        if self.ne >= NEV:  # full: the oldest of the highest class number goes (trip events last)
+            x = 0
+            for c in (3, 2):
+                for k in range(self.ne):
+                    if self.ek[k] >> 2 & 3 == c:
+                        x = k
+                        break
+                else:
+                    continue
+                break
+            self._remove(x)
             self.overflow = True
             self.counts[A_EV_LOST] += 1
         k = self.ne

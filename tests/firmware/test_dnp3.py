@@ -187,6 +187,19 @@ def test_a_repeated_request_is_answered_again_not_executed_again():
     assert len(s.calls) == 2
 
 
+def test_overflow_evicts_analog_noise_before_trip_events():
+    s = Stack()
+    s.o.update_bi(1, 1)                  # a class 1 event (the trip)
+    for i in range(60):                  # then frequency noise (class 2) and available MW (class 3)
+        s.o.update_ai(0 if i % 2 else 2, 59.0 + i, 0x01)
+    assert s.o.ne == A.NEV and s.o.counts[A.A_EV_LOST] == 61 - A.NEV
+    classes = [s.o.ek[k] >> 2 & 3 for k in range(s.o.ne)]
+    assert classes[0] == 1 and s.o.ek[0] & 3 == A.K_BI  # the trip event kept, the oldest
+    # class 3 goes first (only the newest one, added last-but-one, is left), then class 2
+    assert classes.count(3) == 1 and classes.count(2) == A.NEV - 2, classes
+    assert s.o.ev[A.NEV - 2] == 59.0 + 58 and s.o.ev[A.NEV - 1] == 59.0 + 59
+
+
 def test_event_overflow_and_a_multi_segment_answer():
     s = Stack()
     for i in range(40):  # 40 AI events in a buffer of 32: the oldest go, IIN2.3
@@ -390,3 +403,24 @@ def test_fuzz_on_micropython(board):
     # every kind of damage was exercised and counted
     assert link["sync"] > 50 and link["hdr_crc"] > 10 and link["data_crc"] > 10 and link["tp_seq"] > 50, link
     assert app["requests"] > 500 and app["bad_requests"] > 20 and app["unknown_object"] > 20, app
+
+
+def test_gridshed_status_shows_the_outstation():
+    # the technician's `gridshed status` table: the outstation's line, or an alarm when it could
+    # not start for lack of RAM
+    from rich.console import Console
+
+    from gridshed.cli.board import _status_table
+
+    def text(st: dict) -> str:
+        c = Console(record=True, width=200)
+        c.print(_status_table(st))
+        return c.export_text()
+
+    st = {"device": "d", "site": "s", "mask": 1, "blocks": ["a"],
+          "dnp3": {"transport": "tcp", "port": 20000, "peer": "10.0.0.5", "events": 2,
+                   "link": {"hdr_crc": 1, "data_crc": 2}, "app": {"requests": 7, "controls": 1, "controls_refused": 3}}}
+    out = text(st)
+    assert "tcp 20000, master 10.0.0.5, 7 requests, 1 controls (3 refused), bad frames 3, events waiting 2" in out
+    out = text({"device": "d", "site": "s", "errors": {"dnp3_memory": 1}})
+    assert "dnp3 outstation NOT started" in out

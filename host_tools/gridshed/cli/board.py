@@ -288,6 +288,15 @@ def _status_table(st: dict[str, Any]):
             ("uptime", f"{(st.get('uptime_ms') or 0) / 1000:.1f} s, free mem {st.get('mem_free')}")]
     if st.get("held"):  # the shed authority's entries holding a shed (docs/control.md)
         rows.append(("shed held by", ", ".join(st["held"])))
+    dn = st.get("dnp3")
+    if isinstance(dn, dict) and "link" in dn:  # the DNP3 outstation (docs/dnp3.md)
+        lk, ap = dn["link"], dn["app"]
+        rows.append(("dnp3", f"{dn.get('transport')} {dn.get('port') if dn.get('transport') == 'tcp' else ''}".strip()
+                     + f", master {dn.get('peer') or 'not connected'}, {ap.get('requests')} requests, "
+                     f"{ap.get('controls')} controls ({ap.get('controls_refused')} refused), "
+                     f"bad frames {lk.get('hdr_crc', 0) + lk.get('data_crc', 0)}, events waiting {dn.get('events')}"))
+    elif (st.get("errors") or {}).get("dnp3_memory"):
+        rows.append(("ALARM", "dnp3 outstation NOT started: not enough RAM (docs/dnp3.md, Memory)"))
     if "time_trusted" in st:
         rows.append(("clock", "trusted (signed time)" if st["time_trusted"]
                      else "NOT trusted: run `gridshed time-sync` (restore/disarm use the board's nonce)"))
