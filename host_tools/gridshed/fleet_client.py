@@ -206,8 +206,8 @@ def nonce_udp(host: str, port: int, timeout: float = 3.0) -> bytes:
 def nonces_mqtt(broker: str, tgts: list[Target], timeout: float = 10.0, strict: bool = True,
                 opts: BrokerOpts | None = None) -> dict[str, bytes]:
     """{device: nonce} from each board's authenticated retained state (strict: all, or UserError)."""
-    host, port = parse_hostport(broker, 1883)
     opts = opts or (tgts[0].broker if tgts else None)
+    host, port = parse_hostport(broker, 8883 if opts and opts.tls else 1883)
     w = _StateWatch(host, port, [state_topic(t) for t in tgts], {state_topic(t): (t.kid, t.key) for t in tgts},
                     opts)
     try:
@@ -467,12 +467,12 @@ def send_mqtt(broker: str, signed: list[Signed], timeout: float = 10.0, settle: 
               opts: BrokerOpts | None = None) -> list[dict[str, Any]]:
     """Publish each command on its device's cmd topic (QoS 1) and wait for each board's
     retained state to carry the seq (accepted) or a new refusal."""
-    host, port = parse_hostport(broker, 1883)
+    opts = opts or (signed[0].target.broker if signed else None)
+    host, port = parse_hostport(broker, 8883 if opts and opts.tls else 1883)  # MQTT over TLS: 8883
     for s in signed:
         if not s.target.site:
             raise UserError(f"device {s.target.device!r} has no site in the inventory: cannot address it over MQTT")
     topics = [state_topic(s.target) for s in signed]
-    opts = opts or (signed[0].target.broker if signed else None)
     w = _StateWatch(host, port, topics, {state_topic(s.target): (s.target.kid, s.target.key) for s in signed},
                     opts)
     try:

@@ -179,3 +179,21 @@ def test_inventory_backup_keeps_broker_secrets(tmp_path: Path) -> None:
         got_c = inv.broker_creds("d1")
         assert {k: got_c[k] for k in ("kind", "username", "password")} == \
             {k: want_creds[k] for k in ("kind", "username", "password")}
+
+
+def test_host_client_certificate_login(certs: Certs, tmp_path: Path) -> None:
+    # auth = "cert": the broker requires a client certificate and takes its CN as the user name
+    # (the ACL's); the host's certificate from the site CA logs in, no certificate is refused
+    m = Mosquitto(tmp_path, users={}, acl=ba.acl_text({SITE: ["dev1"]}), tls=(certs, "server"),
+                  client_certs=True).start()
+    try:
+        cert, key = certs.client(ba.HOST_USER)
+        host = Client(m.port, fc.BrokerOpts(True, certs.ca.decode(), None, None, None, cert.decode(), key.decode()),
+                      "host")
+        host.sub(f"gridshed/{SITE}/+/state")
+        host.close()
+        assert f"u'{ba.HOST_USER}'" in m.logtext(10 ** 6)
+        with pytest.raises(UserError, match="MQTT broker"):
+            Client(m.port, opts(certs, None, None), "nocert")
+    finally:
+        m.stop()

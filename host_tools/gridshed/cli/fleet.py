@@ -32,7 +32,8 @@ target and transport:
   --via serial         the agent's console (--port); the default when --port is given
   --via udp            one datagram to --host (--udp-port, default 4700)
   --via mqtt           the broker (--broker HOST:PORT, default $GRIDSHED_BROKER or 127.0.0.1:1883);
-                       the answer is the board's retained state carrying the seq
+                       the answer is the board's retained state carrying the seq; a site whose
+                       [mqtt] asks for TLS and a login (recorded by provision) gets them by itself
 freshness: restore, disarm and time-sync first ask the board for its current nonce (same
   transport) and sign it in, so they work before the board trusts its clock; a board trusts
   its clock only after `gridshed time-sync` (signed, with the nonce), and from then on
@@ -61,7 +62,8 @@ def _add_target(p: argparse.ArgumentParser, with_via: bool = True, kw: bool = Tr
         p.add_argument("--port", "-p", help="serial port of the board's console")
         p.add_argument("--host", help="board address for --via udp")
         p.add_argument("--udp-port", type=int, default=None, help="board UDP port (default 4700)")
-        p.add_argument("--broker", help="MQTT broker HOST[:PORT]")
+        p.add_argument("--broker", help="MQTT broker HOST[:PORT] (port default 1883; 8883 for a site with [mqtt] tls, "
+                       "which also brings the TLS and login settings recorded in the inventory)")
         p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for answers (default 10)")
 
 
