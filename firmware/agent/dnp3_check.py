@@ -40,6 +40,8 @@ def check(cfg, errors, chk, ipv4):
     for v in dn.get("masters") or ():
         if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 65519 or v == dn.get("address", 10):
             errors.append("dnp3.masters: %r is not a master link address (0..65519, not the outstation's)" % (v,))
+    if dn.get("transport") == "serial" and dn.get("unsolicited"):
+        errors.append("dnp3.unsolicited: TCP only (transport = \"serial\" has one master polling the line)")
     ms = cfg.get("modbus_server")
     if dn.get("transport") == "serial" and dn.get("enabled") is not False and isinstance(ms, dict) \
             and ms.get("enabled") is not False and ms.get("transport") == "rtu":

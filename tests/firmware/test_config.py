@@ -115,6 +115,8 @@ ROWS = [
       "dnp3.masters: 65535 is not a master link address (0..65519, not the outstation's)",
       "dnp3.masters: True is not a master link address (0..65519, not the outstation's)"]),
     ("dnp3-port", [S("dnp3", {"port": 0})], ["dnp3.port: 0 is outside 1..65535"]),
+    ("dnp3-unsol-serial", [S("dnp3", {"transport": "serial", "unsolicited": True})],
+     ['dnp3.unsolicited: TCP only (transport = "serial" has one master polling the line)']),
     ("dnp3-uart-taken", [S("dnp3", {"transport": "serial"}), S("modbus_server", {"transport": "rtu"})],
      ["dnp3.transport: the utility UART already serves Modbus RTU (modbus_server.transport)"]),
     ("dry-contact-no-pin", [S("signals.dry_contact", True)], ["signals.dry_contact: the board has no dry-contact input pin"]),

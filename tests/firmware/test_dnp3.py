@@ -156,6 +156,15 @@ def test_select_before_operate_and_direct_operate():
     assert s.calls == [(0, True, False), (0, True, True)]
     # a second OPERATE: the selection was used
     assert crob_status(s.xchg(crob_req(m, 4, 0, 3))[0]) == A.ST_NO_SELECT
+    # an OPERATE later than SBO_MS after its SELECT: TIMEOUT, nothing executed
+    s.xchg(crob_req(m, 3, 0, 3))
+    t = A.ticks_ms()
+    A.ticks_ms, real = (lambda: t + A.SBO_MS + 1), A.ticks_ms
+    try:
+        assert crob_status(s.xchg(crob_req(m, 4, 0, 3))[0]) == A.ST_TIMEOUT
+    finally:
+        A.ticks_ms = real
+    assert s.calls[-1] == (0, True, False)
     # SELECT of one point, OPERATE of another: NO_SELECT
     s.xchg(crob_req(m, 3, 0, 3))
     assert crob_status(s.xchg(crob_req(m, 4, 1, 3))[0]) == A.ST_NO_SELECT
