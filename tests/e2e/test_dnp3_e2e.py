@@ -211,6 +211,9 @@ def test_dnp3_master_polls_commands_and_survives_garbage(tmp_path):
                     assert v.timestamp is not None and v.timestamp.timestamp() * 1000 >= t_sync - 1000, v
                 st = await rig.status()
                 assert "dnp3" in st["held"], st
+                recs, _ = rig.journal()
+                assert {"cmd": "shed", "src": "127.0.0.1", "master": 1}.items() <= \
+                    next(r for r in recs if r["k"] == "dnp3").items(), [r for r in recs if r["k"] == "dnp3"]
 
                 # ---- another issuer's shed (signed): DNP3's restore releases only its own
                 assert (await signed("shed"))["ok"]
@@ -219,6 +222,12 @@ def test_dnp3_master_polls_commands_and_survives_garbage(tmp_path):
                 assert rig.all_open() and st["held"] == ["signed:" + KID.hex()], st
                 assert (await signed("restore"))["ok"]
                 await rig.until(rig.all_closed, 30, "restore after the signer's own restore")
+
+                # ---- a client whose address is not in [dnp3] allow: closed at once, counted
+                r2, w2 = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+                assert await asyncio.wait_for(r2.read(100), 20) == b""
+                w2.close()
+                assert (await rig.status())["dnp3"]["peers_refused"] == 1
 
                 # ---- garbage on the stream: counted, no relay moves, the master still gets answers
                 before = (await rig.status())["dnp3"]
