@@ -357,6 +357,7 @@ class VenBridge:
         self.prices: dict[str, list[list]] = {}  # event id -> its schedule rows (arrival order)
         self.sched_sent: list[list] | None = None  # the rows last delivered
         self._sched_retry: asyncio.Task | None = None
+        self._sched_roll: asyncio.Task | None = None
 
     # -- log ----------------------------------------------------------------------------------
     def log(self, kind: str, **fields: Any) -> dict[str, Any]:
@@ -404,7 +405,7 @@ class VenBridge:
         for p in self.plans.values():
             if p.task:
                 p.task.cancel()
-        for r in (self._retry, self._sched_retry):
+        for r in (self._retry, self._sched_retry, self._sched_roll):
             if r:
                 r.cancel()
         if self.client is not None and self.client.client_session is not None:
@@ -523,7 +524,20 @@ class VenBridge:
                     self._sched_retry = asyncio.get_running_loop().create_task(self._retry_schedule())
                 return
             self.sched_sent = rows
-            self.log("sent", cmd="schedule", intervals=len(rows), result=result)
+            kept = result.get("rows") if isinstance(result, dict) and isinstance(result.get("rows"), int) else len(rows)
+            self.log("sent", cmd="schedule", intervals=len(rows), kept=kept, result=result)
+            if kept < len(rows):
+                # the board got only the head that fits one command: send again when its first row
+                # is over (one more row then fits), and so on, until the rest has reached it
+                at = min(r[1] for r in rows)
+                self.log("roll", cmd="schedule", at=_iso(at), sent=kept, of=len(rows))
+                if self._sched_roll is not None:
+                    self._sched_roll.cancel()
+                self._sched_roll = asyncio.get_running_loop().create_task(self._roll_schedule(at))
+
+    async def _roll_schedule(self, at: float) -> None:
+        await asyncio.sleep(max(0.0, at - self.now()))
+        await self.send_prices()
 
     async def _retry_schedule(self) -> None:
         await asyncio.sleep(self.retry_s)
@@ -696,7 +710,10 @@ class SiteSender:
     def schedule(self, rows: list[list], target_site: str, expires_s: int) -> list[dict[str, Any]]:
         """The price rows as one signed schedule per device of the site (gridshed.dispatch: its
         key, a fresh seq, its next schedule id from the inventory), delivered like a command.
-        An empty list clears the boards' schedules (the price events were cancelled)."""
+        An empty list clears the boards' schedules (the price events were cancelled). Rows beyond
+        what one command carries are cut (the head that fits is sent, a warning says so); the
+        answer {"rows": rows sent, "boards": per-device results} tells the bridge to send again
+        when the first row is over."""
         from . import dispatch
 
         if self.via == "udp":
@@ -716,5 +733,6 @@ class SiteSender:
                 log.warning("%s", msg)
             rows = kept
         nonces = self._nonces(tg) if dispatch.fresh_needed() else None
-        return self.deliver(dispatch.sign(tg, rows, self.seq_path, self.inventory, expires_s,  # type: ignore[arg-type]
-                                          nonces=nonces))
+        boards = self.deliver(dispatch.sign(tg, rows, self.seq_path, self.inventory, expires_s,  # type: ignore[arg-type]
+                                            nonces=nonces))
+        return {"rows": len(rows), "boards": boards}

@@ -600,14 +600,19 @@ def test_price_events_from_openleadr_vtn_become_signed_schedules(inventory, brok
     assert opts[ids["a"]] == "optIn" and opts[ids["b"]] == "optIn" and opts[ids["rel"]] == "optOut"
     assert any(r["kind"] == "signal-skipped" and "only absolute prices" in r["reason"] for r in bridge.records)
     assert [r["intervals"] for r in schedules(bridge)] == [2, 3, 1]
-    # on the wire: per device three schedules, each verifying with that device's key, ids rising
+    # on the wire: per device three schedules, each accepted by the board's own command checks
+    # (agent.commands: MAC with that device's key, target, seq, expiry on receipt), ids rising
     by_dev: dict[str, list[dict]] = {}
-    for topic, payload in sub.msgs:
+    boards = {dev: verifier(keys, dev, "site1") for dev in ("site1-ctl1", "site1-ctl2")}
+    for (topic, payload), now in zip(sub.msgs, sub.when):
         dev = topic.split("/")[2]
+        c = boards[dev].verify(payload, now)
+        assert c["cmd"] == "schedule" and c["site"] == "site1", c
         kid, key = keys[dev]
         r = mac0.verify(payload, {kid: key}, 4096)
         assert isinstance(r, tuple), (dev, r)
         by_dev.setdefault(dev, []).append(cbor.loads(r[1]))
+        assert by_dev[dev][-1]["sid"] == c["sid"] and by_dev[dev][-1]["iv"] == c["iv"]
     assert sorted(by_dev) == ["site1-ctl1", "site1-ctl2"]
     for dev, ps in by_dev.items():
         assert [p["cmd"] for p in ps] == ["schedule"] * 3 and all(p["dev"] == dev for p in ps)
@@ -638,3 +643,39 @@ def test_price_signal_units():
                      ({**sig, "intervals": [{**iv[0], "signal_payload": float("nan")}]}, "not a number")):
         with pytest.raises(ValueError, match=msg):
             price_rows(bad)
+
+
+def test_a_cut_price_schedule_rolls_forward():
+    """A price schedule longer than one command carries: the sender sends the head that fits,
+    the bridge sends again when the first row is over (the rest moving up), until all is sent."""
+    calls: list[list[list]] = []
+
+    def sender(rows: list, site: str, expires_s: int) -> dict:
+        calls.append(rows)
+        return {"rows": min(len(rows), 2), "boards": []}  # a transport that carries two rows
+
+    async def scenario() -> VenBridge:
+        b = VenBridge("http://unused", "v", "site1", lambda *a: None, insecure=True,
+                      levels=LevelMap.parse(["1=full"]), send_schedule=sender)
+        b._lock = asyncio.Lock()
+        now = time.time()
+        t = datetime.fromtimestamp(now, timezone.utc)
+        ivs = [{"dtstart": t + timedelta(seconds=d), "duration": timedelta(seconds=1 if i == 0 else 60),
+                "signal_payload": 0.1 * (i + 1)} for i, d in enumerate((0, 1, 61, 121))]
+        ev = {"event_descriptor": {"event_id": "p1", "event_status": "active", "modification_number": 0},
+              "active_period": {"dtstart": t, "duration": timedelta(seconds=181)},
+              "event_signals": [{"signal_name": "ELECTRICITY_PRICE", "signal_type": "price", "intervals": ivs}]}
+        assert await b.on_event(ev) == "optIn"
+        deadline = time.monotonic() + 30  # the first row ends 1 s after the event starts: wait, bounded
+        while len(calls) < 2:
+            assert time.monotonic() < deadline, b.records
+            await asyncio.sleep(0.02)
+        await quiet(b, 20)
+        await b.stop()
+        return b
+
+    b = asyncio.run(scenario())
+    assert [len(c) for c in calls] == [4, 3], calls          # the first row over: the rest moves up
+    assert [r[3] for r in calls[1]] == [200, 300, 400]
+    rolls = [r for r in b.records if r["kind"] == "roll"]
+    assert rolls and rolls[0]["sent"] == 2 and rolls[0]["of"] == 4
