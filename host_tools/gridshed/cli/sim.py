@@ -16,9 +16,11 @@ EXAMPLES = """examples:
   gridshed sim scenarios/ercot_ffr_dip.csv --site scenarios/demo-site.toml
   gridshed sim scenarios/gb_50hz_event.csv --site scenarios/gb-site.toml --transport tcp
   gridshed sim scenarios/ercot_ffr_dip.csv --baud 9600 --json > run.json
+  gridshed sim scenarios/market_dip.csv --site scenarios/market-sim-site.toml
 
 scenario CSV: header t_s,hz plus optional meter_ok (0 = meter silent), signal (1 = utility
-shed asserted), kw_base; rows at any time step, linear in between; hz may be 0 (a meter that
+shed asserted), kw_base, price ($/MWh: sent as a signed schedule to a site with [market],
+docs/market.md); rows at any time step, linear in between; hz may be 0 (a meter that
 lost its voltage reference) or nan (a meter answering Not-a-Number). See docs/quickstart.md.
 
 exit status: 0 every expectation met, 1 an expectation failed (a trip condition that opened no
@@ -62,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
     from ..boards import budget_heapsize, load_board
 
     heap = args.heapsize or budget_heapsize(load_board("unix-sim"))
+    if not args.heapsize and isinstance(cfg.get("market"), dict) and int(heap[:-2]) < MARKET_HEAP_WK:
+        # the market feature's measured heap (docs/architecture.md, Test heaps; docs/market.md)
+        heap = "%dwK" % MARKET_HEAP_WK
+        note(f"note: [market]: the virtual board runs at {heap}, the market feature's measured heap")
     fw = Path(args.firmware) if args.firmware else FIRMWARE
     if not (fw / "main.py").is_file() or not (fw / "agent").is_dir():
         raise UserError(f"{fw} is not a firmware tree (main.py and agent/)")
@@ -101,6 +107,9 @@ def scenario_warnings(scenario, cfg: dict, site_path: str) -> list[str]:
         out.append(f"scenario {scenario.name} plays a {nom} Hz grid but {site_path} is a "
                    f"{cfg.get('nominal_hz')} Hz site (nominal_hz): its frequencies do not mean there what the "
                    f"scenario intends; use a {nom} Hz site (e.g. scenarios/gb-site.toml for 50 Hz)")
+    if scenario.has("price") and not isinstance(cfg.get("market"), dict):
+        out.append(f"scenario {scenario.name} has a price column but {site_path} has no [market] section: "
+                   f"the price is not played (docs/market.md)")
     sig = cfg.get("signals") or {}
     if scenario.has("signal") and not sig.get("dry_contact"):
         out.append(f"scenario {scenario.name} has a signal column but {site_path} has no dry contact "
@@ -109,6 +118,7 @@ def scenario_warnings(scenario, cfg: dict, site_path: str) -> list[str]:
 
 
 LOCK = ".gridshed-sim.lock"
+MARKET_HEAP_WK = 88
 
 
 class keep_dir:

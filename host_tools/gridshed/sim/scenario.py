@@ -1,7 +1,8 @@
-"""Scenario CSV (DESIGN.md): `t_s,hz` plus optional `meter_ok`, `signal`, `kw_base`.
+"""Scenario CSV: `t_s,hz` plus optional `meter_ok`, `signal`, `kw_base`, `price`.
 
 Rows may come at any time step; hz and kw_base are linear in between, meter_ok and signal are
-steps (they hold their last value until the next row), as a switch would. `hz` may be 0 (what
+steps (they hold their last value until the next row), as a switch would; so is `price`
+($/MWh), which a site with [market] receives as a signed schedule (docs/market.md). `hz` may be 0 (what
 real meters report when they lose their voltage reference) or `nan` (a meter that answers
 Not-a-Number); next to a `nan` row the value steps instead of interpolating. A UTF-8 byte-order
 mark (spreadsheet exports) is accepted.
@@ -16,7 +17,7 @@ from pathlib import Path
 from ..errors import UserError
 
 REQUIRED = ("t_s", "hz")
-OPTIONAL = ("meter_ok", "signal", "kw_base")
+OPTIONAL = ("meter_ok", "signal", "kw_base", "price")  # price: $/MWh, a step (docs/market.md)
 LINEAR = ("hz", "kw_base")
 
 

@@ -53,6 +53,45 @@ class SiteRun:
     wire: Wire | None = None
 
 
+SIM_KID = b"gridshed-sim"
+
+
+def price_intervals(scenario: Scenario, wall0: int) -> list[list[Any]]:
+    """The scenario's price column as schedule intervals (docs/market.md) from unix second
+    wall0 = scenario time 0: one interval per price step, whole seconds, the last one held a
+    minute past the end."""
+    ts, ps = scenario.t, scenario.cols["price"]
+    iv: list[list[Any]] = []
+    for i, (t, p) in enumerate(zip(ts, ps)):
+        start = wall0 + int(round(t))
+        end = wall0 + (int(round(ts[i + 1])) if i + 1 < len(ts) else int(round(scenario.duration)) + 60)
+        if iv and iv[-1][3] == p and iv[-1][1] == start:
+            iv[-1][1] = end
+        elif end > start:
+            iv.append([start, end, "p", float(p)])
+    if len(iv) > 30:
+        raise UserError(f"scenario {scenario.name}: {len(iv)} price steps; the console carries a schedule of "
+                        f"at most 30 intervals")
+    return iv
+
+
+def send_market(port: str, key: bytes, cfg: dict[str, Any], iv: list[list[Any]]) -> None:
+    """The host's part of the market loop: the signed time, then the signed schedule."""
+    import base64
+
+    from ..signing import make_command
+    from ..transport import Console
+
+    with Console(port) as con:
+        nonce = bytes.fromhex(con.request("nonce", timeout=30)[-1]["nonce"])
+        for seq, cmd, kw in ((1, "time", {"nonce": nonce, "t": int(time.time())}),
+                             (2, "schedule", {"schedule": {"sid": 1, "iv": iv}})):
+            buf = make_command(key, SIM_KID, cmd, seq, target_device=cfg["device"], **kw)
+            r = con.request("cmd", base64.b64encode(buf).decode(), timeout=30)[-1]
+            if r.get("ok") is not True:
+                raise UserError(f"the virtual board refused the market {cmd} command: {r.get('refused') or r}")
+
+
 def install_firmware(board_dir: Path, cfg: dict[str, Any], sim_cfg: dict[str, Any],
                      firmware_dir: Path = FIRMWARE) -> None:
     """Lay the board's filesystem as `gridshed build` + deploy would: .mpy agent, /config.cbor, sim.json."""
@@ -244,6 +283,16 @@ async def run_site(scenario: Scenario, cfg: dict[str, Any], *, heapsize: str = "
 
     cfg = dict(cfg)
     cfg["meter"] = dict(cfg["meter"])
+    # a price column for a site with [market]: a key of the run's own signs the time and the
+    # schedule the board then executes on its clock (docs/market.md)
+    market_key = None
+    if scenario.has("price") and isinstance(cfg.get("market"), dict):
+        from ..signing import new_key
+        from ..siteconfig import keys_bytes
+
+        market_key = new_key()
+        extra_files = dict(extra_files or {})
+        extra_files["keys.cbor"] = keys_bytes({SIM_KID: market_key})
     if transport:
         cfg["meter"]["transport"] = transport
     if baud:
@@ -327,11 +376,22 @@ async def run_site(scenario: Scenario, cfg: dict[str, Any], *, heapsize: str = "
 
             ac = AcSense(scenario, gpio.send, acs["pin"], ac_t0, ac_opts, lead_s=settle_s)
             tasks.append(asyncio.create_task(ac.run()))
-        await asyncio.sleep(settle_s)
+        if market_key is not None:
+            wall0 = int(time.time()) + 3  # scenario time 0 on the board's clock, a whole second
+            iv = price_intervals(scenario, wall0)
+            await asyncio.to_thread(send_market, board.port, market_key, cfg, iv)
+            await asyncio.sleep(max(0.0, wall0 - time.time()))
+            ac_t0 = time.monotonic()
+        else:
+            await asyncio.sleep(settle_s)
         run.t0 = ac_t0 if acs.get("enabled") else time.monotonic()
         started.set()
         say(f"{0:8.3f}s  scenario {scenario.name} starts ({scenario.duration:.1f} s), "
             f"pickup {cfg['trip']['pickup_hz']} Hz, restore {cfg['trip']['restore_hz']} Hz")
+        if market_key is not None:
+            mk = cfg["market"]
+            say(f"{0:8.3f}s  market: clock set, schedule of {len(iv)} price intervals sent"
+                + (f"; {mk.get('program', 'RRS')} obligation {mk['obligation_mw']} MW" if mk.get("obligation_mw") else ""))
         last_status = -1.0
         last_signal = None
         while True:
@@ -350,8 +410,9 @@ async def run_site(scenario: Scenario, cfg: dict[str, Any], *, heapsize: str = "
                 last_status = st
                 r = source(time.monotonic())
                 bar = "".join("#" if c else "." for c in load.closed)
+                price = f"  {scenario.value('price', st):8.2f} $/MWh" if market_key is not None else ""
                 say(f"{st:8.3f}s  {r.hz:7.3f} Hz  {load.kw(scenario.value('kw_base', st, 0.0)):8.1f} kW  "
-                    f"blocks [{bar}]{'' if r.ok else '  METER SILENT'}")
+                    f"blocks [{bar}]{price}{'' if r.ok else '  METER SILENT'}")
             await asyncio.sleep(0.01)
         if before_status is not None:
             try:

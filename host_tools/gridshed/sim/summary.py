@@ -265,8 +265,13 @@ def summarize(run: Any, load: Any) -> dict[str, Any]:
                 trips.append(item)
                 failures.append(f"utility signal asserted at {t_a:.3f} s: no relay opened")
 
+    # ---- the market (docs/market.md): an opening while the price is above the block's strike
+    # (decided once a second on whole seconds: the price of the last ECON_S counts) is economic
+    market = _market(cfg, sc, opens, all_evs, used, names, uf_set, failures)
+    econ = {id(e) for _, e in (market or {}).get("_opens", ())}
     # ---- an opening with no trip condition at all: a relay moved on good data
-    unexplained = [(t, e) for t, e in opens if 0 <= t <= sc.duration and not any(a <= t <= b for a, b in used)]
+    unexplained = [(t, e) for t, e in opens if 0 <= t <= sc.duration and not any(a <= t <= b for a, b in used)
+                   and id(e) not in econ]
     for t, e in unexplained[:3]:
         failures.append(f"relay {names[e.block]} opened at {t:.3f} s with no trip condition in the scenario")
 
@@ -315,7 +320,58 @@ def summarize(run: Any, load: Any) -> dict[str, Any]:
         "closed_at_end": final,
         "all_restored": len(final) == len(names),
         "trace": trace,
+        **({"market": {k: v for k, v in market.items() if not k.startswith("_")}} if market else {}),
     }
+
+
+ECON_S = 2.5
+
+
+def _market(cfg: dict[str, Any], sc: Any, opens: list, all_evs: list, used: list, names: list[str],
+            uf_set: set[int], failures: list[str]) -> dict[str, Any] | None:
+    mk = cfg.get("market")
+    if not sc.has("price") or not isinstance(mk, dict):
+        return None
+    blocks = cfg["blocks"]
+    strikes = [None if b.get("class") == "firm" else b.get("strike_usd_mwh") for b in blocks]
+    kw = [b.get("miners", 0) * b.get("kw_per_miner", 0) for b in blocks]
+
+    def priced_out(i: int, t: float) -> bool:
+        s = strikes[i]
+        return s is not None and any(sc.value("price", max(0.0, t - k * 0.25)) > s for k in range(int(ECON_S * 4) + 1))
+
+    econ = [(t, e) for t, e in opens if 0 <= t <= sc.duration and priced_out(e.block, t)
+            and not any(a <= t <= b for a, b in used)]
+    # the obligation: sheddable load on (blocks a frequency stage sheds) after every relay change
+    # outside a frequency event, against the commitment (in force the whole run when its hours
+    # hold the current UTC hour)
+    import time as _t
+
+    hour = _t.gmtime().tm_hour
+    hours = set()
+    for a, b in mk.get("obligation_hours") or ():
+        k = a
+        while True:
+            hours.add(k % 24)
+            k += 1
+            if k % 24 == b % 24:
+                break
+    oblig = float(mk.get("obligation_mw") or 0) * 1000 if hour in hours else 0.0
+    closed = [True] * len(names)
+    low = None
+    for t, e in all_evs:
+        closed[e.block] = e.closed
+        if t < 0 or any(a <= t <= b for a, b in used):
+            continue
+        av = sum(kw[i] for i in uf_set if closed[i])
+        low = av if low is None else min(low, av)
+    held = oblig == 0 or low is None or low >= oblig - 1e-6
+    if not held:
+        failures.append(f"the {mk.get('program', 'RRS')} obligation was broken outside a frequency event: "
+                        f"{low:.1f} kW sheddable on, {oblig:.1f} kW committed")
+    return {"_opens": econ, "economic_opens": [{"t_s": round(t, 3), "block": names[e.block]} for t, e in econ],
+            "obligation_kw": oblig, "min_available_kw": low, "obligation_held": held,
+            "program": mk.get("program", "RRS")}
 
 
 def render_text(s: dict[str, Any]) -> str:
@@ -376,6 +432,17 @@ def render_text(s: dict[str, Any]) -> str:
     if s["restores"]:
         lines.append("restores: " + ", ".join(f"{r['block']} {r['t_s']:.2f} s" for r in s["restores"])
                      + (f" (gaps {', '.join(str(g) for g in s['restore_gaps_s'])} s)" if s["restore_gaps_s"] else ""))
+    m = s.get("market")
+    if m:
+        lines.append("economic curtailment: " + (", ".join(f"{o['block']} {o['t_s']:.2f} s" for o in m["economic_opens"])
+                                                 or "none"))
+        bm = (s.get("board_status") or {}).get("market") or {}
+        if m["obligation_kw"]:
+            low = m["min_available_kw"]
+            lines.append(f"{m['program']} obligation {m['obligation_kw']:.0f} kW: "
+                         + ("held" if m["obligation_held"] else "BROKEN")
+                         + (f", at least {low:.0f} kW sheddable on outside frequency events" if low is not None else "")
+                         + (f"; the board refused {bm.get('refused')} economic curtailment(s)" if bm.get("refused") else ""))
     lines.append("opens per block: " + ", ".join(f"{k} {v}" for k, v in s["opens_per_block"].items()))
     lines.append("at end: " + ("all blocks closed (load restored)" if s["all_restored"]
                                else "closed: " + (", ".join(s["closed_at_end"]) or "none")))
