@@ -17,7 +17,7 @@ from gridshed.transport import Console
 
 from rig import Rig
 
-HEAP = "88wK"  # measured: docs/architecture.md "Test heaps" (the market feature: 84wK held, 82wK did not)
+HEAP = "88wK"  # measured: docs/architecture.md "Test heaps" (the market feature: 82wK held, 80wK did not)
 
 ROOT = Path(__file__).resolve().parents[2]
 KID = b"mkt-ops"
@@ -75,7 +75,7 @@ def test_schedule_obligation_trip_and_power_cut(tmp_path):
             # clock unknown: stored, not executed; counted and said in @status
             await rig.agent_window(2500)
             st = (await rig.status())["market"]
-            assert st["clock"] is False and st["sid"] == 1 and st["unknown_clock"] >= 2, st
+            assert st["clock"] is False and st["sid"] == 1 and st["unknown_clock"] >= 2 and st["stored"] is True, st
             assert st["warning"] == "clock not trusted: schedule not executed"
             assert rig.all_closed()
             assert (board_dir / "market.cbor").exists()

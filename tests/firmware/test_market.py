@@ -447,7 +447,7 @@ def test_utility_market_registers_only_on_a_trusted_line_and_only_add_curtailmen
     for trusted in (0, 1):
         a = A(trusted)
         f = feat.Feature.__new__(feat.Feature)  # the feature without its file (no market.cbor here)
-        f.a, f.m, f.file, f.refusals = a, Market(a.cfg), None, 0
+        f.a, f.m, f.file, f.refusals, f.dirty = a, Market(a.cfg), None, 0, False
         f.save = lambda: True
         a.market = f
         s = us.UtilityServer(a, {"unit": 1, "heartbeat_s": 0.0, "heartbeat_action": "alarm"})

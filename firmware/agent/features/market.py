@@ -9,7 +9,6 @@
 import asyncio
 
 from agent.compat import ticks_ms
-from agent.market import Market
 
 PATH = "market.cbor"
 PERIOD_MS = 1000
@@ -24,10 +23,13 @@ def _io():
 
 class Feature:
     def __init__(self, agent):
+        from agent.market import Market  # here: a start without RAM can unload it again
+
         self.a = agent
         self.m = m = Market(agent.cfg)
         self.file = None  # why market.cbor was refused at boot (None: sound or absent)
         self.refusals = 0  # schedules refused (replay, malformed)
+        self.dirty = False  # a schedule taken but not yet in market.cbor
         rec, why = _io().read_checked(PATH)
         if why is None and rec is not None:
             try:
@@ -47,6 +49,7 @@ class Feature:
     def status(self):
         s = self.m.status()
         s["refused_schedules"] = self.refusals
+        s["stored"] = not self.dirty
         if self.file:
             s["file"] = self.file
         return s
@@ -57,6 +60,9 @@ class Feature:
         if m.x_price is not None or m.x_kw:
             rec["x"] = [m.x_price, m.x_kw]
         try:
+            import gc
+
+            gc.collect()  # the writer's module loads for the write only: room first
             _io().write_cbor_atomic(PATH, rec)
             return True
         except (OSError, MemoryError):
@@ -67,12 +73,13 @@ class Feature:
         # a verified "schedule" command: None when taken, else why it is refused
         why = self.m.set_schedule(sid, iv)
         a = self.a
-        if why is None and not self.save():
-            why = "store-error"  # kept in RAM and run, but it would not survive a power cut
-        if why is None or why == "store-error":
+        if why is None:
+            # written now, or (no RAM beside the command's own modules) by the feature's next
+            # second, retried until it is: @status market.stored says which
+            self.dirty = not self.save()
             self.file = None
             a.journal.append("market", {"ev": "schedule", "sid": sid, "intervals": self.m.niv, "src": src,
-                                        "stored": why is None})
+                                        "stored": not self.dirty})
         else:
             self.refusals += 1
             a.count("market_refused")
@@ -83,7 +90,7 @@ class Feature:
     def set_extra(self, price, kw):
         # the utility register (trusted line only): a price / kW target that only adds curtailment
         self.m.set_extra(price, kw)
-        self.save()
+        self.dirty = not self.save()
         self.step()
 
     def step(self):
@@ -103,6 +110,9 @@ class Feature:
     async def run(self):
         while True:
             try:
+                if self.dirty and self.save():
+                    self.dirty = False
+                    self.a.journal.append("market", {"ev": "stored", "sid": self.m.sid})
                 self.step()
             except MemoryError:
                 self.a.count("market_mem")
@@ -124,6 +134,10 @@ def start(agent):
     except MemoryError:
         agent.market = f = NoRoom()
         agent.count("market_mem")
+        _io().unload("agent.market")  # its bytecode back to the agent
+        import gc
+
+        gc.collect()
         _io().log("E", "market: no memory to start; no economic action")
         try:
             agent.journal.append("market", {"ev": "no_memory"})

@@ -83,7 +83,10 @@ def send_market(port: str, key: bytes, cfg: dict[str, Any], iv: list[list[Any]])
     from ..transport import Console
 
     with Console(port) as con:
-        nonce = bytes.fromhex(con.request("nonce", timeout=30)[-1]["nonce"])
+        r = con.request("nonce", timeout=30)[-1]
+        if "nonce" not in r:
+            raise UserError(f"the virtual board did not give its command nonce: {r.get('error') or r}")
+        nonce = bytes.fromhex(r["nonce"])
         for seq, cmd, kw in ((1, "time", {"nonce": nonce, "t": int(time.time())}),
                              (2, "schedule", {"schedule": {"sid": 1, "iv": iv}})):
             buf = make_command(key, SIM_KID, cmd, seq, target_device=cfg["device"], **kw)
