@@ -38,13 +38,17 @@ def options(m, dev):
         return None, NO_CREDS
     kw = {}
     if auth == "password":
-        if not b.get("pass"):
-            return None, NO_CREDS
-        kw["username"] = b.get("user") or dev
-        kw["password"] = b["pass"]
+        u = b.get("user") or dev
+        p = b.get("pass")
+        if not (isinstance(p, str) and p and isinstance(u, str) and len(u) + len(p) < 512):
+            return None, NO_CREDS  # (a damaged or hostile file: never a crash, never in clear)
+        kw["username"] = u
+        kw["password"] = p
     if tls:
         ca = b.get("ca")
-        if not ca or (auth == "cert" and not (b.get("cert") and b.get("key"))):
+        if not isinstance(ca, (bytes, bytearray)) or not ca:
+            return None, NO_CREDS
+        if auth == "cert" and not (isinstance(b.get("cert"), (bytes, bytearray)) and isinstance(b.get("key"), (bytes, bytearray))):
             return None, NO_CREDS
         import ssl
 

@@ -165,3 +165,67 @@ print(out)
 def test_tls_connects_only_while_steady(mp) -> None:  # type: ignore[no-untyped-def]
     r = mp.run(STEADY, heapsize="256k")
     assert r.out.strip() == "[True, False, False, False, False, True, False, True, True, False]", r.out
+
+
+FUZZ = r"""
+import json
+from agent import mqtt_tls, cbor, integrity
+cases = json.loads(open("fuzz.json").read())
+out = {}
+for name, c in cases.items():
+    raw = bytes.fromhex(c["raw"]) if "raw" in c else integrity.wrap(cbor.dumps(c["obj"]))
+    open("broker.cbor", "wb").write(raw)
+    for auth in ("password", "cert", "none"):
+        try:
+            kw, why = mqtt_tls.options({"host": "127.0.0.1", "tls": True, "auth": auth, "server_name": ""}, "dev1")
+            res = why if why else "ok"
+        except Exception as e:  # must never happen: the agent's feature start would fail
+            res = "RAISED %r" % (e,)
+        out[name + "/" + auth] = res
+print("RESULT", json.dumps(out))
+"""
+
+
+def test_damaged_broker_file_never_raises(mp, brokers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import random
+
+    import cbor2
+
+    from gridshed import siteconfig
+
+    certs, _ = brokers
+    good = bytes.fromhex(board_file(certs, "dev1", "pw"))
+    cases: dict = {"good": {"raw": good.hex()}, "empty": {"raw": ""}, "not-cbor": {"raw": "47534931"},
+                   "list": {"obj": [1, 2]}, "ca-int": {"obj": {"ca": 5, "user": "d", "pass": "p"}},
+                   "ca-str": {"obj": {"ca": "x", "user": "d", "pass": "p"}},
+                   "ca-junk": {"obj": {"ca": "##", "user": "d", "pass": "p"}},
+                   "pass-bytes": {"obj": {"ca": "@@", "user": "d", "pass": "@@"}},
+                   "user-int": {"obj": {"ca": "@@", "user": 7, "pass": "p"}},
+                   "cert-junk": {"obj": {"ca": "@@", "user": "d", "cert": "@@", "key": "@@"}}}
+    ca_der = bytes(siteconfig.read_settings(good)["ca"])
+    for c in cases.values():  # "@@": the real CA's bytes as "ca", else junk DER; "##": junk
+        if "obj" in c and isinstance(c["obj"], dict):
+            for k, v in list(c["obj"].items()):
+                if v == "@@":
+                    c["obj"][k] = ca_der if k == "ca" else b"\x30\x03junk"
+                elif v == "##":
+                    c["obj"][k] = b"\x30\x03junk"
+    rnd = random.Random(17)
+    for i in range(40):  # flipped bytes of the good file: the CRC refuses them, or they parse
+        b = bytearray(good)
+        for _ in range(rnd.randint(1, 4)):
+            b[rnd.randrange(len(b))] = rnd.randrange(256)
+        cases[f"flip{i}"] = {"raw": bytes(b).hex()}
+    enc = {n: ({"raw": c["raw"]} if "raw" in c else {"raw": siteconfig.integrity.wrap(cbor2.dumps(c["obj"])).hex()})
+           for n, c in cases.items()}
+    (tmp_path / "fuzz.json").write_text(json.dumps(enc))
+    r = mp.run(FUZZ, heapsize="256k", cwd=tmp_path, timeout=120)
+    line = [x for x in r.out.splitlines() if x.startswith("RESULT ")]
+    assert line, r.out + r.err
+    out = json.loads(line[0][7:])
+    raised = {k: v for k, v in out.items() if v.startswith("RAISED")}
+    assert not raised, raised
+    assert out["good/password"] == "ok" and out["good/cert"] == "no-credentials"
+    assert all(out[f"{n}/password"] == "no-credentials" for n in
+               ("empty", "not-cbor", "list", "ca-int", "ca-str", "ca-junk", "pass-bytes", "user-int"))
+    assert out["cert-junk/cert"] == "no-credentials"
