@@ -62,6 +62,8 @@ class Dnp3:
         self.note_t = 0
         self.unnoted = 0
         self.server = None
+        self.m_last = self.s_last = -1  # relay mask and sample count of the last scan
+        self.ok_last = None
         t = agent.now_unix()
         if t is not None:  # the agent's trusted (signed) time: events are stamped right from boot
             self.app.set_time(int(t * 1000))
@@ -78,25 +80,32 @@ class Dnp3:
         o.update_bi(BI_TRIPPED, c.shed_mask)
         o.update_bi(BI_METER_OK, a.meter_ok)
         o.update_bi(BI_DNP3_SHED, held)
+        # the analog points only when what they come from changed (no float work on idle scans)
         m = a.relays.mask
-        mw = 0.0
-        for i in range(self.nb):
-            on = m >> i & 1
-            o.update_bi(BI_BLOCK + i, on)
-            if on:
-                mw += self.bkw[i]
-        hz = a.hz
-        # NaN/inf fail every comparison: no reading (flags: comm lost, not online)
-        if hz is not None and 0 < hz < 1000:
-            o.update_ai(AI_HZ, hz, 0x01)
-        else:
-            o.update_ai(AI_HZ, 0.0, 0x04)
-        kw = a.kw
-        if kw is not None and -2e8 < kw < 2e8 and a.meter_ok:
-            o.update_ai(AI_KW, kw, 0x01)
-        else:
-            o.update_ai(AI_KW, 0.0 if kw is None or not -2e8 < kw < 2e8 else kw, 0x04)
-        o.update_ai(AI_MW, mw / 1000, 0x01)
+        if m != self.m_last:
+            self.m_last = m
+            mw = 0.0
+            for i in range(self.nb):
+                on = m >> i & 1
+                o.update_bi(BI_BLOCK + i, on)
+                if on:
+                    mw += self.bkw[i]
+            o.update_ai(AI_MW, mw / 1000, 0x01)
+        ok = a.meter_ok
+        if a.samples != self.s_last or ok != self.ok_last:
+            self.s_last = a.samples
+            self.ok_last = ok
+            hz = a.hz
+            # NaN/inf fail every comparison: no reading (flags: comm lost, not online)
+            if hz is not None and 0 < hz < 1000:
+                o.update_ai(AI_HZ, hz, 0x01)
+            else:
+                o.update_ai(AI_HZ, 0.0, 0x04)
+            kw = a.kw
+            if kw is not None and -2e8 < kw < 2e8 and ok:
+                o.update_ai(AI_KW, kw, 0x01)
+            else:
+                o.update_ai(AI_KW, 0.0 if kw is None or not -2e8 < kw < 2e8 else kw, 0x04)
         o.bo[BO_SHED] = held
         o.bo[BO_ARM] = 1 if c.armed else 0
         o.trouble = not a.meter_ok
