@@ -71,9 +71,10 @@ class BlockStrike:
     kw: float
     strike_usd_mwh: float | None         # computed (None: the block is not mining)
     configured_usd_mwh: float | None     # the block's strike_usd_mwh in site.toml, if any
+    cls: str = "interruptible"           # the block's class (a heat block's strike is its mining value only)
 
     def as_dict(self) -> dict[str, Any]:
-        d = {"block": self.name, "efficiency_j_th": self.efficiency_j_th, "kw": self.kw,
+        d = {"block": self.name, "class": self.cls, "efficiency_j_th": self.efficiency_j_th, "kw": self.kw,
              "strike_usd_mwh": None if self.strike_usd_mwh is None else round(self.strike_usd_mwh, 2),
              "configured_strike_usd_mwh": self.configured_usd_mwh}
         # what running the block for an hour earns at break-even = its energy cost at the strike
@@ -88,7 +89,8 @@ def site_strikes(site: dict[str, Any], hashprice_usd_th_day: float, pool_fee_pct
 
     A block's efficiency is its ``efficiency_j_th`` key (host-side: siteconfig strips it before
     the board's config), else ``default_efficiency`` (--efficiency) when the block has miners;
-    a block without miners (or with ``class = "firm"`` / ``"heat"``) gets no strike."""
+    a block without miners, or of ``class = "firm"``, gets no strike; a ``"heat"`` block's strike
+    is its mining value only (the heat it supplies is worth more on top)."""
     blocks = site.get("blocks")
     if not isinstance(blocks, list) or not blocks:
         raise UserError(f"{source}: no [[blocks]]")
@@ -103,13 +105,14 @@ def site_strikes(site: dict[str, Any], hashprice_usd_th_day: float, pool_fee_pct
         if eff is not None:
             eff = _pos(f"{source}: blocks[{i}].efficiency_j_th", eff)
         cls = b.get("class", "interruptible")
-        mining = bool(miners) and cls not in ("firm", "heat")
+        mining = bool(miners) and cls != "firm"  # a heat block's miners mine too (their heat is extra value)
         if eff is None and mining:
             eff = default_efficiency
         conf = b.get("strike_usd_mwh")
         s = strike(eff, hashprice_usd_th_day, pool_fee_pct) if (eff is not None and mining) else None
         out.append(BlockStrike(name, eff if mining else None, kw, s,
-                               float(conf) if isinstance(conf, (int, float)) and not isinstance(conf, bool) else None))
+                               float(conf) if isinstance(conf, (int, float)) and not isinstance(conf, bool) else None,
+                               str(cls)))
     if all(bs.strike_usd_mwh is None for bs in out):
         raise UserError(f"{source}: no mining block has an efficiency: set efficiency_j_th = ... in its "
                         "[[blocks]] table or give --efficiency J/TH")

@@ -89,6 +89,13 @@ def test_breakeven_per_block(tmp_path, capsys):
     assert b["row-b"]["strike_usd_mwh"] == round(0.05 / (25 * 86400 / 3.6e9), 2) == 83.33
     assert b["row-b"]["kw"] == pytest.approx(132.0)
     assert b["hvac-aux"]["strike_usd_mwh"] is None
+    # the example market site: a heat block's miners get their mining strike, the firm block none
+    d = js(capsys, "breakeven", "--hashprice", "0.05", "--site", str(ROOT / "scenarios" / "market-site.toml"),
+           "--efficiency", "20")
+    b = {r["block"]: r for r in d["blocks"]}
+    assert b["heat-loop"]["class"] == "heat" and b["heat-loop"]["strike_usd_mwh"] == 104.17
+    assert b["inference"]["class"] == "firm" and b["inference"]["strike_usd_mwh"] is None
+    assert b["row-a"]["configured_strike_usd_mwh"] == 45
     # the host-only key does not reach the board's config, and the site file still provisions
     from gridshed.siteconfig import load_site
 
@@ -236,10 +243,17 @@ def test_dispatch_dry_run_schedule(tmp_path, capsys, inv):
     rc, _, err = run(capsys, "dispatch", str(prices), "--site", str(ROOT / "scenarios" / "market-site.toml"),
                      "--inventory", str(db), "--now", now, "--dry-run")
     assert rc == 0 and err == ""
+    # a dry run needs no inventory: sized for the site file's device
+    rc, out, err = run(capsys, "dispatch", str(prices), "--site", str(ROOT / "scenarios" / "market-site.toml"),
+                       "--inventory", str(tmp_path / "empty.sqlite"), "--now", now, "--dry-run", "--json")
+    assert rc == 0 and [b["device"] for b in json.loads(out)["boards"]] == ["mkt-1"] and "dry run sized" in err
+    rc, _, err = run(capsys, "dispatch", str(prices), "--site", str(ROOT / "scenarios" / "market-site.toml"),
+                     "--inventory", str(tmp_path / "empty.sqlite"), "--now", now)
+    assert rc == 2 and "no device of site 'market-site'" in err
     # a person's text says it is a dry run
     rc, out, _ = run(capsys, "dispatch", str(prices), "--site", str(site), "--inventory", str(db), "--now", now,
                      "--dry-run")
-    assert rc == 0 and "dry run" in out and "$23/MWh" in out
+    assert rc == 0 and "dry run" in out and "23.00 $/MWh" in out and ": fits" in out
 
 
 def test_dispatch_interval_cap(tmp_path, capsys, inv):

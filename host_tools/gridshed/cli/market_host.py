@@ -159,11 +159,14 @@ def cmd_breakeven(args: argparse.Namespace) -> int:
         out["blocks"] = [r.as_dict() for r in rows]
         for r in rows:
             if r.strike_usd_mwh is None:
-                lines.append(f"  {r.name:<16} not mining (no strike)")
+                lines.append(f"  {r.name:<16} {'firm: never curtailed for price' if r.cls == 'firm' else 'no miners'}"
+                             " (no strike)")
                 continue
             conf = ("" if r.configured_usd_mwh is None
                     else f"   (site.toml strike_usd_mwh {r.configured_usd_mwh:g})")
-            lines.append(f"  {r.name:<16} {r.efficiency_j_th:g} J/TH  {r.kw:g} kW  strike ${r.strike_usd_mwh:.2f}/MWh{conf}")
+            heat = "   (heat block: mining value only, its heat is worth more)" if r.cls == "heat" else ""
+            lines.append(f"  {r.name:<16} {r.efficiency_j_th:g} J/TH  {r.kw:g} kW  strike ${r.strike_usd_mwh:.2f}/MWh"
+                         f"{conf}{heat}")
     else:
         if args.efficiency is None:
             raise UserError("give --efficiency J/TH (or --site SITE.toml with efficiency_j_th per block)")
@@ -262,7 +265,14 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
             if t.site != site_id:
                 raise UserError(f"device {t.device!r} belongs to site {t.site!r}, not {site_id!r} ({args.site})")
     else:
-        tgts = fc.targets(args.inventory, None, site_id)
+        try:
+            tgts = fc.targets(args.inventory, None, site_id)
+        except UserError as exc:
+            if not args.dry_run:
+                raise
+            # a dry run needs no inventory: sized for the site file's device with a stand-in key
+            note(f"{exc}; dry run sized for device {site.get('device') or 'device'!r} of the site file")
+            tgts = [fc.Target(str(site.get("device") or "device"), site_id, bytes(8), bytes(32))]
     if args.port and len(tgts) != 1:
         raise UserError(f"--port reaches one board: name it with --device ({len(tgts)} boards in site {site_id!r})")
     seq_path = fc.seq_file(args.inventory, args.seq_file)
@@ -289,10 +299,13 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
                      "schedule": dp.rows_json(rows)},
              [f"schedule for {site_id}: {summ['intervals']} intervals {summ['from']} .. {summ['to']} "
               f"(dry run: nothing signed into the inventory, nothing sent)"]
-             + [f"  {r['start']} .. {r['end']}  " + (f"${r['price_usd_mwh']}/MWh" if "price_usd_mwh" in r
+             + [f"  {r['start']} .. {r['end']}  " + (f"{r['price_usd_mwh']:9.2f} $/MWh" if "price_usd_mwh" in r
                                                       else f"curtail {r['curtail_kw']} kW") for r in dp.rows_json(rows)]
-             + [f"  {b['device']}: would be schedule id {b['schedule_id']} ({b['bytes']} bytes signed; console line "
-                f"{b['console_line']}/{b['console_max']}, MQTT packet {b['mqtt_packet']}/{b['mqtt_max']})" for b in boards])
+             + [f"  {b['device']}: would be schedule id {b['schedule_id']}, {b['bytes']}/{dp.MAX_SIGNED_BYTES} bytes "
+                f"signed (console line {b['console_line']}/{b['console_max']}, MQTT packet "
+                f"{b['mqtt_packet']}/{b['mqtt_max']}): "
+                + ("fits" if b["fits"][via] else f"TOO BIG for one {via} command: use --fit, --merge-by-strike or "
+                                                 "--horizon") for b in boards])
         return 0
     broker = args.broker or os.environ.get("GRIDSHED_BROKER") or "127.0.0.1:1883"
     dp.check_transport(trial(rows), len(rows), via)  # before an id or seq is spent
