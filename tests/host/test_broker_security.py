@@ -197,3 +197,30 @@ def test_host_client_certificate_login(certs: Certs, tmp_path: Path) -> None:
             Client(m.port, opts(certs, None, None), "nocert")
     finally:
         m.stop()
+
+
+def test_openadr_bridge_uses_the_sites_tls_and_login(broker: Mosquitto, certs: Certs, tmp_path: Path) -> None:
+    # `gridshed openadr-ven --via mqtt` (its SiteSender) reaches a secured broker with the site's
+    # TLS settings and operator login from the inventory, nothing given on its command line
+    from gridshed.openadr import SiteSender
+
+    inv_path = tmp_path / "inv.sqlite"
+    with Inventory(inv_path) as inv:
+        inv.record_provision("dev1", "unix-sim", SITE, "11" * 8, b"k" * 32, None, "h")
+        inv.set_site(SITE, tls=1, auth="password", trust_ca=certs.ca.decode(), host_user=ba.HOST_USER,
+                     host_password="pw-host")
+    dev1 = Client(broker.port, opts(certs, "dev1", "pw-dev1"), "dev1-oadr")
+    try:
+        dev1.sub(f"gridshed/{SITE}/dev1/cmd")
+        s = SiteSender(inv_path, via="mqtt", broker=f"{HOST}:{broker.port}", ack_timeout=0.3)
+        res = s("shed", SITE, None, 60)
+        assert res[0]["device"] == "dev1" and "error" in res[0]  # no board answers here
+        with dev1.cv:
+            assert dev1.cv.wait_for(lambda: dev1.msgs, 15)
+        assert dev1.msgs[0][0] == f"gridshed/{SITE}/dev1/cmd" and dev1.msgs[0][1][:2] == b"\xd1\x84"
+    finally:
+        dev1.close()
+    with Inventory(inv_path) as inv:  # the wrong operator password: the bridge says so
+        inv.set_site(SITE, host_password="wrong")
+    with pytest.raises(UserError, match="login refused"):
+        SiteSender(inv_path, via="mqtt", broker=f"{HOST}:{broker.port}", ack_timeout=0.3)("shed", SITE, None, 60)
