@@ -487,3 +487,64 @@ def test_utility_market_registers_only_on_a_trusted_line_and_only_add_curtailmen
         assert a.relays.mask == 0b100
         assert write(22, 0) == "ok" and write(21, 0x8000) == "ok"  # a trusted line takes it back
         assert a.relays.mask == 0b111
+
+
+# ---- the board feature's file: market.cbor (agent/features/market.py) ---------------------
+def test_feature_file_keeps_schedule_and_todays_cycles_and_a_damaged_one_is_refused(tmp_path, monkeypatch):
+    from agent.features import market as feat
+
+    monkeypatch.chdir(tmp_path)
+
+    class J:
+        def __init__(self):
+            self.recs = []
+
+        def append(self, k, d):
+            self.recs.append((k, d))
+
+    class Ctrl:
+        closed_mask = ALL
+
+    class A:
+        def __init__(self, t):
+            self.cfg, self.journal, self.ctrl, self.errors = cfg(THREE), J(), Ctrl(), {}
+            self.market, self.econ_off, self.t, self.decisions = None, 0, t, 0
+
+        def count(self, w):
+            self.errors[w] = self.errors.get(w, 0) + 1
+
+        def now_unix(self):
+            return self.t
+
+        def decide(self, now, sample):
+            self.decisions += 1
+
+    a = A(None)
+    f = feat.Feature(a)
+    assert a.market is f and f.m.sid == -1 and f.file is None
+    assert f.schedule(7, [[T0, T0 + H, "p", 60.0]], "serial") is None
+    assert (tmp_path / "market.cbor").exists() and f.status()["stored"] is True
+    assert f.schedule(7, [], "udp") == "replay" and a.errors["market_refused"] == 1
+    a.t = T0 + 10
+    f.step()
+    assert a.econ_off == 0b001 and a.decisions == 1 and f.dirty  # today's cycle to be written
+    assert f.save()
+    # a power cut: the schedule and today's cycle come back; no economics before the time
+    b = A(None)
+    g = feat.Feature(b)
+    assert g.m.sid == 7 and g.m.cycles == [1, 0, 0] and g.m.day == (T0 - M.EPOCH) // 86400
+    g.step()
+    assert b.econ_off == 0 and g.status()["clock"] is False
+    b.t = T0 + 20
+    g.step()
+    assert b.econ_off == 0b001 and g.m.cycles == [2, 0, 0]  # the count goes on from the file
+    # a damaged file: refused at boot (journal + counter + @status), no schedule runs
+    data = bytearray((tmp_path / "market.cbor").read_bytes())
+    data[12] ^= 0x40
+    (tmp_path / "market.cbor").write_bytes(bytes(data))
+    c = A(T0 + 30)
+    h = feat.Feature(c)
+    assert h.m.sid == -1 and h.file == "CRC-32 mismatch (damaged)" and c.errors["market_file"] == 1
+    assert ("integrity", {"file": "market.cbor", "why": "CRC-32 mismatch (damaged)"}) in c.journal.recs
+    h.step()
+    assert c.econ_off == 0 and h.status()["file"] == "CRC-32 mismatch (damaged)"

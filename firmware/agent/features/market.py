@@ -37,6 +37,11 @@ class Feature:
                 x = rec.get("x")
                 if x:
                     m.set_extra(x[0], float(x[1]))
+                c = rec.get("cycles")  # today's economic sheds survive a reboot (the cycle cap)
+                if c:
+                    for i in range(m.n):
+                        m.cycles[i] = int(c[i])
+                    m.day = int(rec["day"])
             except Exception:
                 why = "not a schedule record"
         if why is not None:
@@ -59,6 +64,11 @@ class Feature:
         rec = m.schedule()
         if m.x_price is not None or m.x_kw:
             rec["x"] = [m.x_price, m.x_kw]
+        for c in m.cycles:
+            if c:
+                rec["day"] = m.day
+                rec["cycles"] = m.cycles
+                break
         try:
             import gc
 
@@ -100,6 +110,8 @@ class Feature:
         for k in range(m.nev):
             e = m.event(k)
             a.journal.append("market", e)
+            if e["ev"] == "shed":
+                self.dirty = True  # today's cycles: written by the next second
             if e["why"] == "obligation":
                 a.count("market_obligation_refusal")
                 _io().log("W", "market: %s refused: %s obligation" % (e["block"], m.program))
