@@ -167,3 +167,25 @@ def test_report_png_and_html_and_the_shipped_example(tmp_path):
     assert s["obligation_short_hours"] == 0
     r = run_cli("backtest", "scenarios/ercot_prices.csv", "--site", "scenarios/market-site.toml", "--report", str(tmp_path / "x.pdf"))
     assert r.returncode == 2 and "must end in .png or .html" in r.stderr
+
+
+def test_gridshed_status_shows_the_market_and_its_warning():
+    from rich.console import Console
+
+    from gridshed.cli.board import _status_table
+
+    def text(st):
+        c = Console(record=True, width=300)
+        c.print(_status_table(st))
+        return c.export_text()
+
+    st = {"device": "mkt-1", "site": "s", "blocks": ["row-a", "row-b", "row-c"], "mask": 6,
+          "market": {"sid": 3, "intervals": 2, "mode": "p", "value": 120.0, "off": 1, "avail_kw": 295.0,
+                     "program": "RRS", "obligation_kw": 250.0, "obligation_hour": True, "stored": False,
+                     "warning": "economic curtailment refused: RRS obligation"}}
+    out = text(st)
+    assert "schedule 3 (2 intervals, NOT yet stored), now p 120.0, economics holds open: row-a; available 295.0 kW, " \
+           "RRS 250.0 kW committed this hour" in out
+    assert "WARNING: economic curtailment refused: RRS obligation" in out
+    st["market"] = {"error": "no memory to start the market feature"}
+    assert "market NOT running: no memory to start the market feature" in text(st)

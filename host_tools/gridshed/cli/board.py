@@ -297,6 +297,22 @@ def _status_table(st: dict[str, Any]):
                      f"bad frames {lk.get('hdr_crc', 0) + lk.get('data_crc', 0)}, events waiting {dn.get('events')}"))
     elif (st.get("errors") or {}).get("dnp3_memory"):
         rows.append(("ALARM", "dnp3 outstation NOT started: not enough RAM (docs/dnp3.md, Memory)"))
+    mk = st.get("market")
+    if isinstance(mk, dict):  # the market loop (docs/market.md)
+        if mk.get("error"):
+            rows.append(("ALARM", f"market NOT running: {mk['error']}"))
+        else:
+            off = mk.get("off") or 0
+            held = ", ".join(b for i, b in enumerate(blocks) if off >> i & 1) or "none"
+            rows.append(("market", f"schedule {mk.get('sid')} ({mk.get('intervals')} intervals"
+                         + ("" if mk.get("stored", True) else ", NOT yet stored") + f"), now {mk.get('mode')} "
+                         f"{mk.get('value')}, economics holds open: {held}; available {mk.get('avail_kw')} kW"
+                         + (f", {mk.get('program')} {mk.get('obligation_kw')} kW committed this hour"
+                            if mk.get("obligation_hour") else "")))
+            if mk.get("warning"):
+                rows.append(("market", "WARNING: " + mk["warning"]))
+            if mk.get("file"):
+                rows.append(("ALARM", f"market.cbor refused: {mk['file']} (send the schedule again)"))
     if "time_trusted" in st:
         rows.append(("clock", "trusted (signed time)" if st["time_trusted"]
                      else "NOT trusted: run `gridshed time-sync` (restore/disarm use the board's nonce)"))
