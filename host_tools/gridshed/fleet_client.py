@@ -393,7 +393,13 @@ def connect_paho(c, host: str, port: int, timeout: float = 10.0) -> None:  # typ
         if prev is not None:
             prev(client, userdata, flags, rc, props)
 
+    def on_disconnect(client: Any, userdata: Any, flags: Any, rc: Any = None, props: Any = None) -> None:
+        if not got.is_set():  # closed before any CONNACK: a TLS alert after the handshake (a
+            res.append(None)  # client certificate required or refused), or the broker went away
+            got.set()
+
     c.on_connect = on_connect
+    c.on_disconnect = on_disconnect
     try:
         c.connect(host, port, keepalive=30)
     except OSError as exc:
@@ -403,6 +409,10 @@ def connect_paho(c, host: str, port: int, timeout: float = 10.0) -> None:  # typ
         c.loop_stop()
         raise UserError(f"MQTT broker {host}:{port}: no CONNACK within {timeout:g} s")
     rc = res[0]
+    if rc is None:
+        c.loop_stop()
+        why = "client certificate refused or missing" if c._ssl_context is not None else "connection closed"
+        raise UserError(f"MQTT broker {host}:{port}: closed before CONNACK (TLS: {why}?)")
     if getattr(rc, "is_failure", False) or (isinstance(rc, int) and rc):
         c.loop_stop()
         val = getattr(rc, "value", rc)
