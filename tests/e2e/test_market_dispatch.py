@@ -172,3 +172,73 @@ def test_dispatch_over_the_fleet_channel(tmp_path, capsys):
         asyncio.run(scenario())
     finally:
         broker.stop()
+
+
+def test_openadr_price_event_reaches_the_board(tmp_path, capsys):
+    """An ELECTRICITY_PRICE event from openleadr's VTN, through the VEN bridge and its default
+    sender, over the MQTT fleet channel to the real agent: the board takes the signed schedule
+    (its id in @status) and sheds the miner rows priced above their strikes."""
+    import sys
+
+    from mosquitto_broker import Mosquitto
+    from openleadr import objects
+
+    sys.path.insert(0, str(ROOT / "tests" / "host"))
+    from test_openadr import Vtn  # the openleadr VTN rig of the bridge's own tests
+
+    from gridshed.openadr import LevelMap, SiteSender, VenBridge
+
+    broker = Mosquitto(tmp_path).start()
+    try:
+        site = site_file(tmp_path)
+        cfg = siteconfig.load_site(site)
+        cfg["mqtt"] = {"enabled": True, "host": "127.0.0.1", "port": broker.port, "keepalive_s": 60,
+                       "telemetry_s": 5.0}
+        from agent import config as fwconfig
+
+        fwconfig.apply_defaults(cfg)
+        inv = tmp_path / "inv.sqlite"
+        key = new_key()
+        with Inventory(inv) as db:
+            db.record_provision(cfg["device"], "unix-sim", cfg["site"], KID.hex(), key, "b1", "c1")
+        board_dir = tmp_path / "board"
+        board_dir.mkdir()
+        (board_dir / "keys.cbor").write_bytes(siteconfig.keys_bytes({KID: key}))
+        bk = f"127.0.0.1:{broker.port}"
+
+        async def scenario() -> None:
+            async with Rig(cfg, board_dir, heapsize=MQTT_HEAP) as rig:
+                await rig.until(lambda: rig.good_polls() > 5, 30, "meter polls")
+                t = await asyncio.to_thread(cli, capsys, "time-sync", "--site", cfg["site"], "--via", "mqtt",
+                                            "--inventory", str(inv), "--broker", bk, "--timeout", "30")
+                assert t["ok"], t
+                vtn = Vtn()
+                url = await vtn.start()
+                # the test VTN registers "site1-ven"; the bridge drives this site
+                sender = SiteSender(inv, via="mqtt", broker=bk, ack_timeout=30)
+                bridge = VenBridge(url, "site1-ven", cfg["site"], sender, insecure=True,
+                                   levels=LevelMap.parse(["1=full"]), send_schedule=sender.schedule)
+                await bridge.start()
+                try:
+                    usd_kwh = objects.Measurement(name="currencyPerKWh", description="currencyPerKWh", unit="USD",
+                                                  scale="none")
+                    eid = vtn.add("ELECTRICITY_PRICE", "price", [(-60, 7200, 0.1)], usd_kwh)  # 100 $/MWh now
+                    want = [n not in ("row-a", "row-b", "row-c") for n in (b["name"] for b in cfg["blocks"])]
+                    await rig.until(lambda: rig.closed() == want, 60, "the miner rows open for the event's price")
+                    def sent() -> list[dict]:
+                        return [r for r in bridge.records if r["kind"] == "sent" and r.get("cmd") == "schedule"]
+
+                    await rig.until(lambda: bool(sent()), 60, "the bridge's record of the board's answer")
+                    assert sent()[0]["result"]["boards"][0]["ok"] is True, bridge.records[-5:]
+                    st = (await rig.status())["market"]
+                    assert st["intervals"] == 1 and st["mode"] == "p" and st["value"] == 100, st
+                    with Inventory(inv) as db:
+                        assert st["sid"] == db.schedule_info(cfg["device"])["last_id"]
+                    await rig.until(lambda: vtn.opts.get(eid) == "optIn", 60, "the VTN's record of the optIn")
+                finally:
+                    await bridge.stop()
+                    await vtn.server.stop()
+
+        asyncio.run(scenario())
+    finally:
+        broker.stop()
