@@ -433,3 +433,35 @@ def test_gridshed_status_shows_the_outstation():
     assert "tcp 20000, master 10.0.0.5, 7 requests, 1 controls (3 refused), bad frames 3, events waiting 2" in out
     out = text({"device": "d", "site": "s", "errors": {"dnp3_memory": 1}})
     assert "dnp3 outstation NOT started" in out
+
+
+def test_start_without_ram_counts_and_unloads(monkeypatch):
+    # the outstation's buffers find no RAM: counted, its code dropped from sys.modules, the agent
+    # goes on (start returns None, no task created)
+    import sys
+
+    from agent.features import dnp3 as F
+
+    class Agent:
+        cfg = {"blocks": [{"miners": 1, "kw_per_miner": 1.0}],
+               "dnp3": {"hz_deadband": 0.01, "kw_deadband": 1.0, "mw_deadband": 0.1, "unsolicited": False,
+                        "transport": "tcp", "address": 10, "masters": [], "allow": [], "port": 1}}
+        errors: dict = {}
+
+        def count(self, what):
+            self.errors[what] = self.errors.get(what, 0) + 1
+
+    def no_ram(*a, **k):
+        raise MemoryError
+
+    monkeypatch.setattr(F.app, "Outstation", no_ram)
+    a = Agent()
+    try:
+        assert F.start(a) is None
+        assert a.errors == {"dnp3_memory": 1} and not hasattr(a, "dnp3")
+        assert "agent.features.dnp3" not in sys.modules and "agent.dnp3_app" not in sys.modules
+    finally:
+        import importlib
+
+        for n in ("agent.dnp3_link", "agent.dnp3_app", "agent.features.dnp3"):
+            importlib.import_module(n)

@@ -294,7 +294,7 @@ class Dnp3:
                 self.server = await asyncio.start_server(self._client, host, port)
                 _log("I", "dnp3 outstation: tcp %s:%d address %d" % (host, port, self.cfg["address"]))
                 return
-            except OSError as e:
+            except Exception as e:  # OSError (port taken), MemoryError (short of RAM): retried
                 self.a.count("dnp3_listen")
                 _log("E", "dnp3: cannot listen on %d: %r (retry in 10 s)" % (port, e))
                 await asyncio.sleep(10)
@@ -318,23 +318,27 @@ def _peer_ip(addr):
         return "?"
 
 
-class _Off:
-    # the feature could not start (no RAM for its buffers): the agent runs on without it
-    def status(self):
-        return {"running": False, "error": "MemoryError"}
-
-
 def start(agent):
     cfg = agent.cfg["dnp3"]
     try:
         s = Dnp3(agent, cfg)
     except MemoryError:
+        # no RAM for the buffers: counted, and the outstation's code unloaded again (once this
+        # returns nothing holds it) so the agent runs on with its usual margin
         import gc
+        import sys
 
-        gc.collect()  # what the constructor got before it failed
+        s = None
+        for n in ("agent.dnp3_app", "agent.dnp3_link", "agent.features.dnp3"):
+            sys.modules.pop(n, None)
+            pkg, short = n.rsplit(".", 1)
+            p = sys.modules.get(pkg)
+            if p is not None and short in p.__dict__:
+                delattr(p, short)
+        gc.collect()
         agent.count("dnp3_memory")
         _log("E", "dnp3: not enough RAM for the outstation: not started")
-        return _Off()  # (no agent.dnp3: growing the agent's attributes needs RAM too)
+        return None  # (no agent.dnp3: growing the agent's attributes needs RAM too)
     agent.dnp3 = s
     if cfg["transport"] == "serial":
         asyncio.create_task(s.serial_task())
