@@ -145,6 +145,40 @@ def test_time_write_stamps_events_and_clears_need_time():
     assert ev.index == 3 and ev.value and 0 <= ev.timestamp.timestamp() * 1000 - t < 5000
 
 
+def test_range_reads_time_read_lan_time_and_delay_measure():
+    s = Stack()
+    for i in range(6):
+        s.o.update_bi(i, 1)
+    # a start-stop read of BI 2..4 (qualifier 00), and of analog 1..2
+    s.xchg(s.m.build_range_poll(1, 2, 2, 4))
+    assert sorted(s.soe.binary_inputs) == [2, 3, 4]
+    s.xchg(s.m.build_range_poll(30, 5, 1, 2))
+    assert sorted(s.soe.analog_inputs) == [1, 2]
+    # a range past the last point: parameter error, nothing reported
+    fr = s.xchg(s.m.build_range_poll(1, 2, 0, 9))
+    assert IIN.PARAMETER_ERROR in parse_response(fr[0]).header.iin
+    # DELAY_MEASURE: g52v2 (0 ms); RECORD_CURRENT_TIME then WRITE g50v3 sets the time
+    fr = s.xchg(s.m.build_delay_measure())
+    (b,) = parse_response(fr[0]).objects
+    assert (b.header.group, b.header.variation) == (52, 2)
+    h = RequestHeader.build(function=FunctionCode(24), seq=s.m.next_request_sequence())
+    s.xchg(RequestFragment(header=h))
+    t = 1_800_000_000_000
+    hdr = ObjectHeader.build(group=50, variation=3, prefix=PrefixCode.NONE, range_code=RangeCode(0x07))
+    fr = s.xchg(build_write_request((ObjectBlock(header=hdr, data=bytes([1]) + t.to_bytes(6, "little")),),
+                                    seq=s.m.next_request_sequence()))
+    assert IIN.NEED_TIME not in parse_response(fr[0]).header.iin
+    # READ g50v1: the time now, from the master's
+    fr = s.xchg(s.m.build_range_poll(50, 1, 0, 0))  # start-stop is not a time read's qualifier
+    assert IIN.OBJECT_UNKNOWN in parse_response(fr[0]).header.iin
+    hdr = ObjectHeader.build(group=50, variation=1, prefix=PrefixCode.NONE, range_code=RangeCode(0x07))
+    h = RequestHeader.build(function=FunctionCode.READ, seq=s.m.next_request_sequence())
+    fr = s.xchg(RequestFragment(header=h, objects=(ObjectBlock(header=hdr, data=b"\x01"),)))
+    (b,) = parse_response(fr[0]).objects
+    now = int.from_bytes(b.data[1:7], "little")
+    assert (b.header.group, b.header.variation) == (50, 1) and 0 <= now - t < 5000
+
+
 def test_select_before_operate_and_direct_operate():
     s = Stack()
     m = s.m
