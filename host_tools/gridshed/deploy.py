@@ -97,6 +97,28 @@ def check_platform(b: Board, manifest: dict[str, Any]) -> str:
     return platform
 
 
+def check_board_config(b: Board, manifest: dict[str, Any]) -> None:
+    """Refuse (before anything is written) a build that lacks a feature the board's config turns
+    on: the agent would not start with it (docs/romfs.md, "A build for the site")."""
+    from .build import missing_features
+    from .siteconfig import read_settings
+
+    raw = b.get("config.cbor")
+    if not raw:
+        return
+    try:
+        cfg = read_settings(raw)
+    except ValueError:
+        return  # a damaged config: the agent refuses it at boot whatever the build
+    if not isinstance(cfg, dict):
+        return
+    missing = missing_features(manifest, cfg)
+    if missing:
+        raise UserError(f"{b.port}: the board's config (site {cfg.get('site')!r}) turns on {', '.join(missing)}, which "
+                        f"this build leaves out; build for the site: `gridshed build --board {manifest['board']} "
+                        f"--site SITE.toml` (nothing was written)")
+
+
 def deploy(port: str, build_dir: str | Path, board_name: str | None = None, force: bool = False,
            restart: bool = True, progress: Progress | None = None, baudrate: int = 115200,
            romfs: bool = False, say: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -141,11 +163,12 @@ def deploy(port: str, build_dir: str | Path, board_name: str | None = None, forc
             progress("connect", {"port": port})
             summary["recovered"] = finish_interrupted(b)
             summary["platform"] = check_platform(b, manifest)
+            check_board_config(b, manifest)
             if romfs:
                 from .boards import load_board
 
                 rf.quiet_irqs(b, rf.agent_pins(b, load_board(manifest["board"])))
-                _deploy_image(b, image, rom, force, summary["romfs"], progress)
+                _deploy_image(b, image, rom, force, summary["romfs"], progress, manifest)
             old_raw = b.get(BOARD_MANIFEST)
             old_files: set[str] = set()
             if old_raw:
@@ -224,14 +247,14 @@ def deploy(port: str, build_dir: str | Path, board_name: str | None = None, forc
 
 
 def _deploy_image(b: Board, image: bytes, rom: dict[str, Any], force: bool, info: dict[str, Any],
-                  progress: Progress) -> None:
+                  progress: Progress, manifest: dict[str, Any] | None = None) -> None:
     """Put the ROMFS image into the board's partition 0 unless it holds it already; verify."""
     from . import romfs as rf
 
     progress("rom-query", {})
     part = rf.query(b)
     info["partition_size"] = part["size"]
-    rf.check_fits(b, part, image)
+    rf.check_fits(b, part, image, manifest)
     if not force and rf.image_hash(b, part, len(image)) == rom["sha256"]:
         progress("rom", {"size": 0, "unchanged": True})
     else:

@@ -5,7 +5,8 @@ provision:
    the same validation the board runs) -- every mistake is a UserError naming the key, before
    the board is touched;
 2. stop the agent, read /build.json (which board/build the board runs) and refuse a site.toml
-   written for another board;
+   written for another board, or one that turns on a feature the board's build leaves out
+   (a build for another site, `gridshed build --site`);
 3. generate a 256-bit command key and an 8-byte key id, write /config.cbor and /keys.cbor
    ({kid: key}) beside the old files, verify their hashes on the board, switch them over
    (Board.switch_over: one committed plan, so config and key change together, also across a
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from .build import missing_features
 from .deploy import PLAN, STAGE, finish_interrupted, read_board_build
 from .errors import UserError
 from .transport import AGENT_UP_WAIT, Board, BoardError, Console
@@ -75,6 +77,11 @@ def provision(port: str, site_path: str | Path, device_id: str | None = None, bo
                 if board_name and board_on_device and board_on_device != board_name:
                     raise UserError(f"{port}: the board runs a build for {board_on_device}, not {board_name}")
                 cfg = prepare_config(site_path, board_name or board_on_device, device_id)
+                missing = missing_features(build, cfg)
+                if missing:
+                    raise UserError(f"{port}: {site_path} turns on {', '.join(missing)} but the board runs build "
+                                    f"{build.get('build_id') if build else '?'} without it; build and deploy for the site "
+                                    f"first: `gridshed deploy --board {cfg['board']} --site {site_path}`")
                 dev = cfg["device"]
                 existing = inv.get(dev, show_key=True)
                 if keep_key and existing:

@@ -208,13 +208,21 @@ def _check(b: Board, code: str, what: str) -> None:
                          "may hold a partial image now: run the deploy again")
 
 
-def check_fits(b: Board, part: dict[str, Any], image: bytes) -> None:
-    """RomfsError (one line) unless `image` is a ROMFS image that fits the partition."""
+def check_fits(b: Board, part: dict[str, Any], image: bytes, manifest: dict[str, Any] | None = None) -> None:
+    """RomfsError (one line) unless `image` is a ROMFS image that fits the partition; checked
+    before anything is erased. Too big: how to fit it (a build with only the site's features when
+    `manifest` carries more than one could leave out, else a bigger partition)."""
     if not image.startswith(HEADER):
         raise RomfsError("not a ROMFS image (bad header); rebuild with `gridshed build --romfs`")
     if len(image) > part["size"]:
+        m = manifest or {}
+        if m.get("all_features") and m.get("features"):
+            how = (f"build only the site's features: `gridshed build --board {m.get('board', 'BOARD')} --site SITE.toml "
+                   f"--romfs` (this build carries {', '.join(m['features'])})")
+        else:
+            how = "make the partition bigger"
         raise RomfsError(f"{b.port}: the ROMFS image is {len(image)} bytes, the board's ROMFS partition "
-                         f"{part['size']} bytes; make the partition bigger (see {DOC}) or the image smaller")
+                         f"{part['size']} bytes; {how}; nothing was written (see {DOC})")
 
 
 def write_image(b: Board, part: dict[str, Any], image: bytes, progress: Progress | None = None) -> None:

@@ -1,4 +1,7 @@
-"""ROMFS (docs/romfs.md): the image, its memory effect, and `deploy --romfs` to a virtual board.
+"""ROMFS (docs/romfs.md): the image, its memory effect, and `deploy --romfs` to a virtual board;
+a build for a site (`gridshed build --site`: only the features it turns on) and the refusals
+that keep a board from a build that cannot run its config (a full image too big for the
+partition, a build without a feature the config turns on).
 
 The virtual board emulates the flash partition (host_tools/gridshed/vboard.py, ROM_BOOT); the
 import and heap figures come from the real unix-port micropython.
@@ -26,10 +29,51 @@ PARTITION = 0x20000  # 128 KiB, as MicroPython's partitions-4MiB-romfs.csv
 RESIDENT = romfs.RESIDENT  # what the running demo agent keeps loaded
 
 
+DEMO = ROOT / "scenarios" / "demo-site.toml"
+MARKET = ROOT / "scenarios" / "market-site.toml"
+
+
 @pytest.fixture(scope="module")
 def fw(tmp_path_factory) -> dict:
-    """The real firmware built for the virtual board, with its ROMFS image."""
-    return buildmod.build("unix-sim", out=tmp_path_factory.mktemp("romfs") / "unix-sim", romfs=True)
+    """The real firmware built for the demo site on the virtual board, with its ROMFS image."""
+    feats, board = buildmod.site_features(DEMO, None)
+    assert board == "unix-sim" and feats == []
+    return buildmod.build(board, out=tmp_path_factory.mktemp("romfs") / "unix-sim", romfs=True, features=feats)
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory) -> dict:
+    """Every optional feature: its image is bigger than the 128 KiB partition."""
+    return buildmod.build("unix-sim", out=tmp_path_factory.mktemp("romfs") / "full", romfs=True)
+
+
+def test_a_site_build_carries_only_the_features_the_site_turns_on(fw, full, tmp_path, capfd):
+    feats = buildmod.all_features()
+    assert {"dnp3", "market"} <= set(feats)
+    assert full["features"] == feats and full["all_features"] and full["left_out"] == []
+    assert fw["features"] == [] and not fw["all_features"]
+    files = {e["file"] for e in fw["files"]}
+    # the features' modules and the helpers only they import are left out (from the import graph)
+    for mod in ("agent.features.dnp3", "agent.features.market", "agent.dnp3_link", "agent.market"):
+        assert mod in fw["left_out"] and mod.replace(".", "/") + ".mpy" not in files
+        assert mod.replace(".", "/") + ".mpy" in {e["file"] for e in full["files"]}
+    # a helper the core imports too stays (the DNP3 config check is the validator's)
+    assert "agent/dnp3_check.mpy" in files and "agent/control.mpy" in files
+    assert fw["romfs"]["size"] <= PARTITION < full["romfs"]["size"]
+    assert fw["build_id"] != full["build_id"]
+    # the market site: market and what it pulls in, no DNP3
+    out = tmp_path / "m"
+    assert cli.main(["build", "--site", str(MARKET), "-o", str(out), "--json"]) == 0
+    m = json.loads(capfd.readouterr().out)
+    mfiles = {e["file"] for e in m["files"]}
+    assert m["features"] == ["market"] and {"agent/features/market.mpy", "agent/market.mpy"} <= mfiles
+    assert not {"agent/features/dnp3.mpy", "agent/dnp3_link.mpy"} & mfiles
+    assert buildmod.missing_features(m, {"dnp3": {"enabled": True}, "market": {}}) == ["dnp3"]
+    assert buildmod.missing_features(full, {"dnp3": {"enabled": True}}) == []
+    # a name that is no feature: one line naming the ones there are
+    assert cli.main(["build", "--board", "unix-sim", "--features", "dnp3,modbus_srv", "-o", str(out)]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no feature modbus_srv" in err[0] and "dnp3" in err[0], err
 
 
 def mp(code: str, heap: str = "1m") -> str:
@@ -105,10 +149,26 @@ def test_deploy_romfs_to_a_virtual_board(fw, tmp_path, capsys):
     fs = tmp_path / "fs"
     fs.mkdir()
     (fs / "notes.txt").write_text("user file")
+    from gridshed import siteconfig
+    from gridshed.provision import prepare_config
+
+    # a board whose config turns on the market: the demo site's build (no market) is refused
+    # before anything is written, in one line saying how to build for it
+    (fs / "config.cbor").write_bytes(siteconfig.config_bytes(prepare_config(MARKET)))
     with VirtualBoard(fs, heapsize="64wK", romfs=PARTITION) as vb:
-        # the board runs the agent from its filesystem first
+        assert cli.main(["deploy", "--port", vb.port, "--build", fw["path"]]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"gridshed: error: {vb.port}: the board's config (site 'market-site') turns on market, which "
+                       "this build leaves out; build for the site: `gridshed build --board unix-sim --site "
+                       "SITE.toml` (nothing was written); agent restarted"], err
+        assert not (fs / "agent").exists() and not (fs / "build.json").exists()
+        (fs / "config.cbor").unlink()
+        # the board runs the agent from its filesystem first: the site's build, without the
+        # modules it left out
         s = deploy(vb.port, fw["path"])
         assert (fs / "agent" / "app.mpy").exists() and s["restarted"]
+        assert not (fs / "agent" / "features" / "dnp3.mpy").exists() and not (fs / "agent" / "market.mpy").exists()
+        assert json.loads((fs / "build.json").read_text())["features"] == []
         mark = vb.mark()
         assert cli.main(["deploy", "--port", vb.port, "--build", fw["path"], "--romfs", "--json"]) == 0
         s = json.loads(capsys.readouterr().out)
@@ -126,6 +186,16 @@ def test_deploy_romfs_to_a_virtual_board(fw, tmp_path, capsys):
             assert b.eval("__import__('agent').__path__") == "/rom/agent"
             assert b.eval("__import__('agent.base').base.BUILD") == fw["build_id"]
             b.restart_agent()
+        # provisioning a site whose feature the board's build lacks: refused, nothing written,
+        # the agent runs again
+        mark = vb.mark()
+        assert cli.main(["provision", "--port", vb.port, "--site", str(MARKET),
+                         "--inventory", str(tmp_path / "inv.sqlite")]) == 2
+        err = [x for x in capsys.readouterr().err.strip().splitlines() if not x.endswith("...")]  # progress
+        assert len(err) == 1 and f"market-site.toml turns on market but the board runs build {fw['build_id']} " \
+            "without it; build and deploy for the site first: `gridshed deploy --board unix-sim --site " in err[0], err
+        assert not (fs / "config.cbor").exists()
+        assert vb.wait_output("config", 30, since=mark)
         # again: the partition already holds the image, nothing is written
         s = deploy(vb.port, fw["path"], romfs=True)
         assert not s["romfs"]["written"] and s["written"] == [] and s["bytes_written"] == 0
@@ -145,23 +215,32 @@ def test_deploy_romfs_to_a_port_that_erases_the_whole_partition(fw, tmp_path):
         assert vb.romfs_path.read_bytes()[:fw["romfs"]["size"]] == (Path(fw["path"]) / romfs.IMAGE).read_bytes()
 
 
-@pytest.mark.parametrize("partition, message", [
-    (None, re.escape("has no ROMFS support (no vfs.rom_ioctl")),
-    (0, re.escape("has no ROMFS partition 0 (vfs.rom_ioctl(1) = 0)")),
-    (0x10000, r"the ROMFS image is \d+ bytes, the board's ROMFS partition 65536 bytes"),
+@pytest.mark.parametrize("partition, message, which", [
+    (None, re.escape("has no ROMFS support (no vfs.rom_ioctl"), "fw"),
+    (0, re.escape("has no ROMFS partition 0 (vfs.rom_ioctl(1) = 0)"), "fw"),
+    (0x10000, r"the ROMFS image is \d+ bytes, the board's ROMFS partition 65536 bytes; make the partition "
+              r"bigger; nothing was written", "fw"),
+    # the full build on the 128 KiB partition: how to fit it, in the same line
+    (PARTITION, r"the ROMFS image is \d+ bytes, the board's ROMFS partition 131072 bytes; build only the site's "
+                r"features: `gridshed build --board unix-sim --site SITE.toml --romfs` \(this build carries "
+                r"dnp3, .*market.*\); nothing was written", "full"),
 ])
-def test_deploy_romfs_refusals_are_one_line(fw, tmp_path, capfd, partition, message):
+def test_deploy_romfs_refusals_are_one_line(request, tmp_path, capfd, partition, message, which):
+    build = request.getfixturevalue(which)
     fs = tmp_path / "fs"
     fs.mkdir()
     (fs / "main.py").write_text("print('old firmware')\n")
     with VirtualBoard(fs, heapsize="64wK", romfs=partition) as vb:
-        assert cli.main(["deploy", "--port", vb.port, "--build", fw["path"], "--romfs", "--json"]) == 2
+        assert vb.wait_output("old firmware", 30)
+        mark = vb.mark()
+        assert cli.main(["deploy", "--port", vb.port, "--build", build["path"], "--romfs", "--json"]) == 2
         err = capfd.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("gridshed: error: ") and re.search(message, err[0]), err
         assert "docs/romfs.md" in err[0] and "Traceback" not in err[0]
         assert (fs / "main.py").read_text() == "print('old firmware')\n"   # nothing was touched
         if partition:
             assert set(vb.romfs_path.read_bytes()) == {0xFF}
+        assert vb.wait_output("old firmware", 30, since=mark)   # and what ran before runs again
 
 
 def test_deploy_romfs_needs_a_romfs_build(tmp_path, capfd):

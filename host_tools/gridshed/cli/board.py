@@ -32,10 +32,12 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_ports)
 
     p = _parser(sub, common, "build", "compile firmware/ to .mpy for a board's architecture",
-                "  gridshed build --board esp32-devkitc-max3485\n"
-                "  gridshed build --board rpi-pico -o /tmp/pico-build --json\n"
+                "  gridshed build --board esp32-devkitc-max3485                (every optional feature)\n"
+                "  gridshed build --site site.toml --romfs    (the core + the features the site turns on)\n"
+                "  gridshed build --board rpi-pico --features dnp3,market -o /tmp/pico-build --json\n"
                 "  gridshed build --board esp32-devkitc-max3485 --romfs   (also a ROMFS image, docs/romfs.md)\n")
-    p.add_argument("--board", "-b", required=True, help="board name (see `gridshed boards`)")
+    p.add_argument("--board", "-b", help="board name (see `gridshed boards`; default: board = ... of --site)")
+    _feature_args(p)
     p.add_argument("--src", help="firmware source folder (default: the repository's firmware/)")
     p.add_argument("-o", "--out", help="build folder (default: build/BOARD)")
     p.add_argument("--romfs", action="store_true",
@@ -46,10 +48,12 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                 "  gridshed deploy --board rpi-pico              (port auto-detected)\n"
                 "  gridshed deploy --port /dev/ttyUSB0 --board esp32-devkitc-max3485\n"
                 "  gridshed deploy --port /dev/pts/5 --build build/unix-sim --force\n"
-                "  gridshed deploy --board rpi-pico --romfs       (agent in the ROMFS partition, docs/romfs.md)\n")
+                "  gridshed deploy --board rpi-pico --romfs       (agent in the ROMFS partition, docs/romfs.md)\n"
+                "  gridshed deploy --site site.toml --romfs       (built for the site: its features only)\n")
     p.add_argument("--port", "-p", help="serial port (default: the one attached board)")
     p.add_argument("--board", "-b", help="board name (the build is made first when --build is not given)")
     p.add_argument("--build", dest="build_dir", help="an existing build folder (default: build it now)")
+    _feature_args(p, " when it builds now")
     p.add_argument("--force", action="store_true", help="write every file, even unchanged ones")
     p.add_argument("--no-restart", action="store_true", help="leave the agent stopped at the REPL")
     p.add_argument("--romfs", action="store_true",
@@ -110,6 +114,28 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_image)
 
 
+def _feature_args(p: argparse.ArgumentParser, when: str = "") -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--site", dest="build_site", metavar="SITE.toml",
+                   help="carry only the optional features this site turns on" + when
+                        + " (the rest, and the modules only they import, are left out: a smaller image)")
+    g.add_argument("--features", help="carry only these optional features" + when
+                                      + ", comma-separated (agent/features/<name>.py); '' for none")
+
+
+def _features(args: argparse.Namespace) -> tuple[list[str] | None, str | None]:
+    """(features for build(), board) from --site / --features / --board."""
+    from ..build import site_features
+
+    board = getattr(args, "board", None)
+    if getattr(args, "build_site", None):
+        feats, board = site_features(args.build_site, board)
+        return feats, board
+    if getattr(args, "features", None) is not None:
+        return [f.strip() for f in args.features.split(",") if f.strip()], board
+    return None, board
+
+
 # ---- handlers --------------------------------------------------------------------------------
 def cmd_boards(args: argparse.Namespace) -> int:
     from ..boards import list_boards, load_board
@@ -151,9 +177,13 @@ def cmd_ports(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     from ..build import build
 
-    m = build(args.board, src=args.src, out=args.out, romfs=args.romfs)
+    feats, board = _features(args)
+    if not board:
+        raise UserError("pass --board BOARD (or --site SITE.toml with board = ... in it)")
+    m = build(board, src=args.src, out=args.out, romfs=args.romfs, features=feats)
     lines = [f"built {len(m['files'])} files for {m['board']} ({m['arch']}) into {m['path']}: "
-             f"{m['total_size']} bytes, build {m['build_id']}"]
+             f"{m['total_size']} bytes, build {m['build_id']}; features: "
+             + (", ".join(m["features"]) or "none") + ("" if m["all_features"] else " (built for the site)")]
     if m.get("romfs"):
         r = m["romfs"]
         lines.append(f"ROMFS image {m['path']}/{r['file']}: {len(r['files'])} modules, {r['size']} bytes, "
@@ -164,12 +194,16 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def _build_dir(args: argparse.Namespace) -> str:
     if args.build_dir:
+        if getattr(args, "build_site", None) or getattr(args, "features", None) is not None:
+            raise UserError("--site / --features choose what a build carries: pass them to `gridshed build`, "
+                            "or leave out --build to build now")
         return args.build_dir
-    if not args.board:
+    feats, board = _features(args)
+    if not board:
         raise UserError("pass --board BOARD (to build now) or --build FOLDER")
     from ..build import build
 
-    return build(args.board, romfs=bool(getattr(args, "romfs", False)))["path"]
+    return build(board, romfs=bool(getattr(args, "romfs", False)), features=feats)["path"]
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
