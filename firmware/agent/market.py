@@ -17,37 +17,37 @@ from array import array
 from agent.compat import const
 
 EPOCH = const(1577836800)  # 2020-01-01T00:00:00Z, a whole number of days
-DAY = const(86400)
-MAX_IV = const(96)         # schedule intervals kept (a day of 15-minute prices)
-NEVER = const(0x3FFFFFFF)
+_DAY = const(86400)
+_MAX_IV = const(96)         # schedule intervals kept (a day of 15-minute prices)
+_NEVER = const(0x3FFFFFFF)
 CLASSES = ("interruptible", "firm", "heat")
-C_INT = const(0)
+_C_INT = const(0)
 C_FIRM = const(1)
-C_HEAT = const(2)
+_C_HEAT = const(2)
 # interval modes
-M_NONE = const(0)
+_M_NONE = const(0)
 M_PRICE = const(1)
-M_KW = const(2)
+_M_KW = const(2)
 MODES = (None, "p", "kw")
 # events (kind) and reasons (why): every economic transition, journaled by the caller
 EV_SHED = const(1)
-EV_RESTORE = const(2)
-EV_HOLD = const(3)
+_EV_RESTORE = const(2)
+_EV_HOLD = const(3)
 EV_NAMES = ("none", "shed", "restore", "hold")
-W_NONE = const(0)
-W_PRICE = const(1)       # shed: price above the block's strike
-W_KW = const(2)          # shed: the schedule's kW target
-W_MIN_RUN = const(3)     # hold: on for less than min_run_s (stays on)
-W_MIN_OFF = const(4)     # hold: off for less than min_off_s (stays off)
-W_CAP = const(5)         # hold: max_cycles_day reached (stays on)
-W_OBLIG = const(6)       # hold: refused, it would leave less sheddable load on than committed
-W_RAMP = const(7)        # hold: another block is still ramping back (stays off)
-W_PRICE_OK = const(8)    # restore: price at or below the strike
-W_TARGET = const(9)      # restore: the kW target no longer needs it
-W_NO_IV = const(10)      # restore: no schedule interval now
-W_OBLIG_ON = const(11)   # restore: the obligation hour needs the load on
-W_CLOCK = const(12)      # restore: the board's clock is not trusted (no economic action)
-W_UTIL = const(13)       # shed: the utility Modbus map's price / kW register (trusted line only)
+_W_NONE = const(0)
+_W_PRICE = const(1)       # shed: price above the block's strike
+_W_KW = const(2)          # shed: the schedule's kW target
+_W_MIN_RUN = const(3)     # hold: on for less than min_run_s (stays on)
+_W_MIN_OFF = const(4)     # hold: off for less than min_off_s (stays off)
+_W_CAP = const(5)         # hold: max_cycles_day reached (stays on)
+_W_OBLIG = const(6)       # hold: refused, it would leave less sheddable load on than committed
+_W_RAMP = const(7)        # hold: another block is still ramping back (stays off)
+_W_PRICE_OK = const(8)    # restore: price at or below the strike
+_W_TARGET = const(9)      # restore: the kW target no longer needs it
+_W_NO_IV = const(10)      # restore: no schedule interval now
+_W_OBLIG_ON = const(11)   # restore: the obligation hour needs the load on
+_W_CLOCK = const(12)      # restore: the board's clock is not trusted (no economic action)
+_W_UTIL = const(13)       # shed: the utility Modbus map's price / kW register (trusted line only)
 WHY = ("none", "price_above_strike", "kw_target", "min_run", "min_off", "cycle_cap", "obligation",
        "ramp", "price_at_or_below_strike", "target_lowered", "no_interval", "obligation_hour",
        "clock_unknown", "utility_register")
@@ -94,7 +94,7 @@ class Market:
             self.min_off[i] = int(b.get("min_off_s", 0))
             self.cap[i] = int(b.get("max_cycles_day", 0))
             self.ramp[i] = float(b.get("ramp_kw_per_min", 0))
-            if self.cls[i] == C_INT and self.kw[i] > 0:
+            if self.cls[i] == _C_INT and self.kw[i] > 0:
                 im |= 1 << i
         self.int_mask = im
         self.heat_min_kw = float(mk.get("heat_min_kw", 0))
@@ -114,14 +114,14 @@ class Market:
         # firm blocks never shed for economics. Restores go the other way round.
         pr = [b.get("priority", 1) for b in blocks]
         self.order = tuple(sorted([i for i in range(n) if self.cls[i] != C_FIRM and self.kw[i] > 0],
-                                  key=lambda i: (self.cls[i] == C_HEAT, pr[i], -self.kw[i], i)))
+                                  key=lambda i: (self.cls[i] == _C_HEAT, pr[i], -self.kw[i], i)))
         # schedule: parallel arrays, times in seconds since EPOCH, later intervals win
         self.sid = -1
         self.niv = 0
-        self.iv_s = array("i", (0 for _ in range(MAX_IV)))
-        self.iv_e = array("i", (0 for _ in range(MAX_IV)))
-        self.iv_m = bytearray(MAX_IV)
-        self.iv_v = array("i", (0 for _ in range(MAX_IV)))  # value x 100 (cents / 0.01 kW): no float array
+        self.iv_s = array("i", (0 for _ in range(_MAX_IV)))
+        self.iv_e = array("i", (0 for _ in range(_MAX_IV)))
+        self.iv_m = bytearray(_MAX_IV)
+        self.iv_v = array("i", (0 for _ in range(_MAX_IV)))  # value x 100 (cents / 0.01 kW): no float array
         # dynamic state (every attribute exists from here on)
         self.off = 0            # blocks economics holds open
         self.why = bytearray(n)  # each block's last journaled reason
@@ -130,12 +130,13 @@ class Market:
         self.cycles = [0] * n   # economic sheds today (UTC day)
         self.day = -1
         self.fin = -1           # the relays' mask at the last decision (-1: none yet)
-        self.t = -1             # the second of the last decision
+        self.t = -1             # the second of the last step
+        self.t_dec = 0          # the second of the last decision
         self.closed = -1
         self.ramp_until = 0
-        self.wake = NEVER       # the next second a hold ends (a decision is due then)
+        self.wake = _NEVER       # the next second a hold ends (a decision is due then)
         self.edge = 0           # the next interval start or end
-        self.mode = M_NONE
+        self.mode = _M_NONE
         self.val = 0.0
         self.avail_kw = 0.0     # sheddable load on now: what a frequency trip would shed
         self.oblig = False      # in an obligation hour now
@@ -157,13 +158,13 @@ class Market:
             return "bad-id"
         if sid <= self.sid and not boot:
             return "replay"
-        if not isinstance(iv, list) or len(iv) > MAX_IV:
+        if not isinstance(iv, list) or len(iv) > _MAX_IV:
             return "too-many-intervals"
         for x in iv:
             if not isinstance(x, list) or len(x) != 4:
                 return "bad-interval"
             s, e, m, v = x
-            if not (isinstance(s, int) and isinstance(e, int) and EPOCH <= s < e < EPOCH + NEVER):
+            if not (isinstance(s, int) and isinstance(e, int) and EPOCH <= s < e < EPOCH + _NEVER):
                 return "bad-interval"
             if not _num(v) or not ((m == "p" and -10000 <= v <= 100000) or (m == "kw" and 0 <= v < 1e7)):
                 return "bad-interval"
@@ -171,7 +172,7 @@ class Market:
         for x in iv:
             self.iv_s[k] = x[0] - EPOCH
             self.iv_e[k] = x[1] - EPOCH
-            self.iv_m[k] = M_PRICE if x[2] == "p" else M_KW
+            self.iv_m[k] = M_PRICE if x[2] == "p" else _M_KW
             v = x[3] * 100
             self.iv_v[k] = int(v + 0.5) if v >= 0 else -int(0.5 - v)
             k += 1
@@ -202,11 +203,11 @@ class Market:
                 self.val = self.iv_v[k] / 100
                 return
             k -= 1
-        self.mode = M_NONE
+        self.mode = _M_NONE
 
     def _next_edge(self, t):
         # the next interval start or end after t
-        w = NEVER
+        w = _NEVER
         for k in range(self.niv):
             s = self.iv_s[k]
             if t < s < w:
@@ -225,14 +226,14 @@ class Market:
             self.unknown += 1
             self.known = False
             if self.off:  # no trusted time: no economic action at all
-                self._release_all(W_CLOCK)
+                self._release_all(_W_CLOCK)
             self.t = -1
             self.available(closed)
             return self.off
         t = int(unix - EPOCH)
         if t == self.t and closed == self.closed:
             return self.off
-        if t < self.wake and t < self.edge and self.t >= 0 and closed == self.closed and t // 3600 == self.t // 3600:
+        if self.t <= t < self.wake and t < self.edge and closed == self.closed and t // 3600 == self.t // 3600:
             self.t = t
             return self.off
         self.known = True
@@ -246,8 +247,8 @@ class Market:
     def _release_all(self, why):
         for i in self.order:
             if (self.off >> i) & 1:
-                self._emit(EV_RESTORE, i, why)
-                self.why[i] = W_NONE
+                self._emit(_EV_RESTORE, i, why)
+                self.why[i] = _W_NONE
         self.off = 0
 
     def _emit(self, kind, i, why):
@@ -270,26 +271,35 @@ class Market:
     def _hold(self, i, why, until):
         if self.why[i] != why:
             self.why[i] = why
-            self._emit(EV_HOLD, i, why)
-            if why == W_OBLIG:
+            self._emit(_EV_HOLD, i, why)
+            if why == _W_OBLIG:
                 self.refused += 1
         if until < self.wake:
             self.wake = until
 
     # ---- the decision (also `gridshed backtest`'s) -------------------------------------
     def decide(self, t, mode, val, closed):
-        # t: seconds since EPOCH; mode/val: the interval in force (M_NONE, M_PRICE $/MWh, M_KW
+        # t: seconds since EPOCH; mode/val: the interval in force (_M_NONE, M_PRICE $/MWh, _M_KW
         # kW to curtail); closed: the blocks protection and commands leave closed.
         n = self.n
         self.nev = 0
         self.mode = mode
         self.val = val
-        day = t // DAY
+        if t < self.t_dec:  # the clock was set back: the holds count from now
+            for i in range(n):
+                if self.on_t[i] > t:
+                    self.on_t[i] = t
+                if self.off_t[i] > t:
+                    self.off_t[i] = t
+            if self.ramp_until > t:
+                self.ramp_until = t
+        self.t_dec = t
+        day = t // _DAY
         if day != self.day:
             self.day = day
             for i in range(n):
                 self.cycles[i] = 0
-        self.wake = (day + 1) * DAY  # a cycle cap ends with the day
+        self.wake = (day + 1) * _DAY  # a cycle cap ends with the day
         bit = 1
         fin = closed & ~self.off
         for i in range(n):  # when each block came on (min run): the relays' real state
@@ -301,7 +311,7 @@ class Market:
         if self.x_price is not None:
             extra = self._want(M_PRICE, self.x_price)
         if self.x_kw > 0:
-            extra |= self._want(M_KW, self.x_kw)
+            extra |= self._want(_M_KW, self.x_kw)
         extra &= ~want
         want |= extra
         kw = self.kw
@@ -319,11 +329,11 @@ class Market:
             if not self.off & b or want & b:
                 continue
             if t - self.off_t[i] < self.min_off[i]:
-                self._hold(i, W_MIN_OFF, self.off_t[i] + self.min_off[i])
+                self._hold(i, _W_MIN_OFF, self.off_t[i] + self.min_off[i])
             elif t < self.ramp_until:
-                self._hold(i, W_RAMP, self.ramp_until)
+                self._hold(i, _W_RAMP, self.ramp_until)
             else:
-                avail += self._restore(t, i, W_PRICE_OK if mode == M_PRICE else (W_TARGET if mode == M_KW else W_NO_IV), closed)
+                avail += self._restore(t, i, _W_PRICE_OK if mode == M_PRICE else (_W_TARGET if mode == _M_KW else _W_NO_IV), closed)
         # 2. sheds: wanted open, in shed order
         for i in order:
             b = 1 << i
@@ -332,18 +342,18 @@ class Market:
             if not closed & b:
                 continue  # opened by protection or a command: economics waits until it is back
             if t - self.on_t[i] < self.min_run[i]:
-                self._hold(i, W_MIN_RUN, self.on_t[i] + self.min_run[i])
+                self._hold(i, _W_MIN_RUN, self.on_t[i] + self.min_run[i])
             elif self.cap[i] and self.cycles[i] >= self.cap[i]:
-                self._hold(i, W_CAP, self.wake)
+                self._hold(i, _W_CAP, self.wake)
             elif ob and trip & b and avail - kw[i] < self.oblig_kw - 1e-6:
-                self._hold(i, W_OBLIG, (t // 3600 + 1) * 3600)
+                self._hold(i, _W_OBLIG, (t // 3600 + 1) * 3600)
             else:
                 self.off |= b
                 self.off_t[i] = t
                 self.cycles[i] += 1
                 if trip & b:
                     avail -= kw[i]
-                self.why[i] = W_UTIL if extra & b else (W_PRICE if mode == M_PRICE else W_KW)
+                self.why[i] = _W_UTIL if extra & b else (_W_PRICE if mode == M_PRICE else _W_KW)
                 self._emit(EV_SHED, i, self.why[i])
         # 3. an obligation hour with less on than committed: economics gives load back
         if ob and avail < self.oblig_kw - 1e-6:
@@ -354,11 +364,11 @@ class Market:
                 k -= 1
                 if self.off & b and trip & b and closed & b:
                     if t < self.ramp_until:
-                        self._hold(i, W_RAMP, self.ramp_until)
+                        self._hold(i, _W_RAMP, self.ramp_until)
                         break
-                    avail += self._restore(t, i, W_OBLIG_ON, closed)
+                    avail += self._restore(t, i, _W_OBLIG_ON, closed)
                     if want & b:  # still priced out: held on by the obligation from here
-                        self.why[i] = W_OBLIG
+                        self.why[i] = _W_OBLIG
                         self.refused += 1
         self.short = ob and avail < self.oblig_kw - 1e-6
         if ob and (t // 3600 + 1) * 3600 < self.wake:
@@ -368,10 +378,10 @@ class Market:
             w = self.why[i]
             if self.off & bit:
                 if want & bit:
-                    self.why[i] = W_UTIL if extra & bit else (W_KW if mode == M_KW else W_PRICE)
-            elif (w == W_PRICE or w == W_KW or w == W_UTIL or w == W_MIN_OFF or w == W_RAMP or (w == W_MIN_RUN and not want & bit)
-                  or (w == W_OBLIG and not ob) or (w == W_CAP and self.cycles[i] < self.cap[i])):
-                self.why[i] = W_NONE
+                    self.why[i] = _W_UTIL if extra & bit else (_W_KW if mode == _M_KW else _W_PRICE)
+            elif (w == _W_PRICE or w == _W_KW or w == _W_UTIL or w == _W_MIN_OFF or w == _W_RAMP or (w == _W_MIN_RUN and not want & bit)
+                  or (w == _W_OBLIG and not ob) or (w == _W_CAP and self.cycles[i] < self.cap[i])):
+                self.why[i] = _W_NONE
             bit <<= 1
         self.avail_kw = avail
         self.fin = closed & ~self.off
@@ -390,9 +400,9 @@ class Market:
     def _restore(self, t, i, why, closed):
         b = 1 << i
         self.off &= ~b
-        self.why[i] = W_NONE
+        self.why[i] = _W_NONE
         self.on_t[i] = t  # (on now if protection has it closed; else from when it closes)
-        self._emit(EV_RESTORE, i, why)
+        self._emit(_EV_RESTORE, i, why)
         r = self.ramp[i]
         if r > 0:
             self.ramp_until = t + int(self.kw[i] * 60 / r + 0.5)
@@ -407,22 +417,22 @@ class Market:
         if mode == M_PRICE:
             for i in order:
                 s = self.strike[i]
-                if s is not None and val > s and self.cls[i] == C_INT:
+                if s is not None and val > s and self.cls[i] == _C_INT:
                     want |= 1 << i
             if want & self.int_mask == self.int_mask:  # heat sheds last
                 heat = self._heat_on()
                 for i in order:
                     s = self.strike[i]
-                    if self.cls[i] == C_HEAT and s is not None and val > s and heat - self.kw[i] >= self.heat_min_kw - 1e-6:
+                    if self.cls[i] == _C_HEAT and s is not None and val > s and heat - self.kw[i] >= self.heat_min_kw - 1e-6:
                         want |= 1 << i
                         heat -= self.kw[i]
-        elif mode == M_KW:
+        elif mode == _M_KW:
             got = 0.0
             heat = self._heat_on()
             for i in order:
                 if got >= val - 1e-6:
                     break
-                if self.cls[i] == C_HEAT:
+                if self.cls[i] == _C_HEAT:
                     if heat - self.kw[i] < self.heat_min_kw - 1e-6:
                         continue
                     heat -= self.kw[i]
@@ -433,7 +443,7 @@ class Market:
     def _heat_on(self):
         h = 0.0
         for i in self.order:
-            if self.cls[i] == C_HEAT:
+            if self.cls[i] == _C_HEAT:
                 h += self.kw[i]
         return h
 
@@ -442,7 +452,7 @@ class Market:
         w = None
         if self.short:
             w = "%s obligation: %.0f kW available of %.0f kW committed" % (self.program, self.avail_kw, self.oblig_kw)
-        elif self.oblig and self.why_count(W_OBLIG):
+        elif self.oblig and self.why_count(_W_OBLIG):
             w = "economic curtailment refused: %s obligation" % self.program
         elif not self.known and self.niv:
             w = "clock not trusted: schedule not executed"

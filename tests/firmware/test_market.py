@@ -548,3 +548,10 @@ def test_feature_file_keeps_schedule_and_todays_cycles_and_a_damaged_one_is_refu
     assert ("integrity", {"file": "market.cbor", "why": "CRC-32 mismatch (damaged)"}) in c.journal.recs
     h.step()
     assert c.econ_off == 0 and h.status()["file"] == "CRC-32 mismatch (damaged)"
+
+
+def test_a_clock_set_back_decides_again():
+    m = Market(cfg(THREE))
+    sched(m, 1, (T0, T0 + H, "p", 10.0), (T0 + H, T0 + 2 * H, "p", 100.0))
+    assert m.step(T0 + H + 5, ALL) == 0b011
+    assert m.step(T0 + 600, ALL) == 0  # a new signed time an hour back: the earlier interval rules
