@@ -548,7 +548,8 @@ class Outstation:
             i += 3 + w
             for _ in range(cnt):
                 idx = _rd(f, n, i, w)
-                _rd(f, n, i + w, 11)  # the whole CROB is there
+                if i + w + 11 > n:  # the whole CROB is there
+                    raise Bad()
                 p = i + w  # the CROB: code, count, on-time (4), off-time (4), status
                 nobj += 1
                 if nobj > MAX_CTL:
