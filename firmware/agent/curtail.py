@@ -40,7 +40,9 @@ class Curtailer:
         c = agent.ctrl
         self.kw = c.kw
         self.prio = c.prio
-        self.order = sorted(range(c.nblocks), key=lambda i: (c.prio[i], -c.kw[i], i))
+        bl = agent.cfg["blocks"]  # a firm block (docs/market.md) is never a partial-shed candidate
+        self.order = sorted([i for i in range(c.nblocks) if bl[i].get("class") != "firm"],
+                            key=lambda i: (c.prio[i], -c.kw[i], i))
         self._rr = c.release_required
         poll = agent.cfg["meter"]["poll_ms"]
         self.settle_ms = SETTLE_MS if SETTLE_MS > CONFIRM_POLLS * poll else CONFIRM_POLLS * poll

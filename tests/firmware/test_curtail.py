@@ -388,3 +388,20 @@ def test_same_logic_under_micropython(mp):
     """, heapsize="256k")
     assert "MASK 7 2 True" in res.out  # a (22 kW real) + b (11) is still 2 kW short: c too
     assert "ASCS None" in res.out
+
+
+def test_a_firm_block_is_never_a_partial_shed_candidate():
+    # docs/market.md: a firm block (AI inference under an SLA) sheds only by its under-frequency
+    # stage or a full utility shed, never for a kW target
+    c = cfg()
+    c["blocks"][0]["class"] = "firm"   # "a", priority 1, 40 kW: the first choice otherwise
+    s = Site(c)
+    s.shed_kw = 30
+    cur = Curtailer(s)
+    assert cur.step(s.now) is True
+    assert names(c, s.ctrl.shed_mask) == ["b", "c"]  # tier 1 without "a": b (20 kW) is short, then c
+    s.shed_kw = 1000
+    cur2 = Curtailer(Site(c))
+    cur2.a.shed_kw = 1000
+    cur2.step(cur2.a.now)
+    assert names(c, cur2.a.ctrl.shed_mask) == ["b", "c", "d"]
