@@ -141,11 +141,12 @@ def test_min_off_and_cycle_cap_land_mid_interval_as_on_the_board(tmp_path, monke
     ("interval_start,price_usd_mwh", [("2026-03-02T10:00:00Z", 1), ("2026-03-02T10:15:00Z", 1),
                                       ("2026-03-02T10:30:00Z", 1), ("2026-03-02T10:35:00Z", 1)], "irregular intervals"),
 ])
-def test_bad_price_files_give_one_line(tmp_path, header, rows, msg):
+def test_bad_price_files_give_one_line(tmp_path, header, rows, msg, capsys):
     pf, sf = write(tmp_path, rows=rows, header=header)
-    r = run_cli("backtest", str(pf), "--site", str(sf))
-    assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""
+    assert main(["backtest", str(pf), "--site", str(sf)]) == 2
+    out, err = capsys.readouterr()
+    assert msg in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and out == ""
 
 
 def test_report_png_and_html_and_the_shipped_example(tmp_path):
