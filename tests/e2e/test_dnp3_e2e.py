@@ -170,7 +170,7 @@ def test_dnp3_master_polls_commands_and_survives_garbage(tmp_path):
                 assert not bi[BI_TRIPPED].value and not bi[BI_DNP3_SHED].value
                 assert all(bi[BI_BLOCK + i].value for i in range(nb))
                 ai = soe.analog_inputs
-                assert abs(ai[0].value - 60.0) < 0.01, ai
+                assert abs(ai[0].value - 60.0) < 0.01 and ai[3].value == 0 and ai[4].value == 0, ai
                 mw = sum(b["miners"] * b["kw_per_miner"] for b in cfg["blocks"]) / 1000
                 assert abs(ai[2].value - mw) < 1e-3, ai
                 assert soe.binary_outputs[BO_ARM].value and not soe.binary_outputs[BO_SHED].value
@@ -198,6 +198,7 @@ def test_dnp3_master_polls_commands_and_survives_garbage(tmp_path):
                 assert await crob(runner, master, BO_SHED, ControlCode.LATCH_ON, True) == [CommandStatus.SUCCESS]
                 await rig.until(rig.all_open, 20, "relays opened by the DNP3 shed")
                 soe.bi_log.clear()
+                soe.ai_log.clear()
                 for _ in range(50):
                     await runner.class_poll(class_2=False, class_3=False)
                     got = {(v.index, v.value) for v in soe.bi_log}
@@ -209,6 +210,10 @@ def test_dnp3_master_polls_commands_and_survives_garbage(tmp_path):
                     raise AssertionError(f"class 1 events of the trip never came: {soe.bi_log}")
                 for v in soe.bi_log:  # time-stamped with the master's clock
                     assert v.timestamp is not None and v.timestamp.timestamp() * 1000 >= t_sync - 1000, v
+                # the controller's state change is a class 1 event too: tripped (2), reason signal (2: an
+                # issuer's shed)
+                st_ev = [(v.index, v.value) for v in soe.ai_log if v.timestamp is not None]
+                assert (3, 2.0) in st_ev and (4, 2.0) in st_ev, soe.ai_log
                 st = await rig.status()
                 assert "dnp3" in st["held"], st
                 recs, _ = rig.journal()

@@ -26,6 +26,8 @@ BI_BLOCK = const(4)      # BI 4 + i: block i closed (load on)
 AI_HZ = const(0)
 AI_KW = const(1)
 AI_MW = const(2)
+AI_STATE = const(3)      # controller state code (control.STATE_NAMES), class 1
+AI_REASON = const(4)     # trip reason code (control.REASON_NAMES), class 1
 BO_SHED = const(0)
 BO_RESTORE = const(1)
 BO_ARM = const(2)
@@ -46,8 +48,8 @@ class Dnp3:
         blocks = agent.cfg["blocks"]
         self.nb = len(blocks)
         self.bkw = array("f", [b["miners"] * b["kw_per_miner"] for b in blocks])
-        db = array("f", [cfg["hz_deadband"], cfg["kw_deadband"], cfg["mw_deadband"]])
-        self.app = app.Outstation(BI_BLOCK + self.nb, 3, 3, self.ctl, b"\x02\x02\x03", db,
+        db = array("f", [cfg["hz_deadband"], cfg["kw_deadband"], cfg["mw_deadband"], 0.5, 0.5])
+        self.app = app.Outstation(BI_BLOCK + self.nb, 5, 3, self.ctl, b"\x02\x02\x03\x01\x01", db,
                                   cfg["unsolicited"] and cfg["transport"] == "tcp")
         self.link = link.Link(self.app, cfg["address"], tuple(cfg["masters"]))
         self.allow = cfg["allow"]
@@ -80,6 +82,8 @@ class Dnp3:
         o.update_bi(BI_TRIPPED, c.shed_mask)
         o.update_bi(BI_METER_OK, a.meter_ok)
         o.update_bi(BI_DNP3_SHED, held)
+        o.update_ai(AI_STATE, c.state, 0x01)  # an event only when the code changes (deadband 0.5)
+        o.update_ai(AI_REASON, c.reason, 0x01)
         # the analog points only when what they come from changed (no float work on idle scans)
         m = a.relays.mask
         if m != self.m_last:
