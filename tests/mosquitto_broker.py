@@ -25,7 +25,8 @@ def free_port() -> int:
 
 class Certs:
     """Certificates made in the test with `cryptography` (gridshed.brokerauth): a site CA, the
-    broker's server certificate (SAN 127.0.0.1 and localhost), one that expired, one whose SAN
+    broker's server certificate (SAN 127.0.0.1 and localhost), one that expired, one not valid
+    before the day after tomorrow (a board whose clock is behind), one whose SAN
     names another host, one from another CA (each with its key), written as PEM files in workdir."""
 
     def __init__(self, workdir: Path) -> None:
@@ -40,12 +41,15 @@ class Certs:
         old = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=400)
         self.expired = ba.issue_cert(self.ca, self.ca_key, "broker", sans=("127.0.0.1", "localhost"),
                                      not_before=old, not_after=old + dt.timedelta(days=30))
+        soon = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=2)
+        self.future = ba.issue_cert(self.ca, self.ca_key, "broker", sans=("127.0.0.1", "localhost"),
+                                    not_before=soon, not_after=soon + dt.timedelta(days=30))
         self.wrong_host = ba.issue_cert(self.ca, self.ca_key, "broker", sans=("broker.example",))
         self.wrong_ca = ba.issue_cert(self.other_ca, other_key, "broker", sans=("127.0.0.1", "localhost"))
         self.files: dict[str, Path] = {}
         for name, pem in (("ca", self.ca), ("other_ca", self.other_ca)):
             self.files[name] = self._write(name + ".pem", pem)
-        for name in ("server", "expired", "wrong_host", "wrong_ca"):
+        for name in ("server", "expired", "future", "wrong_host", "wrong_ca"):
             cert, key = getattr(self, name)
             self.files[name] = self._write(name + ".crt", cert)
             self.files[name + "_key"] = self._write(name + ".key", key)

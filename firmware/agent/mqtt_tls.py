@@ -14,6 +14,7 @@ BROKER_PATH = "broker.cbor"
 
 # failure names (counter "mqtt_<name>", journal record "mqtt_fail", @status mqtt "fail")
 EXPIRED = "tls-expired"
+NOT_YET = "tls-not-yet-valid"
 UNKNOWN_CA = "tls-unknown-ca"
 HOSTNAME = "tls-hostname"
 TLS_OTHER = "tls-error"
@@ -73,8 +74,10 @@ def reason(e):
     if not isinstance(e, ValueError):
         return None
     # mbedTLS's verification text (one line per failed check)
-    if "expired" in s or "future" in s:
+    if "expired" in s:
         return EXPIRED
+    if "future" in s:  # not yet valid: mostly the board's clock (unset RTC, no NTP)
+        return NOT_YET
     if "Common Name" in s or "CN" in s or "hostname" in s:
         return HOSTNAME
     if "trusted CA" in s or "not correctly signed" in s or "CA" in s:

@@ -92,8 +92,16 @@ def new_key_pem() -> bytes:
                            serialization.NoEncryption())
 
 
+# Certificates gridshed issues are valid from 2000-01-01: mbedTLS on a board checks the validity
+# period against the board's clock, which on an MCU without NTP or a battery RTC starts in 2000
+# (ESP32) or 2021 (RP2040) until set; a notBefore of "now" would make every board refuse the
+# broker as "not yet valid" after each power cycle. Expiry is still checked (docs/mqtt.md).
+VALID_FROM = _dt.datetime(2000, 1, 1, tzinfo=_dt.timezone.utc)
+
+
 def make_ca(cn: str, days: int = 3650) -> tuple[bytes, bytes]:
-    """(certificate PEM, private key PEM) of a new self-signed site CA (EC P-256)."""
+    """(certificate PEM, private key PEM) of a new self-signed site CA (EC P-256), valid from
+    VALID_FROM for `days` from now."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
 
@@ -102,7 +110,7 @@ def make_ca(cn: str, days: int = 3650) -> tuple[bytes, bytes]:
     now = _now()
     cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(cn))
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - _dt.timedelta(minutes=5)).not_valid_after(now + _dt.timedelta(days=days))
+            .not_valid_before(VALID_FROM).not_valid_after(now + _dt.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -113,8 +121,9 @@ def make_ca(cn: str, days: int = 3650) -> tuple[bytes, bytes]:
 def issue_cert(ca_cert_pem: bytes, ca_key_pem: bytes, cn: str, sans: Iterable[str] = (), server: bool = True,
                days: int = 825, not_before: _dt.datetime | None = None,
                not_after: _dt.datetime | None = None) -> tuple[bytes, bytes]:
-    """(certificate PEM, private key PEM) signed by the CA. sans: DNS names or IP literals
-    (server certificates); server=False makes a client certificate (CN = the broker user name)."""
+    """(certificate PEM, private key PEM) signed by the CA, valid from VALID_FROM (or not_before)
+    for `days` from now (or until not_after). sans: DNS names or IP literals (server
+    certificates); server=False makes a client certificate (CN = the broker user name)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -123,8 +132,8 @@ def issue_cert(ca_cert_pem: bytes, ca_key_pem: bytes, cn: str, sans: Iterable[st
     ca_key = serialization.load_pem_private_key(ca_key_pem, None)
     key_pem = new_key_pem()
     key = serialization.load_pem_private_key(key_pem, None)
-    nb = not_before or _now() - _dt.timedelta(minutes=5)
-    na = not_after or nb + _dt.timedelta(days=days)
+    nb = not_before or VALID_FROM
+    na = not_after or _now() + _dt.timedelta(days=days)
     b = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca.subject)
          .public_key(key.public_key()).serial_number(x509.random_serial_number())
          .not_valid_before(nb).not_valid_after(na)

@@ -311,6 +311,8 @@ def _site_opts(s: dict[str, Any] | None) -> BrokerOpts:
 def tls_reason(exc: BaseException) -> str:
     """One of expired certificate / unknown CA / hostname mismatch / ... for a TLS failure."""
     text = str(exc).lower()
+    if "not yet valid" in text:
+        return "certificate not yet valid (check the clocks)"
     if "expired" in text or "validity" in text:
         return "expired certificate"
     if "hostname" in text or "ip address mismatch" in text or "common name" in text:

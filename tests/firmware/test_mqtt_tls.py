@@ -69,7 +69,7 @@ def brokers(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
     certs = Certs(tmp_path_factory.mktemp("certs"))
     acl = ba.acl_text({"s1": ["dev1"]})
     ms = {w: Mosquitto(tmp_path_factory.mktemp(w), users=USERS, acl=acl, tls=(certs, w)).start()
-          for w in ("server", "expired", "wrong_ca", "wrong_host")}
+          for w in ("server", "expired", "future", "wrong_ca", "wrong_host")}
     # mutual TLS: a client certificate required, its CN is the user name the ACL knows
     ms["mtls"] = Mosquitto(tmp_path_factory.mktemp("mtls"), users={}, acl=acl, tls=(certs, "server"),
                            client_certs=True).start()
@@ -96,6 +96,7 @@ def test_tls_refusals_named(mp, brokers, tmp_path: Path) -> None:  # type: ignor
         "ok": {"port": ms["server"].port, "user": "dev1", "file": good},
         "ok_by_name": {"port": ms["server"].port, "user": "dev1", "file": good, "name": "localhost"},
         "expired": {"port": ms["expired"].port, "user": "dev1", "file": good},
+        "future": {"port": ms["future"].port, "user": "dev1", "file": good},
         "wrong_ca": {"port": ms["wrong_ca"].port, "user": "dev1", "file": good},
         "wrong_host": {"port": ms["wrong_host"].port, "user": "dev1", "file": good},
         "name_mismatch": {"port": ms["server"].port, "user": "dev1", "file": good, "name": "broker.example"},
@@ -111,7 +112,7 @@ def test_tls_refusals_named(mp, brokers, tmp_path: Path) -> None:  # type: ignor
     res = out["res"]
     for ok in ("ok", "ok_by_name", "mtls"):
         assert res[ok]["connected"] == 1 and not res[ok]["fail"], res[ok]
-    want = {"expired": "tls-expired", "wrong_ca": "tls-unknown-ca", "wrong_host": "tls-hostname",
+    want = {"expired": "tls-expired", "future": "tls-not-yet-valid", "wrong_ca": "tls-unknown-ca", "wrong_host": "tls-hostname",
             "name_mismatch": "tls-hostname", "password": "login-refused"}
     for case, why in want.items():
         assert not res[case]["connected"], res[case]

@@ -127,7 +127,8 @@ def test_hostname_checked_against_server_name(broker: Mosquitto, certs: Certs) -
     Client(broker.port, opts(certs, server_name="localhost"), "ok").close()  # a name in the SAN
 
 
-@pytest.mark.parametrize("which,why", [("expired", "expired certificate"), ("wrong_ca", "unknown CA"),
+@pytest.mark.parametrize("which,why", [("expired", "expired certificate"), ("future", "certificate not yet valid"),
+                                       ("wrong_ca", "unknown CA"),
                                        ("wrong_host", "hostname mismatch")])
 def test_bad_server_certificates_refused(certs: Certs, tmp_path: Path, which: str, why: str) -> None:
     m = Mosquitto(tmp_path, users=USERS, acl="", tls=(certs, which)).start()
@@ -224,3 +225,13 @@ def test_openadr_bridge_uses_the_sites_tls_and_login(broker: Mosquitto, certs: C
         inv.set_site(SITE, host_password="wrong")
     with pytest.raises(UserError, match="login refused"):
         SiteSender(inv_path, via="mqtt", broker=f"{HOST}:{broker.port}", ack_timeout=0.3)("shed", SITE, None, 60)
+
+
+def test_issued_certificates_valid_from_2000() -> None:
+    # a board whose clock is unset (2000 on an ESP32, 2021 on an RP2040) still accepts them
+    from cryptography import x509
+
+    ca, ca_key = ba.make_ca("c")
+    for pem in (ca, ba.issue_cert(ca, ca_key, "b", sans=("10.0.0.5",))[0], ba.issue_cert(ca, ca_key, "d1", server=False)[0]):
+        c = x509.load_pem_x509_certificate(pem)
+        assert c.not_valid_before_utc.year == 2000 and c.not_valid_after_utc.year >= 2027
