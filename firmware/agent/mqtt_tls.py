@@ -20,11 +20,13 @@ HOSTNAME = "tls-hostname"
 TLS_OTHER = "tls-error"
 LOGIN = "login-refused"
 NO_CREDS = "no-credentials"
+NO_TLS = "no-tls"  # the firmware has no ssl module
 
 
 def options(m, dev):
     # (keyword arguments for MqttClient, None) or (None, NO_CREDS) when the site asks for TLS or a
-    # login and /broker.cbor cannot give it: the board then never connects (never in clear)
+    # login and /broker.cbor cannot give it, (None, NO_TLS) when the port has no ssl module: the
+    # board then never connects (never in clear)
     auth = m.get("auth") or "none"
     tls = m.get("tls")
     if not tls and auth == "none":
@@ -51,8 +53,10 @@ def options(m, dev):
             return None, NO_CREDS
         if auth == "cert" and not (isinstance(b.get("cert"), (bytes, bytearray)) and isinstance(b.get("key"), (bytes, bytearray))):
             return None, NO_CREDS
-        import ssl
-
+        try:
+            import ssl
+        except ImportError:  # a port built without TLS: never in clear either
+            return None, NO_TLS
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.verify_mode = ssl.CERT_REQUIRED  # type: ignore[attr-defined]  # (stubs lag the port)
         try:
