@@ -12,6 +12,7 @@
 import asyncio
 from array import array
 
+from agent.base import log as _log
 from agent import dnp3_app as app
 from agent import dnp3_link as link
 from agent.compat import const, ticks_ms, ticks_diff
@@ -35,10 +36,6 @@ REL_BURST = const(4)     # restore-direction controls: burst, then one per REL_M
 REL_MS = const(1000)
 NOTE_BURST = const(10)   # journaled controls: burst, then one per NOTE_MS (all counted)
 NOTE_MS = const(1000)
-
-
-def _log(level, msg):
-    print("%s %d %s" % (level, ticks_ms(), msg))
 
 
 class Dnp3:
