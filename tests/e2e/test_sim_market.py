@@ -14,7 +14,7 @@ def test_price_column_economic_curtailment_and_a_dip_with_the_obligation_held(tm
                           "--site", "scenarios/market-sim-site.toml", "--json"],
                          capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert out.returncode == 0, out.stderr + out.stdout[-2000:]
-    assert "the virtual board runs at 88wK" in out.stderr  # the market feature's measured heap
+    assert "the virtual board runs at 84wK" in out.stderr  # the market feature's measured heap
     import json
 
     s = json.loads(out.stdout)

@@ -118,7 +118,7 @@ def scenario_warnings(scenario, cfg: dict, site_path: str) -> list[str]:
 
 
 LOCK = ".gridshed-sim.lock"
-MARKET_HEAP_WK = 88
+MARKET_HEAP_WK = 84
 
 
 class keep_dir:
