@@ -69,9 +69,9 @@ def price_intervals(scenario: Scenario, wall0: int) -> list[list[Any]]:
             iv[-1][1] = end
         elif end > start:
             iv.append([start, end, "p", float(p)])
-    if len(iv) > 30:
-        raise UserError(f"scenario {scenario.name}: {len(iv)} price steps; the console carries a schedule of "
-                        f"at most 30 intervals")
+    if len(iv) > 16:
+        raise UserError(f"scenario {scenario.name}: {len(iv)} price steps; one signed command carries a "
+                        f"schedule of at most 16 (docs/market.md, Limits)")
     return iv
 
 
