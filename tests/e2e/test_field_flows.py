@@ -35,6 +35,7 @@ from typing import Any
 
 import pytest
 
+from gridshed.build import BUILD_FILE
 from gridshed import siteconfig
 from gridshed.transport import Board, Console
 
@@ -294,7 +295,8 @@ def test_memory_error_mid_write_leaves_the_old_files_and_restarts_the_agent(tmp_
             before = files(s.dir)
             old_kid = kid_on_board(s.dir)
             for i in range(2):
-                staged = "keys.cbor.gsnew" if op == "provision" else "agent/app.mpy.gsnew"
+                # deploy: the one module two builds differ in is the one carrying the build id
+                staged = "keys.cbor.gsnew" if op == "provision" else BUILD_FILE.replace(".py", ".mpy.gsnew")
                 for f in s.dir.rglob("*.gsnew"):  # left by the last try: the hog waits for a new one
                     f.unlink()
                 await asyncio.to_thread(arm_hog, s.port, staged)
