@@ -190,3 +190,20 @@ def test_gridshed_status_shows_the_market_and_its_warning():
     assert "WARNING: economic curtailment refused: RRS obligation" in out
     st["market"] = {"error": "no memory to start the market feature"}
     assert "market NOT running: no memory to start the market feature" in text(st)
+
+
+def test_sim_price_column_becomes_schedule_intervals(tmp_path):
+    from gridshed.errors import UserError
+    from gridshed.sim.scenario import load_scenario
+    from gridshed.sim.site import price_intervals
+
+    f = tmp_path / "p.csv"
+    f.write_text("t_s,hz,price\n0,60,30\n2,60,120\n2.4,60,120\n5.6,59.6,20\n8,60,20\n")
+    sc = load_scenario(f)
+    assert sc.value("price", 2.3) == 120 and sc.value("price", 5.0) == 120  # a step, never interpolated
+    w = 1796083200
+    # equal neighbours merged, whole seconds, the last one held a minute past the end
+    assert price_intervals(sc, w) == [[w, w + 2, "p", 30.0], [w + 2, w + 6, "p", 120.0], [w + 6, w + 68, "p", 20.0]]
+    f.write_text("t_s,hz,price\n" + "".join(f"{k},60,{k % 2}\n" for k in range(18)))
+    with pytest.raises(UserError, match="18 price steps; one signed command carries a schedule of at most 16"):
+        price_intervals(load_scenario(f), w)
