@@ -24,10 +24,11 @@ FIRMWARE = ROOT / "firmware"
 # the restructure wins it back (docs/architecture.md, Code size), this is a fence against further
 # growth at the measured figure plus 2 KB, not the target.
 TARGET = 64 * 1024
-BUDGET = 72 * 1024
-FULL_FENCE = 144 * 1024     # everything incl. optional features: a fence against bloat (128 KB
+BUDGET = 76 * 1024  # 72 KB until issue 18's wire-aware read plan and RTU state machine (+3 KB, x64)
+FULL_FENCE = 148 * 1024     # everything incl. optional features: a fence against bloat (128 KB
 # until the DNP3 outstation, issue 19, added 13 KB of optional feature (unsolicited, serial); 136 KB
-# until the market loop, issue 16, added 9.4 KB: agent/market.py, market_check.py, features/market.py)
+# until the market loop, issue 16, added 9.4 KB: agent/market.py, market_check.py, features/market.py;
+# 144 KB until issue 18's read plan and RTU state machine, +3 KB)
 # Optional features: deployed, but loaded only when their config section enables them
 # (docs/architecture.md). They are counted in the full figure, not the core budget.
 FEATURES = {"agent/utility_server.py", "agent/udp_cmd.py", "agent/fleet.py", "agent/mqtt.py",

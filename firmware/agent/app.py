@@ -31,6 +31,16 @@ def _cause(hal):
     return f() if f else None
 
 
+def _read_plan(mm, m):
+    # the meter's read plan from its map, the baud rate and the site's slow cadence; the
+    # module is freed after boot (the plan is plain lists)
+    from agent.readplan import make
+
+    p = make(mm, None if m["transport"] == "tcp" else m["baud"], m["slow_ms"], 10 if m["parity"] == "N" else 11)
+    unload("agent.readplan")
+    return p
+
+
 class Agent:
     def __init__(self, cfg, hal, switched=None):
         global AGENT
@@ -121,6 +131,7 @@ class Agent:
         self.journal = Journal(".", seg_size=jc.get("segment_bytes", 16384), max_segs=jc.get("segments", 4),
                                clock=self.now_unix)
         self.meter_map = MeterMap(cfg["meter"]["map"])  # checked in agent/boot.py
+        self.plan = _read_plan(self.meter_map, cfg["meter"])  # agent/readplan.py (docs/modbus.md)
         # the map now lives in meter_map's arrays; keep only what the host needs to name it
         cfg["meter"]["map"] = {"model": self.meter_map.model}
         self.hz = None
@@ -149,7 +160,7 @@ class Agent:
         # worst case of one poll cycle's reads: every request timing out on every attempt
         # (an RTU attempt that times out then listens up to another timeout for a late reply,
         # and at most 4 timeouts for a babbling line to fall silent: 6 timeouts an attempt)
-        self._read_worst = (m["retries"] + 1) * 6 * m["timeout_ms"] * len(self.meter_map.hot_plan)
+        self._read_worst = (m["retries"] + 1) * 6 * m["timeout_ms"] * 2  # the frequency read + a slow one
         self.poll_due = ticks_add(now, WDT_BOOT_MS + self._read_worst + WDT_POLL_PERIODS * m["poll_ms"])
         boot = {"build": BUILD, "resumed_trip": tripped, "mask": self.relays.mask, "cause": _cause(hal),
                 "torn": self.journal.torn, "cmd_shed": self.cmd_shed, "held": self.auth.held,
@@ -273,62 +284,112 @@ class Agent:
                          retries=m["retries"], de=de)
 
     async def poll_task(self):
+        # every cycle: the hot read (frequency) -> decide; then, when due, one slow read (kW and
+        # the rest, round robin; kW's read at every poll while a curtailment needs it). An RTU
+        # master's transactions are driven here through its state machine: no coroutine and, in
+        # steady state, no allocation per poll (docs/modbus.md "Read plan").
         m = self.cfg["meter"]
         master = self.master
         unit = m["unit"]
         mm = self.meter_map
         fn = mm.function
-        plan = list(zip(mm.hot_plan, mm.hot_items))
+        rp = self.plan
+        h_addr, h_count, h_items = rp["hot_read"]  # one read (agent/readplan.py)
+        slow = rp["slow_reads"]
+        slow_ms = rp["slow_ms"]
+        self.plan = rp = None
+        ns = len(slow)  # (>= 1: kW is never in the frequency read)
+        k_slow = 0
+        slow_due = ticks_ms()
         i_hz = mm.names.index("hz")
         i_kw = mm.names.index("kw")
-        i_v = mm.hot_v1  # phase-1 voltage when it comes with the hot read (undervoltage block)
-        period = m["poll_ms"]
+        i_v = mm.names.index("v1") if mm.has("v1") else -1
+        if i_v not in h_items:  # the undervoltage block, when the voltage rides the hot read
+            i_v = -1
+        b2b = m["poll_mode"] == "back_to_back"
+        period = 0 if b2b else m["poll_ms"]
+        rec_t = ticks_ms()  # back to back: the recorder still takes a sample per poll_ms
         rec = self.recorder
         ctrl = self.ctrl
+        step = hasattr(master, "step")
+        sleep = asyncio.sleep_ms
         while True:
             t0 = ticks_ms()
             err = None
-            try:
-                for (addr, count), items in plan:
-                    regs = await master.read(unit, fn, addr, count)
+            # j 0: the frequency read; j 1: a slow read, when one is due (after the decision)
+            last = 1 if ticks_diff(t0, slow_due) >= 0 or self.curtailer is not None else 0
+            j = 0
+            while j <= last:
+                if j == 0:
+                    addr = h_addr
+                    count = h_count
+                    items = h_items
+                elif ticks_diff(t0, slow_due) >= 0:
+                    addr, count, items = slow[k_slow]
+                    k_slow = k_slow + 1 if k_slow + 1 < ns else 0
+                    slow_due = ticks_add(t0, slow_ms)
+                else:  # curtailing: kW's read (the first slow read) at every poll as well
+                    addr, count, items = slow[0]
+                try:
+                    if step:  # (this task is the meter bus's only user)
+                        try:
+                            master.begin(unit, fn, addr, count)
+                            w = master.step()
+                            while w >= 0:
+                                await sleep(w)
+                                w = master.step()
+                        finally:
+                            master.end()
+                        if w == -2:  # FAIL: every attempt failed, the error counted
+                            raise master._err
+                        regs = master._res
+                    else:
+                        regs = await master.read(unit, fn, addr, count)
                     mm.update(regs, addr, items)
-                self.hz = mm.values[i_hz]  # checked by the controller (plausibility) below
-                kw = mm.values[i_kw]
-                if i_v >= 0:
-                    ctrl.volts = mm.values[i_v]
-                self.meter_ok = True
-                self.samples += 1
-                if kw == kw and -1e300 < kw < 1e300:  # NaN / inf never shown or journaled
-                    self.kw = kw
-                    self.kw_ms = t0
-            except Exception as e:  # ModbusError and friends: counted; the fail-safe policy decides
-                self.meter_ok = False
-                self.hz = None
-                self.meter_errors += 1
-                err = e
-                if self.meter_errors < 4 or self.meter_errors % 200 == 0:
-                    log("W", "meter: %r (errors %d)" % (e, self.meter_errors))
-            now = ticks_ms()
-            self.decide(now, True)
-            if ctrl.bad_why and self.meter_ok:  # implausible: never shown as the frequency
-                self.hz = None
-                err = control.BAD_NAMES[ctrl.bad_why]
-                if self.word_order is None or self.word_order == "as mapped":
-                    self._comm().word_hint(self, mm)
-            if err is not None or self.q_burst:
-                self._comm().quality(self, now, err)
-            elif self.word_order is None:
-                self.word_order = "as mapped"
-            self.q_polls += 1
-            if rec is not None:
-                rec.add(now, self.hz if self.hz is not None else -1.0, self.kw if self.kw is not None else 0.0,
-                        self.relays.mask)
+                    if j:
+                        kw = mm.values[i_kw]
+                        if i_kw in items and kw == kw and -1e300 < kw < 1e300:  # NaN / inf never shown
+                            self.kw = kw
+                            self.kw_ms = ticks_ms()
+                    else:
+                        self.hz = mm.values[i_hz]  # checked by the controller (plausibility) below
+                        if i_v >= 0:
+                            ctrl.volts = mm.values[i_v]
+                        self.meter_ok = True
+                        self.samples += 1
+                except Exception as e:  # ModbusError and friends: counted; the fail-safe policy decides
+                    self.meter_errors += 1
+                    if self.meter_errors < 4 or self.meter_errors % 200 == 0:
+                        log("W", "meter: %r (errors %d)" % (e, self.meter_errors))
+                    if j == 0:  # (a failed slow read leaves this cycle's frequency as it was)
+                        self.meter_ok = False
+                        self.hz = None
+                        err = e
+                        last = 0
+                if j == 0:
+                    now = ticks_ms()
+                    self.decide(now, True)
+                    if ctrl.bad_why and self.meter_ok:  # implausible: never shown as the frequency
+                        self.hz = None
+                        err = control.BAD_NAMES[ctrl.bad_why]
+                        if self.word_order is None or self.word_order == "as mapped":
+                            self._comm().word_hint(self, mm)
+                    if err is not None or self.q_burst:
+                        self._comm().quality(self, now, err)
+                    elif self.word_order is None:
+                        self.word_order = "as mapped"
+                    self.q_polls += 1
+                    if rec is not None and (not b2b or ticks_diff(now, rec_t) >= m["poll_ms"]):
+                        rec_t = now
+                        rec.add(now, self.hz if self.hz is not None else -1.0,
+                                self.kw if self.kw is not None else 0.0, self.relays.mask)
+                j += 1
             left = period - ticks_diff(ticks_ms(), t0)
             if left < 0:
                 left = 0
             # the watchdog promise: the next cycle ends by then, or the tick stops feeding
-            self.poll_due = ticks_add(ticks_ms(), left + self._read_worst + WDT_POLL_PERIODS * period)
-            await asyncio.sleep_ms(left)
+            self.poll_due = ticks_add(ticks_ms(), left + self._read_worst + WDT_POLL_PERIODS * m["poll_ms"])
+            await sleep(left)  # back to back: 0, a yield (the master keeps t3.5 before the next request)
 
     def _comm(self):
         # agent/meter_comm.py (the failure path's summaries): loaded while polls fail, freed by

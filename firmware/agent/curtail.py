@@ -2,7 +2,7 @@
 #
 # Pure logic (MicroPython/CPython common subset); the agent creates a Curtailer when shed_kw is
 # set and calls step(now) from every control decision (docs/partial-and-miners.md):
-#   1. new target: remember the site kW (baseline), choose blocks (lowest priority number first;
+#   1. new target: remember the site kW (baseline: a kW read after the target came), choose blocks (lowest priority number first;
 #      inside a priority tier the smallest block that covers what is missing, else the largest,
 #      and so on) and open them with ctrl.shed(now, mask, REASON_COMMAND);
 #   2. confirm: once network sheds are confirmed (relays.pending) and the meter has had
@@ -56,6 +56,7 @@ class Curtailer:
         self.short = False    # every candidate block is open and the target is still not met
         self.s0 = 0
         self.t0 = 0
+        self.born = now
         if resume:
             self._resume(resume, now)
 
@@ -104,7 +105,12 @@ class Curtailer:
                 self.target = None
             return False
         if self.target is None:
-            # a new episode
+            # a new episode. kW comes with the meter's slow reads (docs/modbus.md "Read plan"),
+            # at every poll while a curtailer exists: the baseline waits for one read after this
+            # curtailer began (a poll or two; at most 2 s, then the last value it has)
+            if a.meter_ok and a.kw_ms is not None and ticks_diff(a.kw_ms, self.born) < 0 \
+                    and ticks_diff(now, self.born) < 2000:
+                return False
             self.target = t
             c.release_required = True
             self.base = a.kw if (a.meter_ok and a.kw is not None) else None

@@ -7,12 +7,13 @@ A map:
     {"model": str, "function": 3|4,
      "quantities": {name: {"addr": int (0-based protocol address), "type": "u16"|"s16"|"u32"|
                            "s32"|"f32", "words": "big"|"little", "scale": number}},
-     optional: "title", "source", "confidence", "resolution_hz", "identify", "notes", "max_gap"}
+     optional: "title", "source", "confidence", "resolution_hz", "identify", "notes", "max_gap",
+               "max_read"}
 
 Read plans are lists of (start, count) tuples: the fewest contiguous reads covering a set of
 quantities, merging neighbours when the hole between them is at most `max_gap` registers (one
-longer read is cheaper than a second round trip on RS-485) and never over 125 registers (the
-Modbus limit for function 3/4).
+longer read is cheaper than a second round trip on RS-485) and never over `max_read` registers
+(the meter's documented limit; default 125, the Modbus limit for function 3/4).
 
 Hot path: decode(name, regs, base) reads the register bytes exactly as a Modbus 3/4 response
 carries them (big-endian 16-bit registers, `regs[0:2]` is register `base`) and returns a float.
@@ -37,7 +38,6 @@ TYPES = {"u16": T_U16, "s16": T_S16, "u32": T_U32, "s32": T_S32, "f32": T_F32}
 WORDS = ("big", "little")
 QUANTITIES = ("hz", "kw", "v1", "v2", "v3", "i1", "i2", "i3", "kw1", "kw2", "kw3")
 REQUIRED = ("hz", "kw")
-HOT = ("hz", "kw")
 def plan(spans, max_gap=DEFAULT_MAX_GAP, max_read=MAX_READ):
     """[(addr, nregs)] -> [(start, count)]: fewest reads, holes <= max_gap, count <= max_read."""
     reads = []
@@ -61,9 +61,9 @@ def plan(spans, max_gap=DEFAULT_MAX_GAP, max_read=MAX_READ):
 class MeterMap:
     """One meter map (already checked), with its read plans and decoders.
 
-    Attributes: model, function, names (quantity names, map order), hot_plan and full_plan
-    (lists of (start, count)), values (list of floats aligned with names, filled by update()),
-    resolution_hz (or None).
+    Attributes: model, function, names (quantity names, map order), values (list of floats
+    aligned with names, filled by update()), resolution_hz (or None). What the agent polls comes
+    from agent/readplan.py; the host's subclass (agent.meter_check.MeterMap) adds full_plan.
     """
 
     def __init__(self, m, max_gap=None):
@@ -75,6 +75,7 @@ class MeterMap:
         if max_gap is None:
             max_gap = m.get("max_gap", DEFAULT_MAX_GAP)
         self.max_gap = max_gap
+        self.max_read = m.get("max_read", MAX_READ)  # the meter's documented registers per request
         qs = m["quantities"]
         names = [n for n in QUANTITIES if n in qs]
         self.names = names
@@ -93,18 +94,6 @@ class MeterMap:
         self.values = [0.0] * len(names)
         self._w0 = [0] * len(names)  # the last raw words of each quantity (word-order hint)
         self._w1 = [0] * len(names)
-        self.hot_plan = self.plan_for(HOT)
-        # phase-1 voltage rides the hot read when it costs no extra request (undervoltage block)
-        self.hot_v1 = -1
-        if "v1" in self._index:
-            p = self.plan_for(HOT + ("v1",))
-            if len(p) == len(self.hot_plan):
-                self.hot_plan = p
-                self.hot_v1 = self._index["v1"]
-        self.full_plan = self.plan_for(names)
-        # For each read of full_plan/hot_plan: the indices of the quantities it covers.
-        self.hot_items = [self._covered(s, c) for s, c in self.hot_plan]
-        self.full_items = [self._covered(s, c) for s, c in self.full_plan]
 
     def _span(self, i):
         return 1 if self._type[i] <= T_S16 else 2
@@ -117,14 +106,14 @@ class MeterMap:
                 out.append(i)
         return tuple(out)
 
-    def plan_for(self, names):
+    def plan_for(self, names, max_gap=None):
         """Read plan covering the given quantity names (unknown names are ignored)."""
         spans = []
         for n in names:
             i = self._index.get(n)
             if i is not None:
                 spans.append((self._addr[i], self._span(i)))
-        return plan(spans, self.max_gap)
+        return plan(spans, self.max_gap if max_gap is None else max_gap, self.max_read)
 
     def span(self, name):
         """(addr, nregs) of a quantity."""
@@ -186,17 +175,34 @@ class MeterMap:
         i = self._index[name]
         if self._span(i) != 2:
             return None
-        w = bytes(((self._w1[i] >> 8) & 0xFF, self._w1[i] & 0xFF, (self._w0[i] >> 8) & 0xFF, self._w0[i] & 0xFF))
-        return self._decode_i(i, w, self._addr[i])
+        w0 = self._w0[i]
+        w1 = self._w1[i]
+        w = bytes(((w1 >> 8) & 0xFF, w1 & 0xFF, (w0 >> 8) & 0xFF, w0 & 0xFF))
+        v = self._decode_i(i, w, self._addr[i])
+        self._w0[i] = w0  # (update() compares with the words as read)
+        self._w1[i] = w1
+        return v
 
     def decode(self, name, regs, base):
         """Value of quantity `name` (float, scaled) from register bytes read at address `base`."""
         return self._decode_i(self._index[name], regs, base)
 
     def update(self, regs, base, items):
-        """Decode every quantity index in `items` into self.values (preallocated list)."""
+        """Decode every quantity index in `items` into self.values (preallocated list).
+
+        A quantity whose register words are the ones decoded last time keeps its value: no
+        float is made (on most ports a float is a heap object), so polling a meter whose
+        registers have not changed allocates nothing."""
         vals = self.values
+        w0 = self._w0
+        w1 = self._w1
+        n = len(regs)
         for i in items:
+            o = (self._addr[i] - base) * 2
+            short = self._type[i] <= T_S16
+            if 0 <= o and o + (2 if short else 4) <= n and (regs[o] << 8 | regs[o + 1]) == w0[i] and (
+                    short or (regs[o + 2] << 8 | regs[o + 3]) == w1[i]):
+                continue
             vals[i] = self._decode_i(i, regs, base)
 
     def value(self, name):

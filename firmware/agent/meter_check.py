@@ -10,7 +10,7 @@ from agent.meter import MeterMap as _MeterMap
 
 CONFIDENCE = ("reference", "manual", "community")
 MAP_KEYS = ("model", "title", "source", "confidence", "function", "resolution_hz", "quantities",
-            "identify", "notes", "max_gap")
+            "identify", "notes", "max_gap", "max_read")
 Q_KEYS = ("addr", "type", "words", "scale")
 ID_KEYS = ("function", "addr", "type", "words", "expect")
 
@@ -88,6 +88,10 @@ def validate(m):
         g = m["max_gap"]
         if not _is_int(g) or g < 0 or g > MAX_READ:
             errors.append("max_gap: must be an integer 0..125")
+    if "max_read" in m:
+        g = m["max_read"]
+        if not _is_int(g) or g < 2 or g > MAX_READ:
+            errors.append("max_read: must be an integer 2..125 (registers per request)")
     qs = m.get("quantities")
     if not isinstance(qs, dict) or not qs:
         errors.append("quantities: must be a non-empty object")
@@ -163,6 +167,9 @@ class MeterMap(_MeterMap):
         if errors:
             raise ValueError("meter map: " + "; ".join(errors))
         super().__init__(m, max_gap)
+        # every quantity in the fewest reads, and the quantities of each (probe, library, sim)
+        self.full_plan = self.plan_for(self.names)
+        self.full_items = [self._covered(s, c) for s, c in self.full_plan]
 
     def encode(self, name, value):
         """Value (in the map's unit) -> list of u16 words, in register order from the address."""

@@ -39,6 +39,7 @@ with the DE hook), 288 B per TCP read, nearly all of it the coroutine object.
 """
 
 from agent import modbus_rtu as rtu
+from agent.crc import crc16_modbus
 from agent.compat import ticks_diff, ticks_ms
 from agent.modbus_errors import (
     ModbusCRCError,
@@ -68,6 +69,13 @@ from agent.modbus_base import _Master, _sleep_ms, _wait_for_ms, _written_count  
 
 _FNS = (1, 2, 3, 4, 5, 6, 15, 16)
 BUSY = 6  # exception "slave device busy": retried after a back-off (docs/modbus.md)
+DONE = -1  # step(): the transaction succeeded (result in _res)
+FAIL = -2  # step(): every attempt failed (the error in _err, counted)
+_S_GAP = 0  # transaction states: wait for t3.5, send, DE release, receive, line quiet
+_S_SEND = 1
+_S_DE = 2
+_S_RX = 3
+_S_QUIET = 4
 
 
 def _backoff(timeout_ms, attempt):
@@ -106,6 +114,15 @@ class RtuMaster(_Master):
         self._tx = bytearray(rtu.MAX_ADU)
         self._txmv = memoryview(self._tx)
         self._tx8 = self._txmv[:8]
+        self._txv = self._tx8
+        self._ch = bytearray(32)  # later pieces of a reply arrive here first
+        self._chmv = memoryview(self._ch)
+        self._views = {}  # reply length -> view of its register bytes
+        self._rq = False  # _tx holds the read request of (_unit, _fn, _addr, _arg)
+        self._st = self._attempt = 0
+        self._q_late = False
+        self._q_t0 = self._q_n = 0
+        self._q_last = None
         self._rx = bytearray(rtu.MAX_ADU)
         self._rxmv = memoryview(self._rx)
         self._view = self._rxmv[3:3]  # cached result view (same count each poll)
@@ -118,7 +135,7 @@ class RtuMaster(_Master):
             de.value(0)
         # the transaction in progress (attributes, not coroutine locals: a
         # coroutine's locals are heap-allocated with it on every call)
-        self._n = self._need = self._bc = self._limit = 0
+        self._n = self._need = self._bc = self._limit = self._wire_ms = 0
         self._unit = self._fn = 0
         self._addr = self._arg = None
         self._got = self._want = self._t0 = 0
@@ -136,47 +153,48 @@ class RtuMaster(_Master):
                 return
             self.junk += r
 
-    async def _quiet(self, late=False):
-        # error path: read and discard until the line is silent for a frame
-        # gap (+1 ms) after the last byte seen, bounded by timeout_ms. late
-        # (after a timeout): first listen up to timeout_ms for a reply still
-        # on its way; one that comes is a late reply (counted), never the
-        # answer to the next request.
-        u = self.uart
-        mv = self._rxmv
-        t0 = ticks_ms()
-        last = None
-        n = 0
-        while True:
-            r = u.readinto(mv)
-            now = ticks_ms()
-            if r:
-                self.junk += r
-                n += r
-                last = now
-                if ticks_diff(now, t0) >= 4 * self.timeout_ms:  # a babbling line: give up
-                    break
-            elif last is None:
-                if not late or ticks_diff(now, t0) >= self.timeout_ms:
-                    break
-            elif ticks_diff(now, last) >= self._quiet_ms:
-                break
-            await _sleep_ms(1)
-        if n and late:
+    def _quiet_begin(self, late):
+        # error path: read and discard until the line is silent for a frame gap (+1 ms) after
+        # the last byte seen, bounded by timeout_ms. late (after a timeout): first listen up to
+        # timeout_ms for a reply still on its way; one that comes is a late reply (counted),
+        # never the answer to the next request. _quiet_step() runs one look at the line.
+        self._q_late = late
+        self._q_t0 = ticks_ms()
+        self._q_last = None
+        self._q_n = 0
+
+    def _quiet_step(self):
+        # 1: look again in a millisecond, 0: the line is quiet (or given up)
+        r = self.uart.readinto(self._rxmv)
+        now = ticks_ms()
+        done = False
+        if r:
+            self.junk += r
+            self._q_n += r
+            self._q_last = now
+            if ticks_diff(now, self._q_t0) >= 4 * self.timeout_ms:  # a babbling line: give up
+                done = True
+        elif self._q_last is None:
+            done = not self._q_late or ticks_diff(now, self._q_t0) >= self.timeout_ms
+        elif ticks_diff(now, self._q_last) >= self._quiet_ms:
+            done = True
+        if not done:
+            return 1
+        if self._q_n and self._q_late:
             self.late += 1
         self._last_us = ticks_us()
+        return 0
 
-    def _write(self, n):
-        mv = self._tx8 if n == 8 else self._txmv[:n]
+    def _write(self, n, off=0):
+        # the request (_txv, from _prepare), from byte `off` on (what an earlier try wrote)
+        mv = self._txv
         u = self.uart
-        off = 0
         for _ in range(1000):
-            w = u.write(mv if off == 0 else mv[off:])
-            if w is None:  # EAGAIN on a non-blocking stream
-                continue
-            off += w
             if off >= n:
                 return
+            w = u.write(mv if off == 0 else mv[off:])
+            if w is not None:  # (None: EAGAIN on a non-blocking stream)
+                off += w
         raise ModbusTimeout("tx stuck")
 
     def _de_send(self, n):
@@ -254,7 +272,11 @@ class RtuMaster(_Master):
 
     # -- transaction steps (synchronous: no allocation) ----------------------
     def _prepare(self, unit, fn, addr, arg, values):
-        self._n = rtu.build_request(self._tx, unit, fn, addr, arg, values)
+        # (begin() skips this for the same read as last time, every poll: frame and limits as built)
+        self._rq = False
+        n = self._n = rtu.build_request(self._tx, unit, fn, addr, arg, values)
+        self._txv = self._tx8 if n == 8 else self._txmv[:n]
+        self._rq = fn <= 4
         if fn == 15 or fn == 16:
             arg = _written_count(fn, self._tx, 1)
         self._unit = unit
@@ -263,22 +285,22 @@ class RtuMaster(_Master):
         self._arg = arg
         need = self._need = rtu.response_len(fn, arg)
         self._bc = need - 5 if fn <= 4 else -1
+        if fn <= 4 and len(self._view) != need - 5:
+            # the result view: made once per read size, so polls that take turns between reads
+            # allocate nothing either
+            v = self._views.get(need)
+            if v is None:
+                v = self._views[need] = self._rxmv[3:need - 2]
+            self._view = v
         cu = self._char_us
-        lim = self.timeout_ms + (need * cu) // 1000 + 1
+        w = (need * cu) // 1000 + 1  # the reply's (and without DE the request's) line time
         if self.de is None:
-            lim += (self._n * cu) // 1000
-        self._limit = lim
-
-    def _gap_wait(self):
-        # drain stale input; ms still to wait for t3.5 since the last frame
-        self._drain()
-        d = ticks_diff(ticks_us(), self._last_us)
-        if d < 0 or d >= self._gap_us:  # (< 0: wrapped, long ago)
-            return 0
-        return (self._gap_us - d) // 1000 + 1
+            w += (self._n * cu) // 1000
+        self._wire_ms = w
 
     def _start(self):
         self.tx += 1
+        self._limit = self.timeout_ms + self._wire_ms
         self._t0 = ticks_ms()
         self._got = 0
         self._want = self._need
@@ -287,15 +309,44 @@ class RtuMaster(_Master):
         """Read what has arrived and judge it: >0 ms to sleep, 0 done
         (result in _res), -1 failed (error in _err, already counted), -2
         busy (exception 6 in _err, counted: retried after a back-off)."""
+        got = self._got
+        if got:
+            return self._more(got, False)
+        got = self.uart.readinto(self._rxmv)
+        if not got:
+            return self._more(0, False)
+        rx = self._rx
+        if got == self._need and rx[0] == self._unit and rx[1] == self._fn and rx[2] == self._bc:
+            # fast path: exactly our read's reply in one piece; sound if the CRC says so
+            c = crc16_modbus(rx, got - 2)
+            if rx[got - 2] == c & 0xFF and rx[got - 1] == c >> 8:
+                self.ok += 1
+                self._last_us = ticks_us()
+                self._res = self._view
+                return 0
+        return self._more(got, True)
+
+    def _more(self, got, check):
+        # the general receive path: more pieces, noise to skip, foreign or broken frames
         rx = self._rx
         mv = self._rxmv
-        got = self._got
         u = self.uart
-        check = False
         while got < self._want:  # take all that is there (up to the frame)
-            r = u.readinto(mv if got == 0 else mv[got:])
-            if not r:
-                break
+            if got:  # a later piece: through the small chunk buffer (a view from `got` on
+                r = u.readinto(self._chmv)  # would be a new object every time)
+                if not r:
+                    break
+                k = rtu.MAX_ADU - got
+                if r > k:
+                    self.junk += r - k
+                    r = k
+                ch = self._ch
+                for i in range(r):
+                    rx[got + i] = ch[i]
+            else:
+                r = u.readinto(mv)
+                if not r:
+                    break
             got += r
             check = True
         while check:
@@ -349,8 +400,6 @@ class RtuMaster(_Master):
             if got > want:
                 self.junk += got - want
             if self._fn <= 4:
-                if len(self._view) != dl:
-                    self._view = mv[3:3 + dl]
                 self._res = self._view
             else:
                 self._res = None
@@ -377,58 +426,102 @@ class RtuMaster(_Master):
         self._count(e)
         return -1
 
+    # -- one transaction as a state machine (the poll task drives it without a coroutine) --
+    def begin(self, unit, fn, addr, arg, values=None):
+        """Start a transaction (the bus must be free: not _busy). Then call step() until it
+        returns DONE (the result in _res) or FAIL (the error in _err); a value >= 0 is the ms to
+        sleep first. end() when done, also on an exception or a cancel."""
+        self._busy = True
+        if not (self._rq and fn == self._fn and unit == self._unit and addr == self._addr and arg == self._arg):
+            self._prepare(unit, fn, addr, arg, values)
+        self._attempt = 0
+        self._st = _S_GAP
+
+    def step(self):
+        while True:
+            st = self._st
+            if st == _S_GAP:
+                self._st = _S_SEND
+                r = self.uart.readinto(self._rxmv)  # drain stale input (none, nearly always)
+                if r:
+                    self.junk += r
+                    self._drain()
+                d = ticks_diff(ticks_us(), self._last_us)  # t3.5 since the last frame?
+                if 0 <= d < self._gap_us:  # (< 0: wrapped, long ago)
+                    return (self._gap_us - d) // 1000 + 1
+            elif st == _S_SEND:
+                if self.de is None:
+                    w = self.uart.write(self._txv)
+                    if w != self._n:
+                        self._write(self._n, w or 0)  # (EAGAIN or a part: the careful way)
+                    self.tx += 1  # _start(), inline
+                    self._limit = self.timeout_ms + self._wire_ms
+                    self._t0 = ticks_ms()
+                    self._got = 0
+                    self._want = self._need
+                    self._st = _S_RX  # and look for the reply at once (it may be there)
+                else:
+                    self._st = _S_DE
+                    w = self._de_send(self._n)
+                    if w:
+                        return w
+            elif st == _S_DE:
+                if not self._de_done():
+                    # a transmitter that never reports done (txdone() stuck) must not hold DE,
+                    # and the bus, for ever: past the frame time plus the timeout the attempt is
+                    # a timeout (counted; DE released by end())
+                    if ticks_diff(ticks_us(), self._de_t0) > self._de_us + self.timeout_ms * 1000:
+                        self.timeouts += 1
+                        raise ModbusTimeout("tx stuck")
+                    return 0
+                self._start()
+                self._st = _S_RX
+            elif st == _S_RX:
+                w = self._poll()
+                if w > 0:
+                    return w
+                if w == 0:
+                    return DONE
+                if w == -2:  # busy (exception 6): the device asks for time; back off, then again
+                    if self._attempt >= self.max_retries:
+                        return FAIL
+                    self._attempt += 1
+                    self.retries += 1
+                    self._st = _S_GAP
+                    return _backoff(self.timeout_ms, self._attempt)
+                # the line must be silent before anything else goes out, after the last attempt
+                # too: the next request must never meet this one's late reply
+                self._quiet_begin(isinstance(self._err, ModbusTimeout))
+                self._st = _S_QUIET
+            else:  # _S_QUIET
+                if self._quiet_step():
+                    return 1
+                if self._attempt >= self.max_retries:
+                    return FAIL
+                self._attempt += 1
+                self.retries += 1
+                self._st = _S_GAP
+
+    def end(self):
+        if self._de_on:  # an error or a cancel while transmitting
+            self._de_on = False
+            self.de.value(0)
+        self._busy = False
+
     async def _transact(self, unit, fn, addr, arg, values):
         while self._busy:  # tasks sharing the bus never interleave
             await _sleep_ms(1)
-        self._busy = True
         try:
-            self._prepare(unit, fn, addr, arg, values)
-            attempt = 0
-            while True:
-                w = self._gap_wait()
-                if w:
-                    await _sleep_ms(w)
-                if self.de is None:
-                    self._write(self._n)
-                else:
-                    w = self._de_send(self._n)
-                    if w:
-                        await _sleep_ms(w)
-                    while not self._de_done():
-                        # a transmitter that never reports done (txdone() stuck) must not hold
-                        # DE, and the bus, for ever: past the frame time plus the timeout the
-                        # attempt is a timeout (counted; DE released below)
-                        if ticks_diff(ticks_us(), self._de_t0) > self._de_us + self.timeout_ms * 1000:
-                            self.timeouts += 1
-                            raise ModbusTimeout("tx stuck")
-                        await _sleep_ms(0)
-                self._start()
-                w = self._poll()
-                while w > 0:
-                    await _sleep_ms(w)
-                    w = self._poll()
-                if w == -2:  # busy (exception 6): the device asks for time; back off, then again
-                    if attempt >= self.max_retries:
-                        raise self._err
-                    attempt += 1
-                    self.retries += 1
-                    await _sleep_ms(_backoff(self.timeout_ms, attempt))
-                    continue
-                if w == 0:
-                    return self._res
-                err = self._err
-                # the line must be silent before anything else goes out, after the last
-                # attempt too: the next request must never meet this one's late reply
-                await self._quiet(isinstance(err, ModbusTimeout))
-                if attempt >= self.max_retries:
-                    raise err
-                attempt += 1
-                self.retries += 1
+            self.begin(unit, fn, addr, arg, values)
+            w = self.step()
+            while w >= 0:
+                await _sleep_ms(w)
+                w = self.step()
+            if w == FAIL:
+                raise self._err
+            return self._res
         finally:
-            if self._de_on:  # an error or a cancel while transmitting
-                self._de_on = False
-                self.de.value(0)
-            self._busy = False
+            self.end()
 
 
 def TcpMaster(host, port, timeout_ms=200, retries=1):

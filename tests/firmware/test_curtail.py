@@ -55,6 +55,7 @@ class Site:
         self.errors = {}
         self.now = 1000
         self.kw = self.load()
+        self.kw_ms = None  # when kW was read (None: never; the curtailer then baselines at once)
         self.sheds = 0
         self.closes = 0
 
@@ -70,6 +71,7 @@ class Site:
             self.now += 50
             self.samples += 1
             self.kw = self.load(noise(k) if noise else 0.0)
+            self.kw_ms = self.now
             before = self.ctrl.closed_mask
             if cur.step(self.now):
                 self.sheds += 1
@@ -110,6 +112,31 @@ def test_meter_confirms_target_met_without_more_shedding():
     assert cur.met and cur.rounds == 1
     assert cur.measured == pytest.approx(40.0)
     assert s.journal.recs[0][0] == "curtail"
+
+
+def test_baseline_is_a_kw_read_after_the_target_came():
+    # kW comes with the meter's slow reads (docs/modbus.md "Read plan"): a value read before the
+    # target came may be seconds old, and a baseline from it would mis-measure the reduction
+    c = cfg()
+    s = Site(c)
+    fresh = s.kw
+    s.kw = fresh - 40.0  # the load rose since this was read
+    s.kw_ms = s.now
+    s.now += 700
+    s.shed_kw = 35
+    cur = Curtailer(s, None, s.now)
+    assert cur.step(s.now) is False and cur.target is None and s.ctrl.shed_mask == 0  # waits
+    s.run(cur, 1)  # the next poll reads kW, then decides: baseline from that read, shed
+    assert cur.target == 35 and cur.base == pytest.approx(fresh)
+    assert names(c, s.ctrl.shed_mask) == ["a"]
+    # a meter that never gives kW again: after 2 s the last value serves
+    s2 = Site(c)
+    s2.kw_ms = s2.now
+    s2.now += 100
+    s2.shed_kw = 35
+    cur2 = Curtailer(s2, None, s2.now)
+    assert cur2.step(s2.now) is False
+    assert cur2.step(s2.now + 2000) is True and cur2.base == pytest.approx(s2.kw)
 
 
 def test_measured_shortfall_sheds_more_blocks():
@@ -371,7 +398,7 @@ def test_same_logic_under_micropython(mp):
                "blocks": [{"name": n, "priority": p, "miners": 1, "kw_per_miner": k} for n, p, k in bl]}
         a = A()
         a.cfg = cfg; a.ctrl = control.Controller(cfg, 3); a.relays = R(); a.journal = J()
-        a.meter_ok = True; a.samples = 0; a.shed_kw = 35
+        a.meter_ok = True; a.samples = 0; a.shed_kw = 35; a.kw_ms = None
         true = [k * 0.55 for _, _, k in bl]
         def load():
             return 50 + sum(true[i] for i in range(3) if a.ctrl.closed_mask & (1 << i))
@@ -382,6 +409,7 @@ def test_same_logic_under_micropython(mp):
             now += 50
             a.samples += 1
             a.kw = load()
+            a.kw_ms = now
             cur.step(now)
         print("MASK", a.ctrl.shed_mask, cur.rounds, cur.met)
         print("ASCS", check(split_json(b'{"STATUS":[{"STATUS":"S"}]}{"ASCS":[{"Count":3}]}\\x00'), None))

@@ -45,13 +45,13 @@ def test_map_validates_and_names_its_source(model):
     assert len(m["source"]) > 20
     loaded = hostmeters.load_meter(model)
     mm = fwmeter.MeterMap(loaded)
-    # Hot plan covers hz and kw, reads are within the Modbus limit, plans cover every quantity.
-    for plan, names in ((mm.hot_plan, ("hz", "kw")), (mm.full_plan, mm.names)):
-        assert all(1 <= c <= 125 for _, c in plan)
-        for n in names:
-            a, k = mm.span(n)
-            assert any(s <= a and a + k <= s + c for s, c in plan), (model, n, plan)
-    assert len(mm.hot_plan) <= 2
+    # The full plan covers every quantity within the meter's limit (what the agent polls, the
+    # read plan, is tested in tests/firmware/test_readplan.py).
+    plan = mm.full_plan
+    assert all(1 <= c <= m.get("max_read", 125) for _, c in plan)
+    for n in mm.names:
+        a, k = mm.span(n)
+        assert any(s <= a and a + k <= s + c for s, c in plan), (model, n, plan)
     if m.get("resolution_hz", 0) >= 0.05:
         assert "coarse" in m.get("notes", ""), "coarse meters must say so in notes"
 
