@@ -82,7 +82,7 @@ def run(a, c, src):
         a.release = True  # authenticated: satisfies trip.release_required
     elif cmd == "schedule":  # the market feature takes it, or says why not (docs/market.md)
         mk = a.market
-        why = "no-market" if mk is None or mk.m is None else mk.schedule(c["sid"], c["iv"], src)
+        why = "no-market" if mk is None or mk.m is None else mk.schedule(c["sid"], c["iv"], src, c.get("ts"))
         if why is not None:
             return {"ok": False, "refused": why, "seq": c["seq"]}
     elif cmd == "arm" or cmd == "disarm":

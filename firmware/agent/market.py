@@ -4,7 +4,7 @@
 # runs it every tick (the market feature) and `gridshed backtest` runs the very same decide().
 #
 #   m = Market(cfg)                       # cfg: the normalized site config
-#   m.set_schedule(sid, iv)               # None, or why it is refused (a signed "schedule")
+#   m.set_schedule(sid, iv, ts=ts)        # None, or why it is refused (a signed "schedule")
 #   off = m.step(now_unix, closed_mask)   # trusted unix time or None; relays left closed by protection
 #   relays.apply(closed_mask & ~off)      # economics only ever ADDS open blocks
 #   for k in range(m.nev): journal(m.event(k))
@@ -56,6 +56,31 @@ _NEV = const(40)
 
 def _num(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _x100(v):
+    # a value x 100 as an int, rounded half away from zero (cents / 0.01 kW)
+    v = v * 100
+    return int(v + 0.5) if v >= 0 else -int(0.5 - v)
+
+
+def _check_ts(ts):
+    # the compact series [t0_unix, dt_s, "pc"|"kw", [values]]: None if sound, else why not
+    if not isinstance(ts, list) or len(ts) != 4:
+        return "bad-interval"
+    t0, dt, m, v = ts
+    if not isinstance(v, list) or len(v) > _MAX_IV:
+        return "too-many-intervals"
+    if not (isinstance(t0, int) and isinstance(dt, int) and not isinstance(dt, bool) and 0 < dt <= _DAY
+            and EPOCH <= t0 and t0 + dt * len(v) < EPOCH + _NEVER and v):
+        return "bad-interval"
+    for x in v:
+        if m == "pc":
+            if not (isinstance(x, int) and not isinstance(x, bool) and -1000000 <= x <= 10000000):
+                return "bad-interval"
+        elif not (m == "kw" and _num(x) and 0 <= x < 1e7):
+            return "bad-interval"
+    return None
 
 
 def trip_mask(cfg, n):
@@ -115,13 +140,19 @@ class Market:
         pr = [b.get("priority", 1) for b in blocks]
         self.order = tuple(sorted([i for i in range(n) if self.cls[i] != C_FIRM and self.kw[i] > 0],
                                   key=lambda i: (self.cls[i] == _C_HEAT, pr[i], -self.kw[i], i)))
-        # schedule: parallel arrays, times in seconds since EPOCH, later intervals win
+        # schedule: parallel arrays, times in seconds since EPOCH, later intervals win; sized to
+        # the schedule when it is taken (a series-only or empty schedule keeps none)
         self.sid = -1
         self.niv = 0
-        self.iv_s = array("i", (0 for _ in range(_MAX_IV)))
-        self.iv_e = array("i", (0 for _ in range(_MAX_IV)))
-        self.iv_m = bytearray(_MAX_IV)
-        self.iv_v = array("i", (0 for _ in range(_MAX_IV)))  # value x 100 (cents / 0.01 kW): no float array
+        self.iv_s = self.iv_e = self.iv_v = None  # array("i"): start, end, value x 100 (cents / 0.01 kW)
+        self.iv_m = None  # bytearray: the rows' modes
+        # the compact uniform-step series ("ts": [t0, dt, "pc"|"kw", [values]]): the base layer
+        # under the iv rows, read in place (no per-interval rows): step k runs t0 + k*dt .. + dt
+        self.ts_t0 = 0
+        self.ts_dt = 1
+        self.ts_m = _M_NONE
+        self.ts_v = None        # the received list (prices in cents, or kW); None: no series
+        self.ts_n = 0
         # dynamic state (every attribute exists from here on)
         self.off = 0            # blocks economics holds open
         self.why = bytearray(n)  # each block's last journaled reason
@@ -150,10 +181,13 @@ class Market:
         self.nev = self.dropped = 0
 
     # ---- the schedule ------------------------------------------------------------------
-    def set_schedule(self, sid, iv, boot=False):
-        # A signed schedule {"sid": id, "iv": [[start_unix, end_unix, "p"|"kw", value], ...]}:
-        # None when taken (it replaces the whole schedule), else why it is refused. A lower or
-        # equal id is a replay (boot=True: the stored one, taken as it is).
+    def set_schedule(self, sid, iv, boot=False, ts=None):
+        # A signed schedule {"sid": id, "iv": [[start_unix, end_unix, "p"|"kw", value], ...],
+        # "ts": [t0_unix, dt_s, "pc"|"kw", [value, ...]]} (ts optional: a uniform-step series,
+        # prices in whole cents per MWh or kW to curtail, step k from t0 + k*dt for dt seconds;
+        # the iv rows lie over it, later wins): None when taken (it replaces the whole schedule),
+        # else why it is refused. A lower or equal id is a replay (boot=True: the stored one, taken
+        # as it is).
         if not isinstance(sid, int) or isinstance(sid, bool) or not 0 <= sid < 1 << 31:
             return "bad-id"
         if sid <= self.sid and not boot:
@@ -168,15 +202,34 @@ class Market:
                 return "bad-interval"
             if not _num(v) or not ((m == "p" and -10000 <= v <= 100000) or (m == "kw" and 0 <= v < 1e7)):
                 return "bad-interval"
+        if ts is not None:
+            why = _check_ts(ts)
+            if why:
+                return why
+        n = len(iv)
+        self.niv = self.ts_n = 0  # (no RAM for the new rows: no schedule rather than half of one)
+        self.ts_v = self.iv_s = self.iv_e = self.iv_v = self.iv_m = None  # the old rows freed first
+        if n:
+            z = [0] * n
+            self.iv_s = array("i", z)
+            self.iv_e = array("i", z)
+            self.iv_v = array("i", z)
+            self.iv_m = bytearray(n)
+            z = None
         k = 0
         for x in iv:
             self.iv_s[k] = x[0] - EPOCH
             self.iv_e[k] = x[1] - EPOCH
             self.iv_m[k] = M_PRICE if x[2] == "p" else _M_KW
-            v = x[3] * 100
-            self.iv_v[k] = int(v + 0.5) if v >= 0 else -int(0.5 - v)
+            self.iv_v[k] = _x100(x[3])
             k += 1
         self.niv = k
+        if ts is not None:
+            self.ts_t0 = ts[0] - EPOCH
+            self.ts_dt = ts[1]
+            self.ts_m = M_PRICE if ts[2] == "pc" else _M_KW
+            self.ts_v = ts[3]
+            self.ts_n = len(ts[3])
         self.sid = sid
         self.closed = -1  # decide again at the next step
         return None
@@ -192,10 +245,13 @@ class Market:
         out = []
         for k in range(self.niv):
             out.append([self.iv_s[k] + EPOCH, self.iv_e[k] + EPOCH, MODES[self.iv_m[k]], self.iv_v[k] / 100])
-        return {"sid": self.sid, "iv": out}
+        r = {"sid": self.sid, "iv": out}
+        if self.ts_v is not None:
+            r["ts"] = [self.ts_t0 + EPOCH, self.ts_dt, "pc" if self.ts_m == M_PRICE else "kw", self.ts_v]
+        return r
 
     def lookup(self, t):
-        # the interval in force at t: the last one in the list that holds t wins
+        # the interval in force at t: the last iv row that holds t wins, then the series
         k = self.niv - 1
         while k >= 0:
             if self.iv_s[k] <= t < self.iv_e[k]:
@@ -204,15 +260,34 @@ class Market:
                 return
             k -= 1
         self.mode = _M_NONE
+        if self.ts_n and t >= self.ts_t0:
+            k = (t - self.ts_t0) // self.ts_dt
+            if k < self.ts_n:
+                self.mode = self.ts_m
+                v = self.ts_v[k]
+                self.val = v / 100 if self.ts_m == M_PRICE else _x100(v) / 100
 
     def _next_edge(self, t):
-        # the next interval start or end after t
+        # the next interval start or end after t (the series: where its value changes)
         w = _NEVER
         for k in range(self.niv):
             s = self.iv_s[k]
             if t < s < w:
                 w = s
             s = self.iv_e[k]
+            if t < s < w:
+                w = s
+        n = self.ts_n
+        if n:
+            t0 = self.ts_t0
+            if t < t0:
+                s = t0
+            else:
+                k = (t - t0) // self.ts_dt + 1
+                v = self.ts_v
+                while k < n and v[k] == v[k - 1]:
+                    k += 1
+                s = t0 + k * self.ts_dt if k <= n else _NEVER
             if t < s < w:
                 w = s
         return w
@@ -454,9 +529,9 @@ class Market:
             w = "%s obligation: %.0f kW available of %.0f kW committed" % (self.program, self.avail_kw, self.oblig_kw)
         elif self.oblig and self.why_count(_W_OBLIG):
             w = "economic curtailment refused: %s obligation" % self.program
-        elif not self.known and self.niv:
+        elif not self.known and (self.niv or self.ts_n):
             w = "clock not trusted: schedule not executed"
-        return {"clock": self.known, "sid": self.sid if self.sid >= 0 else None, "intervals": self.niv,
+        return {"clock": self.known, "sid": self.sid if self.sid >= 0 else None, "intervals": self.niv + self.ts_n,
                 "mode": MODES[self.mode], "value": self.val if self.mode else None, "off": self.off,
                 "avail_kw": self.avail_kw, "avail_mw": self.avail_kw / 1000, "program": self.program,
                 "obligation_kw": self.oblig_kw, "obligation_hour": self.oblig, "short": self.short,

@@ -113,25 +113,78 @@ def check_rows(rows: list[list]) -> None:
                             f"takes ({lo:g} .. {hi:g})")
 
 
-def check_size(rows: list[list], what: str = "the schedule") -> None:
-    """The board's interval cap: UserError with the count and how to shorten it."""
+def check_size(rows: list[list], what: str = "the schedule", form: str = "iv") -> None:
+    """The board's interval cap: UserError with the count and how to shorten it. form "auto":
+    the cap applies to what :func:`body` sends (series steps, iv rows)."""
     if not rows:
         raise UserError(f"{what} has no interval from now on (all of it is in the past?)")
-    if len(rows) > MAX_INTERVALS:
+    if (board_rows(body(rows)) if form == "auto" else len(rows)) > MAX_INTERVALS:
         first, last = rows[0][0], max(r[1] for r in rows)
         raise UserError(f"{what} has {len(rows)} intervals ({iso(first)} .. {iso(last)}); a board holds at most "
                         f"{MAX_INTERVALS} per schedule: send a shorter window with --horizon (e.g. --horizon 24h "
                         f"for 15-minute prices) and dispatch again before it runs out")
 
 
+def _cents(v: float) -> int:
+    """$/MWh -> whole cents, rounded as the board rounds an iv row (agent.market _x100)."""
+    x = float(v) * 100
+    return int(x + 0.5) if x >= 0 else -int(0.5 - x)
+
+
+def compact(rows: list[list]) -> dict[str, Any] | None:
+    """The compact body {"ts": [t0, dt, "pc", [cents, ...]], "iv": [the other rows]} for rows
+    whose price rows come first, touch end to start and lie on one step (dt: the greatest common
+    divisor of their lengths; merged neighbours are split back into steps), at most
+    MAX_INTERVALS steps; None when the price rows are not such a series (a gap, a row out of
+    order, or none). The kW rows after them stay iv rows lying over the series (later wins)."""
+    k = 0
+    while k < len(rows) and rows[k][2] == PRICE:
+        k += 1
+    prices, rest = rows[:k], rows[k:]
+    if not prices or any(r[2] == PRICE for r in rest):
+        return None
+    if any(a[1] != b[0] for a, b in zip(prices, prices[1:])):
+        return None
+    dt = 0
+    for r in prices:
+        dt = math.gcd(dt, r[1] - r[0])
+    if not 0 < dt <= 86400 or (prices[-1][1] - prices[0][0]) // dt > MAX_INTERVALS:
+        return None
+    vals = [_cents(r[3]) for r in prices for _ in range((r[1] - r[0]) // dt)]
+    return {"ts": [prices[0][0], dt, "pc", vals], "iv": rest}
+
+
+def body(rows: list[list]) -> dict[str, Any]:
+    """The schedule's fields: {"iv": rows}, or the compact form (:func:`compact`) when it is the
+    shorter of the two in CBOR (a day of 15-minute prices: only the compact one fits a command)
+    or the rows are more than a board keeps as iv rows."""
+    from agent import cbor
+
+    c = compact(rows)
+    if c is None:
+        return {"iv": rows}
+    if len(rows) > MAX_INTERVALS or len(cbor.dumps(c)) < len(cbor.dumps({"iv": rows})):
+        return c
+    return {"iv": rows}
+
+
+def board_rows(b: dict[str, Any]) -> int:
+    """The rows a board keeps for a body: iv rows and series steps (each at most MAX_INTERVALS)."""
+    return max(len(b.get("iv") or ()), len(b["ts"][3]) if "ts" in b else 0)
+
+
 def payload(dev: str, site: str | None, seq: int, exp: int, sched_id: int, rows: list[list],
-            nonce: bytes | None = None) -> dict[str, Any]:
-    """The schedule command's CBOR payload (keys in a fixed order: deterministic bytes)."""
+            nonce: bytes | None = None, form: str = "iv") -> dict[str, Any]:
+    """The schedule command's CBOR payload (keys in a fixed order: deterministic bytes).
+    form "iv": every row as [start, end, mode, value]; "auto": :func:`body` picks."""
     p: dict[str, Any] = {"cmd": CMD, "seq": seq, "exp": int(exp), "dev": dev}
     if site is not None:
         p["site"] = site
     p[ID_KEY] = int(sched_id)
-    p["iv"] = rows
+    b = body(rows) if form == "auto" else {"iv": rows}
+    if "ts" in b:
+        p["ts"] = b["ts"]
+    p["iv"] = b["iv"]
     if nonce is not None:
         p["nonce"] = bytes(nonce)
     return p
@@ -151,6 +204,7 @@ class SignedSchedule:
     exp: int
     sched_id: int
     msg: bytes
+    form: str = "iv"  # "ts": the compact uniform-step series (+ iv rows over it), "iv": rows only
 
     @property
     def cmd(self) -> str:
@@ -159,7 +213,7 @@ class SignedSchedule:
 
 def sign(tgts: list[Any], rows: list[list], seq_path: Any, inventory: Any, expires_s: float = 60.0,
          now: float | None = None, nonces: dict[str, bytes] | None = None,
-         reserve_ids: bool = True) -> list[SignedSchedule]:
+         reserve_ids: bool = True, form: str = "iv") -> list[SignedSchedule]:
     """One signed schedule per target: its own key, seq and schedule id (reserved in the
     inventory before signing, so an id is never given twice). reserve_ids=False (dry run):
     the id the next dispatch would get, nothing written."""
@@ -170,7 +224,7 @@ def sign(tgts: list[Any], rows: list[list], seq_path: Any, inventory: Any, expir
 
     check_rows(rows)
     if len(rows) > MAX_INTERVALS:  # an empty schedule is fine here: it clears the board's
-        check_size(rows)
+        check_size(rows, form=form)
     now = time.time() if now is None else now
     counter = SeqCounter(seq_path)
     out = []
@@ -181,9 +235,9 @@ def sign(tgts: list[Any], rows: list[list], seq_path: Any, inventory: Any, expir
             if sid >= 2**31:  # the board keeps ids below 2**31 (agent.market Market.set_schedule)
                 raise UserError(f"{t.device}: schedule id {sid} is past the board's limit (2**31 - 1)")
             seq = counter.next(t.kid, at_least=int(now)) if reserve_ids else max(counter.last(t.kid) + 1, int(now))
-            p = payload(t.device, t.site, seq, int(now + expires_s), sid, rows, (nonces or {}).get(t.device))
+            p = payload(t.device, t.site, seq, int(now + expires_s), sid, rows, (nonces or {}).get(t.device), form)
             msg = cose.mac0_create(t.key, t.kid, cbor.dumps(p), tagged=True)
-            out.append(SignedSchedule(t, seq, p["exp"], sid, msg))
+            out.append(SignedSchedule(t, seq, p["exp"], sid, msg, "ts" if "ts" in p else "iv"))
     return out
 
 

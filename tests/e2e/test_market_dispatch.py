@@ -105,18 +105,38 @@ def test_dispatch_to_a_real_agent(tmp_path, capsys):
             st = (await rig.status())["market"]
             assert st["sid"] == sid2 and st["intervals"] == 3 and st["mode"] == "kw", st
 
-            # the size the board takes: --fit sends the 17 rows of cent prices that fit one signed
-            # command (512 bytes) and the board takes them; one row more, signed and sent past the
-            # host's check, is refused by the board as malformed (the host's limit is the board's)
-            cents = tmp_path / "cents.csv"
+            # a whole day of 15-minute cent prices (96 steps from this quarter-hour) in one signed
+            # command: the compact uniform-step form ("ts"). 100 $/MWh for the first hour (the
+            # miner rows open, the heat loop and the firm block back on), then cent prices
+            q0 = int(time.time()) // 900 * 900
+            day = [100.0 if i < 4 else round(20 + (i % 48) * 3.37, 2) for i in range(96)]
+            cents = tmp_path / "day.csv"
             cents.write_text("interval_start,price_usd_mwh\n"
-                             + "".join(f"{iso(h0 + 900 * i)},{20 + i * 1.37:.2f}\n" for i in range(40)))
+                             + "".join(f"{iso(q0 + 900 * i)},{p:.2f}\n" for i, p in enumerate(day)))
             d = await asyncio.to_thread(cli, capsys, "dispatch", str(cents), "--site", str(site), *common,
+                                        "--port", port)
+            r = d["results"][0]
+            assert d["ok"] and d["summary"]["intervals"] in (92, 93) and r["form"] == "ts" and r["bytes"] <= 512, d
+            want = [n not in ("row-a", "row-b", "row-c") for n in names]
+            await rig.until(lambda: rig.closed() == want, 30, "the miner rows open for the series' first hour")
+            st = (await rig.status())["market"]
+            assert st["sid"] == r["schedule_id"] and st["intervals"] in (95, 96) and st["mode"] == "p", st  # (95: a quarter turned)
+            assert st["value"] == 100, st
+
+            # the size the board takes as rows (a gap: no series): --fit sends the 17 rows of cent
+            # prices that fit one signed command (512 bytes) and the board takes them; one row
+            # more, signed and sent past the host's check, is refused by the board as malformed
+            # (the host's limit is the board's)
+            gappy = tmp_path / "cents.csv"
+            gappy.write_text("interval_start,price_usd_mwh\n" + "".join(
+                f"{iso(q0 + 900 * i)},{20 + i * 1.37:.2f}\n" for i in range(41) if i != 1))
+            d = await asyncio.to_thread(cli, capsys, "dispatch", str(gappy), "--site", str(site), *common,
                                         "--port", port, "--fit")
             assert d["ok"] and d["summary"]["intervals"] == 17 and d["results"][0]["bytes"] <= 512, d
+            assert d["results"][0]["form"] == "iv", d
             st = (await rig.status())["market"]
             assert st["sid"] == d["results"][0]["schedule_id"] and st["intervals"] == 17, st
-            rows = [[h0 + 900 * i, h0 + 900 * (i + 1), "p", round(20 + i * 1.37, 2)] for i in range(18)]
+            rows = [[q0 + 900 * i, q0 + 900 * (i + 1), "p", round(20 + i * 1.37, 2)] for i in range(18)]
             tg = fc.targets(inv, cfg["device"], None)
             big = dp.sign(tg, rows, fc.seq_file(inv), inv)[0]
             assert len(big.msg) > dp.MAX_SIGNED_BYTES

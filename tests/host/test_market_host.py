@@ -268,7 +268,13 @@ def test_dispatch_interval_cap(tmp_path, capsys, inv):
     d = js(capsys, "dispatch", str(prices), "--site", str(site), "--inventory", str(db), "--now", now,
            "--dry-run", "--horizon", "24h")
     assert len(d["schedule"]) == 96 and d["schedule"][-1]["end_unix"] == T0 + 86400
-    # 96 rows are more than the board verifies in one signed command (512 bytes): the dry run says so
+    # a day of 96 15-minute cent prices: one signed command as a compact series ("ts")
+    assert all(b["bytes"] <= dp.MAX_SIGNED_BYTES and b["form"] == "ts" and b["fits"] == {"serial": True, "mqtt": True}
+               for b in d["boards"]), d["boards"]
+    # 96 prices above 655.35 $/MWh (5 CBOR bytes each) are more than the board verifies in one
+    # signed command (512 bytes): the dry run says so
+    dear = _prices(tmp_path, 96, price=lambda i: 700 + i * 1.37)
+    d = js(capsys, "dispatch", str(dear), "--site", str(site), "--inventory", str(db), "--now", now, "--dry-run")
     assert all(b["bytes"] > dp.MAX_SIGNED_BYTES and b["fits"] == {"serial": False, "mqtt": False} for b in d["boards"])
     # out of what a board takes: one line naming the row (the backtest's reader, the same CSV)
     bad = _prices(tmp_path, 4, price=lambda i: 200000 if i == 2 else 10)
@@ -295,9 +301,12 @@ def test_transport_limits_and_fit(tmp_path, capsys, inv):
     site = ROOT / "scenarios" / "market-site.toml"
     now = "2027-07-15T00:00:00-05:00"
     base = ["dispatch", "--site", str(site), "--inventory", str(db), "--now", now]
-    # 40 cent prices fit neither a console line nor the board's MQTT buffer: refused before
-    # anything is reserved or sent (the port and the broker are never opened)
-    prices = str(_prices(tmp_path, 40, price=lambda i: 20 + i * 1.37))
+    # 40 cent prices with a gap (no uniform series: rows) fit neither a console line nor the
+    # board's MQTT buffer: refused before anything is reserved or sent (the port and the broker
+    # are never opened)
+    from gridshed.prices import iso
+
+    prices = str(_csv(tmp_path / "gap.csv", [(iso(T0 + i * 900), f"{20 + i * 1.37:.2f}") for i in range(41) if i != 1]))
     d = js(capsys, *base, prices, "--dry-run")
     assert d["boards"][0]["fits"] == {"serial": False, "mqtt": False}
     assert d["boards"][0]["console_line"] > dp.CONSOLE_LINE_MAX and d["boards"][0]["mqtt_packet"] > dp.FLEET_MAX_PACKET
@@ -317,7 +326,8 @@ def test_transport_limits_and_fit(tmp_path, capsys, inv):
     assert rc == 0 and n == 17 and d["boards"][0]["fits"]["serial"] is True, d
     assert d["boards"][0]["bytes"] <= 512 and d["boards"][0]["console_line"] <= 1024
     assert f"--fit: {n} of 40 intervals fit the serial transport" in err
-    assert [r["start_unix"] for r in d["schedule"]] == [T0 + 900 * i for i in range(n)]
+    assert [r["start_unix"] for r in d["schedule"]] == [T0] + [T0 + 900 * i for i in range(2, n + 1)]
+    assert d["boards"][0]["form"] == "iv"
     d = js(capsys, *base, prices, "--dry-run", "--fit")
     assert d["boards"][0]["fits"]["mqtt"] is True and d["summary"]["intervals"] == n
     assert d["boards"][0]["mqtt_packet"] <= dp.FLEET_MAX_PACKET

@@ -33,7 +33,7 @@ class Feature:
         rec, why = _io().read_checked(PATH)
         if why is None and rec is not None:
             try:
-                why = m.set_schedule(rec["sid"], rec["iv"], True)
+                why = m.set_schedule(rec["sid"], rec["iv"], True, rec.get("ts"))
                 x = rec.get("x")
                 if x:
                     m.set_extra(x[0], float(x[1]))
@@ -79,16 +79,16 @@ class Feature:
             self.a.count("market_write")
             return False
 
-    def schedule(self, sid, iv, src):
+    def schedule(self, sid, iv, src, ts=None):
         # a verified "schedule" command: None when taken, else why it is refused
-        why = self.m.set_schedule(sid, iv)
+        why = self.m.set_schedule(sid, iv, False, ts)
         a = self.a
         if why is None:
             # written now, or (no RAM beside the command's own modules) by the feature's next
             # second, retried until it is: @status market.stored says which
             self.dirty = not self.save()
             self.file = None
-            a.journal.append("market", {"ev": "schedule", "sid": sid, "intervals": self.m.niv, "src": src,
+            a.journal.append("market", {"ev": "schedule", "sid": sid, "intervals": self.m.niv + self.m.ts_n, "src": src,
                                         "stored": not self.dirty})
         else:
             self.refusals += 1

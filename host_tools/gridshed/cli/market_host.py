@@ -35,8 +35,10 @@ DISPATCH_EPILOG = """examples:
 
 the schedule: one row per price interval from now on ([start, end, "p", $/MWh], neighbours with the
   same price merged) then one row per 4CP window ([start, end, "kw", target]; later rows win where
-  they overlap). At most 96 rows per schedule, and one signed command holds 512 bytes (about 17 rows
-  of cent prices, 25 of whole dollars): a longer one is refused (--horizon, --merge-by-strike, --fit).
+  they overlap). Prices on one step without gaps go as a compact series ("ts": start, step, cents:
+  a day of 96 15-minute prices fits one command) when that is shorter; else as rows (one signed
+  command of 512 bytes holds about 17 rows of cent prices). At most 96 rows or steps per schedule;
+  a longer one is refused (--horizon, --merge-by-strike, --fit).
   Each board gets its own signed command (its key, a fresh seq, its next schedule id from the
   inventory); the board keeps the schedule with the highest id. docs/market.md.
 exit status: 0 all boards accepted (or --dry-run), 1 a board refused or did not answer, 2 usage errors."""
@@ -253,7 +255,7 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
     expires = fc.parse_duration(args.expires)
     rows, _ = build_rows(args, now, site)
     dp.check_rows(rows)
-    dp.check_size(rows)
+    dp.check_size(rows, form="auto")
     if any(r[2] == "p" for r in rows) and not any(isinstance(b, dict) and "strike_usd_mwh" in b
                                                   for b in site.get("blocks") or []):
         warn(f"{args.site}: no [[blocks]] has strike_usd_mwh: the boards take the prices but shed nothing for them "
@@ -279,7 +281,7 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
     via = "serial" if args.port else "mqtt"
 
     def trial(rs: list[list]) -> list[Any]:  # signed as it would be, nothing reserved
-        return dp.sign(tgts, rs, seq_path, args.inventory, expires, now, reserve_ids=False)
+        return dp.sign(tgts, rs, seq_path, args.inventory, expires, now, reserve_ids=False, form="auto")
 
     if args.fit and not dp.fits(trial(rows), via):
         kept = dp.fit_rows(rows, lambda rs: dp.fits(trial(rs), via))
@@ -291,7 +293,7 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
         summ = dp.summary(rows)
     if args.dry_run:
         signed = trial(rows)
-        boards = [{"device": s.target.device, "schedule_id": s.sched_id, "bytes": len(s.msg),
+        boards = [{"device": s.target.device, "schedule_id": s.sched_id, "bytes": len(s.msg), "form": s.form,
                    "console_line": dp.console_line_len(s.msg), "console_max": dp.CONSOLE_LINE_MAX,
                    "mqtt_packet": dp.mqtt_packet_len(s), "mqtt_max": dp.FLEET_MAX_PACKET,
                    "fits": {v: dp.fits([s], v) for v in ("serial", "mqtt")}} for s in signed]
@@ -302,7 +304,7 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
              + [f"  {r['start']} .. {r['end']}  " + (f"{r['price_usd_mwh']:9.2f} $/MWh" if "price_usd_mwh" in r
                                                       else f"curtail {r['curtail_kw']} kW") for r in dp.rows_json(rows)]
              + [f"  {b['device']}: would be schedule id {b['schedule_id']}, {b['bytes']}/{dp.MAX_SIGNED_BYTES} bytes "
-                f"signed (console line {b['console_line']}/{b['console_max']}, MQTT packet "
+                f"signed as {'a uniform-step series' if b['form'] == 'ts' else 'rows'} (console line {b['console_line']}/{b['console_max']}, MQTT packet "
                 f"{b['mqtt_packet']}/{b['mqtt_max']}): "
                 + ("fits" if b["fits"][via] else f"TOO BIG for one {via} command: use --fit, --merge-by-strike or "
                                                  "--horizon") for b in boards])
@@ -312,7 +314,7 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
     nonces = None
     if dp.fresh_needed():
         nonces = fc.nonces(via, tgts, port=args.port, broker=broker, timeout=args.timeout)
-    signed = dp.sign(tgts, rows, seq_path, args.inventory, expires, now, nonces=nonces)
+    signed = dp.sign(tgts, rows, seq_path, args.inventory, expires, now, nonces=nonces, form="auto")
     if via == "serial":
         note(f"sending schedule id {signed[0].sched_id} ({len(signed[0].msg)} bytes) on {args.port}")
         replies = [fc.send_serial(args.port, signed[0].msg, timeout=args.timeout)]
@@ -321,7 +323,7 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
     results = []
     for s, r in zip(signed, replies):
         row: dict[str, Any] = {"device": s.target.device, "schedule_id": s.sched_id, "seq": s.seq,
-                               "bytes": len(s.msg), "ok": bool(r.get("ok"))}
+                               "bytes": len(s.msg), "form": s.form, "ok": bool(r.get("ok"))}
         row.update({k: r[k] for k in ("refused", "error") if k in r})
         results.append(row)
     ok = all(r["ok"] for r in results)
