@@ -43,6 +43,7 @@ from .errors import UserError
 from .transport import Board, BoardError
 
 STAGE = ".gsnew"
+FALLBACK = "lib/"                      # deploy --romfs: the agent's copy while the partition is rewritten
 PLAN = "switch-plan.json"              # the firmware's agent/boot.py PLAN_PATH
 LEGACY_PLANS = ("deploy-plan.json",)   # written by earlier gridshed versions (no hashes)
 PLATFORMS = {"esp32": ("esp32",), "rp2": ("rp2",), "unix": ("linux", "darwin", "unix")}
@@ -137,6 +138,7 @@ def deploy(port: str, build_dir: str | Path, board_name: str | None = None, forc
     bdir = Path(build_dir)
     agent_files = [e["file"] for e in manifest["files"]]
     rom = manifest.get("romfs") if romfs else None
+    full_manifest = manifest
     image = b""
     rom_top: list[str] = []
     if romfs:
@@ -148,11 +150,6 @@ def deploy(port: str, build_dir: str | Path, board_name: str | None = None, forc
         fs_entries = [e for e in manifest["files"] if e["file"] not in in_rom]
         # the board's /build.json lists what is on its filesystem, and the image apart
         manifest = dict(manifest, files=fs_entries, total_size=sum(e["size"] for e in fs_entries), mode="romfs")
-    files = {e["file"]: e for e in manifest["files"]}
-    bm_bytes = board_manifest_bytes(manifest)
-    import hashlib
-
-    bm_hash = hashlib.sha256(bm_bytes).hexdigest()
     summary: dict[str, Any] = {"port": port, "board": manifest["board"], "build_id": manifest["build_id"],
                                "written": [], "unchanged": [], "resumed": [], "removed": [],
                                "bytes_written": 0, "recovered": False, "restarted": False}
@@ -164,78 +161,25 @@ def deploy(port: str, build_dir: str | Path, board_name: str | None = None, forc
             summary["recovered"] = finish_interrupted(b)
             summary["platform"] = check_platform(b, manifest)
             check_board_config(b, manifest)
+            fallback = romfs and _needs_fallback(b, image, rom, force, rom_top, manifest)
+            if fallback:
+                # the board runs its agent from ROM and the image must be rewritten: a copy of
+                # the new build's agent goes to /lib first (after /rom on sys.path: it shadows
+                # nothing), so a write cut short (its header is written last: the port then
+                # mounts nothing) leaves a board that boots the agent from /lib
+                progress("fallback", {})
+                summary["fallback_written"] = _write_fallback(b, port, bdir, full_manifest, progress)
             if romfs:
                 from .boards import load_board
 
                 rf.quiet_irqs(b, rf.agent_pins(b, load_board(manifest["board"])))
                 _deploy_image(b, image, rom, force, summary["romfs"], progress, manifest)
-            old_raw = b.get(BOARD_MANIFEST)
-            old_files: set[str] = set()
-            if old_raw:
-                try:
-                    old_files = {e["file"] for e in json.loads(old_raw).get("files", [])}
-                except (ValueError, AttributeError, KeyError, TypeError):
-                    old_files = set()
-            # what the board has now, and what an interrupted deploy may have staged
-            shadows = [f[:-4] + ".py" for f in files if f.endswith(".mpy")]
-            rom_dirs: list[str] = []
-            if romfs:  # the filesystem's agent would be imported before the ROM's
-                rom_files, rom_dirs = rf.find_shadows(b, rom_top)
-                shadows += rom_files
-            targets = list(files) + [BOARD_MANIFEST]
-            probe = targets + [t + STAGE for t in targets] + shadows
-            progress("hash", {"files": len(probe)})
-            have = b.hashes(probe)
-            want = {f: e["sha256"] for f, e in files.items()}
-            want[BOARD_MANIFEST] = bm_hash
-            changed = [f for f in targets if force or have.get(f) != want[f]]
-            summary["unchanged"] = [f for f in files if f not in changed]
-            blobs = {f: (bdir / f).read_bytes() for f in changed if f != BOARD_MANIFEST}
-            blobs[BOARD_MANIFEST] = bm_bytes
-            to_write = [f for f in changed if have.get(f + STAGE) != want[f]]
-            summary["resumed"] = [f for f in changed if f not in to_write]
-            progress("plan", {"changed": changed, "to_write": to_write,
-                              "total_bytes": sum(len(blobs[f]) for f in to_write)})
-            b.makedirs(d for f in to_write for d in _ancestors(f))
-            for f in to_write:
-                progress("file", {"file": f, "size": len(blobs[f])})
-                b.put(f + STAGE, blobs[f], progress=lambda n: progress("bytes", {"n": n}))
-                summary["bytes_written"] += len(blobs[f])
-            summary["written"] = [f for f in changed if f != BOARD_MANIFEST]
-            # verify every staged file before switching over
-            progress("verify", {"files": len(changed)})
-            staged = b.hashes([f + STAGE for f in changed])
-            bad = [f for f in changed if staged.get(f + STAGE) != want[f]]
-            for f in bad:  # one retry per file: flaky USB
-                b.put(f + STAGE, blobs[f])
-            if bad:
-                staged = b.hashes([f + STAGE for f in bad])
-                still = [f for f in bad if staged.get(f + STAGE) != want[f]]
-                if still:
-                    raise BoardError(f"{port}: {still[0]} does not verify after writing (hash differs); "
-                                     "nothing was switched, the board still has the old firmware")
-            removes = sorted((old_files - set(files)) | {s for s in shadows if have.get(s)})
-            removes = [r for r in removes if r not in files and r != BOARD_MANIFEST]
-            renames = [(f + STAGE, f, want[f]) for f in changed]
-            if renames or removes:
-                progress("switch", {"renames": len(renames), "removes": len(removes)})
-                # from here the board may have the new build: with the agent in it, the restart
-                # waits until it says "agent up" and answers @status
-                b.wait_for_agent = any(f.startswith("agent/app.") for f in agent_files)
-                b.switch_over(renames, removes, PLAN)
-            summary["removed"] = removes
+            _write_fs(b, port, bdir, manifest, force, progress, summary, agent_files, rom_top if romfs else None)
             if romfs:
-                if rom_dirs:
-                    rf.remove_trees(b, [d for d in rom_top if d in rom_dirs])
-                    summary["removed"] = removes + sorted(d + "/" for d in rom_dirs)
-                left, left_dirs = rf.find_shadows(b, rom_top)
-                if left or left_dirs:
-                    raise BoardError(f"{port}: {(left + left_dirs)[0]} is still on the filesystem and would be "
-                                     "imported instead of the ROM copy; run deploy again")
-            final = b.hashes(targets)
-            wrong = [f for f in targets if final.get(f) != want[f]]
-            if wrong:
-                raise BoardError(f"{port}: after the switch-over {wrong[0]} has the wrong hash; run deploy again")
+                left, left_dirs = rf.find_shadows(b, [FALLBACK + t for t in rom_top])
+                if left or left_dirs:  # the image verified and mounted: the copy is not needed
+                    rf.remove_trees(b, [FALLBACK + t for t in rom_top])
+                    summary["removed"] = summary["removed"] + [FALLBACK + t + "/" for t in rom_top]
             if restart:
                 progress("restart", {})
     summary["restarted"] = bool(b.outcome and b.outcome.startswith("agent restarted"))
@@ -244,6 +188,128 @@ def deploy(port: str, build_dir: str | Path, board_name: str | None = None, forc
     summary["warnings"] = list(b.warnings)
     summary["seconds"] = round(time.monotonic() - t0, 2)
     return summary
+
+
+def _write_fs(b: Board, port: str, bdir: Path, manifest: dict[str, Any], force: bool, progress: Progress,
+              summary: dict[str, Any], agent_files: list[str], rom_top: list[str] | None) -> None:
+    """The filesystem part of a deploy: `manifest`'s files and /build.json staged, verified,
+    switched over in one step; with `rom_top` (a ROMFS deploy) the filesystem's copy of the agent
+    is removed in the same switch-over."""
+    from . import romfs as rf
+
+    romfs = rom_top is not None
+    rom_top = rom_top or []
+    files = {e["file"]: e for e in manifest["files"]}
+    bm_bytes = board_manifest_bytes(manifest)
+    import hashlib
+
+    bm_hash = hashlib.sha256(bm_bytes).hexdigest()
+    old_raw = b.get(BOARD_MANIFEST)
+    old_files: set[str] = set()
+    if old_raw:
+        try:
+            old_files = {e["file"] for e in json.loads(old_raw).get("files", [])}
+        except (ValueError, AttributeError, KeyError, TypeError):
+            old_files = set()
+    # what the board has now, and what an interrupted deploy may have staged
+    shadows = [f[:-4] + ".py" for f in files if f.endswith(".mpy")]
+    rom_dirs: list[str] = []
+    if romfs:  # the filesystem's agent would be imported before the ROM's
+        rom_files, rom_dirs = rf.find_shadows(b, rom_top)
+        shadows += rom_files
+    targets = list(files) + [BOARD_MANIFEST]
+    probe = targets + [t + STAGE for t in targets] + shadows
+    progress("hash", {"files": len(probe)})
+    have = b.hashes(probe)
+    want = {f: e["sha256"] for f, e in files.items()}
+    want[BOARD_MANIFEST] = bm_hash
+    changed = [f for f in targets if force or have.get(f) != want[f]]
+    summary["unchanged"] = [f for f in files if f not in changed]
+    blobs = {f: (bdir / f).read_bytes() for f in changed if f != BOARD_MANIFEST}
+    blobs[BOARD_MANIFEST] = bm_bytes
+    to_write = [f for f in changed if have.get(f + STAGE) != want[f]]
+    summary["resumed"] = [f for f in changed if f not in to_write]
+    progress("plan", {"changed": changed, "to_write": to_write,
+                      "total_bytes": sum(len(blobs[f]) for f in to_write)})
+    b.makedirs(d for f in to_write for d in _ancestors(f))
+    for f in to_write:
+        progress("file", {"file": f, "size": len(blobs[f])})
+        b.put(f + STAGE, blobs[f], progress=lambda n: progress("bytes", {"n": n}))
+        summary["bytes_written"] += len(blobs[f])
+    summary["written"] = [f for f in changed if f != BOARD_MANIFEST]
+    # verify every staged file before switching over
+    progress("verify", {"files": len(changed)})
+    staged = b.hashes([f + STAGE for f in changed])
+    bad = [f for f in changed if staged.get(f + STAGE) != want[f]]
+    for f in bad:  # one retry per file: flaky USB
+        b.put(f + STAGE, blobs[f])
+    if bad:
+        staged = b.hashes([f + STAGE for f in bad])
+        still = [f for f in bad if staged.get(f + STAGE) != want[f]]
+        if still:
+            raise BoardError(f"{port}: {still[0]} does not verify after writing (hash differs); "
+                             "nothing was switched, the board still has the old firmware")
+    removes = sorted((old_files - set(files)) | {s for s in shadows if have.get(s)})
+    removes = [r for r in removes if r not in files and r != BOARD_MANIFEST]
+    renames: list[tuple[str, ...]] = [(f + STAGE, f, want[f]) for f in changed]
+    if renames or removes:
+        progress("switch", {"renames": len(renames), "removes": len(removes)})
+        # from here the board may have the new build: with the agent in it, the restart
+        # waits until it says "agent up" and answers @status
+        b.wait_for_agent = any(f.startswith("agent/app.") for f in agent_files)
+        b.switch_over(renames, removes, PLAN)
+    summary["removed"] = removes
+    if romfs:
+        if rom_dirs:
+            rf.remove_trees(b, [d for d in rom_top if d in rom_dirs])
+            summary["removed"] = removes + sorted(d + "/" for d in rom_dirs)
+        left, left_dirs = rf.find_shadows(b, rom_top)
+        if left or left_dirs:
+            raise BoardError(f"{port}: {(left + left_dirs)[0]} is still on the filesystem and would be "
+                             "imported instead of the ROM copy; run deploy again")
+    final = b.hashes(targets)
+    wrong = [f for f in targets if final.get(f) != want[f]]
+    if wrong:
+        raise BoardError(f"{port}: after the switch-over {wrong[0]} has the wrong hash; run deploy again")
+
+
+def _needs_fallback(b: Board, image: bytes, rom: dict[str, Any], force: bool, rom_top: list[str],
+                    manifest: dict[str, Any]) -> bool:
+    """True when the partition must be rewritten while no agent is on the filesystem (the board
+    runs it from the partition about to be erased)."""
+    from . import romfs as rf
+
+    files, dirs = rf.find_shadows(b, rom_top)
+    if files or dirs:
+        return False
+    part = rf.query(b)
+    rf.check_fits(b, part, image, manifest)
+    return force or rf.image_hash(b, part, len(image)) != rom["sha256"]
+
+
+def _write_fallback(b: Board, port: str, bdir: Path, manifest: dict[str, Any], progress: Progress) -> int:
+    """The build's agent package under /lib (FALLBACK), staged, verified, switched over; the
+    number of files written (files already there and right are kept)."""
+    from . import romfs as rf
+
+    tops = rf.shadow_candidates([e["file"] for e in manifest["files"] if e["file"].endswith(".mpy")])
+    src = {FALLBACK + e["file"]: e for e in manifest["files"]
+           if any(e["file"].startswith(t + "/") for t in tops)}
+    have = b.hashes(list(src) + [f + STAGE for f in src])
+    changed = [f for f in src if have.get(f) != src[f]["sha256"]]
+    to_write = [f for f in changed if have.get(f + STAGE) != src[f]["sha256"]]
+    b.makedirs(d for f in to_write for d in _ancestors(f))
+    for f in to_write:
+        progress("file", {"file": f, "size": src[f]["size"]})
+        b.put(f + STAGE, (bdir / src[f]["file"]).read_bytes(), progress=lambda n: progress("bytes", {"n": n}))
+    staged = b.hashes([f + STAGE for f in changed])
+    bad = [f for f in changed if staged.get(f + STAGE) != src[f]["sha256"]]
+    if bad:
+        raise BoardError(f"{port}: {bad[0]} does not verify after writing (hash differs); nothing was switched, "
+                         "the board still runs its agent from ROM")
+    if changed:
+        b.switch_over([(f + STAGE, f, src[f]["sha256"]) for f in changed], [], PLAN)
+    return len(to_write)
 
 
 def _deploy_image(b: Board, image: bytes, rom: dict[str, Any], force: bool, info: dict[str, Any],

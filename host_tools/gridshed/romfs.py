@@ -257,7 +257,10 @@ def write_image(b: Board, part: dict[str, Any], image: bytes, progress: Progress
         chunk = -(-max(CHUNK, min_write) // min_write) * min_write
     b.exec("from binascii import a2b_base64 as _gs_a")
     progress("rom-write", {"size": len(image), "chunk": chunk})
-    for off in range(0, len(image), chunk):
+    # the first chunk (the image header) last: a write cut short leaves an erased header, which
+    # the port does not mount at boot, never a mountable image with missing modules
+    offs = list(range(0, len(image), chunk))
+    for off in offs[1:] + offs[:1]:
         part_bytes = image[off:off + chunk]
         # whole write units (a block device: whole chunks, as mpremote), never past the partition
         unit = chunk if part["object"] else min_write

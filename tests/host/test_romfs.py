@@ -204,6 +204,29 @@ def test_deploy_romfs_to_a_virtual_board(fw, tmp_path, capsys):
         assert "ROMFS image %d bytes written" % fw["romfs"]["size"] in capsys.readouterr().out
         with Board(vb.port) as b:
             assert b.eval("__import__('agent').__path__") == "/rom/agent"
+        # a rewrite of the partition cut short (Ctrl-C) on a board that runs its agent from it:
+        # the build's copy in /lib (written first) runs, and the next deploy puts it back in ROM
+        events: list[str] = []
+
+        def cut(ev: str, info: dict) -> None:
+            events.append(ev)
+            if ev == "bytes" and "rom-write" in events and events[events.index("rom-write"):].count("bytes") == 3:
+                raise KeyboardInterrupt
+
+        said: list[str] = []
+        with pytest.raises(KeyboardInterrupt):
+            deploy(vb.port, fw["path"], romfs=True, force=True, progress=cut, say=said.append)
+        assert "fallback" in events and said and said[0].startswith("agent restarted"), (said, events[-5:])
+        with Board(vb.port) as b:
+            assert b.eval("__import__('agent').__path__") == "lib/agent"
+            assert b.eval("__import__('agent.base').base.BUILD") == fw["build_id"]
+            b.restart_agent()
+        s = deploy(vb.port, fw["path"], romfs=True)
+        # (the copy in /lib is already this build's: nothing written for it)
+        assert s["romfs"]["written"] and s["fallback_written"] == 0 and "lib/agent/" in s["removed"]
+        assert not (fs / "lib" / "agent").exists()
+        with Board(vb.port) as b:
+            assert b.eval("__import__('agent').__path__") == "/rom/agent"
 
 
 def test_deploy_romfs_to_a_port_that_erases_the_whole_partition(fw, tmp_path):

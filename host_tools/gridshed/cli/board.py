@@ -234,6 +234,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             elif event == "rom":
                 prog.update(task, total=info["size"] or 1, completed=0 if info["size"] else 1,
                             description="ROMFS image unchanged" if info["unchanged"] else "ROMFS image")
+            elif event == "fallback":
+                prog.update(task, description="agent copy in /lib (while the partition is rewritten)")
             elif event in ("hash", "verify", "switch", "restart", "rom-query", "rom-prepare", "rom-verify"):
                 prog.update(task, description=event)
 
