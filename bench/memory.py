@@ -89,12 +89,14 @@ def bench_romfs(quick: bool, lo: int = 32, hi: int = 64) -> dict[str, Any]:
     modules from the image vs from .mpy files (fresh process each, image buffer excluded), and the
     smallest heap at which the demo dip runs with the code in ROMFS."""
     from gridshed import romfs
-    from gridshed.build import build
+    from gridshed.build import build, site_features
 
     work = Path(tempfile.mkdtemp(prefix="gridshed-bench-romfs-"))
     out: dict[str, Any] = {}
     try:
-        man = build("unix-sim", out=work / "unix-sim", romfs=True)
+        # the demo site's build: an image with every optional feature no longer fits 128 KiB
+        feats, board = site_features(DEMO_SITE, None)
+        man = build(board, out=work / "unix-sim", romfs=True, features=feats)
         d = Path(man["path"])
         image = (d / romfs.IMAGE).read_bytes()
         out["image_bytes"] = len(image)
