@@ -191,7 +191,10 @@ def nonce_serial(port: str, timeout: float = 5.0) -> bytes:
         ans = con.request("nonce", timeout=timeout)
     try:
         return bytes.fromhex(ans[-1]["nonce"])
-    except (KeyError, ValueError, TypeError):
+    except (KeyError, ValueError, TypeError, IndexError):
+        err = ans[-1].get("error") if ans and isinstance(ans[-1], dict) else None
+        if err:  # the board answered, with an error (e.g. MemoryError on a board short of RAM)
+            raise UserError(f"{port}: the agent could not give a nonce: {err}") from None
         raise UserError(f"{port}: the agent gave no nonce (firmware older than the freshness rules?)") from None
 
 

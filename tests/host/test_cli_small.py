@@ -104,3 +104,22 @@ def test_vboard_user_errors_are_one_line(tmp_path, capsys):
         assert why in err and "Traceback" not in err, err
     # a 60 Hz scenario on a 50 Hz site is warned about before anything starts
     assert "plays a 60 Hz grid but gb-site.toml is a 50 Hz site" in err
+
+
+def test_a_board_error_instead_of_a_nonce_is_said(tmp_path):
+    """A board short of RAM answers `@nonce` with its error: the line says that, not "firmware
+    older than the freshness rules" (found on the market site at 80wK)."""
+    from gridshed.errors import UserError
+    from gridshed.fleet_client import nonce_serial
+    from gridshed.vboard import VirtualBoard
+
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    (fs / "main.py").write_text(
+        "import sys\nprint('I agent up')\nwhile True:\n l = sys.stdin.readline()\n"
+        " if l.startswith('@'):\n  print('@{\"error\": \"MemoryError(\\'memory allocation failed\\',)\", \"end\": true}')\n")
+    with VirtualBoard(fs, heapsize="32wK") as vb:
+        assert vb.wait_output("agent up", 30)
+        with pytest.raises(UserError) as e:
+            nonce_serial(vb.port)
+        assert str(e.value) == f"{vb.port}: the agent could not give a nonce: MemoryError('memory allocation failed',)"
