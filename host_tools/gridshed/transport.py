@@ -352,6 +352,13 @@ class Board:
                     if st.get("end"):
                         st.pop("end", None)
                         self.agent_status = st
+                        mk = st.get("market")
+                        if isinstance(mk, dict) and mk.get("sid") is not None and not st.get("time_trusted"):
+                            # a restart forgets the signed time: the schedule waits for it
+                            self.warnings.append(
+                                f"{self.port}: the restarted agent has no trusted time, so its market schedule "
+                                f"is not executed (economics holds no block open) until `gridshed time-sync "
+                                f"--device {st.get('device') or 'DEVICE'}`")
                         if "error" in st:
                             return f"agent restarted (agent up), @status answered an error: {st['error']}"
                         return f"agent restarted: it answers @status (state {st.get('state')})"

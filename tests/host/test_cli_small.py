@@ -123,3 +123,26 @@ def test_a_board_error_instead_of_a_nonce_is_said(tmp_path):
         with pytest.raises(UserError) as e:
             nonce_serial(vb.port)
         assert str(e.value) == f"{vb.port}: the agent could not give a nonce: MemoryError('memory allocation failed',)"
+
+
+def test_a_restart_that_forgets_the_time_of_a_market_schedule_is_said(tmp_path):
+    """Every host op that restarts the agent (deploy, provision, rotate-key) leaves a market
+    schedule unexecuted until the next signed time (the walk found the economic load back on,
+    silently): the op's warnings say so, naming the time-sync to run."""
+    from gridshed.transport import Board
+    from gridshed.vboard import VirtualBoard
+
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    st = '{"state": "normal", "device": "mkt-1", "time_trusted": false, "market": {"sid": 7}, "end": true}'
+    (fs / "main.py").write_text(
+        "import sys\nprint('I 1 agent up: site=s')\nwhile True:\n l = sys.stdin.readline()\n"
+        f" if l.startswith('@status'):\n  print('@' + {st!r})\n")
+    with VirtualBoard(fs, heapsize="32wK") as vb:
+        assert vb.wait_output("agent up", 30)
+        with Board(vb.port) as b:
+            with b.stopped(wait=30):
+                b.wait_for_agent = True  # as deploy sets it (this stand-in has no maintenance window)
+        assert b.outcome.startswith("agent restarted: it answers @status"), b.outcome
+        assert b.warnings == [f"{vb.port}: the restarted agent has no trusted time, so its market schedule is not "
+                              "executed (economics holds no block open) until `gridshed time-sync --device mkt-1`"]
