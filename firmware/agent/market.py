@@ -175,6 +175,7 @@ class Market:
         self.refused = 0        # economic curtailments refused for the obligation (episodes)
         self.unknown = 0        # decisions skipped: no trusted time
         self.known = False
+        self.boot_hold = False  # blocks held open at a reboot stay so until their min off ends
         self.x_price = None     # the utility register's price ($/MWh) or None: only adds curtailment
         self.x_kw = 0.0         # the utility register's kW target (0: none): only adds curtailment
         self.ev = bytearray(3 * _NEV)
@@ -300,7 +301,7 @@ class Market:
         if unix is None:
             self.unknown += 1
             self.known = False
-            if self.off:  # no trusted time: no economic action at all
+            if self.off and not self.boot_hold:  # no trusted time: no economic action at all
                 self._release_all(_W_CLOCK)
             self.t = -1
             self.available(closed)
@@ -312,12 +313,50 @@ class Market:
             self.t = t
             return self.off
         self.known = True
+        self.boot_hold = False
         self.t = t
         self.closed = closed
         self.lookup(t)
         self.decide(t, self.mode, self.val, closed)
         self.edge = self._next_edge(t)
         return self.off
+
+    # ---- the holds across a reboot (market.cbor) ---------------------------------------
+    def holds(self):
+        # [off, fin, off_t, on_t]: which blocks economics holds open and since when, when each
+        # block came on (seconds since EPOCH); None before the first decision
+        if self.fin < 0:
+            return None
+        return [self.off, self.fin, list(self.off_t), list(self.on_t)]
+
+    def set_holds(self, h):
+        # the stored holds at boot: min run and min off count from the real times across the
+        # reboot. Blocks held open stay so, without a trusted clock, only until their min off has
+        # run by the board's own count since boot (boot_release); then they come back.
+        off, fin, a, b = h
+        for i in range(self.n):
+            self.off_t[i] = int(a[i])
+            self.on_t[i] = int(b[i])
+        self.fin = int(fin)
+        self.t_dec = max(max(self.off_t), max(self.on_t))
+        m = 0
+        for i in self.order:
+            if (off >> i) & 1 and self.min_off[i] > 0:
+                m |= 1 << i
+                self.why[i] = _W_MIN_OFF
+        self.off = m
+        self.boot_hold = m != 0
+
+    def boot_release(self, up_s):
+        # the clock still unknown up_s seconds after boot: give back the blocks held open at the
+        # reboot whose min off has run (counted from boot: the cut itself counts as nothing)
+        self.nev = 0
+        for i in self.order:
+            if (self.off >> i) & 1 and up_s >= self.min_off[i]:
+                self.off &= ~(1 << i)
+                self.why[i] = _W_NONE
+                self._emit(_EV_RESTORE, i, _W_CLOCK)
+        self.boot_hold = self.off != 0
 
     def _release_all(self, why):
         for i in self.order:

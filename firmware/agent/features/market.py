@@ -8,7 +8,7 @@
 # (Comments, not docstrings: less RAM when compiled from source.)
 import asyncio
 
-from agent.compat import ticks_ms
+from agent.compat import ticks_diff, ticks_ms
 
 PATH = "market.cbor"
 PERIOD_MS = 1000
@@ -22,6 +22,9 @@ def _io():
 
 
 class Feature:
+    saved = None  # (off, fin) last written to market.cbor: a change is written by the next second
+    t_boot = 0
+
     def __init__(self, agent):
         from agent.market import Market  # here: a start without RAM can unload it again
 
@@ -30,6 +33,7 @@ class Feature:
         self.file = None  # why market.cbor was refused at boot (None: sound or absent)
         self.refusals = 0  # schedules refused (replay, malformed)
         self.dirty = False  # a schedule taken but not yet in market.cbor
+        self.t_boot = ticks_ms()
         rec, why = _io().read_checked(PATH)
         if why is None and rec is not None:
             try:
@@ -42,6 +46,9 @@ class Feature:
                     for i in range(m.n):
                         m.cycles[i] = int(c[i])
                     m.day = int(rec["day"])
+                h = rec.get("hold")  # which blocks economics held open and since when (min times)
+                if h:
+                    m.set_holds(h)
             except Exception:
                 why = "not a schedule record"
         if why is not None:
@@ -69,6 +76,10 @@ class Feature:
                 rec["day"] = m.day
                 rec["cycles"] = m.cycles
                 break
+        h = m.holds()
+        if h:
+            rec["hold"] = h
+        self.saved = (m.off, m.fin)
         try:
             import gc
 
@@ -106,8 +117,22 @@ class Feature:
     def step(self):
         a = self.a
         m = self.m
-        off = m.step(a.now_unix(), a.ctrl.closed_mask)
-        for k in range(m.nev):
+        now = a.now_unix()
+        if now is None and m.boot_hold:  # held open at the reboot: until its min off has run
+            m.boot_release(ticks_diff(ticks_ms(), self.t_boot) // 1000)
+            self._journal(m.nev)
+        off = m.step(now, a.ctrl.closed_mask)
+        self._journal(m.nev)
+        if self.saved != (m.off, m.fin) and m.fin >= 0:
+            self.dirty = True  # the holds (min times across a reboot): written by the next second
+        if off != a.econ_off:
+            a.econ_off = off
+            a.decide(ticks_ms(), False)
+
+    def _journal(self, n):
+        a = self.a
+        m = self.m
+        for k in range(n):
             e = m.event(k)
             a.journal.append("market", e)
             if e["ev"] == "shed":
@@ -115,9 +140,6 @@ class Feature:
             if e["why"] == "obligation":
                 a.count("market_obligation_refusal")
                 _io().log("W", "market: %s refused: %s obligation" % (e["block"], m.program))
-        if off != a.econ_off:
-            a.econ_off = off
-            a.decide(ticks_ms(), False)
 
     async def run(self):
         while True:
@@ -156,5 +178,7 @@ def start(agent):
         except MemoryError:
             pass
         return f
+    if f.m.boot_hold:
+        f.step()  # blocks held open at the reboot: open again at once, not after a second
     asyncio.create_task(f.run())
     return f
