@@ -79,10 +79,11 @@ def check(r, dev_id, site_id, now, hwm, save, nonce=None):
             out["t"] = v
         if "sid" in p or name == "schedule":  # the market schedule (docs/market.md): checked whole by agent/market.py
             v = p.get("sid")
-            if not _is_int(v) or not isinstance(p.get("iv", []), list):
+            iv = p.get("iv", [] if "ts" in p else None)  # rows, the compact series, or both
+            if not _is_int(v) or not isinstance(iv, list):
                 return "malformed"
             out["sid"] = v
-            out["iv"] = p.get("iv", [])
+            out["iv"] = iv
             if "ts" in p:  # the compact uniform-step series
                 out["ts"] = p["ts"]
         if not isinstance(name, str) or name not in COMMANDS:

@@ -70,10 +70,13 @@ def build_payload(cmd: str, seq: int, exp: int, target_device: str | None = None
     if schedule is not None and cmd != "schedule":
         raise UserError("a schedule goes with the schedule command only")
     if schedule is not None:
-        sid, iv = schedule.get("sid"), schedule.get("iv")
+        sid, iv, ts = schedule.get("sid"), schedule.get("iv", [] if "ts" in schedule else None), schedule.get("ts")
         if isinstance(sid, bool) or not isinstance(sid, int) or not 0 <= sid < 2**31 or not isinstance(iv, list):
-            raise UserError("schedule: need sid (0 <= int < 2**31) and iv (a list of [start, end, \"p\"|\"kw\", value])")
+            raise UserError("schedule: need sid (0 <= int < 2**31) and iv (a list of [start, end, \"p\"|\"kw\", value]) "
+                            "and/or ts ([t0, dt, \"pc\"|\"kw\", [values]])")
         payload["sid"] = sid
+        if ts is not None:
+            payload["ts"] = ts
         payload["iv"] = [list(x) for x in iv]
     return payload
 

@@ -62,8 +62,10 @@ def test_accept_and_fields() -> None:
     assert v.high_water(KID) == 10 + len(COMMANDS) - 1
     got = v.verify(cmd(99, "schedule", schedule={"sid": 4, "iv": [[T0, T0 + 900, "kw", 100]]}), now_unix=T0)
     assert got["sid"] == 4 and got["iv"] == [[T0, T0 + 900, "kw", 100]]
-    for bad in ({"sid": "4", "iv": []}, {"sid": 4}, {"iv": []}, {"sid": 4, "iv": 7}):
-        p = {"cmd": "schedule", "seq": 100, "exp": T0 + 60, "dev": DEV, **bad}
+    got = v.verify(cmd(100, "schedule", schedule={"sid": 5, "ts": [T0, 900, "pc", [4250]]}), now_unix=T0)
+    assert got["sid"] == 5 and got["iv"] == [] and got["ts"] == [T0, 900, "pc", [4250]]  # the compact form alone
+    for bad in ({"sid": "4", "iv": []}, {"sid": 4}, {"iv": []}, {"sid": 4, "iv": 7}, {"sid": 4, "ts": [], "iv": 7}):
+        p = {"cmd": "schedule", "seq": 101, "exp": T0 + 60, "dev": DEV, **bad}
         assert refused(v, signed(p)) == "malformed", bad
 
 
