@@ -494,7 +494,7 @@ class Market:
                 if want & bit:
                     self.why[i] = _W_UTIL if extra & bit else (_W_KW if mode == _M_KW else _W_PRICE)
             elif (w == _W_PRICE or w == _W_KW or w == _W_UTIL or w == _W_MIN_OFF or w == _W_RAMP or (w == _W_MIN_RUN and not want & bit)
-                  or (w == _W_OBLIG and not ob) or (w == _W_CAP and self.cycles[i] < self.cap[i])):
+                  or (w == _W_OBLIG and (not ob or not want & bit)) or (w == _W_CAP and self.cycles[i] < self.cap[i])):
                 self.why[i] = _W_NONE
             bit <<= 1
         self.avail_kw = avail
