@@ -8,7 +8,9 @@ provision:
    written for another board, or one that turns on a feature the board's build leaves out
    (a build for another site, `gridshed build --site`);
 3. generate a 256-bit command key and an 8-byte key id, write /config.cbor and /keys.cbor
-   ({kid: key}) beside the old files, verify their hashes on the board, switch them over
+   ({kid: key}) beside the old files, verify their hashes on the board, have the board's own
+   firmware read the new config as it will at boot (agent.boot.load_config: a build older than
+   this gridshed may refuse a key it writes; refused = nothing switched), switch them over
    (Board.switch_over: one committed plan, so config and key change together, also across a
    power cut: docs/failsafes.md "Writing to a board");
 4. record device id, board, site, key id, key, firmware build, config hash and times in the
@@ -53,6 +55,42 @@ def prepare_config(site_path: str | Path, board_name: str | None = None,
     return cfg
 
 
+_CHECK_CONFIG = """
+import sys,gc
+gc.collect()
+try:
+ import agent.boot as _gb
+ _gb.CONFIG_PATH={path!r}
+ _r=_gb.load_config()[1]
+ print('GSCHK '+repr(_r))
+except Exception as _x:
+ print('GSCHK-NO '+repr(_x))
+sys.modules.pop('agent.boot',None)
+_gb=_r=None
+"""
+
+
+def board_check_config(b: Board, path: str) -> tuple[list[str], str | None]:
+    """(errors, None) from the board's own config check (agent.boot.load_config, what it runs at
+    boot) of the file `path` on the board; ([], why) when the board could not run it."""
+    import ast
+
+    try:
+        out = b.exec(_CHECK_CONFIG.format(path=path), timeout=30).decode(errors="replace")
+    except BoardError as exc:
+        return [], str(exc)
+    for line in out.splitlines():
+        if line.startswith("GSCHK "):
+            try:
+                errors = ast.literal_eval(line[6:].strip())
+            except (ValueError, SyntaxError):
+                break
+            return [str(e) for e in errors or ()], None
+        if line.startswith("GSCHK-NO "):
+            return [], line[9:].strip()
+    return [], "no answer: " + out.strip()[-120:]
+
+
 def provision(port: str, site_path: str | Path, device_id: str | None = None, board_name: str | None = None,
               inventory_path: str | Path | None = None, keep_key: bool = False, restart: bool = True,
               verify_agent: float = 0.0, progress: Callable[[str], None] | None = None,
@@ -67,6 +105,7 @@ def provision(port: str, site_path: str | Path, device_id: str | None = None, bo
     if board_name or siteconfig.read_toml(site_path).get("board"):
         prepare_config(site_path, board_name, device_id)  # fail fast, before the board is touched
     inv = Inventory(inventory_path)
+    check_warnings: list[str] = []
     try:
         with Board(port) as b:
             step("stopping the agent")
@@ -106,6 +145,17 @@ def provision(port: str, site_path: str | Path, device_id: str | None = None, bo
                 if bad:
                     raise BoardError(f"{port}: {bad[0]} does not verify after writing; nothing was changed, "
                                      "the old config and key stay active")
+                # the board's own firmware reads the staged config as it will at boot: a build
+                # older than this gridshed may not know a key it writes, and a refused config
+                # would leave the board without a running agent
+                refused, unchecked = board_check_config(b, CONFIG_FILE + STAGE)
+                if refused:
+                    bid = build.get("build_id") if build else "?"
+                    raise UserError(f"{port}: the board's firmware (build {bid}) refuses this config: {refused[0]}; "
+                                    "nothing was changed: deploy this gridshed's firmware first (`gridshed deploy "
+                                    f"--board {cfg['board']} ...`), then provision again")
+                if unchecked:
+                    check_warnings.append(f"{port}: the board could not check the new config itself ({unchecked})")
                 step("switching over")
                 b.switch_over([(f + STAGE, f, want[f]) for f in blobs], removes, PLAN)
                 final = b.hashes(list(blobs))
@@ -121,7 +171,7 @@ def provision(port: str, site_path: str | Path, device_id: str | None = None, bo
     result: dict[str, Any] = {"device_id": dev, "board": cfg["board"], "site": cfg.get("site"),
                               "key_id": kid.hex(), "firmware_build": firmware_build,
                               "config_hash": rec["config_hash"], "inventory": str(inv.path),
-                              "restart": b.outcome, "warnings": cfg.get("warnings", []) + b.warnings}
+                              "restart": b.outcome, "warnings": cfg.get("warnings", []) + check_warnings + b.warnings}
     if not build:
         result["warnings"].append("no gridshed build on the board (/build.json missing): run `gridshed deploy`")
     st = b.agent_status

@@ -252,3 +252,35 @@ def test_provision_broker_credentials_and_rotation(tmp_path, vb):
     assert not (vb.fs_dir / "broker.cbor").exists()
     with Inventory(inv_path) as inv:  # the login stays in the inventory (a later TLS site reuses it)
         assert inv.broker_creds("d-tls")["password"] == b2["pass"]
+
+
+def test_provision_refuses_a_config_the_boards_older_firmware_refuses(tmp_path, capsys):
+    """The board runs a build older than this gridshed (its validator does not know a key the
+    host writes: here meter.poll_mode): before, the config was switched in and the board refused
+    to run at all (found by the walk). Now its own validator reads the staged config first:
+    refused in one line, nothing switched, the old config runs on."""
+    import shutil
+
+    old = tmp_path / "old-firmware"
+    shutil.copytree(ROOT / "firmware", old, ignore=shutil.ignore_patterns("__pycache__"))
+    src = (old / "agent" / "config.py").read_text()
+    line = next(x for x in src.splitlines(keepends=True) if x.strip().startswith('"poll_mode":'))
+    (old / "agent" / "config.py").write_text(src.replace(line, ""))
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    (fs / "main.py").write_text(FAKE_AGENT)
+    before = siteconfig.config_bytes(prepare_config(SITE, "unix-sim", "site1-old"))
+    (fs / "config.cbor").write_bytes(before)
+    inv_path = tmp_path / "inv.sqlite"
+    with VirtualBoard(fs, firmware_dir=old, heapsize="256k") as vb:
+        assert vb.wait_output("fake agent up", 30)
+        mark = vb.mark()
+        assert cli.main(["provision", "--port", vb.port, "--site", str(SITE), "--device-id", "site1-new",
+                         "--inventory", str(inv_path)]) == 2
+        err = [x for x in capsys.readouterr().err.strip().splitlines() if not x.endswith("...")]
+        assert len(err) == 1 and "the board's firmware (build ?) refuses this config: meter.poll_mode: unknown key; " \
+            "nothing was changed: deploy this gridshed's firmware first" in err[0], err
+        assert (fs / "config.cbor").read_bytes() == before and not (fs / "keys.cbor").exists()
+        assert vb.wait_output("fake agent up device=site1-old", 30, since=mark)
+    with Inventory(inv_path) as inv:
+        assert inv.get("site1-new") is None
