@@ -357,8 +357,8 @@ class Board:
                             # a restart forgets the signed time: the schedule waits for it
                             self.warnings.append(
                                 f"{self.port}: the restarted agent has no trusted time, so its market schedule "
-                                f"is not executed (what economics held open comes back on after its min off) until `gridshed time-sync "
-                                f"--device {st.get('device') or 'DEVICE'}`")
+                                "is not executed (what economics held open comes back on after its min off) "
+                                f"until `gridshed time-sync --device {st.get('device') or 'DEVICE'}`")
                         if "error" in st:
                             return f"agent restarted (agent up), @status answered an error: {st['error']}"
                         return f"agent restarted: it answers @status (state {st.get('state')})"

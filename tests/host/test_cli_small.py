@@ -145,4 +145,5 @@ def test_a_restart_that_forgets_the_time_of_a_market_schedule_is_said(tmp_path):
                 b.wait_for_agent = True  # as deploy sets it (this stand-in has no maintenance window)
         assert b.outcome.startswith("agent restarted: it answers @status"), b.outcome
         assert b.warnings == [f"{vb.port}: the restarted agent has no trusted time, so its market schedule is not "
-                              "executed (what economics held open comes back on after its min off) until `gridshed time-sync --device mkt-1`"]
+                              "executed (what economics held open comes back on after its min off) until "
+                              "`gridshed time-sync --device mkt-1`"]
