@@ -10,7 +10,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = sorted([ROOT / "README.md", ROOT / "bench" / "README.md", *(ROOT / "docs").glob("*.md")])
+SKIP_DIRS = {".venv", ".git", ".pytest_cache", ".hypothesis", ".mypy_cache", "build", "out", "node_modules"}
+# every Markdown file of the checkout (a notice or README anywhere is a doc a newcomer reads)
+DOCS = sorted(p for p in ROOT.rglob("*.md")
+              if not SKIP_DIRS.intersection(p.relative_to(ROOT).parts) and not any(
+                  part.endswith(".egg-info") for part in p.relative_to(ROOT).parts))
 TOP = ("firmware", "boards", "meters", "host_tools", "tests", "docs", "scenarios", "bench", ".ci")
 PATH_RE = re.compile(r"(?<![\w./-])((?:%s)/[\w./-]*[\w/])" % "|".join(re.escape(t) for t in TOP))
 MOD_RE = re.compile(r"(?<![\w./-])((?:agent|gridshed)(?:\.[A-Za-z_]\w*)+)")
