@@ -17,7 +17,7 @@ SCHEMA = {
         "port": (502, "i", 1, 65535),
         "poll_ms": (50, "i", 10, 10000),
         "poll_mode": ("period", ("period", "back_to_back"), None, None),
-        "slow_ms": (1000, "i", 0, 600000),
+        "slow_ms": (0, "i", 0, 600000),
         "timeout_ms": (100, "i", 5, 5000),
         "retries": (1, "i", 0, 5),
     },
