@@ -27,6 +27,8 @@ def test_firmware_import_graph_has_no_cycle():
     graph, unresolved = import_graph()
     assert not unresolved, "imports this test cannot resolve (name them literally):\n" + "\n".join(unresolved)
     assert "agent.app" in graph["main"] and "agent.status" in graph["agent.app"]  # it sees lazy and step() imports
+    feats = {m for m in graph if m.startswith("agent.features.")}  # and the hub's feature loads
+    assert feats and feats <= graph["agent.app"], sorted(feats - graph["agent.app"])
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle in the firmware: " + " -> ".join(cycle)
 

@@ -30,13 +30,34 @@ FULL_FENCE = 148 * 1024     # everything incl. optional features: a fence agains
 # until the market loop, issue 16, added 9.4 KB: agent/market.py, market_check.py, features/market.py;
 # 144 KB until issue 18's read plan and RTU state machine, +3 KB)
 # Optional features: deployed, but loaded only when their config section enables them
-# (docs/architecture.md). They are counted in the full figure, not the core budget.
-FEATURES = {"agent/utility_server.py", "agent/udp_cmd.py", "agent/fleet.py", "agent/mqtt.py",
-            "agent/mqtt_codec.py", "agent/freq.py", "agent/freqmeter.py", "agent/miners.py",
-            "agent/curtail.py", "agent/inputs.py", "agent/utility_rtu.py",
-            "agent/modbus_tcp_master.py", "agent/modbus_tcp.py", "agent/market.py", "agent/market_check.py",
-            "agent/features/dnp3.py", "agent/dnp3_app.py", "agent/dnp3_link.py", "agent/mqtt_tls.py",
-            "agent/dnp3_check.py", "agent/features/market.py"}  # = docs/architecture.md
+# (docs/architecture.md, "Feature contract"). They are counted in the full figure, not the core
+# budget. Discovered, not listed: the core is what main.py can load (gridshed.firmgraph's
+# graph: imports in functions and on-demand loads included) without entering agent/features/
+# (but its __init__.py, the hub's index) or ON_DEMAND; every other deployed module is optional.
+ON_DEMAND = {"agent/modbus_tcp_master.py",   # a TCP meter (the hub's _master)
+             "agent/curtail.py",             # a kW target (Agent._partial)
+             "agent/market_check.py",        # a [market] section (agent/config.py, at boot)
+             "agent/dnp3_check.py"}          # a [dnp3] section (agent/config.py, at boot)
+
+
+def feature_files() -> set[str]:
+    from gridshed.firmgraph import import_graph, module_files
+
+    graph, _ = import_graph(FIRMWARE)
+    path = {m: p.relative_to(FIRMWARE).as_posix() for m, p in module_files(FIRMWARE).items()}
+    stop = {m for m, f in path.items() if f in ON_DEMAND
+            or (f.startswith("agent/features/") and not f.endswith("__init__.py"))}
+    core, todo = set(), ["main", "maint"]
+    while todo:
+        m = todo.pop()
+        if m in core or m in stop:
+            continue
+        core.add(m)
+        todo.extend(graph.get(m, ()))
+    return {f for m, f in path.items() if m not in core}
+
+
+FEATURES = feature_files()
 ARCHES = ("xtensawin", "armv6m", "armv7emsp", "x64")
 STUBS_VERSION = "1.29.0.post1"
 STDLIB_STUBS_VERSION = "1.29.0.post2"
@@ -44,6 +65,22 @@ STUB_ROOT = ROOT / ".venv" / "mpstubs"
 # Modules that only one kind of port ships (not deployed elsewhere, not counted there).
 UNIX_ONLY = {"agent/hal/unix.py", "agent/hal/slowfs.py"}
 MCU_ONLY = {"agent/hal/mcu.py"}
+
+
+def test_feature_index_names_the_folder():
+    """agent/features/__init__.py ORDER (what the hub starts) names exactly the modules there."""
+    from agent import features
+
+    mods = {p.stem for p in (FIRMWARE / "agent" / "features").glob("*.py") if p.stem != "__init__"}
+    assert set(features.ORDER) == mods and len(features.ORDER) == len(mods), (features.ORDER, mods)
+    assert set(features.EARLY) <= mods
+    from agent import config
+
+    src = (FIRMWARE / "agent" / "config.py").read_text()
+    for sec in features.ORDER:  # each is a site.toml section the config validates (or hands to its check)
+        assert sec in config.SCHEMA or sec in config.OPTIONAL or f'"{sec}" in cfg' in src, sec
+    # the features each discovered section's module pulls in count as optional, not core
+    assert {"agent/features/mqtt.py", "agent/mqtt.py", "agent/mqtt_codec.py", "agent/freqmeter.py"} <= FEATURES
 
 
 def firmware_files() -> list[Path]:

@@ -10,6 +10,7 @@ import gc
 import sys
 
 from agent import control
+from agent import features
 from agent.base import BUILD, KEYS_PATH, STATE_PATH, ConsoleLines, log, read_checked, reply, unload, write_cbor_atomic
 from agent.compat import ticks_ms, ticks_diff, ticks_add
 from agent.journal import Journal
@@ -82,13 +83,14 @@ class Agent:
             boot_target(self, persisted, tripped)
         self.auth_sync()
         self._p_kw = self.shed_kw
-        self.override = None
-        ov = cfg.get("override")
-        if isinstance(ov, dict) and ov.get("enabled") and ov.get("pin") is not None:
-            from agent.inputs import boot_override
-
-            self.override = boot_override(cfg, hal, persisted)
-        self.lockout = self.override is not None and self.override.lockout()
+        self.override = None  # the override switch (agent/features/override.py)
+        self.lockout = False
+        self.hz_source = None  # a feature measuring the frequency itself (the poll task's hook)
+        self.features = ()     # [(section, the object its start() returned)], once started
+        on = features.enabled(cfg)
+        for sec in on:
+            if sec in features.EARLY:  # read before the relays are driven (a lockout holds them open)
+                self._feature(sec).boot(self, persisted)
         hold = self.auth.held != 0 or self.lockout
         closed = cfg["failsafe"]["boot_state"] == "closed" and not tripped and not hold
         # Relays first: the safe state is set before anything else is built.
@@ -119,7 +121,7 @@ class Agent:
         self.master = self._master()
         self.market = None  # the market feature (agent/features/market.py), when [market] is on
         self.econ_off = 0   # blocks economics holds open: relays = ctrl.closed_mask & ~econ_off
-        self.features = self._load_features()
+        self._mods = [(sec, self._feature(sec)) for sec in on]  # imported now, started by main()
         gc.collect()
         # held inputs as last persisted (authority changes, lockout): a change is persisted at once
         self._p_held = self.auth.changes | bool(persisted and persisted.get("lockout") is True) << 30
@@ -368,7 +370,11 @@ class Agent:
                         last = 0
                 if j == 0:
                     now = ticks_ms()
-                    self.decide(now, True)
+                    # the frequency hook: while a feature measures the frequency itself
+                    # (hz_source.ok: AC sense, role primary; it decides on its own samples) the
+                    # meter's sample is a tick
+                    src = self.hz_source
+                    self.decide(now, src is None or not src.ok)
                     if ctrl.bad_why and self.meter_ok:  # implausible: never shown as the frequency
                         self.hz = None
                         err = control.BAD_NAMES[ctrl.bad_why]
@@ -466,9 +472,10 @@ class Agent:
                     reply({"error": repr(e)}, True)
                 gc.collect()
 
-    # ---- API for feature modules (agent/utility_server.py, fleet.py, udp_cmd.py, freq.py,
-    # miners.py): each has start(agent) that creates its own tasks and talks to the agent
-    # only through these methods and the input attributes above.
+    # ---- API for the feature modules (agent/features/<section>.py, agent/features/__init__.py):
+    # each has start(agent) that creates its own tasks and talks to the agent only through
+    # these methods and the input attributes above (hz, kw, release, lockout, override, signal,
+    # hz_source, ...).
     def signed_command(self, buf, src):
         # One step per module, each freed before the next one loads (a 64 KB heap has no room
         # for the whole command path at once): the COSE_Mac0 (agent/mac0.py), the payload
@@ -509,35 +516,25 @@ class Agent:
     def status(self):
         # @status: (key, value) pairs, streamed by reply() (agent/status.py)
         yield from self.step("status", "status", self)
-        ov = self.override
-        yield "override", ov and {"mode": ov.mode, "on": ov.on(), "changes": ov.input.changes}
         w = self.wdt
         yield "watchdog", w and {"feeds": w[1], "starved": w[2]}
         yield "journal", self.journal.stats()
         yield "cmd_shed", self.cmd_shed
-        if self.market is not None:
-            yield "market", self.market.status()
 
-    def _load_features(self):
-        # (module, enabled) in start order; imported now, started by start_features()
-        c = self.cfg
-        out = []
-        if (c.get("signals") or {}).get("dry_contact") or self.override is not None:
-            from agent import inputs
-
-            out.append(inputs)
-        for sec, name in (("modbus_server", "utility_server"), ("udp", "udp_cmd"), ("mqtt", "fleet"),
-                          ("ac_sense", "freq"), ("miners", "miners"), ("dnp3", "features.dnp3")):
-            if (c.get(sec) or {}).get("enabled"):
-                out.append(__import__("agent." + name, None, None, ("start",)))
-        if isinstance(c.get("market"), dict) and c["market"].get("enabled") is not False:
-            out.append(__import__("agent.features.market", None, None, ("start",)))
-        return out
+    def _feature(self, sec):
+        # the module of an optional feature: agent/features/<site.toml section>.py
+        return __import__("agent.features." + sec, None, None, ("start",))
 
     def start_features(self):
-        for mod in self.features:
-            mod.start(self)
-        self.features = None
+        # start(agent) of each enabled feature: it creates its tasks and returns the object
+        # whose status() @status shows under the section's name (agent/status.py)
+        out = []
+        for sec, mod in self._mods:
+            f = mod.start(self)
+            if f is not None:  # None: it could not start (no RAM for its buffers) and said so
+                out.append((sec, f))
+        self.features = out
+        self._mods = None
 
     async def main(self):
         asyncio.create_task(self.tick_task())

@@ -56,7 +56,7 @@ SCHEMA = {
 }
 
 # Feature sections: checked (and defaulted) only when the site file has them. Each feature's
-# module (agent/utility_server.py, fleet.py, udp_cmd.py, freq.py, miners.py) reads its own.
+# module (agent/features/<section>.py, agent/features/__init__.py) reads its own.
 OPTIONAL = {
     "modbus_server": {
         "enabled": (True, "b", None, None),

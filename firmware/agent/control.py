@@ -217,7 +217,7 @@ class Controller:
         self._closed_some = False  # a block came back since the last trip (stagger across pauses)
         self.last_stage = self.last_block = -1
         self.trip_hz = self.last_hz = None
-        self.rocof = None  # input: ROCOF in Hz/s (local measurement, agent/freq.py) or None
+        self.rocof = None  # input: ROCOF in Hz/s (local measurement, agent/features/ac_sense.py) or None
         self.signal = self.released = self.meter_lost = self._started = self._hold_done = False
         self._ref_pending = self.resumed = False  # _ref_pending: trip time taken at first step
         self._min_off_done = self.armed = True

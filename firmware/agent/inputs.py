@@ -2,8 +2,8 @@
 
 Debounced / ShedSignal / Override are pure logic: the caller samples the pin and passes the
 level with the time; a change counts only after it has been stable for debounce_ms, so contact
-bounce and induced spikes never reach the control decision. boot_override() and run() wire them
-to the agent (loaded only when the dry contact or the override is enabled).
+bounce and induced spikes never reach the control decision. The features wire them to the
+agent: agent/features/signals.py (the dry contact) and agent/features/override.py.
 """
 from agent.compat import ticks_diff
 
@@ -95,82 +95,6 @@ class Override:
     def lockout(self):
         return self.mode == "lockout" and self.input.state
 
-
-def boot_override(cfg, hal, persisted):
-    # At boot, before the relays are driven: the switch as read now, or a lockout persisted in
-    # state.cbor (kept until the switch reads released, so a reboot never re-energises a load a
-    # technician locked out, even before the first debounced reading).
-    ov = cfg["override"]
-    pin = hal.in_pin(ov["pin"], pull_up=not ov["active"])
-    on = pin.value() == ov["active"]
-    if ov["mode"] == "lockout" and persisted and persisted.get("lockout") is True:
-        on = True
-    o = Override(ov["mode"], cfg["signals"]["debounce_ms"], ov["active"], on, pin)
-    o.own = on and not (persisted and persisted.get("tripped"))
-    return o
-
-
-async def run(a):
-    # The agent's input task: sample every INPUT_MS, hand debounced changes to the decision.
-    import asyncio
-    from agent.base import log
-    from agent.compat import ticks_ms
-
-    from agent.control import I_CONTACT
-
-    s = a.cfg["signals"]
-    pin = None
-    if s.get("dry_contact"):
-        a.signal = sig = ShedSignal(s["mode"], s["debounce_ms"], s["dry_contact_active"])
-        pin = a.hal.in_pin(s["dry_contact_pin"], pull_up=not s["dry_contact_active"])
-        if a.auth.held >> I_CONTACT & 1:  # held before a reboot: the first readings confirm it
-            sig.input.state = sig.latched = True
-            sig.input._raw = -1
-    ov = a.override
-    while True:
-        now = ticks_ms()
-        if pin is not None and a.signal.sample(now, pin.value()):
-            on = a.signal.input.state
-            a.journal.append("signal", {"src": "dry_contact", "on": on})
-            log("E", "dry contact %s" % ("asserted" if on else "released"))
-            # the contact's own entry: asserted sheds; in "level" mode its release releases it
-            # (in "edge" mode only a signed restore-all, or a trusted Modbus release, clears it).
-            # Unauthenticated: it satisfies trip.release_required only if authority.trusted says so.
-            if on:
-                a.issue(I_CONTACT, True)
-            elif s["mode"] == "level":
-                a.issue(I_CONTACT, False)
-                if a.trusted >> I_CONTACT & 1:
-                    a.release = True
-            a.decide(now, False)
-        if ov is not None and ov.sample(now, ov.pin.value()):
-            override_changed(a, now, log)
-        await asyncio.sleep_ms(INPUT_MS)
-
-
-def override_changed(a, now, log):
-    ov = a.override
-    on = ov.on()
-    a.journal.append("override", {"mode": ov.mode, "on": on, "mask": a.relays.mask})
-    log("E", "override (%s) %s" % (ov.mode, "asserted" if on else "released"))
-    if ov.mode == "lockout":
-        if on:
-            ov.own = a.ctrl.shed_mask == 0
-        elif ov.own:
-            a.release = True  # the lockout's own shed needs no utility release
-        a.lockout = on
-        a.decide(now, False)  # held open / restore rules resume; persisted (a held input)
-    elif on:
-        # "shed": a local manual trip of every block; restore follows the normal rules
-        from agent.control import REASON_COMMAND
-
-        ev = a.ctrl.shed(now, None, REASON_COMMAND)
-        a.relays.apply(0 if a.lockout else a.ctrl.closed_mask)
-        if a.ctrl.nevents:
-            a.events(ev, now)
-
-
-def start(a):
-    import asyncio
-
-    asyncio.create_task(run(a))
+    def status(self):
+        # @status "override"
+        return {"mode": self.mode, "on": self.input.state, "changes": self.input.changes}

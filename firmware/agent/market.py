@@ -236,7 +236,7 @@ class Market:
         return None
 
     def set_extra(self, price=None, kw=0.0):
-        # the utility register's price / kW target (agent/utility_server.py, trusted line only)
+        # the utility register's price / kW target (agent/features/modbus_server.py, trusted line only)
         self.x_price = price
         self.x_kw = kw
         self.closed = -1  # decide again at the next step

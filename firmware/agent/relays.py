@@ -2,7 +2,7 @@
 #
 # Two masks: `mask` is what the controller asked for (a block is "on" or "shed"), `pins` is what
 # the relay pins do. They differ only for "held" blocks: shed over the network by an actuator
-# (agent/miners.py asks the miners to sleep) while their relay stays closed. Policy
+# (agent/features/miners.py asks the miners to sleep) while their relay stays closed. Policy
 # (docs/partial-and-miners.md): the actuator decides per request whether a block may be shed
 # softly (curtail() returns the blocks it accepts, 0 for a guaranteed trip); anything it does not
 # accept opens its relay here and now, in the same apply(), never waiting on the network. A held

@@ -1,7 +1,7 @@
 # The status (console @status, and the answer of a signed "status" / "test" command on the
 # console), loaded per request and freed after it: (key, value) pairs made one at a time and
 # streamed, so no dict of the whole status is ever in RAM. Agent.status adds the agent's own
-# (override, watchdog, journal, cmd_shed).
+# (watchdog, journal, cmd_shed).
 import gc
 
 from agent import control
@@ -39,28 +39,13 @@ def status(a):
         yield "modbus", a.master.counters()
     if a.seq_counters is not None:
         yield "commands", a.seq_counters
-    # optional features' counters, when the site runs them
-    u = getattr(a, "utility", None)
-    if u is not None:
-        yield "utility", {"requests": u.requests, "exceptions": u.exceptions, "bad": u.bad,
-                          "heartbeat_losses": u.hb_losses, "commands": u.commands}
-    f = getattr(a, "fleet", None)
-    if f is not None:
-        st = f.client.stats()
-        if f.fail is not None:
-            st["fail"] = f.fail  # the last named connection failure (agent/mqtt_tls.py)
-        yield "mqtt", st
-    f = getattr(a, "freq", None)
-    if f is not None:
-        yield "ac_sense", f.status()
     if a.shed_kw is not None or a.curtailer is not None:
         yield "shed_kw", a.shed_kw
         if a.curtailer is not None:
             yield "curtail", a.curtailer.status()
-    if getattr(a, "miners", None) is not None:
-        yield "miners", a.miners.status()
-    if getattr(a, "dnp3", None) is not None:
-        yield "dnp3", a.dnp3.status()
+    # each running feature under its site.toml section (agent/features/)
+    for sec, f in a.features:
+        yield sec, f.status()
 
 
 def _meter(a, c):

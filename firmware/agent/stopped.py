@@ -28,10 +28,10 @@ def stop(app):
             a.journal.append("maint", {"off_s": window, "mask": mask, "state": control.STATE_NAMES[a.ctrl.state]})
         except Exception:  # stopped before its journal existed, or short of RAM: still bounded
             pass
-        f = getattr(a, "fleet", None)
-        if f is not None:
+        for sec, f in getattr(a, "features", ()):  # a feature's stop(): the MQTT session dropped
             try:
-                f.client._teardown()
+                if hasattr(f, "stop"):
+                    f.stop()
             except Exception:
                 pass
     a = app = w = f = None

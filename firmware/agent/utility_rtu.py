@@ -1,4 +1,4 @@
-# RTU transport of the utility Modbus server (agent/utility_server.py): the board's second UART
+# RTU transport of the utility Modbus server (agent/features/modbus_server.py): the board's second UART
 # ("utility" role). Frames end by length (a complete, CRC-valid request is answered at once) or by
 # the line's silence (t3.5), which also ends frames of unknown functions and noise.
 import asyncio

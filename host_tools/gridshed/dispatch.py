@@ -39,7 +39,7 @@ MAX_SIGNED_BYTES = MAX_COMMAND_LEN  # the board verifies signed commands of at m
 CMD = "schedule"
 ID_KEY = "sid"              # the schedule id's payload key (docs/market.md "The schedule")
 CONSOLE_LINE_MAX = 1024     # the agent's longest console line (agent/base.py LINE_MAX)
-FLEET_MAX_PACKET = 640      # the board's MQTT receive buffer (agent/fleet.py max_packet): a bigger
+FLEET_MAX_PACKET = 640      # the board's MQTT receive buffer (agent/features/mqtt.py max_packet): a bigger
                             # PUBLISH is skipped by the board, unanswered
 PRICE, KW = "p", "kw"
 

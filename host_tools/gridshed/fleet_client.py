@@ -6,7 +6,7 @@ board's answer is returned as a dict per device:
 
 * serial: the agent's reply to ``@cmd <base64>`` (``{"ok", "cmd", "seq"}`` or ``{"ok": false,
   "refused": reason}``);
-* UDP: the board's reply datagram (same keys, JSON; see agent/udp_cmd.py);
+* UDP: the board's reply datagram (same keys, JSON; see agent/features/udp.py);
 * MQTT: the board's retained state on ``gridshed/<site>/<device>/state`` once it carries the
   seq that was sent (or a new refusal); only states whose "mac" verifies with the device's key
   count (:func:`verify_state`), anything else is ignored and counted. See docs/mqtt.md and
@@ -150,7 +150,7 @@ NONCE_REQ = b"@nonce" + b" " * 42     # a UDP nonce request: no shorter than its
 
 
 def state_mac(key: bytes, topic: str, body: str) -> str:
-    """The board's MAC of a state message with one key (agent/fleet.py Fleet.sign)."""
+    """The board's MAC of a state message with one key (agent/features/mqtt.py Fleet.sign)."""
     import hashlib
     import hmac
 

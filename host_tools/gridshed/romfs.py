@@ -150,7 +150,7 @@ for _p in {pins!r}:
 
 def agent_pins(b: Board, board: dict[str, Any]) -> list[int]:
     """Pins the agent may have left an interrupt handler on: the board's inputs and the site
-    config's ac_sense pin (agent/freq.py keeps a hard IRQ on it, which Ctrl-C does not remove)."""
+    config's ac_sense pin (agent/features/ac_sense.py keeps a hard IRQ on it, which Ctrl-C does not remove)."""
     pins = {v for v in (board.get("inputs") or {}).values() if isinstance(v, int)}
     raw = b.get("config.cbor")
     if raw:

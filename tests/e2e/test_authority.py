@@ -213,4 +213,4 @@ def test_broadcast_and_peers(rig):
     assert any(x["k"] == "boot" for x in recs)
     util = [x for x in recs if x["k"] == "utility"]
     assert len(util) < 40, len(util)
-    assert status(rig)["utility"]["commands"] >= 300
+    assert status(rig)["modbus_server"]["commands"] >= 300

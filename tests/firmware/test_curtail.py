@@ -1,5 +1,5 @@
 """Partial curtailment (agent/curtail.py), the soft-block relay bank (agent/relays.py) and the
-miner API reply parsing (agent/miners.py): pure logic, under CPython and the real MicroPython."""
+miner API reply parsing (agent/features/miners.py): pure logic, under CPython and the real MicroPython."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import pytest
 
 from agent import control
 from agent.curtail import Curtailer
-from agent.miners import MinerError, check, parse_hosts, split_json
+from agent.features.miners import MinerError, check, parse_hosts, split_json
 from agent.relays import RelayBank
 
 BLOCKS = [  # name, priority, nameplate kW
@@ -385,7 +385,7 @@ def test_same_logic_under_micropython(mp):
     res = mp.run("""
         from agent import control
         from agent.curtail import Curtailer
-        from agent.miners import split_json, check
+        from agent.features.miners import split_json, check
         class J:
             def append(self, k, r): pass
         class R:

@@ -397,10 +397,10 @@ def test_config_checks_market_keys():
         siteconfig.normalize(site)
 
 
-# ---- the utility Modbus map's market registers (agent/utility_server.py) ------------------
+# ---- the utility Modbus map's market registers (agent/features/modbus_server.py) ------------------
 def test_utility_market_registers_only_on_a_trusted_line_and_only_add_curtailment():
     from agent import modbus_tcp as tcp
-    from agent import utility_server as us
+    from agent.features import modbus_server as us
     from agent.control import Authority
     from agent.features import market as feat
     from agent.modbus_errors import ModbusException

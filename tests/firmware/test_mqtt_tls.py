@@ -2,7 +2,7 @@
 micropython (its `ssl` module, mbedTLS) against real Mosquitto TLS listeners whose certificates
 are made in the test: the good broker (CA and name checked, password login) is reached; an
 expired server certificate, one from another CA, one for another host name and a wrong password
-are each refused and named (the names agent/fleet.py counts, journals and shows in @status)."""
+are each refused and named (the names agent/features/mqtt.py counts, journals and shows in @status)."""
 from __future__ import annotations
 
 import json

@@ -1,7 +1,7 @@
-"""The utility Modbus server's request handling (firmware/agent/utility_server.py), no network.
+"""The utility Modbus server's request handling (firmware/agent/features/modbus_server.py), no network.
 
 The register map, writes, exceptions and the heartbeat are checked against a stand-in agent
-(the attributes and methods utility_server uses: ctrl, relays, journal, decide, count ...).
+(the attributes and methods the modbus_server feature uses: ctrl, relays, journal, decide, count ...).
 The same script runs under the real micropython (modules compiled with mpy-cross, as a board
 runs them, at -X heapsize=64wK) and under CPython (the module is common-subset code).
 tests/firmware/test_modbus_fuzz.py already fuzzes the framing parsers; here the fuzz goes
@@ -21,7 +21,7 @@ from conftest import FIRMWARE
 
 SCRIPT = r'''
 import json, random
-from agent import utility_server as us
+from agent.features import modbus_server as us
 from agent import modbus_tcp as tcp, modbus_rtu as rtu
 from agent.crc import crc16_modbus
 from agent.modbus_errors import ModbusError, ModbusException

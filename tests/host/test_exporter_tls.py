@@ -1,7 +1,7 @@
 """`gridshed exporter` on a secured broker (a real Mosquitto with TLS, logins and the ACL that
 `gridshed broker-config` writes): with `--site S --inventory I` it connects with the site's CA and
 host login from the inventory, accepts the state a device signed with its key (as the board's
-agent/fleet.py signs it) and drops a forged one; a wrong host password is reported, not fatal.
+agent/features/mqtt.py signs it) and drops a forged one; a wrong host password is reported, not fatal.
 (The exporter against a real agent: tests/e2e/test_exporter.py.)"""
 from __future__ import annotations
 

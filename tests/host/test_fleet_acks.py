@@ -3,7 +3,7 @@
 publishes a retained state carrying that seq no longer confirms a command the board never saw.
 
 A real Mosquitto broker; the "board" here is played by a paho client publishing states signed the
-way agent/fleet.py signs them (the real agent's states are verified by tests/e2e/test_fleet.py).
+way agent/features/mqtt.py signs them (the real agent's states are verified by tests/e2e/test_fleet.py).
 """
 from __future__ import annotations
 
@@ -31,9 +31,9 @@ def board_state(kid: bytes, key: bytes, topic: str, obj: dict) -> bytes:
 
 
 def test_verify_state_matches_the_board_format() -> None:
-    """The board's own code (agent/fleet.py Fleet.sign, run here under CPython) and the host's
+    """The board's own code (agent/features/mqtt.py Fleet.sign, run here under CPython) and the host's
     check agree; any change of a byte, of the topic or of the key fails."""
-    from agent.fleet import Fleet
+    from agent.features.mqtt import Fleet
 
     key, kid = secrets.token_bytes(32), secrets.token_bytes(8)
     site_key, site_kid = secrets.token_bytes(32), secrets.token_bytes(8)

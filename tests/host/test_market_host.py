@@ -295,7 +295,7 @@ def test_transport_limits_and_fit(tmp_path, capsys, inv):
     # the board's limits, read from the firmware: the console line and the fleet channel's buffer
     src = (ROOT / "firmware" / "agent" / "base.py").read_text()
     assert int(re.search(r"^LINE_MAX = (\d+)", src, re.M).group(1)) == dp.CONSOLE_LINE_MAX
-    src = (ROOT / "firmware" / "agent" / "fleet.py").read_text()
+    src = (ROOT / "firmware" / "agent" / "features" / "mqtt.py").read_text()
     assert int(re.search(r"max_packet=(\d+)", src).group(1)) == dp.FLEET_MAX_PACKET
     db, _ = inv
     site = ROOT / "scenarios" / "market-site.toml"

@@ -98,14 +98,17 @@ def test_wheel_has_one_top_level_package_and_the_data(wheel):
     tops = {n.split("/")[0] for n in names}
     assert tops == {"gridshed", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
     for folder, pattern in (("boards", ".json"), ("meters", ".json"), ("scenarios", ".csv"),
-                            ("scenarios", ".toml"), ("firmware/agent", ".py"), ("firmware/agent/hal", ".py"),
-                            ("firmware/agent/features", ".py")):
+                            ("scenarios", ".toml")):
         here = {p.name for p in (ROOT / folder).glob("*" + pattern)}
         shipped = {n.rsplit("/", 1)[1] for n in names
                    if n.startswith(f"gridshed/_data/{folder}/") and n.count("/") == folder.count("/") + 3
                    and n.endswith(pattern)}
         assert here and here == shipped, folder
     assert "gridshed/_data/firmware/main.py" in names
+    # every firmware source, in every subpackage (agent/hal, agent/features, ...)
+    fw = {p.relative_to(ROOT).as_posix() for p in (ROOT / "firmware").rglob("*.py") if "__pycache__" not in p.parts}
+    shipped = {n[len("gridshed/_data/"):] for n in names if n.startswith("gridshed/_data/firmware/") and n.endswith(".py")}
+    assert len(fw) > 40 and fw == shipped, sorted(fw ^ shipped)
 
 
 def test_console_script_runs_the_installed_copy(installed):

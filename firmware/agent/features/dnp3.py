@@ -12,7 +12,7 @@
 import asyncio
 from array import array
 
-from agent.base import log as _log
+from agent.base import log as _log, unload
 from agent import dnp3_app as app
 from agent import dnp3_link as link
 from agent.compat import const, ticks_ms, ticks_diff
@@ -327,20 +327,14 @@ def start(agent):
         # no RAM for the buffers: counted, and the outstation's code unloaded again (once this
         # returns nothing holds it) so the agent runs on with its usual margin
         import gc
-        import sys
 
         s = None
         for n in ("agent.dnp3_app", "agent.dnp3_link", "agent.features.dnp3"):
-            sys.modules.pop(n, None)
-            pkg, short = n.rsplit(".", 1)
-            p = sys.modules.get(pkg)
-            if p is not None and short in p.__dict__:
-                delattr(p, short)
+            unload(n)
         gc.collect()
         agent.count("dnp3_memory")
         _log("E", "dnp3: not enough RAM for the outstation: not started")
-        return None  # (no agent.dnp3: growing the agent's attributes needs RAM too)
-    agent.dnp3 = s
+        return None  # not started: no @status entry (the hub keeps only started features)
     if cfg["transport"] == "serial":
         asyncio.create_task(s.serial_task())
     else:

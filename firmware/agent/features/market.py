@@ -4,7 +4,7 @@
 # of blocks economics holds open to the agent (Agent.econ_off): the relays are
 # ctrl.closed_mask & ~econ_off, so economics only ever adds open blocks and a frequency trip
 # always overrides it. The signed "schedule" command (agent/cmdrun.py) and the utility Modbus
-# map's market registers (agent/utility_server.py) reach it through Agent.market.
+# map's market registers (agent/features/modbus_server.py) reach it through Agent.market.
 # (Comments, not docstrings: less RAM when compiled from source.)
 import asyncio
 

@@ -33,8 +33,18 @@ BUSY = b'{"ok": false, "refused": "busy"}'  # shorter than any datagram it answe
 NONCE_LEN = const(48)       # "@nonce" padded: a request no shorter than its answer
 
 
-async def _run(agent):
-    port = agent.cfg["udp"]["port"]
+class Udp:
+    def __init__(self, port):
+        self.port = port
+        self.commands = 0  # datagrams verified (signed commands and nonce requests)
+
+    def status(self):
+        # @status "udp" (what it refused is counted in "errors": udp_bad, udp_limited, ...)
+        return {"port": self.port, "commands": self.commands}
+
+
+async def _run(agent, u):
+    port = u.port
     while True:
         try:
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -45,7 +55,7 @@ async def _run(agent):
                     pass
                 s.bind(socket.getaddrinfo("0.0.0.0", port)[0][-1])
                 s.setblocking(False)
-                await _loop(agent, s)
+                await _loop(agent, s, u)
             finally:
                 s.close()
         except asyncio.CancelledError:
@@ -56,7 +66,7 @@ async def _run(agent):
             await asyncio.sleep(5)
 
 
-async def _loop(agent, s):
+async def _loop(agent, s, u):
     p = select.poll()
     p.register(s, select.POLLIN)
     srcs = {}  # source address -> [tokens, last refill]: a flood from one source spends its own
@@ -103,6 +113,7 @@ async def _loop(agent, s):
             await asyncio.sleep_ms(0)
             continue
         b[0] -= 1
+        u.commands += 1
         gc.collect()  # the verifier's modules load into a small heap: room first
         try:
             if nonce:
@@ -154,4 +165,6 @@ def _bucket(srcs, addr, now):
 
 
 def start(agent):
-    asyncio.create_task(_run(agent))
+    u = Udp(agent.cfg["udp"]["port"])
+    asyncio.create_task(_run(agent, u))
+    return u

@@ -426,7 +426,6 @@ class Miners:
 def start(agent):
     mc = agent.cfg["miners"]
     m = Miners(agent, mc)
-    agent.miners = m
     agent.relays.attach(m, m.soft)
     asyncio.create_task(m.run())
     return m

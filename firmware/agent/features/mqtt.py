@@ -129,6 +129,18 @@ class Fleet:
         m = ", ".join('"%s": "%s"' % (_hex(kid), _hex(hmac_sha256(k, parts))) for kid, k in self.keys)
         return body[:-1] + ', "mac": {%s}}' % m
 
+    def status(self):
+        # @status "mqtt": the client's counters, and the last named connection failure
+        st = self.client.stats()
+        if self.fail is not None:
+            st["fail"] = self.fail  # (agent/mqtt_tls.py)
+        return st
+
+    def stop(self):
+        # the agent stopped from the console: drop the session without DISCONNECT, so the
+        # broker publishes the last will (agent/stopped.py)
+        self.client._teardown()
+
     def telemetry(self):
         a = self.a
         t = None
@@ -216,6 +228,5 @@ def _hex(b):
 
 def start(agent):
     f = Fleet(agent)
-    agent.fleet = f
     asyncio.create_task(f.run())
     return f

@@ -6,9 +6,10 @@
 # new cycles were measured:
 #   role "primary":   agent.hz = local frequency and one control decision per measured cycle;
 #                     the meter supplies kW only. While the local measurement is valid, the poll
-#                     task's decisions are turned into timer ticks (the wrapper below), so the
-#                     controller never mixes meter and local samples; when it is lost (no edges),
-#                     the meter's frequency takes over again by itself.
+#                     task's decisions are timer ticks (the agent's frequency hook: this object
+#                     is agent.hz_source, its `ok` the switch), so the controller never mixes
+#                     meter and local samples; when it is lost (no edges), the meter's
+#                     frequency takes over again by itself.
 #   role "secondary": the meter stays the frequency source; local vs meter disagreement above
 #                     max_disagree_hz for disagree_s -> counter + journal "freq_disagree".
 # Either role feeds ROCOF to the controller (ctrl.rocof) for ROCOF stages, and cross-checks.
@@ -38,28 +39,12 @@ class Freq:
         self.disagreements = self.lost = self.decisions = 0
         self._dis_t0 = None
         self._pin = None
-        self._decide = type(agent).decide  # the plain method: our own decisions bypass the wrapper
         self._attach(c["pin"])
 
     def _attach(self, pin):
         # Rising edges reach FreqMeter.edge(t_us) through the HAL: a hard IRQ on a board
         # (hal/mcu.py), the GPIO socket's edge lines on the virtual board (hal/unix.py).
         self._pin = self.agent.hal.edge_input(pin, self.fm.edge)
-
-    def wrap_poll(self):
-        # Primary role: the poll task calls agent.decide(now, True) after setting hz from the
-        # meter; while the local measurement is valid that decision becomes a timer tick.
-        a = self.agent
-        dec = self._decide
-        me = self
-
-        def decide(now, sample):
-            if sample and me.ok:
-                sample = False
-            return dec(a, now, sample)
-
-        a.decide = decide
-        a.hz_source = "ac_sense"
 
     async def run(self):
         a = self.agent
@@ -91,7 +76,7 @@ class Freq:
                 keep = a.meter_ok
                 a.meter_ok = True  # the frequency source is healthy, whatever the meter does
                 self.decisions += 1
-                self._decide(a, now, True)
+                a.decide(now, True)
                 a.meter_ok = keep
             self.check(now, hz)
 
@@ -127,8 +112,7 @@ class Freq:
 
 def start(agent):
     f = Freq(agent)
-    agent.freq = f
-    if f.primary:
-        f.wrap_poll()
+    if f.primary:  # the agent's frequency hook: while f.ok, the meter's samples are ticks
+        agent.hz_source = f
     asyncio.create_task(f.run())
     return f

@@ -97,6 +97,11 @@ class UtilityServer:
         self._put(r, (v >> 16) & 0xFFFF)
         self._put(r + 1, v & 0xFFFF)
 
+    def status(self):
+        # @status "modbus_server"
+        return {"requests": self.requests, "exceptions": self.exceptions, "bad": self.bad,
+                "heartbeat_losses": self.hb_losses, "commands": self.commands}
+
     def hb_ok(self):
         return self.hb_ms == 0 or (self.hb_val >= 0 and not self.hb_lost)
 
@@ -485,7 +490,6 @@ def _peer_ip(addr):
 def start(agent):
     cfg = agent.cfg["modbus_server"]
     s = UtilityServer(agent, cfg)
-    agent.utility = s
     if cfg["transport"] == "rtu":
         from agent import utility_rtu  # only boards serving RTU pay for its code
 
