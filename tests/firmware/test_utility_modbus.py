@@ -215,6 +215,9 @@ out["attacks"] = att
 s, a = s0, a0
 
 # ---- fuzz through the handlers ------------------------------------------------------------
+# the stand-in journal keeps its records in RAM (a board's go to flash): the fuzz's are not
+# checked, so they do not pile up in this small heap
+J.append = lambda self, k, d: None
 random.seed(SEED)
 buf = bytearray(300)
 fails = []
