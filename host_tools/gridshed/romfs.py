@@ -396,7 +396,7 @@ def _mp(exe: str, heapsize: str, code: str, tag: str) -> list[str]:
 
 # What the demo agent keeps loaded while it runs (sys.modules of a running demo board, minus
 # asyncio): the code every site pays for. Used by the import measurement (tests, make bench).
-RESIDENT = ["agent", "agent.app", "agent.base", "agent.cbor", "agent.compat", "agent.control", "agent.crc", "agent.hal",
+RESIDENT = ["agent", "agent.app", "agent.base", "agent.cbor", "agent.compat", "agent.control", "agent.crc", "agent.features", "agent.hal",
             "agent.hal.unix", "agent.journal", "agent.meter", "agent.modbus_base", "agent.modbus_errors",
             "agent.modbus_master", "agent.modbus_rtu", "agent.recorder", "agent.relays"]
 
