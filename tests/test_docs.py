@@ -52,9 +52,11 @@ def test_doc_paths_exist(doc):
 
 def _agent_attributes() -> set[str]:
     """What `agent.<name>` may name in the docs besides a module: the running Agent's
-    attributes and methods (firmware/agent/app.py, `self.<name>` and `def <name>`)."""
+    attributes and methods (firmware/agent/app.py, `self.<name>`, `def <name>` and the class's
+    defaults, `    <name> = ` in class Agent)."""
     src = (ROOT / "firmware" / "agent" / "app.py").read_text()
-    return set(re.findall(r"self\.(\w+)\s*=", src)) | set(re.findall(r"^    def (\w+)", src, re.M))
+    return (set(re.findall(r"self\.(\w+)\s*=", src)) | set(re.findall(r"^    def (\w+)", src, re.M))
+            | set(re.findall(r"^    (\w+) = ", src, re.M)))
 
 
 def _resolves(dotted: str) -> bool:

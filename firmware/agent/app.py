@@ -43,6 +43,17 @@ def _read_plan(mm, m):
 
 
 class Agent:
+    # Inputs and hooks the features set, defaulted here on the class, not per instance: an
+    # attribute the site never sets costs no room in the instance's dict (a dict that grows past
+    # its table reallocates it whole, which a 48wK heap may not have in one piece).
+    override = None    # the override switch (agent/features/override.py)
+    lockout = False    # the override's lockout holds every block open
+    signal = None      # the dry contact's latch, cleared by a signed restore-all (agent/features/signals.py)
+    hz_source = None   # a feature measuring the frequency itself: the poll task's hook (its ok)
+    market = None      # the market feature (agent/features/market.py), when [market] is on
+    seq_counters = None  # command counters survive the command-step modules being freed
+    refused_at = None    # when a refused command was last journaled (rate limit)
+
     def __init__(self, cfg, hal, switched=None):
         global AGENT
         AGENT = self
@@ -83,10 +94,6 @@ class Agent:
             boot_target(self, persisted, tripped)
         self.auth_sync()
         self._p_kw = self.shed_kw
-        self.override = None  # the override switch (agent/features/override.py)
-        self.lockout = False
-        self.hz_source = None  # a feature measuring the frequency itself (the poll task's hook)
-        self.features = ()     # [(section, the object its start() returned)], once started
         on = features.enabled(cfg)
         for sec in on:
             if sec in features.EARLY:  # read before the relays are driven (a lockout holds them open)
@@ -119,9 +126,9 @@ class Agent:
             pass
         gc.collect()
         self.master = self._master()
-        self.market = None  # the market feature (agent/features/market.py), when [market] is on
         self.econ_off = 0   # blocks economics holds open: relays = ctrl.closed_mask & ~econ_off
-        self._mods = [(sec, self._feature(sec)) for sec in on]  # imported now, started by main()
+        # [(section, its module)] imported now; main() starts them: [(section, what start() returned)]
+        self.features = [(sec, self._feature(sec)) for sec in on]
         gc.collect()
         # held inputs as last persisted (authority changes, lockout): a change is persisted at once
         self._p_held = self.auth.changes | bool(persisted and persisted.get("lockout") is True) << 30
@@ -154,9 +161,6 @@ class Agent:
         self.q_logged = [None, None]  # when a burst start / end was last journaled
         self._mc = None
         self.started = ticks_ms()
-        self.signal = None
-        self.seq_counters = None  # command counters survive the command-step modules being freed
-        self.refused_at = None    # when a refused command was last journaled (rate limit)
         self.wdt = None
         m = cfg["meter"]
         # worst case of one poll cycle's reads: every request timing out on every attempt
@@ -529,12 +533,11 @@ class Agent:
         # start(agent) of each enabled feature: it creates its tasks and returns the object
         # whose status() @status shows under the section's name (agent/status.py)
         out = []
-        for sec, mod in self._mods:
+        for sec, mod in self.features:
             f = mod.start(self)
             if f is not None:  # None: it could not start (no RAM for its buffers) and said so
                 out.append((sec, f))
         self.features = out
-        self._mods = None
 
     async def main(self):
         asyncio.create_task(self.tick_task())
