@@ -68,16 +68,24 @@ MCU_ONLY = {"agent/hal/mcu.py"}
 
 
 def test_feature_index_names_the_folder():
-    """agent/features/__init__.py ORDER (what the hub starts) names exactly the modules there."""
-    from agent import features
+    """agent/boot.py FEATURES (what the hub starts) names exactly the modules of agent/features/,
+    and features(cfg) turns each on from its own section."""
+    from agent import boot
 
     mods = {p.stem for p in (FIRMWARE / "agent" / "features").glob("*.py") if p.stem != "__init__"}
-    assert set(features.ORDER) == mods and len(features.ORDER) == len(mods), (features.ORDER, mods)
-    assert set(features.EARLY) <= mods
+    assert set(boot.FEATURES) == mods and len(boot.FEATURES) == len(mods), (boot.FEATURES, mods)
+    assert set(boot.EARLY) <= mods
+    assert boot.features({}) == ([], [])
+    on = {"signals": {"dry_contact": True}, "override": {"enabled": True, "pin": 4}, "market": {}}
+    on.update({s: {"enabled": True} for s in mods - set(on)})
+    assert boot.features(on) == (list(boot.FEATURES), list(boot.EARLY))
+    off = {"signals": {"dry_contact": False}, "override": {"enabled": True, "pin": None}}
+    off.update({s: {"enabled": False} for s in mods - {"signals", "override"}})
+    assert boot.features(off) == ([], [])
     from agent import config
 
     src = (FIRMWARE / "agent" / "config.py").read_text()
-    for sec in features.ORDER:  # each is a site.toml section the config validates (or hands to its check)
+    for sec in boot.FEATURES:  # each is a site.toml section the config validates (or hands to its check)
         assert sec in config.SCHEMA or sec in config.OPTIONAL or f'"{sec}" in cfg' in src, sec
     # the features each discovered section's module pulls in count as optional, not core
     assert {"agent/features/mqtt.py", "agent/mqtt.py", "agent/mqtt_codec.py", "agent/freqmeter.py"} <= FEATURES

@@ -10,7 +10,6 @@ import gc
 import sys
 
 from agent import control
-from agent import features
 from agent.base import BUILD, KEYS_PATH, STATE_PATH, ConsoleLines, log, read_checked, reply, unload, write_cbor_atomic
 from agent.compat import ticks_ms, ticks_diff, ticks_add
 from agent.journal import Journal
@@ -94,10 +93,9 @@ class Agent:
             boot_target(self, persisted, tripped)
         self.auth_sync()
         self._p_kw = self.shed_kw
-        on = features.enabled(cfg)
-        for sec in on:
-            if sec in features.EARLY:  # read before the relays are driven (a lockout holds them open)
-                self._feature(sec).boot(self, persisted)
+        on, early = self.step("boot", "features", cfg)  # the sections this site runs (agent/boot.py)
+        for sec in early:  # read before the relays are driven (a lockout holds them open)
+            self._feature(sec).boot(self, persisted)
         hold = self.auth.held != 0 or self.lockout
         closed = cfg["failsafe"]["boot_state"] == "closed" and not tripped and not hold
         # Relays first: the safe state is set before anything else is built.

@@ -18,6 +18,10 @@ import gc
 from agent.base import CONFIG_PATH, log, unload
 
 PLAN_PATH = "switch-plan.json"
+# The optional features (agent/features/<section>.py, docs/architecture.md "Feature contract"),
+# in start order; EARLY: read before the relays are driven (boot(agent, persisted)).
+FEATURES = ("signals", "override", "modbus_server", "udp", "mqtt", "ac_sense", "miners", "dnp3", "market")
+EARLY = ("override",)
 
 
 def _sha(path):
@@ -130,3 +134,16 @@ def load_config():
         unload("agent.meter_check")
     gc.collect()
     return cfg, errors, chash
+
+
+def features(cfg):
+    # (the sections this site runs, in FEATURES order; those of them in EARLY): a section with
+    # enabled = true (signals: a dry contact wired; override: a pin to read; market: on unless
+    # enabled = false). Agent.__init__ loads this module for the call (Agent.step) and frees it.
+    out = []
+    for sec in FEATURES:
+        c = cfg.get(sec)
+        if isinstance(c, dict) and (c.get("dry_contact") if sec == "signals" else c.get("enabled", sec == "market")) \
+                and (sec != "override" or c.get("pin") is not None):
+            out.append(sec)
+    return out, [s for s in out if s in EARLY]

@@ -1,9 +1,10 @@
 """Debounced digital inputs: the utility's dry contact and the technician's override switch.
 
-Debounced / ShedSignal / Override are pure logic: the caller samples the pin and passes the
-level with the time; a change counts only after it has been stable for debounce_ms, so contact
-bounce and induced spikes never reach the control decision. The features wire them to the
-agent: agent/features/signals.py (the dry contact) and agent/features/override.py.
+Debounced / ShedSignal are pure logic: the caller samples the pin and passes the level with the
+time; a change counts only after it has been stable for debounce_ms, so contact bounce and
+induced spikes never reach the control decision. The features wire them to the agent:
+agent/features/signals.py (the dry contact) and agent/features/override.py (its Override class is
+there: a site with only a dry contact does not keep it in RAM).
 """
 from agent.compat import ticks_diff
 
@@ -68,33 +69,7 @@ class ShedSignal:
     def clear(self):
         self.latched = False
 
-
-class Override:
-    """The technician's override switch (docs/failsafes.md, site-config [override]).
-
-    mode "lockout": while asserted every block is held open and nothing restores it (no
-    automatic restore, no restore command); its release lets the normal restore rules run.
-    mode "shed": an assertion is a local manual shed of every block (a trip); restore then
-    follows the normal rules whatever the switch does afterwards.
-    asserted: the state to start from (the pin read at boot, or a lockout persisted across a
-    reboot); the first samples confirm or clear it after debounce_ms.
-    """
-
-    def __init__(self, mode="lockout", debounce_ms=50, active=0, asserted=False, pin=None):
-        self.mode = mode
-        self.input = Debounced(debounce_ms, active, -1, asserted)
-        self.pin = pin
-        self.own = False  # a lockout opened the blocks itself (no trip was in progress)
-
-    def sample(self, now_ms, level):
-        return self.input.sample(now_ms, level)
-
-    def on(self):
-        return self.input.state
-
-    def lockout(self):
-        return self.mode == "lockout" and self.input.state
-
     def status(self):
-        # @status "override"
-        return {"mode": self.mode, "on": self.input.state, "changes": self.input.changes}
+        # @status "signals"
+        i = self.input
+        return {"on": i.state, "latched": self.latched, "changes": i.changes, "bounces": i.bounces}

@@ -114,14 +114,14 @@ def all_features(src: str | Path | None = None) -> list[str]:
 def config_features(cfg: dict[str, Any], available: list[str]) -> list[str]:
     """The features of `available` a normalized config turns on: what the agent will import.
 
-    The firmware's own rule (agent.features.enabled, when the firmware has it) and, on top, any
+    The firmware's own rule (agent.boot.features, when the firmware has it) and, on top, any
     section present with ``enabled`` not false: a build for the site never lacks a module its
     agent imports (one too many costs flash, one too few stops the agent)."""
     on = set()
     try:
-        from agent.features import enabled  # type: ignore[attr-defined]
+        from agent.boot import features  # type: ignore[attr-defined]
 
-        on.update(enabled(cfg))
+        on.update(features(cfg)[0])
     except (ImportError, AttributeError):
         pass
     for sec in available:

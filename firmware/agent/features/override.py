@@ -1,14 +1,45 @@
 # The technician's override switch (site.toml [override]; docs/failsafes.md): "lockout" holds
 # every block open while asserted, "shed" is a local manual trip. boot() reads the switch before
 # the relays are driven (a lockout, or one persisted in state.cbor, holds the load off from the
-# first relay write); start() samples it every INPUT_MS, debounced (agent/inputs.py Override).
+# first relay write); start() samples it every INPUT_MS, debounced (Override, below).
 import asyncio
 
 from agent.base import log
 from agent.compat import ticks_ms
-from agent.inputs import Override
+from agent.inputs import Debounced
 
 INPUT_MS = 10  # sampling period
+
+
+class Override:
+    """The technician's override switch (docs/failsafes.md, site-config [override]).
+
+    mode "lockout": while asserted every block is held open and nothing restores it (no
+    automatic restore, no restore command); its release lets the normal restore rules run.
+    mode "shed": an assertion is a local manual shed of every block (a trip); restore then
+    follows the normal rules whatever the switch does afterwards.
+    asserted: the state to start from (the pin read at boot, or a lockout persisted across a
+    reboot); the first samples confirm or clear it after debounce_ms.
+    """
+
+    def __init__(self, mode="lockout", debounce_ms=50, active=0, asserted=False, pin=None):
+        self.mode = mode
+        self.input = Debounced(debounce_ms, active, -1, asserted)
+        self.pin = pin
+        self.own = False  # a lockout opened the blocks itself (no trip was in progress)
+
+    def sample(self, now_ms, level):
+        return self.input.sample(now_ms, level)
+
+    def on(self):
+        return self.input.state
+
+    def lockout(self):
+        return self.mode == "lockout" and self.input.state
+
+    def status(self):
+        # @status "override"
+        return {"mode": self.mode, "on": self.input.state, "changes": self.input.changes}
 
 
 def boot(a, persisted):

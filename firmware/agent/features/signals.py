@@ -11,47 +11,35 @@ from agent.inputs import ShedSignal
 INPUT_MS = 10  # sampling period
 
 
-class Signals:
-    def __init__(self, a):
-        s = a.cfg["signals"]
-        self.a = a
-        self.level = s["mode"] == "level"
-        # agent.signal: the latch a signed restore-all clears (agent/cmdrun.py)
-        a.signal = self.sig = sig = ShedSignal(s["mode"], s["debounce_ms"], s["dry_contact_active"])
-        self.pin = a.hal.in_pin(s["dry_contact_pin"], pull_up=not s["dry_contact_active"])
-        if a.auth.held >> I_CONTACT & 1:  # held before a reboot: the first readings confirm it
-            sig.input.state = sig.latched = True
-            sig.input._raw = -1
-
-    async def run(self):
-        a = self.a
-        sig = self.sig
-        pin = self.pin
-        while True:
-            now = ticks_ms()
-            if sig.sample(now, pin.value()):
-                on = sig.input.state
-                a.journal.append("signal", {"src": "dry_contact", "on": on})
-                log("E", "dry contact %s" % ("asserted" if on else "released"))
-                # the contact's own entry: asserted sheds; in "level" mode its release releases it
-                # (in "edge" mode only a signed restore-all, or a trusted Modbus release, clears
-                # it). Unauthenticated: it satisfies trip.release_required only if
-                # authority.trusted says so.
-                if on:
-                    a.issue(I_CONTACT, True)
-                elif self.level:
-                    a.issue(I_CONTACT, False)
-                    if a.trusted >> I_CONTACT & 1:
-                        a.release = True
-                a.decide(now, False)
-            await asyncio.sleep_ms(INPUT_MS)
-
-    def status(self):
-        i = self.sig.input
-        return {"on": i.state, "latched": self.sig.latched, "changes": i.changes, "bounces": i.bounces}
+async def run(a, pin):
+    sig = a.signal
+    level = a.cfg["signals"]["mode"] == "level"
+    while True:
+        now = ticks_ms()
+        if sig.sample(now, pin.value()):
+            on = sig.input.state
+            a.journal.append("signal", {"src": "dry_contact", "on": on})
+            log("E", "dry contact %s" % ("asserted" if on else "released"))
+            # the contact's own entry: asserted sheds; in "level" mode its release releases it (in
+            # "edge" mode only a signed restore-all, or a trusted Modbus release, clears it).
+            # Unauthenticated: it satisfies trip.release_required only if authority.trusted says so.
+            if on:
+                a.issue(I_CONTACT, True)
+            elif level:
+                a.issue(I_CONTACT, False)
+                if a.trusted >> I_CONTACT & 1:
+                    a.release = True
+            a.decide(now, False)
+        await asyncio.sleep_ms(INPUT_MS)
 
 
 def start(a):
-    f = Signals(a)
-    asyncio.create_task(f.run())
-    return f
+    s = a.cfg["signals"]
+    # agent.signal: the latch a signed restore-all clears (agent/cmdrun.py); its status() is @status "signals"
+    a.signal = sig = ShedSignal(s["mode"], s["debounce_ms"], s["dry_contact_active"])
+    pin = a.hal.in_pin(s["dry_contact_pin"], pull_up=not s["dry_contact_active"])
+    if a.auth.held >> I_CONTACT & 1:  # held before a reboot: the first readings confirm it
+        sig.input.state = sig.latched = True
+        sig.input._raw = -1
+    asyncio.create_task(run(a, pin))
+    return sig
