@@ -236,7 +236,7 @@ def full_try(k: int, work: Path, mqtt_port: int, tag: str = "", tls: Any = None)
             "cmd_console": bool((req.get("cmd_console") or {}).get("ok")),
             "cmd_udp": bool((req.get("cmd_udp") or {}).get("ok")),
             "modbus_read": bool((req.get("modbus_read") or {}).get("ok")),
-            "utility": "utility" in st,
+            "modbus_server": "modbus_server" in st,
             "mqtt": bool((st.get("mqtt") or {}).get("connected")),
             "ac_sense": bool((st.get("ac_sense") or {}).get("ok")),
             "miners": "miners" in st,
