@@ -18,7 +18,7 @@ from time import ticks_us
 
 from agent.base import log
 from agent.compat import ticks_diff, ticks_ms
-from agent.freqmeter import FreqMeter
+from agent.freqmeter import TICKS_MASK, FreqMeter
 
 WAKE_MS = 10
 
@@ -51,7 +51,7 @@ class Freq:
         fm = self.fm
         ctl = a.ctrl
         while True:
-            await asyncio.sleep_ms(WAKE_MS)
+            await asyncio.sleep_ms(self._wait())
             n = fm.process()
             if fm.expire(ticks_us()) or not fm.valid:
                 ctl.rocof = self.rocof = None
@@ -79,6 +79,17 @@ class Freq:
                 a.decide(now, True)
                 a.meter_ok = keep
             self.check(now, hz)
+
+    def _wait(self):
+        # wake about 1 ms after the next edge is due, so a cycle is judged as soon as it ends
+        # (not up to WAKE_MS later: 0.6 of a cycle); WAKE_MS while no edge is expected (starting,
+        # signal lost). An edge late by more than that is looked for every millisecond until
+        # the meter's gap detection gives up (5 periods).
+        fm = self.fm
+        if not fm._have:
+            return WAKE_MS
+        w = (fm._ref - ((ticks_us() - fm._last) & TICKS_MASK)) // 1000 + 1
+        return 1 if w < 1 else (w if w < 2 * WAKE_MS else WAKE_MS)
 
     def check(self, now, hz):
         a = self.agent
