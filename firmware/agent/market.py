@@ -20,7 +20,6 @@ EPOCH = const(1577836800)  # 2020-01-01T00:00:00Z, a whole number of days
 _DAY = const(86400)
 _MAX_IV = const(96)         # schedule intervals kept (a day of 15-minute prices)
 _NEVER = const(0x3FFFFFFF)
-CLASSES = ("interruptible", "firm", "heat")
 _C_INT = const(0)
 C_FIRM = const(1)
 _C_HEAT = const(2)
@@ -54,14 +53,24 @@ WHY = ("none", "price_above_strike", "kw_target", "min_run", "min_off", "cycle_c
 _NEV = const(40)
 
 
+def _io():
+    from agent import market_io
+
+    return market_io
+
+
+def _free():
+    import sys
+
+    sys.modules.pop("agent.market_io", None)
+    import agent
+
+    if "market_io" in agent.__dict__:
+        delattr(agent, "market_io")
+
+
 def _num(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _x100(v):
-    # a value x 100 as an int, rounded half away from zero (cents / 0.01 kW)
-    v = v * 100
-    return int(v + 0.5) if v >= 0 else -int(0.5 - v)
 
 
 def _check_ts(ts):
@@ -83,105 +92,19 @@ def _check_ts(ts):
     return None
 
 
-def trip_mask(cfg, n):
-    # blocks an under-frequency / ROCOF trip would shed: the union of the stages' blocks
-    st = (cfg.get("trip") or {}).get("stages")
-    if not st:
-        return (1 << n) - 1
-    m = 0
-    for s in st:
-        for b in s.get("blocks") or range(n):
-            m |= 1 << b
-    return m
+def _x100(v):
+    # a value x 100 as an int, rounded half away from zero (cents / 0.01 kW)
+    v = v * 100
+    return int(v + 0.5) if v >= 0 else -int(0.5 - v)
 
 
 class Market:
+    # the cold half (agent/market_io.py: the config, the holds read back at boot) is loaded
+    # for those calls only (at boot) and freed after them: less resident bytecode
     def __init__(self, cfg):
-        blocks = cfg["blocks"]
-        mk = cfg.get("market") or {}
-        self.n = n = len(blocks)
-        self.names = [b.get("name", "") for b in blocks]
-        self.kw = [float(b.get("miners", 0) * b.get("kw_per_miner", 0)) for b in blocks]
-        self.cls = bytearray(n)
-        self.strike = [None] * n
-        self.min_run = [0] * n
-        self.min_off = [0] * n
-        self.cap = [0] * n
-        self.ramp = [0.0] * n
-        im = 0
-        for i in range(n):
-            b = blocks[i]
-            c = b.get("class", "interruptible")
-            self.cls[i] = CLASSES.index(c)
-            s = b.get("strike_usd_mwh")
-            self.strike[i] = None if s is None else float(s)
-            self.min_run[i] = int(b.get("min_run_s", 0))
-            self.min_off[i] = int(b.get("min_off_s", 0))
-            self.cap[i] = int(b.get("max_cycles_day", 0))
-            self.ramp[i] = float(b.get("ramp_kw_per_min", 0))
-            if self.cls[i] == _C_INT and self.kw[i] > 0:
-                im |= 1 << i
-        self.int_mask = im
-        self.heat_min_kw = float(mk.get("heat_min_kw", 0))
-        self.oblig_kw = float(mk.get("obligation_mw", 0)) * 1000
-        self.program = mk.get("program", "RRS")
-        self.hours = bytearray(24)  # 1: an obligation hour (UTC)
-        for h in mk.get("obligation_hours") or ():
-            a, b = int(h[0]) % 24, int(h[1])
-            k = a
-            while True:
-                self.hours[k] = 1
-                k = (k + 1) % 24
-                if k == b % 24:
-                    break
-        self.trip = trip_mask(cfg, n)
-        # shed order: interruptible, then heat (shed last); each by priority, the largest first;
-        # firm blocks never shed for economics. Restores go the other way round.
-        pr = [b.get("priority", 1) for b in blocks]
-        self.order = tuple(sorted([i for i in range(n) if self.cls[i] != C_FIRM and self.kw[i] > 0],
-                                  key=lambda i: (self.cls[i] == _C_HEAT, pr[i], -self.kw[i], i)))
-        # schedule: parallel arrays, times in seconds since EPOCH, later intervals win; sized to
-        # the schedule when it is taken (a series-only or empty schedule keeps none)
-        self.sid = -1
-        self.niv = 0
-        self.iv_s = self.iv_e = self.iv_v = None  # array("i"): start, end, value x 100 (cents / 0.01 kW)
-        self.iv_m = None  # bytearray: the rows' modes
-        # the compact uniform-step series ("ts": [t0, dt, "pc"|"kw", [values]]): the base layer
-        # under the iv rows, read in place (no per-interval rows): step k runs t0 + k*dt .. + dt
-        self.ts_t0 = 0
-        self.ts_dt = 1
-        self.ts_m = _M_NONE
-        self.ts_v = None        # the received list (prices in cents, or kW); None: no series
-        self.ts_n = 0
-        # dynamic state (every attribute exists from here on)
-        self.off = 0            # blocks economics holds open
-        self.why = bytearray(n)  # each block's last journaled reason
-        self.on_t = [0] * n     # when each block last came on (relays' real state)
-        self.off_t = [0] * n    # when economics last opened it
-        self.cycles = [0] * n   # economic sheds today (UTC day)
-        self.day = -1
-        self.fin = -1           # the relays' mask at the last decision (-1: none yet)
-        self.t = -1             # the second of the last step
-        self.t_dec = 0          # the second of the last decision
-        self.closed = -1
-        self.ramp_until = 0
-        self.wake = _NEVER       # the next second a hold ends (a decision is due then)
-        self.edge = 0           # the next interval start or end
-        self.mode = _M_NONE
-        self.val = 0.0
-        self.avail_kw = 0.0     # sheddable load on now: what a frequency trip would shed
-        self.oblig = False      # in an obligation hour now
-        self.short = False      # in an obligation hour with less available than committed
-        self.refused = 0        # economic curtailments refused for the obligation (episodes)
-        self.unknown = 0        # decisions skipped: no trusted time
-        self.known = False
-        self.boot_hold = False  # blocks held open at a reboot stay so until their min off ends
-        self.x_price = None     # the utility register's price ($/MWh) or None: only adds curtailment
-        self.x_kw = 0.0         # the utility register's kW target (0: none): only adds curtailment
-        self.ev = bytearray(3 * _NEV)
-        self.nev = self.dropped = 0
+        _io().setup(self, cfg)
+        _free()
 
-    # ---- the schedule ------------------------------------------------------------------
     def set_schedule(self, sid, iv, boot=False, ts=None):
         # A signed schedule {"sid": id, "iv": [[start_unix, end_unix, "p"|"kw", value], ...],
         # "ts": [t0_unix, dt_s, "pc"|"kw", [value, ...]]} (ts optional: a uniform-step series,
@@ -251,6 +174,33 @@ class Market:
             r["ts"] = [self.ts_t0 + EPOCH, self.ts_dt, "pc" if self.ts_m == M_PRICE else "kw", self.ts_v]
         return r
 
+    def holds(self):
+        # [off, fin, off_t, on_t]: which blocks economics holds open and since when, when each
+        # block came on (seconds since EPOCH); None before the first decision
+        if self.fin < 0:
+            return None
+        return [self.off, self.fin, list(self.off_t), list(self.on_t)]
+
+    def set_holds(self, h):
+        _io().set_holds(self, h)
+        _free()
+
+    def status(self):
+        w = None
+        if self.short:
+            w = "%s obligation: %.0f kW available of %.0f kW committed" % (self.program, self.avail_kw, self.oblig_kw)
+        elif self.oblig and self.why_count(_W_OBLIG):
+            w = "economic curtailment refused: %s obligation" % self.program
+        elif not self.known and (self.niv or self.ts_n):
+            w = "clock not trusted: schedule not executed"
+        return {"clock": self.known, "sid": self.sid if self.sid >= 0 else None, "intervals": self.niv + self.ts_n,
+                "mode": MODES[self.mode], "value": self.val if self.mode else None, "off": self.off,
+                "avail_kw": self.avail_kw, "avail_mw": self.avail_kw / 1000, "program": self.program,
+                "obligation_kw": self.oblig_kw, "obligation_hour": self.oblig, "short": self.short,
+                "refused": self.refused, "unknown_clock": self.unknown, "cycles": self.cycles,
+                "holds": [WHY[self.why[i]] for i in range(self.n)], "warning": w}
+
+    # ---- the schedule ------------------------------------------------------------------
     def lookup(self, t):
         # the interval in force at t: the last iv row that holds t wins, then the series
         k = self.niv - 1
@@ -322,31 +272,6 @@ class Market:
         return self.off
 
     # ---- the holds across a reboot (market.cbor) ---------------------------------------
-    def holds(self):
-        # [off, fin, off_t, on_t]: which blocks economics holds open and since when, when each
-        # block came on (seconds since EPOCH); None before the first decision
-        if self.fin < 0:
-            return None
-        return [self.off, self.fin, list(self.off_t), list(self.on_t)]
-
-    def set_holds(self, h):
-        # the stored holds at boot: min run and min off count from the real times across the
-        # reboot. Blocks held open stay so, without a trusted clock, only until their min off has
-        # run by the board's own count since boot (boot_release); then they come back.
-        off, fin, a, b = h
-        for i in range(self.n):
-            self.off_t[i] = int(a[i])
-            self.on_t[i] = int(b[i])
-        self.fin = int(fin)
-        self.t_dec = max(max(self.off_t), max(self.on_t))
-        m = 0
-        for i in self.order:
-            if (off >> i) & 1 and self.min_off[i] > 0:
-                m |= 1 << i
-                self.why[i] = _W_MIN_OFF
-        self.off = m
-        self.boot_hold = m != 0
-
     def boot_release(self, up_s):
         # the clock still unknown up_s seconds after boot: give back the blocks held open at the
         # reboot whose min off has run (counted from boot: the cut itself counts as nothing)
@@ -562,21 +487,6 @@ class Market:
         return h
 
     # ---- status -------------------------------------------------------------------------
-    def status(self):
-        w = None
-        if self.short:
-            w = "%s obligation: %.0f kW available of %.0f kW committed" % (self.program, self.avail_kw, self.oblig_kw)
-        elif self.oblig and self.why_count(_W_OBLIG):
-            w = "economic curtailment refused: %s obligation" % self.program
-        elif not self.known and (self.niv or self.ts_n):
-            w = "clock not trusted: schedule not executed"
-        return {"clock": self.known, "sid": self.sid if self.sid >= 0 else None, "intervals": self.niv + self.ts_n,
-                "mode": MODES[self.mode], "value": self.val if self.mode else None, "off": self.off,
-                "avail_kw": self.avail_kw, "avail_mw": self.avail_kw / 1000, "program": self.program,
-                "obligation_kw": self.oblig_kw, "obligation_hour": self.oblig, "short": self.short,
-                "refused": self.refused, "unknown_clock": self.unknown, "cycles": self.cycles,
-                "holds": [WHY[self.why[i]] for i in range(self.n)], "warning": w}
-
     def why_count(self, why):
         c = 0
         for i in range(self.n):

@@ -5,6 +5,7 @@ after the reboot: no economic action until the host's signed time)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import base64
 import re
 import time
@@ -17,7 +18,7 @@ from gridshed.transport import Console
 
 from rig import Rig
 
-HEAP = "84wK"  # measured: docs/architecture.md "Test heaps" (the market feature: 82wK held beside two busy loops, 80wK did not)
+HEAP = os.environ.get("GS_HEAP") or "84wK"  # GS_HEAP: bisect a floor. Measured: docs/architecture.md "Test heaps" (the market feature: 82wK held beside two busy loops, 80wK did not)
 
 ROOT = Path(__file__).resolve().parents[2]
 KID = b"mkt-ops"

@@ -26,7 +26,7 @@ from gridshed.signing import new_key
 from rig import Rig
 
 HEAP = "88wK"  # the market feature's measured test heap (docs/architecture.md "Test heaps"), as test_market_board
-MQTT_HEAP = "108wK"  # [mqtt] + [market]: 104wK held, 100wK refused a command ("error"), 96wK crashed (docs/architecture.md)
+MQTT_HEAP = "124wK"  # [mqtt] + [market]: 108wK answered @status with MemoryError on main (2026-12-06), 116wK failed too; 124wK held 6 runs of 7 (docs/architecture.md)
 
 ROOT = Path(__file__).resolve().parents[2]
 KID = b"mkt-host"

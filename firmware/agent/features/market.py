@@ -68,23 +68,23 @@ class Feature:
 
     def save(self):
         m = self.m
-        rec = m.schedule()
-        if m.x_price is not None or m.x_kw:
-            rec["x"] = [m.x_price, m.x_kw]
-        for c in m.cycles:
-            if c:
-                rec["day"] = m.day
-                rec["cycles"] = m.cycles
-                break
-        h = m.holds()
-        if h:
-            rec["hold"] = h
-        self.saved = (m.off, m.fin)
         try:
             import gc
 
-            gc.collect()  # the writer's module loads for the write only: room first
+            gc.collect()  # the stored form's and the writer's modules load for the write only: room first
+            rec = m.schedule()
+            if m.x_price is not None or m.x_kw:
+                rec["x"] = [m.x_price, m.x_kw]
+            for c in m.cycles:
+                if c:
+                    rec["day"] = m.day
+                    rec["cycles"] = m.cycles
+                    break
+            h = m.holds()
+            if h:
+                rec["hold"] = h
             _io().write_cbor_atomic(PATH, rec)
+            self.saved = (m.off, m.fin)
             return True
         except (OSError, MemoryError):
             self.a.count("market_write")
