@@ -71,7 +71,7 @@ class Feature:
         try:
             import gc
 
-            gc.collect()  # the stored form's and the writer's modules load for the write only: room first
+            gc.collect()  # the writer's module loads for the write only: room first
             rec = m.schedule()
             if m.x_price is not None or m.x_kw:
                 rec["x"] = [m.x_price, m.x_kw]
