@@ -50,6 +50,7 @@ class Agent:
     signal = None      # the dry contact's latch, cleared by a signed restore-all (agent/features/signals.py)
     hz_source = None   # a feature measuring the frequency itself: the poll task's hook (its ok)
     market = None      # the market feature (agent/features/market.py), when [market] is on
+    econ_off = 0       # blocks economics holds open: relays = ctrl.closed_mask & ~econ_off
     seq_counters = None  # command counters survive the command-step modules being freed
     refused_at = None    # when a refused command was last journaled (rate limit)
 
@@ -99,7 +100,7 @@ class Agent:
         hold = self.auth.held != 0 or self.lockout
         closed = cfg["failsafe"]["boot_state"] == "closed" and not tripped and not hold
         # Relays first: the safe state is set before anything else is built.
-        self.relays = RelayBank(hal, cfg["blocks"], closed)
+        self.relays = RelayBank(hal, cfg["blocks"], closed, self.econ_off)
         try:
             self.ctrl = control.Controller(cfg, len(cfg["blocks"]), persisted=persisted)
         except Exception:
@@ -111,7 +112,7 @@ class Agent:
         elif not closed and not tripped:
             # boot_state "open": hold the load off until the first healthy decision restores it
             self.ctrl.shed(now)
-        self.relays.apply(0 if self.lockout else self.ctrl.closed_mask)
+        self.relays.apply(0 if self.lockout else self.ctrl.closed_mask & ~self.econ_off)
         # Relays are safe: now load every module this site will keep resident, before the
         # long-lived buffers are allocated, so code and data do not fragment the heap.
         self.master = None
@@ -124,7 +125,6 @@ class Agent:
             pass
         gc.collect()
         self.master = self._master()
-        self.econ_off = 0   # blocks economics holds open: relays = ctrl.closed_mask & ~econ_off
         # [(section, its module)] imported now; main() starts them: [(section, what start() returned)]
         self.features = [(sec, self._feature(sec)) for sec in on]
         gc.collect()

@@ -21,7 +21,7 @@ PLAN_PATH = "switch-plan.json"
 # The optional features (agent/features/<section>.py, docs/architecture.md "Feature contract"),
 # in start order; EARLY: read before the relays are driven (boot(agent, persisted)).
 FEATURES = ("signals", "override", "modbus_server", "udp", "mqtt", "ac_sense", "miners", "dnp3", "market")
-EARLY = ("override",)
+EARLY = ("override", "market")
 
 
 def _sha(path):

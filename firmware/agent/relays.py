@@ -17,18 +17,21 @@
 
 
 class RelayBank:
-    def __init__(self, hal, blocks, closed):
+    def __init__(self, hal, blocks, closed, keep_open=0):
         # Drive every pin to the start state at once: this runs before anything else at boot.
+        # keep_open: blocks that start open even when the rest start closed (economics' holds
+        # read back by an early feature, agent/features/market.py boot())
         self._pins = []
         self._active = []
         self.mask = 0
         self.transitions = 0
         for i, b in enumerate(blocks):
             act = b["active"]
-            lvl = act if closed else 1 - act
+            on = closed and not (keep_open >> i) & 1
+            lvl = act if on else 1 - act
             self._pins.append([hal.out_pin(p, lvl) for p in b["pins"]])
             self._active.append(act)
-            if closed:
+            if on:
                 self.mask |= 1 << i
         self.n = len(blocks)
         self.pins = self.mask    # blocks whose relay is closed

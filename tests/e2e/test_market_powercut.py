@@ -1,6 +1,7 @@
 """Min off across a power cut on the real agent (docs/market.md "On the board"): a block that
-economics opened, with a min off of 10 minutes, is held open again after a SIGKILL reset with
-the clock unknown (no new cycle counted); the blocks without a min off come back at once as
+economics opened, with a min off of 10 minutes, stays open through a SIGKILL reset (the relay
+never closes: the feature's early boot hook reads the holds before the relays are first driven)
+with the clock unknown (no new cycle counted); the blocks without a min off come back at once as
 before; when the host's time is back, a lower price does not bring it back before its min off,
 counted from before the cut."""
 from __future__ import annotations
@@ -51,12 +52,13 @@ def test_min_off_holds_a_block_open_through_a_power_cut(tmp_path):
             t_cut = time.monotonic()
             await rig.kill_board()
             await rig.until(lambda: rig.good_polls() > 5, 30, "meter polls after the reboot")
-            # clock unknown: row-b (no min off) back on, row-a open again at the feature's start
-            # and held (its min off runs): no new cycle. (The agent drives the relays before its
-            # features start, so a board whose boot_state closes them gives row-a a blip at boot:
-            # docs/market.md "On the board".)
+            # clock unknown: row-b (no min off) back on, row-a held open from the first relay
+            # setting of the boot (the feature's early boot hook) while its min off runs: never
+            # closed, no new cycle
             await rig.until(lambda: rig.closed() == [i != a for i in range(len(names))], 20,
                             "row-b back, row-a held open through the cut")
+            on_a = [t for t, boot, i, on in rig.block_log if t > t_cut and i == a and on]
+            assert not on_a, "row-a came on after the cut: " + repr(on_a)
             st = (await rig.status())["market"]
             assert st["clock"] is False and st["off"] == 1 << a and st["holds"][a] == "min_off", st
             assert st["cycles"][a] == 1, st

@@ -153,6 +153,24 @@ class Feature:
             await asyncio.sleep_ms(PERIOD_MS)
 
 
+def boot(agent, persisted):
+    # early, before the relays are first driven: the blocks economics held open at the reboot
+    # with a min off (market.cbor "hold") start open, so a power cut gives them no extra cycle;
+    # the feature's start takes the same holds over (Market.set_holds, boot_release)
+    try:
+        rec, why = _io().read_checked(PATH)
+        if why is None and rec:
+            off = int(rec["hold"][0])
+            bl = agent.cfg["blocks"]
+            m = 0
+            for i in range(len(bl)):
+                if (off >> i) & 1 and bl[i].get("min_off_s", 0) > 0 and bl[i].get("class") != "firm":
+                    m |= 1 << i
+            agent.econ_off = m
+    except Exception:
+        pass
+
+
 class NoRoom:
     # the feature could not start (no RAM for it): the agent runs on without economics; a
     # schedule is refused ("no-market") and @status says why
@@ -166,6 +184,7 @@ def start(agent):
     try:
         f = agent.market if isinstance(agent.market, Feature) else Feature(agent)
     except MemoryError:
+        agent.econ_off = 0  # no economics: no hold read back at boot either
         agent.market = f = NoRoom()
         agent.count("market_mem")
         _io().unload("agent.market")  # its bytecode back to the agent
@@ -178,7 +197,7 @@ def start(agent):
         except MemoryError:
             pass
         return f
-    if f.m.boot_hold:
+    if f.m.boot_hold or agent.econ_off:
         f.step()  # blocks held open at the reboot: open again at once, not after a second
     asyncio.create_task(f.run())
     return f
