@@ -565,7 +565,20 @@ def run(cfg=None, errors=None, chash=None, switched=None):
         asyncio.run(refuse_forever(errors, chash))
         return
     hal = halmod.load(cfg.get("board"))
-    agent = Agent(cfg, hal, switched)
+    errors = (tuple(sys.modules), cfg["meter"]["map"])  # Agent() replaces the map with its arrays
+    try:
+        agent = Agent(cfg, hal, switched)
+    except MemoryError:
+        # the optional features' code took the RAM protection needs (docs/failsafes.md, "A
+        # feature without RAM"): built again without them (agent/boot.py)
+        agent = None
+        cfg["meter"]["map"] = errors[1]
+        from agent.boot import rebuild
+
+        agent = rebuild(Agent, cfg, hal, switched, errors[0])
+        unload("agent.boot")
+    errors = None
     agent.config_hash = chash
     gc.collect()
     asyncio.run(agent.main())
+

@@ -147,3 +147,30 @@ def features(cfg):
                 and (sec != "override" or c.get("pin") is not None):
             out.append(sec)
     return out, [s for s in out if s in EARLY]
+
+
+SAFETY = ("signals", "override")  # kept by rebuild(): the dry contact sheds, a lockout holds the load off
+
+
+def rebuild(agent_cls, cfg, hal, switched, before):
+    """The agent without its optional features, after building it with them ran out of RAM
+    (agent/app.py run(); docs/failsafes.md, "A feature without RAM"): what the failed build
+    loaded is dropped, every optional feature of the config (FEATURES) turned off but the
+    safety inputs."""
+    import sys
+
+    setattr(sys.modules["agent.app"], "AGENT", None)  # the half-built agent: garbage now
+    for n in list(sys.modules):
+        if n not in before and n != "agent.boot":
+            unload(n)
+    gc.collect()
+    off = []
+    for k in features(cfg)[0]:
+        if k not in SAFETY:
+            cfg[k]["enabled"] = False
+            off.append(k)
+    gc.collect()
+    log("E", "not enough RAM for the optional features %s: protection runs without them" % off)
+    a = agent_cls(cfg, hal, switched)
+    a.count("features_memory")
+    return a

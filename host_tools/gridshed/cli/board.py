@@ -288,6 +288,9 @@ def _alarm_rows(st: dict[str, Any]) -> list[tuple[str, str]]:
     out = []
     if st.get("state") == "refused":
         out.append(("ALARM", "config refused: " + "; ".join(st.get("config_errors") or [])))
+    if (st.get("errors") or {}).get("features_memory"):
+        out.append(("ALARM", "optional features NOT started: not enough RAM for them beside protection "
+                             "(docs/failsafes.md, \"A feature without RAM\")"))
     for f, why in (st.get("integrity") or {}).items():
         out.append(("ALARM", f"{f} refused: {why} (provision again)"))
     imp = st.get("implausible") or {}
