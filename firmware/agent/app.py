@@ -552,6 +552,7 @@ class Agent:
 
 def run(cfg=None, errors=None, chash=None, switched=None):
     # main.py loads and checks the config first (agent/boot.py) while the heap is empty
+    global AGENT
     from agent import hal as halmod
 
     if errors is None:
@@ -571,11 +572,15 @@ def run(cfg=None, errors=None, chash=None, switched=None):
     except MemoryError:
         # the optional features' code took the RAM protection needs (docs/failsafes.md, "A
         # feature without RAM"): built again without them (agent/boot.py)
-        agent = None
+        agent = AGENT = None  # the half-built agent and what it loaded: garbage now
+        for n in list(sys.modules):
+            if n not in errors[0]:
+                unload(n)
         cfg["meter"]["map"] = errors[1]
+        gc.collect()
         from agent.boot import rebuild
 
-        agent = rebuild(Agent, cfg, hal, switched, errors[0])
+        agent = rebuild(Agent, cfg, hal, switched)
         unload("agent.boot")
     errors = None
     agent.config_hash = chash

@@ -152,18 +152,11 @@ def features(cfg):
 SAFETY = ("signals", "override")  # kept by rebuild(): the dry contact sheds, a lockout holds the load off
 
 
-def rebuild(agent_cls, cfg, hal, switched, before):
+def rebuild(agent_cls, cfg, hal, switched):
     """The agent without its optional features, after building it with them ran out of RAM
-    (agent/app.py run(); docs/failsafes.md, "A feature without RAM"): what the failed build
-    loaded is dropped, every optional feature of the config (FEATURES) turned off but the
-    safety inputs."""
-    import sys
-
-    setattr(sys.modules["agent.app"], "AGENT", None)  # the half-built agent: garbage now
-    for n in list(sys.modules):
-        if n not in before and n != "agent.boot":
-            unload(n)
-    gc.collect()
+    (agent/app.py run() dropped what the failed build loaded; docs/failsafes.md, "A feature
+    without RAM"): every optional feature of the config (FEATURES) turned off but the safety
+    inputs."""
     off = []
     for k in features(cfg)[0]:
         if k not in SAFETY:
