@@ -20,6 +20,7 @@ TICK_MS = 50
 CAPTURE_PART = 40     # samples per capture record (400 bytes)
 WDT_MS = 8000        # hardware watchdog timeout (rp2 allows at most 8388 ms)
 WDT_POLL_PERIODS = 3  # the poll task must finish its next cycle within 3 periods + its worst read
+KW_EVIDENCE_MS = 3000  # kW read at every poll this long after a relay change (the reports' kW after)
 WDT_BOOT_MS = 3000    # extra allowance for the first cycle (UART/socket open, first connect)
 AGENT = None          # the running Agent (agent/maint.py takes it over on Ctrl-C)
 
@@ -313,6 +314,10 @@ class Agent:
         b2b = m["poll_mode"] == "back_to_back"
         period = 0 if b2b else m["poll_ms"]
         rec_t = ticks_ms()  # back to back: the recorder still takes a sample per poll_ms
+        # after a relay change, kW is read at every poll for KW_EVIDENCE_MS: what a shed took off
+        # (or a restore put back) is the evidence the journal and the reports show
+        seen_mask = self.relays.mask
+        kw_until = ticks_ms()
         rec = self.recorder
         ctrl = self.ctrl
         step = hasattr(master, "step")
@@ -321,7 +326,11 @@ class Agent:
             t0 = ticks_ms()
             err = None
             # j 0: the frequency read; j 1: a slow read, when one is due (after the decision)
-            last = 1 if ticks_diff(t0, slow_due) >= 0 or self.curtailer is not None else 0
+            if self.relays.mask != seen_mask:
+                seen_mask = self.relays.mask
+                kw_until = ticks_add(t0, KW_EVIDENCE_MS)
+            last = 1 if (ticks_diff(t0, slow_due) >= 0 or self.curtailer is not None
+                         or ticks_diff(kw_until, t0) > 0) else 0
             j = 0
             while j <= last:
                 if j == 0:
@@ -332,7 +341,7 @@ class Agent:
                     addr, count, items = slow[k_slow]
                     k_slow = k_slow + 1 if k_slow + 1 < ns else 0
                     slow_due = ticks_add(t0, slow_ms)
-                else:  # curtailing: kW's read (the first slow read) at every poll as well
+                else:  # curtailing, or just after a relay change: kW's read (the first slow read)
                     addr, count, items = slow[0]
                 try:
                     if step:  # (this task is the meter bus's only user)
