@@ -25,8 +25,8 @@ from gridshed.signing import new_key
 
 from rig import Rig
 
-HEAP = "88wK"  # the market feature's measured test heap (docs/architecture.md "Test heaps"), as test_market_board
-MQTT_HEAP = "124wK"  # [mqtt] + [market]: 108wK answered @status with MemoryError on main (2026-12-06), 116wK failed too; 124wK held 6 runs of 7 (docs/architecture.md)
+HEAP = "92wK"  # the market site with a 96-step schedule followed by a 17-row one: 88wK failed the second now and then (MemoryError); docs/architecture.md "Test heaps"
+MQTT_HEAP = "140wK"  # [mqtt] + [market]: on main of 2026-12-06 108wK answered @status with MemoryError, 124wK refused the signed time "error" in 3 runs of 7; 140wK held 4 of 4, 160wK 4 of 4 (docs/architecture.md)
 
 ROOT = Path(__file__).resolve().parents[2]
 KID = b"mkt-host"

@@ -25,7 +25,7 @@ from test_market_board import KID, Host
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAP = "112wK"  # [market] + [modbus_server]: generous (docs/architecture.md "Test heaps")
-MQTT_HEAP = "128wK"  # [market] + [mqtt]: 112wK failed a console command now and then (MemoryError)
+MQTT_HEAP = "140wK"  # [market] + [mqtt], as test_market_dispatch (112wK failed a console command now and then)
 KW = {"row-a": 132.0, "row-b": 132.0, "row-c": 105.0, "heat-loop": 90.0, "inference": 100.0}
 
 
