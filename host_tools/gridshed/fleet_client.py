@@ -240,6 +240,17 @@ def nonces(via: str, tgts: list[Target], port: str | None = None, host: str | No
     return nonces_mqtt(broker, tgts, timeout, opts=opts)
 
 
+def time_sync_serial(port: str, inventory: str | os.PathLike | None, device: str,
+                     seq_path: Path | None = None, expires_s: float = 60.0, timeout: float = 5.0) -> dict[str, Any]:
+    """`gridshed time-sync --device DEVICE --port PORT`: the board's nonce, then the signed `time`
+    command carrying it (its key from the inventory); the agent's reply. provision and rotate-key
+    send it after their restart (a restart forgets the trusted time)."""
+    tgts = targets(inventory, device, None)
+    signed = sign(tgts, "time-sync", seq_path or seq_file(inventory), expires_s,
+                  nonces=nonces("serial", tgts, port=port, timeout=timeout))
+    return send_serial(port, signed[0].msg, timeout=timeout)
+
+
 # ---- transports ---------------------------------------------------------------------------
 def send_serial(port: str, msg: bytes, timeout: float = 5.0) -> dict[str, Any]:
     """``@cmd <base64>`` on the agent's console; the agent's reply object."""

@@ -180,11 +180,42 @@ def provision(port: str, site_path: str | Path, device_id: str | None = None, bo
             st = read_status(port, timeout=verify_agent, events=0)
         except UserError as exc:
             result["warnings"].append(f"agent did not answer after restart: {exc}")
+    if restart:
+        said, warning = send_time(port, b, st, dev, inventory_path)
+        if said:
+            result["restart"] = (result["restart"] or "") + said
+            result["warnings"] = [w for w in result["warnings"] if w != b.time_warning]
+        if warning:
+            result["warnings"].append(warning)
     if st is not None:
         result["agent"] = {"state": st.get("state"), "device": st.get("device")}
         if st.get("device") != dev:
             result["warnings"].append(f"agent reports device {st.get('device')!r}, expected {dev!r}")
     return result
+
+
+def send_time(port: str, b: Board, st: dict[str, Any] | None, device: str, inventory_path: str | Path | None,
+              seq_path: Path | None = None) -> tuple[str, str | None]:
+    """After a restart (provision, rotate-key): the agent forgot its trusted time, so a market
+    board's economics wait for it. With the device's key in the inventory, send it the signed
+    time as `gridshed time-sync` does (fleet_client.time_sync_serial: its nonce, then `time`).
+    Returns (what to add to the one-line result, a warning or None); the restart's time-sync
+    warning (b.time_warning) goes from b.warnings once the board took the time."""
+    from . import fleet_client as fc
+
+    if not st or st.get("time_trusted") is not False or "error" in st:
+        return "", None  # not restarted, not answering, or an agent without the trusted-time rule
+    try:
+        rep = fc.time_sync_serial(port, inventory_path, device, seq_path=seq_path)
+    except UserError as exc:
+        why = str(exc)
+    else:
+        if rep.get("ok"):
+            if b.time_warning in b.warnings:
+                b.warnings.remove(b.time_warning)
+            return "; signed time sent (its clock is trusted)", None
+        why = f"the board refused it ({rep.get('refused') or rep.get('error') or rep})"
+    return "", f"{port}: could not send the signed time: {why}"
 
 
 def broker_blob(inv: Any, cfg: dict[str, Any], site_path: str | Path) -> bytes | None:

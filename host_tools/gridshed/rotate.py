@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from .deploy import PLAN, STAGE, finish_interrupted
 from .errors import UserError
-from .provision import BROKER_FILE, KEYS_FILE, KID_LEN
+from .provision import BROKER_FILE, KEYS_FILE, KID_LEN, send_time
 from .transport import AGENT_UP_WAIT, Board, BoardError
 
 
@@ -114,5 +114,9 @@ def rotate_key(port: str, device: str, inventory_path: str | Path | None = None,
     finally:
         inv.close()
     res["restart"] = b.outcome
-    res["warnings"] = list(b.warnings)
+    warning = None
+    if restart:  # signed with the key the inventory now holds (the new one)
+        said, warning = send_time(port, b, b.agent_status, device, inventory_path, seq_path)
+        res["restart"] = (res["restart"] or "") + said
+    res["warnings"] = list(b.warnings) + ([warning] if warning else [])
     return res

@@ -188,6 +188,7 @@ class Board:
         self.outcome: str | None = None       # how the agent restart after stopped() went
         self.agent_status: dict[str, Any] | None = None  # its @status after the restart
         self.wait_for_agent = False   # set by work that put the agent on the board (deploy)
+        self.time_warning: str | None = None  # in warnings: a market board restarted without its time
         self.reached = False          # a raw REPL answered (a MicroPython board is there)
         # what went wrong without failing the operation (callers put these in their result's
         # "warnings"; a library never prints); free_memory_failures counts the cleanup's failures
@@ -355,10 +356,11 @@ class Board:
                         mk = st.get("market")
                         if isinstance(mk, dict) and mk.get("sid") is not None and not st.get("time_trusted"):
                             # a restart forgets the signed time: the schedule waits for it
-                            self.warnings.append(
+                            self.time_warning = (
                                 f"{self.port}: the restarted agent has no trusted time, so its market schedule "
                                 "is not executed (what economics held open comes back on after its min off) "
                                 f"until `gridshed time-sync --device {st.get('device') or 'DEVICE'}`")
+                            self.warnings.append(self.time_warning)
                         if "error" in st:
                             return f"agent restarted (agent up), @status answered an error: {st['error']}"
                         return f"agent restarted: it answers @status (state {st.get('state')})"

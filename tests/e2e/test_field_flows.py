@@ -222,12 +222,15 @@ def test_deploy_provision_pull_again_and_again_on_a_running_board(tmp_path):
                 assert r.returncode == 0, r.stderr
                 res = json.loads(r.stdout)
                 s.restarted()
-                assert res["restart"] == "agent restarted: it answers @status (state normal)", res
+                # the restart forgot the trusted time: provision sent the signed time with the new key
+                assert res["restart"] == ("agent restarted: it answers @status (state normal); "
+                                          "signed time sent (its clock is trusted)"), res
                 assert res["agent"] == {"state": "normal", "device": "ctl-1"} and res["warnings"] == []
                 kids.append(res["key_id"])
                 assert kid_on_board(s.dir) == res["key_id"]
                 st = await status(s.rig)
                 assert st["config_hash"] == res["config_hash"] == sha(s.dir / "config.cbor")[:16]
+                assert st["time_trusted"] is True, st
             assert len(set(kids)) == len(kids)  # a new key every time
             # a dip: trip, capture records, restore; then pull the journal over the console 3 times
             s.rig.hz = 59.5

@@ -11,6 +11,8 @@ import json
 import secrets
 import time
 
+import cbor2
+
 from gridshed import siteconfig
 from gridshed.inventory import Inventory
 from gridshed.signing import make_command
@@ -42,8 +44,12 @@ def test_rotate_key(rig, tmp_path):  # type: ignore[no-untyped-def]  # noqa: F81
     assert res["key_id"] == new_kid.hex() != old_kid.hex() and res["old_key_id"] == old_kid.hex()
     keys = siteconfig.read_settings((rig.dir / "keys.cbor").read_bytes())
     assert set(keys) == {new_kid}  # the old key is gone from the board
-    assert (rig.dir / "seq.cbor").read_bytes() == seq_before  # the replay state survived untouched
-    console(rig, "status")  # the agent is back
+    # the replay state survived: the old key's last seq untouched (the new key's: the signed time)
+    seqs = cbor2.loads((rig.dir / "seq.cbor").read_bytes())["seq"]
+    assert cbor2.loads(seq_before)["seq"] == {old_kid: seqs[old_kid]} and set(seqs) == {old_kid, new_kid}
+    # the agent is back, and rotate-key gave it the signed time (new key) its restart forgot
+    assert res["restart"].endswith("; signed time sent (its clock is trusted)"), res
+    assert console(rig, "status")["time_trusted"] is True
     # the old key: refused (unknown kid), nothing moves
     m = rig.gpio.mark()
     old = make_command(old_key, old_kid, "restore", int(time.time()) + 10**6, target_device=rig.dev)
