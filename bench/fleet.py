@@ -22,7 +22,7 @@ DEFAULT = True  # part of a plain `make bench`
 def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--fleet", default="10,50,100", help="fleet sizes N")
     ap.add_argument("--fleet-mode", default="auto", choices=("auto", "agent", "client"),
-                    help="agent: full agents with the mqtt feature; client: agent.mqtt + agent.commands scripts")
+                    help="agent: full agents with the mqtt feature; client: agent.mqtt_client + agent.cmd_api scripts")
 
 
 class _Sink:

@@ -6,7 +6,7 @@ feature's helpers out). Parsed with ast, so it sees what runs on the board: top-
 (most of the firmware loads its code on demand), `__import__("agent.x")`, `__import__("agent." +
 name)` where name is resolvable (a loop over literal names, a parameter of a loader called with
 literal names such as `Agent.step("status", ...)`, or a prefix naming a package: every module of
-that package), and the loader calls themselves (`self.step("cmdcheck", ...)`). An import it cannot
+that package), and the loader calls themselves (`self.step("cmd_check", ...)`). An import it cannot
 resolve fails the test, so no edge hides from it.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ def test_base_is_the_shared_leaf():
 
 
 def _wrapper(fn: ast.FunctionDef) -> bool:
-    """A one-line form over the shared one (agent.cose.hmac_sha256(key, msg)), not a copy."""
+    """A one-line form over the shared one (agent.cmd_cose.hmac_sha256(key, msg)), not a copy."""
     body = [b for b in fn.body if not (isinstance(b, ast.Expr) and _str(b.value) is not None)]
     return len(body) == 1 and isinstance(body[0], ast.Return) and isinstance(body[0].value, ast.Call)
 

@@ -88,7 +88,7 @@ def test_feature_index_names_the_folder():
     for sec in boot.FEATURES:  # each is a site.toml section the config validates (or hands to its check)
         assert sec in config.SCHEMA or sec in config.OPTIONAL or f'"{sec}" in cfg' in src, sec
     # the features each discovered section's module pulls in count as optional, not core
-    assert {"agent/features/mqtt.py", "agent/mqtt.py", "agent/mqtt_codec.py", "agent/freqmeter.py"} <= FEATURES
+    assert {"agent/features/mqtt.py", "agent/mqtt_client.py", "agent/mqtt_codec.py", "agent/freqmeter.py"} <= FEATURES
 
 
 def firmware_files() -> list[Path]:

@@ -1,10 +1,10 @@
-"""A lightweight fleet board for the fleet bench (bench/README.md, --fleet-mode client): agent.mqtt and
-agent.commands, verifying and acting on signed commands. Run by bench/run.py:
+"""A lightweight fleet board for the fleet bench (bench/README.md, --fleet-mode client): agent.mqtt_client and
+agent.cmd_api, verifying and acting on signed commands. Run by bench/run.py:
   micropython fleet_client.py '{"dev": ..., "site": ..., "host": ..., "port": ..., "kid": hex, "key": hex}'
 ("tls": true: TLS and the login of ./broker.cbor, bench/tls.py's fan-out over TLS)"""
 import sys, json, asyncio, binascii
-from agent.mqtt import MqttClient
-from agent.commands import CommandVerifier, MemorySeqStore, CommandRefused
+from agent.mqtt_client import MqttClient
+from agent.cmd_api import CommandVerifier, MemorySeqStore, CommandRefused
 cfg = json.loads(sys.argv[1])
 dev = cfg["dev"]; site = cfg["site"]
 base = "gridshed/%s/%s/" % (site, dev)

@@ -33,7 +33,7 @@ MB = SETUP["modbus"]
 reply = bytes(bytearray.fromhex(MB["reply"]))
 UNIT = MB["unit"]; FN = MB["fn"]; ADDR = MB["addr"]; CNT = MB["count"]
 
-from agent.modbus_master import RtuMaster
+from agent.modbus_rtu_master import RtuMaster
 uart_m = FakeUart(reply)
 master = RtuMaster(uart_m, 19200, timeout_ms=100, retries=0)
 master._gap_us = 0   # t3.5 line silence is wire time: excluded (the fake has no wire)

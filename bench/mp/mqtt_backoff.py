@@ -1,9 +1,9 @@
-"""MQTT reconnect back-off (bench/README.md, bounds): agent.mqtt against a broker that refuses
+"""MQTT reconnect back-off (bench/README.md, bounds): agent.mqtt_client against a broker that refuses
 every CONNECT. Run by bench/run.py:  micropython mqtt_backoff.py BROKER_PORT SECONDS"""
 import asyncio, sys
 PORT = int(sys.argv[1])
 SECONDS = float(sys.argv[2])
-from agent.mqtt import MqttClient
+from agent.mqtt_client import MqttClient
 c = MqttClient("127.0.0.1", PORT, "bench-dev", keepalive=10, backoff_min=0.2)
 async def main():
     asyncio.create_task(c.run())

@@ -1,9 +1,9 @@
-"""TLS handshake on the unix port (bench/tls.py): connect agent.mqtt's client REPS times, with TLS
+"""TLS handshake on the unix port (bench/tls.py): connect agent.mqtt_client's client REPS times, with TLS
 (CA checked, password login) or plain, while a 1 ms ticker task measures the event loop's
 longest gap. Prints one JSON line: connect times (open -> CONNACK) and the longest gap per run.
   micropython tls_handshake.py PORT REPS TLS(0/1) [broker.cbor]"""
 import sys, json, asyncio, time
-from agent.mqtt import MqttClient
+from agent.mqtt_client import MqttClient
 port = int(sys.argv[1]); reps = int(sys.argv[2]); tls = sys.argv[3] == "1"
 kw = {}
 if tls:

@@ -84,7 +84,7 @@ class Agent:
         # released), and the override switch read right now.
         self.auth = au = control.Authority()
         if persisted and (persisted.get("auth") or persisted.get("cmd_shed") or persisted.get("shed_kw")):
-            self.step("cmdcheck", "load_auth", au, persisted)  # boot-only code, freed after
+            self.step("cmd_check", "load_auth", au, persisted)  # boot-only code, freed after
         tr = (cfg.get("authority") or {}).get("trusted") or ()
         self.trusted = ((1 << control.I_MODBUS if "modbus" in tr else 0)
                         | (1 << control.I_CONTACT if "dry_contact" in tr else 0))
@@ -119,7 +119,7 @@ class Agent:
         self.master = None
         self.recorder = None
         try:  # long-lived buffers first, while the heap is still in one piece
-            from agent.recorder import Recorder
+            from agent.journal_recorder import Recorder
 
             self.recorder = Recorder.from_config(cfg)
         except (ImportError, MemoryError):
@@ -131,10 +131,10 @@ class Agent:
         gc.collect()
         # held inputs as last persisted (authority changes, lockout): a change is persisted at once
         self._p_held = self.auth.changes | bool(persisted and persisted.get("lockout") is True) << 30
-        # the clock counts as known only after a signed time from the host (agent/cmdrun.py):
+        # the clock counts as known only after a signed time from the host (agent/cmd_run.py):
         # time_off = trusted unix time - time.time(); the port's RTC default never counts
         self.time_off = None
-        self.nonce = None  # the current command nonce (agent/cmdcheck.py nonce_hex), single use
+        self.nonce = None  # the current command nonce (agent/cmd_check.py nonce_hex), single use
         jc = cfg.get("journal") or {}
         self.journal = Journal(".", seg_size=jc.get("segment_bytes", 16384), max_segs=jc.get("segments", 4),
                                clock=self.now_unix)
@@ -279,7 +279,7 @@ class Agent:
             from agent.modbus_tcp_master import TcpMaster
 
             return TcpMaster(m["host"], m["port"], timeout_ms=m["timeout_ms"], retries=m["retries"])
-        from agent.modbus_master import RtuMaster
+        from agent.modbus_rtu_master import RtuMaster
 
         de = None
         u = (self.cfg.get("uart") or {}).get("meter") or {}
@@ -489,20 +489,20 @@ class Agent:
     # hz_source, ...).
     def signed_command(self, buf, src):
         # One step per module, each freed before the next one loads (a 64 KB heap has no room
-        # for the whole command path at once): the COSE_Mac0 (agent/mac0.py), the payload
-        # against this board and its seq store (agent/cmdcheck.py), count, journal and set the
-        # inputs (agent/cmdrun.py); then one control decision. The answer of a "status" /
+        # for the whole command path at once): the COSE_Mac0 (agent/cmd_mac0.py), the payload
+        # against this board and its seq store (agent/cmd_check.py), count, journal and set the
+        # inputs (agent/cmd_run.py); then one control decision. The answer of a "status" /
         # "test" command has "status": None, for the caller to fill with the status its
         # transport carries. buf: the COSE_Mac0, or (the console) its base64 text.
-        c = self.step("mac0", "run", self, buf)
+        c = self.step("cmd_mac0", "run", self, buf)
         if c is None:  # the console's text is not base64: not even counted as a command
             self.count("console_bad")
             return {"ok": False, "refused": "malformed"}
         if isinstance(c, str):  # refused by the MAC check: no payload to check (no module to load)
             c = "malformed" if c == "bad-alg" else c
         else:
-            c = self.step("cmdcheck", "run", self, c)
-        c = self.step("cmdrun", "run", self, c, src)
+            c = self.step("cmd_check", "run", self, c)
+        c = self.step("cmd_run", "run", self, c, src)
         if c["ok"]:  # the decision runs with the command code freed
             self.decide(ticks_ms(), False)
         return c

@@ -86,7 +86,7 @@ def write_cbor_atomic(path, obj):
 def hmac_sha256(key, parts):
     # HMAC-SHA256 (RFC 2104; MicroPython has no hmac module) of the concatenated byte strings
     # in parts: one 64-byte pad buffer, flipped from the inner to the outer pad in place. Used by
-    # signed commands (agent/mac0.py) and signed telemetry (the mqtt feature).
+    # signed commands (agent/cmd_mac0.py) and signed telemetry (the mqtt feature).
     import hashlib
 
     if len(key) > 64:

@@ -20,7 +20,7 @@ def _handle(a, line):
     if verb == "status":
         reply(a.status(), True)
     elif verb == "nonce":  # freshness for restore / disarm / time while the clock is untrusted
-        reply({"nonce": a.step("cmdcheck", "nonce_hex", a), "time_trusted": a.time_off is not None}, True)
+        reply({"nonce": a.step("cmd_check", "nonce_hex", a), "time_trusted": a.time_off is not None}, True)
     elif verb == "config":
         # written a section at a time: no copy of the config, no whole-reply string
         import json

@@ -589,7 +589,7 @@ SIGNED_MASK = const(0xFF0)
 
 
 class Authority:
-    # (the record in state.cbor is read back by agent/cmdcheck.py load_auth, at boot only)
+    # (the record in state.cbor is read back by agent/cmd_check.py load_auth, at boot only)
     def __init__(self):
         self.held = 0               # bit i: issuer i holds a full shed
         self.kw = [0.0] * NISSUERS  # issuer i's partial target in kW (0: none)

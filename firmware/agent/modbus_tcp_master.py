@@ -1,6 +1,6 @@
-"""Modbus TCP master over asyncio: the TCP half of agent.modbus_master (same API and counters).
+"""Modbus TCP master over asyncio: the TCP half of agent.modbus_rtu_master (same API and counters).
 
-Split out so an RS-485 site never loads it; see agent/modbus_master.py for the waiting strategy.
+Split out so an RS-485 site never loads it; see agent/modbus_rtu_master.py for the waiting strategy.
 """
 import asyncio
 

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from agent.commands import MAX_COMMAND_LEN
+from agent.cmd_api import MAX_COMMAND_LEN
 
 from .errors import UserError
 from .prices import Interval, iso
@@ -35,7 +35,7 @@ MIN_START = 1577836800
 PRICE_RANGE = (-10000.0, 100000.0)
 KW_MAX = 1e7
 MAX_SIGNED_BYTES = MAX_COMMAND_LEN  # the board verifies signed commands of at most 512 bytes
-                                   # (agent.commands); a longer one is refused "malformed"
+                                   # (agent.cmd_api); a longer one is refused "malformed"
 CMD = "schedule"
 ID_KEY = "sid"              # the schedule id's payload key (docs/market.md "The schedule")
 CONSOLE_LINE_MAX = 1024     # the agent's longest console line (agent/base.py LINE_MAX)
@@ -192,7 +192,7 @@ def payload(dev: str, site: str | None, seq: int, exp: int, sched_id: int, rows:
 
 def fresh_needed() -> bool:
     """Does the board want the schedule command fresh (a nonce before it trusts its clock)?"""
-    from agent import cmdcheck
+    from agent import cmd_check as cmdcheck
 
     return CMD in cmdcheck.FRESH
 
@@ -217,7 +217,8 @@ def sign(tgts: list[Any], rows: list[list], seq_path: Any, inventory: Any, expir
     """One signed schedule per target: its own key, seq and schedule id (reserved in the
     inventory before signing, so an id is never given twice). reserve_ids=False (dry run):
     the id the next dispatch would get, nothing written."""
-    from agent import cbor, cose
+    from agent import cbor
+    from agent import cmd_cose as cose
 
     from .inventory import Inventory
     from .signing import SeqCounter

@@ -303,7 +303,7 @@ def unwrap_ms(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def capture_samples(rec: dict[str, Any]) -> list[tuple[int, float | None, float, int]]:
     """(ms, hz or None, kw, mask) per sample of a capture record ([] when undecodable)."""
-    from agent.recorder import decode_capture
+    from agent.journal_recorder import decode_capture
 
     try:
         return decode_capture(rec)

@@ -141,7 +141,7 @@ def import_graph(fw: Path | None = None) -> tuple[dict[str, set[str]], list[str]
                 continue
             home, prefix, i = loaders[fname]
             # the loader's own module calling it on itself (self.step, step): every call counts;
-            # elsewhere a call of that name with a literal module name (a.step("cmdcheck", ...))
+            # elsewhere a call of that name with a literal module name (a.step("cmd_check", ...))
             own = name == home and (isinstance(f, ast.Name) or (isinstance(f.value, ast.Name) and f.value.id == "self"))
             if i >= len(node.args) or (not own and _str(node.args[i]) is None):
                 continue

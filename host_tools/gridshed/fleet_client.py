@@ -127,7 +127,8 @@ def sign(tgts: list[Target], cmd: str, seq_path: Path, expires_s: float = 60.0, 
     iss: the issuer label (its own entry on the board: a restore with it releases only the
     sheds it issued); all_: restore every issuer's shed; nonces: {device: the board's current
     nonce} for commands that need freshness before the board trusts its clock."""
-    from agent import cbor, cose
+    from agent import cbor
+    from agent import cmd_cose as cose
 
     from .signing import SeqCounter, build_payload
 
@@ -145,7 +146,7 @@ def sign(tgts: list[Target], cmd: str, seq_path: Path, expires_s: float = 60.0, 
     return out
 
 
-FRESH = ("restore", "disarm", "time")  # = agent.cmdcheck.FRESH
+FRESH = ("restore", "disarm", "time")  # = agent.cmd_check.FRESH
 NONCE_REQ = b"@nonce" + b" " * 42     # a UDP nonce request: no shorter than its answer
 
 

@@ -1,6 +1,6 @@
 """Host side of signed commands: keys, command building, seq bookkeeping.
 
-Commands are built with the very same codec the board verifies with (agent.cbor, agent.cose),
+Commands are built with the very same codec the board verifies with (agent.cbor, agent.cmd_cose),
 so there is one implementation of the wire format. See docs/security.md.
 """
 from __future__ import annotations
@@ -12,8 +12,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from agent import cbor, cose
-from agent.commands import COMMANDS
+from agent import cbor
+from agent import cmd_cose as cose
+from agent.cmd_api import COMMANDS
 
 from gridshed.errors import UserError
 

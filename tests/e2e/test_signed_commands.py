@@ -31,7 +31,8 @@ from typing import Any
 import cbor2
 import pytest
 
-from agent import cbor, cose
+from agent import cbor
+from agent import cmd_cose as cose
 from gridshed import siteconfig
 from gridshed.boards import budget_heapsize
 from gridshed.inventory import Inventory

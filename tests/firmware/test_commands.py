@@ -1,4 +1,4 @@
-"""agent.commands (signed command policy) and gridshed.signing (host side).
+"""agent.cmd_api (signed command policy) and gridshed.signing (host side).
 
 CPython unit tests, then the same code under the real MicroPython: reboot persistence of the
 seq high-water mark, and a seeded fuzz of 2000 hostile messages."""
@@ -9,8 +9,9 @@ import random
 
 import pytest
 
-from agent import cbor, cose, integrity
-from agent.commands import (COMMANDS, REASONS, CommandRefused, CommandVerifier, FileSeqStore,
+from agent import cbor, integrity
+from agent import cmd_cose as cose
+from agent.cmd_api import (COMMANDS, REASONS, CommandRefused, CommandVerifier, FileSeqStore,
                             MemorySeqStore)
 from gridshed.errors import UserError
 from gridshed.signing import SeqCounter, make_command, new_key
@@ -285,7 +286,7 @@ def test_seq_counter_never_reuses(tmp_path) -> None:
 # ------------------------------------------------------------------ the board's steps
 
 class StepAgent:
-    """What the board's command steps (agent.mac0, agent.cmdcheck, agent.cmdrun) use of the Agent."""
+    """What the board's command steps (agent.cmd_mac0, agent.cmd_check, agent.cmd_run) use of the Agent."""
 
     def __init__(self) -> None:
         self.cfg = {"device": DEV, "site": SITE}
@@ -334,7 +335,9 @@ def test_board_steps_persist_the_seq_before_acting(tmp_path, monkeypatch) -> Non
     """Agent.signed_command's three steps, each its own module on the board (freed before the
     next loads): the same verdicts as CommandVerifier, the seq written by the last step before it
     acts, so a command that never reaches that step has consumed nothing."""
-    from agent import cmdcheck, cmdrun, mac0
+    from agent import cmd_check as cmdcheck
+    from agent import cmd_run as cmdrun
+    from agent import cmd_mac0 as mac0
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "keys.cbor").write_bytes(integrity.wrap(cbor.dumps({KID: KEY})))
@@ -380,7 +383,7 @@ def test_board_steps_persist_the_seq_before_acting(tmp_path, monkeypatch) -> Non
 
 MP_VERIFY = """
 import binascii
-from agent.commands import CommandVerifier, FileSeqStore, CommandRefused
+from agent.cmd_api import CommandVerifier, FileSeqStore, CommandRefused
 v = CommandVerifier({%r: %r}, %r, %r, FileSeqStore('seq.cbor'))
 def run(h, now=1800000000):
     try:
@@ -534,7 +537,9 @@ print(json.dumps(v.counters))
 def test_time_command_trusts_the_clock_with_an_rtc_sanity_bound(tmp_path, monkeypatch) -> None:
     """The board's steps for `time`: it needs the board's nonce; an RTC that looks set (after
     2026) bounds it (300 s); a port-default RTC (rp2: 2021) is ignored; the nonce is single use."""
-    from agent import cmdcheck, cmdrun, mac0
+    from agent import cmd_check as cmdcheck
+    from agent import cmd_run as cmdrun
+    from agent import cmd_mac0 as mac0
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "keys.cbor").write_bytes(integrity.wrap(cbor.dumps({KID: KEY})))

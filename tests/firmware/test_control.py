@@ -790,7 +790,7 @@ def test_event_overflow_is_counted_and_the_next_decision_starts_clean(mp):
 
 # ---- shed authority (control.Authority; the state.cbor record read back by cmdcheck.load_auth)
 def test_authority_entries_release_only_their_own_and_persist():
-    from agent import cmdcheck
+    from agent import cmd_check as cmdcheck
     from agent.control import I_CONTACT, I_HEARTBEAT, I_MODBUS, I_SIGNED, Authority
 
     a = Authority()

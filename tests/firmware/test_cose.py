@@ -1,4 +1,4 @@
-"""agent.cose (COSE_Mac0, HMAC 256/256) against pycose, under CPython and the real MicroPython."""
+"""agent.cmd_cose (COSE_Mac0, HMAC 256/256) against pycose, under CPython and the real MicroPython."""
 from __future__ import annotations
 
 import hashlib
@@ -14,7 +14,8 @@ from pycose.headers import KID, Algorithm
 from pycose.keys import SymmetricKey
 from pycose.messages import Mac0Message
 
-from agent import cbor, cose
+from agent import cbor
+from agent import cmd_cose as cose
 
 KEY = bytes(range(32))
 KID1 = b"utility-1"
@@ -165,7 +166,7 @@ def test_interop_under_micropython(mp, tmp_path) -> None:
     res = mp.run(
         """
         import json, binascii
-        from agent import cose
+        from agent import cmd_cose as cose
         u = binascii.unhexlify
         keys = {}
         kj = json.load(open('keys.json'))
@@ -221,7 +222,7 @@ def test_refusals_under_micropython(mp) -> None:
     flat = [(reason, m.hex()) for reason, ms in cases.items() for m in ms]
     res = mp.run(
         f"""
-        from agent import cose
+        from agent import cmd_cose as cose
         for reason, h in {flat!r}:
             try:
                 cose.mac0_verify(bytes.fromhex(h), {{{KID1!r}: {KEY!r}}})

@@ -105,6 +105,7 @@ def test_sampled_flips_end_to_end_under_micropython(mp, tmp_path):
             b[i // 8] ^= 1 << (i % 8)
         (tmp_path / f"c{n}.cbor").write_bytes(bytes(b))
     res = mp.run(f"""
+        import gc
         import json
         import agent.boot as boot
         out = []
@@ -112,6 +113,8 @@ def test_sampled_flips_end_to_end_under_micropython(mp, tmp_path):
             boot.CONFIG_PATH = "c%d.cbor" % n
             cfg, errors, chash = boot.load_config()
             out.append([cfg is not None and not errors, errors[:1]])
+            cfg = errors = None
+            gc.collect()  # each load compiles the validator from source: a heap in one piece for the next
         print(json.dumps(out))
     """, cwd=tmp_path, heapsize="80wK")
     out = json.loads(res.out.strip().splitlines()[-1])

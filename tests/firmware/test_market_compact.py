@@ -9,7 +9,10 @@ import random
 
 import pytest
 
-from agent import cbor, cmdcheck, cose, mac0
+from agent import cbor
+from agent import cmd_check as cmdcheck
+from agent import cmd_cose as cose
+from agent import cmd_mac0 as mac0
 from agent.market import Market
 
 from gridshed import dispatch as dp

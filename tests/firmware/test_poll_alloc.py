@@ -20,7 +20,7 @@ from gridshed.boards import budget_heapsize
 SCRIPT = r'''
 import asyncio, gc, json, termios
 from agent.compat import ticks_ms
-from agent.modbus_master import RtuMaster, DONE
+from agent.modbus_rtu_master import RtuMaster, DONE
 from agent.meter import MeterMap
 from agent import control
 

@@ -1,4 +1,4 @@
-"""Disturbance recorder (firmware/agent/recorder.py) under the real MicroPython; decoding on the host."""
+"""Disturbance recorder (firmware/agent/journal_recorder.py) under the real MicroPython; decoding on the host."""
 from __future__ import annotations
 
 import json
@@ -9,13 +9,13 @@ import pytest
 
 from agent import journal as hj
 from agent import journal_read as hjr
-from agent.recorder import SAMPLE_SIZE, Recorder, decode_capture
+from agent.journal_recorder import SAMPLE_SIZE, Recorder, decode_capture
 
 PRE = """
 import json, binascii
-import agent.recorder
-assert agent.recorder.__file__.endswith(".mpy"), agent.recorder.__file__
-from agent.recorder import Recorder, decode_capture
+import agent.journal_recorder
+assert agent.journal_recorder.__file__.endswith(".mpy"), agent.journal_recorder.__file__
+from agent.journal_recorder import Recorder, decode_capture
 def dump(x):
     print("J" + json.dumps(x))
 def dump_rec(c):

@@ -7,7 +7,7 @@ import json
 
 CODE = """
 from agent.control import Authority, I_SIGNED
-from agent.cmdrun import slot
+from agent.cmd_run import slot
 from agent.status import holders
 import json
 au = Authority()

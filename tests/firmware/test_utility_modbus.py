@@ -322,7 +322,10 @@ for case in range(N):
             fails.append("inputs changed by %s" % bytes(fr))
 out["fuzz"] = {"stats": stats, "fails": fails[:10], "nfails": len(fails),
                "counters": [s.requests, s.exceptions, s.bad, s.commands]}
-print("R" + json.dumps(out))
+import sys
+sys.stdout.write("R")  # streamed: no copy of the whole result in this small heap
+json.dump(out, sys.stdout)
+print()
 '''
 
 N_FUZZ = 3000

@@ -1,7 +1,7 @@
 """Journal export (gridshed.events) and utility reports (gridshed.report) from synthetic journals.
 
 The journal files are made with the firmware's own encoder (agent.journal.encode_record) and the
-capture with the firmware's own disturbance recorder (agent.recorder.Recorder), both run by
+capture with the firmware's own disturbance recorder (agent.journal_recorder.Recorder), both run by
 CPython: the same files a board writes. A torn tail and a corrupt middle record are included.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 
 from agent import cbor
 from agent.journal import encode_record
-from agent.recorder import Recorder, decode_capture
+from agent.journal_recorder import Recorder, decode_capture
 from gridshed import events as evmod
 from gridshed.cli import main
 from gridshed.report import evidence_from_events, evidence_from_sim, report, report_from_sim

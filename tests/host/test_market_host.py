@@ -8,7 +8,7 @@
   threshold, padding, merging);
 - dispatch --dry-run --json: the schedule rows (past dropped, equal neighbours merged, 4CP kW
   rows after the price rows), the 96-interval cap refused with a clear line and --horizon as
-  the way out; the signed schedule a board would verify (agent.mac0 with the inventory key),
+  the way out; the signed schedule a board would verify (agent.cmd_mac0 with the inventory key),
   ids per device monotonic in the inventory, seqs fresh;
 - `gridshed prices` without gridstatus: the one install line.
 """
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import cbor, mac0
+from agent import cbor
+from agent import cmd_mac0 as mac0
 from gridshed import breakeven as be
 from gridshed import dispatch as dp
 from gridshed import fourcp
@@ -314,7 +315,7 @@ def test_transport_limits_and_fit(tmp_path, capsys, inv):
         rc, out, err = run(capsys, *base, prices, *via)
         assert rc == 2 and out == "" and err.count("\n") == 1, err
         assert "board verifies signed commands of at most 512 bytes" in err and "--fit" in err, err
-    from agent.commands import MAX_COMMAND_LEN
+    from agent.cmd_api import MAX_COMMAND_LEN
 
     assert dp.MAX_SIGNED_BYTES == MAX_COMMAND_LEN == 512
     with Inventory(db) as x:

@@ -7,7 +7,7 @@
   each of them and optOut for a signal the bridge cannot act on (which sends nothing);
 - shed is never sent before the interval starts, restore never before it ends;
 - the default sender's bytes, caught on a real Mosquitto, are COSE_Mac0 commands that
-  agent.commands.CommandVerifier accepts with the device's inventory key (and refuses with
+  agent.cmd_api.CommandVerifier accepts with the device's inventory key (and refuses with
   another device's), one per device of the site, seq increasing, through the real CLI;
 - ELECTRICITY_PRICE events become signed schedules (the real SiteSender on a real Mosquitto),
   a cancel re-sends without the cancelled event's rows, relative prices are answered optOut;
@@ -30,7 +30,7 @@ import pytest
 from openleadr import OpenADRServer, objects
 
 from agent import cbor
-from agent.commands import CommandRefused, CommandVerifier, MemorySeqStore
+from agent.cmd_api import CommandRefused, CommandVerifier, MemorySeqStore
 from conftest import ROOT
 from mosquitto_broker import Mosquitto
 from gridshed.errors import UserError
@@ -558,7 +558,7 @@ def test_price_events_from_openleadr_vtn_become_signed_schedules(inventory, brok
     schedule per device of the site on a real Mosquitto: the rows of every live price event
     ($/kWh x 1000), a newer event's rows after an older one's, a cancel re-sending without it;
     a relative price is answered optOut and sends nothing."""
-    from agent import mac0
+    from agent import cmd_mac0 as mac0
 
     path, keys = inventory
     sub = CmdSub(broker.port)
@@ -601,7 +601,7 @@ def test_price_events_from_openleadr_vtn_become_signed_schedules(inventory, brok
     assert any(r["kind"] == "signal-skipped" and "only absolute prices" in r["reason"] for r in bridge.records)
     assert [r["intervals"] for r in schedules(bridge)] == [2, 3, 1]
     # on the wire: per device three schedules, each accepted by the board's own command checks
-    # (agent.commands: MAC with that device's key, target, seq, expiry on receipt), ids rising
+    # (agent.cmd_api: MAC with that device's key, target, seq, expiry on receipt), ids rising
     by_dev: dict[str, list[dict]] = {}
     boards = {dev: verifier(keys, dev, "site1") for dev in ("site1-ctl1", "site1-ctl2")}
     for (topic, payload), now in zip(sub.msgs, sub.when):

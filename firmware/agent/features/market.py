@@ -3,7 +3,7 @@
 # protection and commands leave closed, journals every economic transition, and hands the mask
 # of blocks economics holds open to the agent (Agent.econ_off): the relays are
 # ctrl.closed_mask & ~econ_off, so economics only ever adds open blocks and a frequency trip
-# always overrides it. The signed "schedule" command (agent/cmdrun.py) and the utility Modbus
+# always overrides it. The signed "schedule" command (agent/cmd_run.py) and the utility Modbus
 # map's market registers (agent/features/modbus_server.py) reach it through Agent.market.
 # (Comments, not docstrings: less RAM when compiled from source.)
 import asyncio

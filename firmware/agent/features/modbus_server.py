@@ -1,6 +1,6 @@
 # Utility-facing Modbus server: a small register map for a utility RTU / SCADA (docs/utility-modbus.md).
 #
-# Modbus TCP (asyncio server, here) or RTU on the second UART (agent/utility_rtu.py). Framing is
+# Modbus TCP (asyncio server, here) or RTU on the second UART (agent/modbus_server_rtu.py). Framing is
 # agent.modbus_rtu / agent.modbus_tcp; this module only maps registers. A write sets the Modbus
 # issuer's own entry (Agent.issue: control.I_MODBUS, I_HEARTBEAT) and runs one decision at once:
 # relays still change only in Agent.decide. Every frame is untrusted: garbage is counted, never
@@ -491,7 +491,7 @@ def start(agent):
     cfg = agent.cfg["modbus_server"]
     s = UtilityServer(agent, cfg)
     if cfg["transport"] == "rtu":
-        from agent import utility_rtu  # only boards serving RTU pay for its code
+        from agent import modbus_server_rtu as utility_rtu  # only boards serving RTU pay for its code
 
         s.src = "rtu"
         asyncio.create_task(utility_rtu.serve(s, cfg))

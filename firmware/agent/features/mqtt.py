@@ -25,7 +25,7 @@ POLL_MS = const(100)
 
 class Fleet:
     def __init__(self, agent):
-        from agent.mqtt import MqttClient
+        from agent.mqtt_client import MqttClient
 
         c = agent.cfg
         m = c["mqtt"]

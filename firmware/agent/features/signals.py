@@ -35,7 +35,7 @@ async def run(a, pin):
 
 def start(a):
     s = a.cfg["signals"]
-    # agent.signal: the latch a signed restore-all clears (agent/cmdrun.py); its status() is @status "signals"
+    # agent.signal: the latch a signed restore-all clears (agent/cmd_run.py); its status() is @status "signals"
     a.signal = sig = ShedSignal(s["mode"], s["debounce_ms"], s["dry_contact_active"])
     pin = a.hal.in_pin(s["dry_contact_pin"], pull_up=not s["dry_contact_active"])
     if a.auth.held >> I_CONTACT & 1:  # held before a reboot: the first readings confirm it

@@ -23,7 +23,7 @@ from agent import control
 from agent.base import log
 from agent.compat import const, ticks_ms, ticks_diff
 
-MAX_DATAGRAM = const(512)   # = agent.commands.MAX_COMMAND_LEN
+MAX_DATAGRAM = const(512)   # = agent.cmd_api.MAX_COMMAND_LEN
 MIN_DATAGRAM = const(40)    # the smallest COSE_Mac0 with a 32-byte tag and a payload
 BURST = const(8)
 REFILL_MS = const(250)
@@ -117,7 +117,7 @@ async def _loop(agent, s, u):
         gc.collect()  # the verifier's modules load into a small heap: room first
         try:
             if nonce:
-                res = {"nonce": agent.step("cmdcheck", "nonce_hex", agent), "time_trusted": agent.time_off is not None}
+                res = {"nonce": agent.step("cmd_check", "nonce_hex", agent), "time_trusted": agent.time_off is not None}
             else:
                 res = agent.signed_command(buf, "udp")
         except Exception as e:  # never let one datagram end the task

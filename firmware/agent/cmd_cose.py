@@ -14,12 +14,12 @@ Verification rules (anything else is refused with ``CoseError(reason)``):
 - ``bad-mac``: the tag does not match (constant-time compare).
 The kid is taken from the unprotected header (label 4), or from the protected header.
 
-The checks and the MAC are agent.mac0's, the code the board runs (it loads only that module to
+The checks and the MAC are agent.cmd_mac0's, the code the board runs (it loads only that module to
 verify a command's COSE_Mac0); this module is their API for host tools and tests, plus
 ``mac0_create``. An internal error is refused as ``malformed``.
 """
 from agent import cbor
-from agent import mac0 as _m
+from agent import cmd_mac0 as _m
 from agent.compat import const
 
 ALG_HMAC_256_256 = const(5)

@@ -1,8 +1,8 @@
 # Signed command policy and the seq store's reading side: the board's code for the step after
-# agent.mac0 (the payload of an authenticated COSE_Mac0). Loaded for that step and freed after
-# it (Agent.signed_command), so it is written like agent.mac0 (plain functions, a refusal is the
-# returned reason). The store is written by the next step, agent.cmdrun, before anything acts.
-# agent.commands is the documented API over this (the rules, the host side).
+# agent.cmd_mac0 (the payload of an authenticated COSE_Mac0). Loaded for that step and freed after
+# it (Agent.signed_command), so it is written like agent.cmd_mac0 (plain functions, a refusal is the
+# returned reason). The store is written by the next step, agent.cmd_run, before anything acts.
+# agent.cmd_api is the documented API over this (the rules, the host side).
 # (Comments, not docstrings: less RAM when this is compiled from source.)
 from agent import cbor
 
@@ -17,14 +17,14 @@ def _is_int(v):
 
 
 def check(r, dev_id, site_id, now, hwm, save, nonce=None):
-    # r: what agent.mac0.verify returned. The accepted command (dict), or why it is refused (a
-    # reason of agent.commands.REASONS), the first failing check winning. hwm: {kid: highest
+    # r: what agent.cmd_mac0.verify returned. The accepted command (dict), or why it is refused (a
+    # reason of agent.cmd_api.REASONS), the first failing check winning. hwm: {kid: highest
     # seq accepted}, raised here before save(new marks) is called, or None when the store could
     # not be read (fail closed). now: the board's trusted unix time or None (agent.app
     # Agent.now_unix); nonce: the board's current nonce (bytes) or None. Never raises: an
     # internal error is "malformed".
     try:
-        if isinstance(r, str):  # refused by agent.mac0; a wrong alg counts as malformed here
+        if isinstance(r, str):  # refused by agent.cmd_mac0; a wrong alg counts as malformed here
             return "malformed" if r == "bad-alg" else r
         kid, p = r
         # authenticated from here on
@@ -121,7 +121,7 @@ def check(r, dev_id, site_id, now, hwm, save, nonce=None):
 
 def run(a, r):
     # The agent's step: check r against this board and its seq store. An accepted command
-    # comes back as (command, new marks): agent.cmdrun writes the marks first, then acts, so a
+    # comes back as (command, new marks): agent.cmd_run writes the marks first, then acts, so a
     # command is never acted on without its seq persisted, and one that could not be carried
     # to that step (no room to load it) has consumed nothing.
     from agent.base import SEQ_PATH
@@ -135,7 +135,7 @@ def run(a, r):
     return (r, marks[0]) if marks and isinstance(r, dict) else r
 
 
-# ---- seq store: {kid: seq} in CBOR {"v": 1, "seq": {...}}, replaced atomically (agent.cmdrun.save)
+# ---- seq store: {kid: seq} in CBOR {"v": 1, "seq": {...}}, replaced atomically (agent.cmd_run.save)
 
 def parse(data):
     obj = cbor.loads(data)
@@ -212,7 +212,7 @@ def load_auth(au, persisted):
 
 def nonce_hex(a):
     # the board's current command nonce (hex): a restore / disarm / time command carries it
-    # while the clock is not trusted (check() above); used once (agent/cmdrun.py drops it)
+    # while the clock is not trusted (check() above); used once (agent/cmd_run.py drops it)
     if a.nonce is None:
         import os
 

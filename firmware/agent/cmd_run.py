@@ -1,4 +1,4 @@
-# Signed commands, the agent's last step (after agent.mac0 and agent.cmdcheck): write the new
+# Signed commands, the agent's last step (after agent.cmd_mac0 and agent.cmd_check): write the new
 # seq marks of an accepted command, count, journal (accepted or refused, with why), then set the
 # inputs of the control decision that the caller runs next, which is where relays change.
 # Loaded for that step and freed after it (Agent.signed_command).
@@ -9,7 +9,7 @@ from agent import cbor
 
 
 def run(a, c, src):
-    # c: what agent.cmdcheck.run returned, (the command, new seq marks) or why it is refused
+    # c: what agent.cmd_check.run returned, (the command, new seq marks) or why it is refused
     from agent.base import SEQ_PATH, log
     from agent.compat import ticks_ms, ticks_diff
 
@@ -20,7 +20,7 @@ def run(a, c, src):
         except Exception:
             c = "store-error"
     n = a.seq_counters  # kept by the agent: this module is freed after each command
-    if n is None:  # the status "commands" counters: accepted and agent.commands.REASONS
+    if n is None:  # the status "commands" counters: accepted and agent.cmd_api.REASONS
         n = a.seq_counters = {"accepted": 0, "malformed": 0, "unknown-kid": 0, "bad-mac": 0,
                               "bad-cmd": 0, "wrong-target": 0, "expired": 0, "stale": 0, "replay": 0,
                               "store-error": 0, "forbidden": 0}
@@ -126,7 +126,7 @@ def _hex(b):
 
 
 def save(path, data):
-    # The seq store (agent.cmdcheck.load reads it): path.tmp written, flushed and renamed over
+    # The seq store (agent.cmd_check.load reads it): path.tmp written, flushed and renamed over
     # path (on a VFS whose rename does not replace, the old file is removed first: load() then
     # finds the .tmp).
     data = cbor.dumps({"v": 1, "seq": data})

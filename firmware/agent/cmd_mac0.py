@@ -5,11 +5,11 @@
 # returned reason (a short string) rather than an exception with a detail text (a string
 # constant of more than 10 characters is an object allocated at every load), and the MAC is
 # computed by feeding MAC_structure to SHA-256 in pieces, so no copy of the message is built.
-# agent.cose is the documented API over this (the rules, mac0_create for the host).
+# agent.cmd_cose is the documented API over this (the rules, mac0_create for the host).
 # (Comments, not docstrings: less RAM when this is compiled from source.)
 
 from agent import cbor
-from agent.base import hmac_sha256  # noqa: F401  (agent.cose uses mac0.hmac_sha256)
+from agent.base import hmac_sha256  # noqa: F401  (agent.cmd_cose uses mac0.hmac_sha256)
 
 
 def compare_digest(a, b):
@@ -34,7 +34,7 @@ def tag(key, protected, payload):
 
 def verify(buf, keys, max_len=4096):
     # (kid, payload), or why the message is refused: "malformed", "bad-alg", "unknown-kid" or
-    # "bad-mac" (agent.cose documents when). keys: {kid: key}. Never raises: an internal
+    # "bad-mac" (agent.cmd_cose documents when). keys: {kid: key}. Never raises: an internal
     # error is "malformed".
     try:
         if not isinstance(buf, (bytes, bytearray, memoryview)) or len(buf) > max_len:

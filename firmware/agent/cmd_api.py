@@ -1,6 +1,6 @@
 """Signed command policy on the board (pure; MicroPython and CPython).
 
-A command is a COSE_Mac0 (see agent.cose) whose payload is a CBOR map:
+A command is a COSE_Mac0 (see agent.cmd_cose) whose payload is a CBOR map:
 
     {"cmd": "shed"|"restore"|"arm"|"disarm"|"test"|"status",
      "seq": uint (strictly increasing per kid),
@@ -34,13 +34,13 @@ Each call increments exactly one entry of ``counters`` ("accepted" or a reason);
 error is refused as ``malformed``. ``last_refusal`` is the last reason. No relay logic lives
 here.
 
-The checks are the code the board runs, agent.mac0.verify (COSE_Mac0) then agent.cmdcheck.check
+The checks are the code the board runs, agent.cmd_mac0.verify (COSE_Mac0) then agent.cmd_check.check
 (the rest), each loaded for its step of a command and freed after it (Agent.signed_command);
 this module is their API for host tools and tests.
 """
-from agent import cmdcheck
-from agent import cmdrun
-from agent import mac0
+from agent import cmd_check as cmdcheck
+from agent import cmd_run as cmdrun
+from agent import cmd_mac0 as mac0
 from agent.compat import const
 
 COMMANDS = cmdcheck.COMMANDS
@@ -83,8 +83,8 @@ class FileSeqStore:
     rename refuses to replace, the old file is removed first; load() then finds the .tmp).
     load() reads both files and keeps the highest seq per kid; a missing store is empty, a
     corrupt one with no valid copy raises ValueError (the verifier then fails closed).
-    File format: CBOR ``{"v": 1, "seq": {kid: seq}}``. Code: agent.cmdcheck.load and
-    agent.cmdrun.save (the board's).
+    File format: CBOR ``{"v": 1, "seq": {kid: seq}}``. Code: agent.cmd_check.load and
+    agent.cmd_run.save (the board's).
     """
 
     def __init__(self, path):
