@@ -22,6 +22,7 @@ WDT_MS = 8000        # hardware watchdog timeout (rp2 allows at most 8388 ms)
 WDT_POLL_PERIODS = 3  # the poll task must finish its next cycle within 3 periods + its worst read
 KW_EVIDENCE_MS = 3000  # kW read at every poll this long after a relay change (the reports' kW after)
 WDT_BOOT_MS = 3000    # extra allowance for the first cycle (UART/socket open, first connect)
+MEM_REPLY = '\n@{"error": "MemoryError", "end": true}\n'  # a request that found no RAM
 AGENT = None          # the running Agent (agent/maint.py takes it over on Ctrl-C)
 
 
@@ -61,6 +62,7 @@ class Agent:
         self.cfg = cfg
         self.hal = hal
         self.errors = {}
+        self.mem_errors = 0  # MemoryErrors a task survived (@status): an int, counted without RAM
         # settings files that failed their integrity check: {file: reason}, shown in @status,
         # journaled at boot, sent with telemetry (docs/failsafes.md, "Settings integrity")
         self.integrity = None
@@ -182,7 +184,11 @@ class Agent:
 
     # ---- journal and events --------------------------------------------------------------
     def count(self, what):
-        self.errors[what] = self.errors.get(what, 0) + 1
+        try:
+            self.errors[what] = self.errors.get(what, 0) + 1
+        except MemoryError:  # no RAM for a new key: the count is not lost, it is a memory error
+            self.mem_errors += 1
+
 
     def events(self, ev, now):
         c = self.ctrl
@@ -288,6 +294,21 @@ class Agent:
         return RtuMaster(self.hal.uart("meter", m), m["baud"], timeout_ms=m["timeout_ms"],
                          retries=m["retries"], de=de)
 
+    async def keep(self, task, ms, poll=False):
+        # The control loop's tasks survive a MemoryError: the cycle it cut short is dropped,
+        # counted (mem_errors in @status), the heap collected, and after ms the task begins again;
+        # nothing allocated here. No relay moves for it: relays change only in a decision, and a
+        # dropped cycle makes none (the tick task's decisions and the meter-loss timer go on).
+        while True:
+            try:
+                await task()
+            except MemoryError:
+                self.mem_errors += 1
+                gc.collect()
+                if poll:  # a failed cycle, not a hung task: the watchdog's promise moves on
+                    self.poll_due = ticks_add(ticks_ms(), ms + self._read_worst + WDT_POLL_PERIODS * ms)
+                await asyncio.sleep_ms(ms)
+
     async def poll_task(self):
         # every cycle: the hot read (frequency) -> decide; then, when due, one slow read (kW and
         # the rest, round robin; kW's read at every poll while a curtailment needs it). An RTU
@@ -299,10 +320,10 @@ class Agent:
         mm = self.meter_map
         fn = mm.function
         rp = self.plan
-        h_addr, h_count, h_items = rp["hot_read"]  # one read (agent/readplan.py)
-        slow = rp["slow_reads"]
-        slow_ms = rp["slow_ms"]
-        self.plan = rp = None
+        if isinstance(rp, dict):  # the rest of the plan is freed; this part kept for a restart
+            self.plan = rp = (rp["hot_read"], rp["slow_reads"], rp["slow_ms"])
+        (h_addr, h_count, h_items), slow, slow_ms = rp  # one read (agent/readplan.py)
+        rp = None
         ns = len(slow)  # (>= 1: kW is never in the frequency read)
         k_slow = 0
         slow_due = ticks_ms()
@@ -370,6 +391,8 @@ class Agent:
                             ctrl.volts = mm.values[i_v]
                         self.meter_ok = True
                         self.samples += 1
+                except MemoryError:  # not a meter error: the cycle is dropped (keep)
+                    raise
                 except Exception as e:  # ModbusError and friends: counted; the fail-safe policy decides
                     self.meter_errors += 1
                     if self.meter_errors < 4 or self.meter_errors % 200 == 0:
@@ -420,7 +443,9 @@ class Agent:
         # Time-based progress (restore stagger, meter-loss timer) even when the meter is silent.
         # The watchdog is fed here and only while the poll task completes its cycles (good or
         # failed polls) on time: a hung poll task or a blocked loop lets the hardware reset.
-        self.wdt = w = [self.hal.wdt(WDT_MS), 0, 0, None]  # hw, feeds, starved, (unused)
+        if self.wdt is None:  # once: a restart after a MemoryError keeps it and its counts
+            self.wdt = [self.hal.wdt(WDT_MS), 0, 0, None]  # hw, feeds, starved, (unused)
+        w = self.wdt
         hw = w[0]
         rec = self.recorder
         late = False
@@ -477,6 +502,9 @@ class Agent:
                 line = line[1:]  # one copy of the line alive, not two
                 try:
                     self.console_line(line)
+                except MemoryError:  # the reply without RAM: a constant, nothing allocated
+                    self.mem_errors += 1
+                    sys.stdout.write(MEM_REPLY)
                 except Exception as e:
                     self.count("console_error")
                     sys.stdout.write("\n")  # a reply cut short is a line of its own
@@ -547,8 +575,8 @@ class Agent:
         self.features = out
 
     async def main(self):
-        asyncio.create_task(self.tick_task())
-        asyncio.create_task(self.console_task())
+        asyncio.create_task(self.keep(self.tick_task, TICK_MS))
+        asyncio.create_task(self.keep(self.console_task, TICK_MS))
         self.start_features()
         hal_task = self.hal.run()
         if hal_task is not None:
@@ -556,7 +584,7 @@ class Agent:
         gc.collect()
         log("I", "agent up: site=%s device=%s blocks=%d state=%s" % (
             self.cfg["site"], self.cfg["device"], len(self.cfg["blocks"]), control.STATE_NAMES[self.ctrl.state]))
-        await self.poll_task()
+        await self.keep(self.poll_task, self.cfg["meter"]["poll_ms"], True)
 
 
 def run(cfg=None, errors=None, chash=None, switched=None):

@@ -20,7 +20,12 @@ LINE_MAX = 1024  # longest console line kept; a longer one is discarded as it ar
 
 
 def log(level, msg):
-    print("%s %d %s" % (level, ticks_ms(), msg))
+    # never what raises: a line without RAM for it is dropped (the caller's message, formatted
+    # before the call, is the caller's: a task's MemoryError guard covers that)
+    try:
+        print("%s %d %s" % (level, ticks_ms(), msg))
+    except MemoryError:
+        pass
 
 
 def unload(name):

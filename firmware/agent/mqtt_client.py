@@ -18,7 +18,7 @@ here may delay a trip, so nothing here blocks or raises.
 """
 import asyncio
 
-from agent import mqtt_codec as mc
+from agent import mqtt_wire as mc
 from agent.compat import ticks_ms, ticks_diff
 
 try:
@@ -44,8 +44,7 @@ class MqttClient:
         # certificate); may_connect: optional callable, a connection is opened only while it
         # returns True; on_fail(exc): optional, told why a session ended, returns True when it
         # named the failure (then not counted as malformed). See agent/mqtt_tls.py.
-        self.ssl = ssl
-        self.server_hostname = server_hostname
+        self._tls = {"ssl": ssl, "server_hostname": server_hostname} if ssl else {}
         self.may_connect = may_connect
         self.on_fail = on_fail
         # busy: optional callable; while it returns True an incoming PUBLISH waits (not read
@@ -145,6 +144,10 @@ class MqttClient:
         self._wake.set()
         return True
 
+    def idle(self):
+        """Nothing queued and nothing awaiting its PUBACK."""
+        return not self._q and not self._inflight
+
     def subscribe(self, topic, qos=None):
         """Add a subscription (kept across reconnects); sent now if connected."""
         t = (topic, self._sub_qos if qos is None else qos)
@@ -186,9 +189,12 @@ class MqttClient:
                 delay = self.backoff_min
             if self._stop:
                 break
-            d = delay * (1 + _rand16() / 131072)  # + up to 50 % jitter
-            delay = min(delay * 2, self.backoff_max)
-            await self._sleep(d)
+            try:  # (floats: a MemoryError here must not end the client)
+                d = delay * (1 + _rand16() / 131072)  # + up to 50 % jitter
+                delay = min(delay * 2, self.backoff_max)
+                await self._sleep(d)
+            except MemoryError:
+                await asyncio.sleep_ms(1000)
 
     # --------------------------------------------------------------------------- internals
 
@@ -252,18 +258,13 @@ class MqttClient:
             await self._wait(200)
         if self._stop:
             return
-        if self.ssl is None:
-            op = asyncio.open_connection(self.host, self.port)
-        else:  # the handshake runs in the first send (the CONNECT below)
-            op = asyncio.open_connection(self.host, self.port, ssl=self.ssl, server_hostname=self.server_hostname)
+        op = asyncio.open_connection(self.host, self.port, **self._tls)
         self._r, self._w = await asyncio.wait_for(op, self.connect_timeout)
         self._lock = asyncio.Lock()
-        if self.ssl is not None:  # the handshake runs in this send, before any read: its
-            await self._send(self._connect_pkt)  # failure then names the check (ValueError)
-            self._rtask = asyncio.create_task(self._reader())
-        else:
-            self._rtask = asyncio.create_task(self._reader())
-            await self._send(self._connect_pkt)
+        # TLS: the handshake runs in this send, before any read: its failure then names the
+        # check (ValueError); the CONNACK waits in the socket until the reader starts
+        await self._send(self._connect_pkt)
+        self._rtask = asyncio.create_task(self._reader())
         t0 = ticks_ms()
         limit = int(self.connect_timeout * 1000)
         while not self.connected:
@@ -359,6 +360,7 @@ class MqttClient:
             self._ping_sent = -1  # the broker is talking: alive (a flood may delay its PINGRESP)
             b = self.busy
             while b is not None and b():
+                self._ping_sent = -1  # held back by us, not dead: its PINGRESP waits unread
                 await asyncio.sleep_ms(20)
             cb = self.on_message
             if cb is not None:

@@ -23,6 +23,33 @@ NO_CREDS = "no-credentials"
 NO_TLS = "no-tls"  # the firmware has no ssl module
 
 
+def client_kw(f, m):
+    # MqttClient's keyword arguments for the fleet channel f (agent/fleet.py) of a site with TLS
+    # or a login: never a connection in clear when they cannot be had
+    kw, why = options(m, f.dev)
+    if why is not None:  # TLS or a login asked for and not provisioned: never in clear
+        kw = {"may_connect": lambda: False}
+        on_fail(f, why)
+    elif m.get("tls"):
+        kw["may_connect"] = lambda: steady(f.a)
+    kw["on_fail"] = lambda e: on_fail(f, e)
+    return kw
+
+
+def on_fail(f, e):
+    # a connection refused for a reason worth naming: counted, journaled when it changes
+    why = e if isinstance(e, str) else reason(e)
+    if why is None:
+        return False
+    a = f.a
+    a.count("mqtt_" + why)
+    if why != f.fail:
+        a.journal.append("mqtt_fail", {"why": why})
+        print("W mqtt: connection refused: %s" % why)
+    f.fail = why
+    return True
+
+
 def options(m, dev):
     # (keyword arguments for MqttClient, None) or (None, NO_CREDS) when the site asks for TLS or a
     # login and /broker.cbor cannot give it, (None, NO_TLS) when the port has no ssl module: the

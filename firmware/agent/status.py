@@ -27,6 +27,7 @@ def status(a):
     yield "transitions", a.relays.transitions
     yield "uptime_ms", ticks_diff(ticks_ms(), a.started)
     yield "errors", a.errors
+    yield "mem_errors", a.mem_errors  # MemoryErrors the agent's tasks survived (counted, never a crash)
     yield "journal_seq", a.journal.seq
     yield "mem_free", gc.mem_free()
     yield "signal", a.auth.held != 0  # some issuer holds a shed (held: which)

@@ -125,5 +125,5 @@ def start(agent):
     f = Freq(agent)
     if f.primary:  # the agent's frequency hook: while f.ok, the meter's samples are ticks
         agent.hz_source = f
-    asyncio.create_task(f.run())
+    asyncio.create_task(agent.keep(f.run, WAKE_MS))  # (a MemoryError: counted, begun again)
     return f

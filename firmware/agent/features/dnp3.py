@@ -339,5 +339,5 @@ def start(agent):
         asyncio.create_task(s.serial_task())
     else:
         asyncio.create_task(s.tcp_task(cfg["port"]))
-    asyncio.create_task(s.scan_task())
+    asyncio.create_task(agent.keep(s.scan_task, SCAN_MS))  # (a MemoryError: counted, begun again)
     return s

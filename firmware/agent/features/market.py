@@ -66,6 +66,13 @@ class Feature:
             s["file"] = self.file
         return s
 
+    def tele(self, d):
+        # MQTT telemetry (agent/features/mqtt.py): availability, and the obligation warning
+        m = self.m
+        d["avail_kw"] = m.avail_kw
+        if m.short or (m.oblig and m.why_count(6)):
+            d["market_warning"] = "%s obligation: %s" % (m.program, "short" if m.short else "refusing curtailment")
+
     def save(self):
         m = self.m
         try:
@@ -176,6 +183,9 @@ class NoRoom:
     # schedule is refused ("no-market") and @status says why
     m = None
 
+    def tele(self, d):
+        pass
+
     def status(self):
         return {"error": "no memory to start the market feature", "clock": None}
 
@@ -199,5 +209,5 @@ def start(agent):
         return f
     if f.m.boot_hold or agent.econ_off:
         f.step()  # blocks held open at the reboot: open again at once, not after a second
-    asyncio.create_task(f.run())
+    asyncio.create_task(agent.keep(f.run, PERIOD_MS))  # (a MemoryError: counted, begun again)
     return f

@@ -427,5 +427,5 @@ def start(agent):
     mc = agent.cfg["miners"]
     m = Miners(agent, mc)
     agent.relays.attach(m, m.soft)
-    asyncio.create_task(m.run())
+    asyncio.create_task(agent.keep(m.run, WORK_MS))  # (a MemoryError: counted, begun again)
     return m

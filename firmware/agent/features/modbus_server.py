@@ -497,6 +497,6 @@ def start(agent):
         asyncio.create_task(utility_rtu.serve(s, cfg))
     else:
         asyncio.create_task(s.tcp_task(cfg["port"]))
-    if s.hb_ms:
-        asyncio.create_task(s.hb_task())
+    if s.hb_ms:  # (a MemoryError: counted, begun again)
+        asyncio.create_task(agent.keep(s.hb_task, 20))
     return s

@@ -41,21 +41,14 @@ class Fleet:
         self.rid = None        # and the last 4 bytes (hex) of the refused message
         self.acc = 0
         self.ref = 0
-        self.tries = 0  # attempts at the first pending message that found no RAM
         self._snap = -1
         self.keys = _keys()
         self.fail = None  # the last named connection failure (agent/mqtt_tls.py), for @status
         kw = {}
-        if m.get("tls") or m.get("auth", "none") != "none":
+        if m.get("tls") or m.get("auth", "none") != "none":  # the TLS code only for such a site
             from agent import mqtt_tls
 
-            kw, why = mqtt_tls.options(m, self.dev)
-            if why is not None:  # TLS or a login asked for and not provisioned: never in clear
-                kw = {"may_connect": lambda: False}
-                self.on_fail(why)
-            elif m.get("tls"):
-                kw["may_connect"] = lambda: mqtt_tls.steady(agent)
-            kw["on_fail"] = self.on_fail
+            kw = mqtt_tls.client_kw(self, m)
         self.client = MqttClient(
             m["host"], m["port"], self.dev, keepalive=m["keepalive_s"],
             will=(self.t_state, self.sign(self.t_state, '{"dev": "%s", "online": false}' % self.dev), True),
@@ -68,29 +61,15 @@ class Fleet:
         if len(self.pending) >= PENDING_MAX:
             self.a.count("mqtt_cmd_dropped")
             return
-        self.pending.append(payload)
+        try:
+            self.pending.append(payload)
+        except MemoryError:  # acknowledged once this returns: room first, never dropped for RAM
+            gc.collect()
+            self.pending.append(payload)
 
     def on_connect(self, client):
         self.fail = None
         self.publish_state()
-
-    def on_fail(self, e):
-        # a connection refused for a reason worth naming: counted, journaled when it changes
-        if isinstance(e, str):
-            why = e
-        else:
-            from agent import mqtt_tls
-
-            why = mqtt_tls.reason(e)
-        if why is None:
-            return False
-        a = self.a
-        a.count("mqtt_" + why)
-        if why != self.fail:
-            a.journal.append("mqtt_fail", {"why": why})
-            print("W mqtt: connection refused: %s" % why)
-        self.fail = why
-        return True
 
     # ---- state ---------------------------------------------------------------------------
     def snapshot(self):
@@ -150,11 +129,8 @@ class Fleet:
             pass
         d = {"t": t, "hz": a.hz, "kw": a.kw, "mask": a.relays.mask,
              "state": control.STATE_NAMES[a.ctrl.state]}
-        m = a.market and a.market.m
-        if m:  # the market (docs/market.md): availability, and the obligation warning
-            d["avail_kw"] = m.avail_kw
-            if m.short or (m.oblig and m.why_count(6)):
-                d["market_warning"] = "%s obligation: %s" % (m.program, "short" if m.short else "refusing curtailment")
+        if a.market is not None:  # availability and the obligation warning (features/market.py)
+            a.market.tele(d)
         if a.integrity:  # a settings file refused at boot: the alarm rides every telemetry message
             d["integrity"] = a.integrity
         self.client.publish(self.t_tele, json.dumps(d), False, 0)
@@ -190,16 +166,15 @@ class Fleet:
         while True:
             try:
                 while self.pending:
-                    if self.handle(self.pending[0]) is False and self.tries < 50:
-                        self.tries += 1  # retried at the next turn (5 s at most), then refused
+                    # no RAM for the verifier (mqtt_cmd_mem): the same message again at the next
+                    # turn, never dropped (acknowledged to the broker, it will not come again)
+                    if self.handle(self.pending[0]) is False:
                         break
-                    if self.tries >= 50:
-                        self.ref += 1
-                        self.refused = "error"
-                        self._snap = -1
-                    self.tries = 0
                     self.pending.pop(0)
-                if self.snapshot() != self._snap:
+                # one state message at a time, the latest: a QoS 1 state in flight holds RAM until
+                # its PUBACK, which the reader reaches (under a flood) only as the commands ahead
+                # of it are verified, and the verifier needs that RAM
+                if self.snapshot() != self._snap and self.client.idle():
                     self.publish_state()
                 now = ticks_ms()
                 if ticks_diff(now, last_tele) >= every:

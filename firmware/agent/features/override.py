@@ -91,5 +91,5 @@ def changed(a, now):
 
 
 def start(a):
-    asyncio.create_task(run(a))
+    asyncio.create_task(a.keep(lambda: run(a), INPUT_MS))  # (a MemoryError: counted, begun again)
     return a.override

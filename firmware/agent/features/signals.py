@@ -41,5 +41,5 @@ def start(a):
     if a.auth.held >> I_CONTACT & 1:  # held before a reboot: the first readings confirm it
         sig.input.state = sig.latched = True
         sig.input._raw = -1
-    asyncio.create_task(run(a, pin))
+    asyncio.create_task(a.keep(lambda: run(a, pin), INPUT_MS))  # (a MemoryError: counted, begun again)
     return sig

@@ -166,5 +166,5 @@ def _bucket(srcs, addr, now):
 
 def start(agent):
     u = Udp(agent.cfg["udp"]["port"])
-    asyncio.create_task(_run(agent, u))
+    asyncio.create_task(agent.keep(lambda: _run(agent, u), IDLE_MS))  # (a MemoryError: counted, begun again)
     return u
