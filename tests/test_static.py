@@ -25,7 +25,8 @@ FIRMWARE = ROOT / "firmware"
 # growth at the measured figure plus 2 KB, not the target.
 TARGET = 64 * 1024
 BUDGET = 76 * 1024  # 72 KB until issue 18's wire-aware read plan and RTU state machine (+3 KB, x64)
-FULL_FENCE = 148 * 1024     # everything incl. optional features: a fence against bloat (128 KB
+FULL_FENCE = 149 * 1024     # everything incl. optional features: a fence against bloat (148 KB
+# until issue 18's Modbus TCP state machine, +0.6 KB of the on-demand agent/modbus_tcp_master.py; 128 KB
 # until the DNP3 outstation, issue 19, added 13 KB of optional feature (unsolicited, serial); 136 KB
 # until the market loop, issue 16, added 9.4 KB: agent/market.py, market_check.py, features/market.py;
 # 144 KB until issue 18's read plan and RTU state machine, +3 KB)

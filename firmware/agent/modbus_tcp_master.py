@@ -1,6 +1,11 @@
 """Modbus TCP master over asyncio: the TCP half of agent.modbus_rtu_master (same API and counters).
 
 Split out so an RS-485 site never loads it; see agent/modbus_rtu_master.py for the waiting strategy.
+
+The poll task drives a transaction through begin()/step()/end() (the RTU master's protocol: step()
+returns the ms to sleep, DONE or FAIL), so a steady-state read allocates nothing: the MBAP request
+is built in the preallocated buffer, the reply read with readinto into the preallocated one. A (re)connect, and the CPython streams path, run as a task of
+their own that step() waits for: those allocate, but only when connecting (or off the board).
 """
 import asyncio
 
@@ -9,6 +14,14 @@ from agent import modbus_tcp as tcp
 from agent.compat import ticks_add, ticks_diff, ticks_ms
 from agent.modbus_errors import ModbusConnectionError, ModbusError, ModbusException, ModbusFrameError, ModbusTimeout
 from agent.modbus_base import _Master, _sleep_ms, _wait_for_ms, _written_count
+
+
+DONE = -1  # step(): as agent.modbus_rtu_master
+FAIL = -2
+_T_CONN = 0  # transaction states: connect (then a new request), send, receive, (CPython) streams
+_T_SEND = 1
+_T_RX = 2
+_T_CPY = 3
 
 
 class ReconnectWait(ModbusConnectionError):
@@ -48,6 +61,10 @@ class TcpMaster(_Master):
         self._n = self._fn = self._unit = self._got = self._want = self._t0 = 0
         self._addr = self._arg = None
         self._res = None
+        self._st = self._attempt = self._task = 0  # step(): state, attempt, a task running (1)
+        self._err = self._terr = None
+        self._qc = 0  # begin()'s count and values
+        self._qv = None
 
     def _back_off(self):
         w = self._wait_ms
@@ -195,50 +212,104 @@ class TcpMaster(_Master):
             self._set_res(self._check(want))
             return
 
-    async def _transact(self, unit, fn, addr, arg, values):
-        while self._busy:  # tasks sharing the connection never interleave
-            await _sleep_ms(1)
+    # -- one transaction as a state machine (the poll task drives it without a coroutine) --
+    def begin(self, unit, fn, addr, arg, values=None):
+        """Start a transaction (not _busy). Then step() until DONE (result in _res) or FAIL
+        (error in _err); a value >= 0 is the ms to sleep first. end() when done, also on a cancel."""
         self._busy = True
+        self._unit = unit
+        self._fn = fn
+        self._addr = addr
+        self._qc = arg
+        self._qv = values
+        self._attempt = 0
+        self._st = _T_CONN
+
+    async def _bg(self, conn):
+        # a connect or a CPython streams transfer, as a task step() waits for
         try:
-            attempt = 0
-            while True:
-                try:
-                    if self._sock is None and self._reader is None:
-                        await self._connect(attempt)
-                    self._prepare(unit, fn, addr, arg, values)
-                    if self._sock is None:
-                        await self._xfer_cpython()
-                    else:
-                        while not self._send():
-                            await _sleep_ms(1)
-                        while not self._poll():
-                            await _sleep_ms(1)
+            if conn:
+                await self._connect(self._attempt)
+            else:
+                await self._xfer_cpython()
+        except Exception as e:  # handled by step()
+            self._terr = e
+        self._task = 0
+
+    def step(self):
+        while True:
+            st = self._st
+            try:
+                if self._task:
+                    return 1
+                e = self._terr
+                if e is not None:
+                    self._terr = None
+                    raise e
+                if st == _T_CONN:
+                    c = self._sock is None and self._reader is None
+                    if not c:
+                        self._prepare(self._unit, self._fn, self._addr, self._qc, self._qv)
+                        if self._sock is not None:
+                            self._st = _T_SEND
+                            continue
+                        self._st = _T_CPY
+                    self._task = 1  # a connect (allocates: once per connection) or CPython streams
+                    asyncio.create_task(self._bg(c))
+                    return 1
+                elif st == _T_SEND:
+                    if not self._send():
+                        return 1
+                    self._st = _T_RX
+                elif st == _T_RX:
+                    if not self._poll():
+                        return 1
+                    st = _T_CPY
+                if st == _T_CPY:
                     self.ok += 1
                     self._wait_ms = 0
                     self._fresh = False
-                    return self._res
-                except ModbusException as e:
-                    self.exceptions += 1
-                    if e.code != 6 or attempt >= self.max_retries:
-                        raise
-                    attempt += 1  # busy: back off, then ask again on the same connection
-                    self.retries += 1
-                    await _sleep_ms(min(25 << (attempt - 1), self.timeout_ms))
-                    continue
-                except ModbusError as e:
-                    if isinstance(e, ReconnectWait):
-                        raise  # not an attempt: nothing sent, counted in backoffs only
-                    err = e
-                except OSError as e:
-                    err = ModbusConnectionError(str(e))
+                    return DONE
+            except ModbusException as e:
+                self.exceptions += 1
+                if e.code != 6 or self._attempt >= self.max_retries:
+                    self._err = e
+                    return FAIL
+                self._attempt += 1  # busy: back off, then ask again on the same connection
+                self.retries += 1
+                self._st = _T_CONN
+                return min(25 << (self._attempt - 1), self.timeout_ms)
+            except ReconnectWait as e:
+                self._err = e  # not an attempt: nothing sent, counted in backoffs only
+                return FAIL
+            except (ModbusError, OSError) as e:
+                err = e if isinstance(e, ModbusError) else ModbusConnectionError(str(e))
                 if self._fresh:  # a connection that never gave a good reply: back off too
                     self._fresh = False
                     self._back_off()
                 self.close()
                 self._count(err)
-                if attempt >= self.max_retries:
-                    raise err
-                attempt += 1
+                if self._attempt >= self.max_retries:
+                    self._err = err
+                    return FAIL
+                self._attempt += 1
                 self.retries += 1
+                self._st = _T_CONN
+
+    def end(self):
+        self._busy = False
+
+    async def _transact(self, unit, fn, addr, arg, values):
+        while self._busy:  # tasks sharing the connection never interleave
+            await _sleep_ms(1)
+        try:
+            self.begin(unit, fn, addr, arg, values)
+            w = self.step()
+            while w >= 0:
+                await _sleep_ms(w)
+                w = self.step()
+            if w == FAIL:
+                raise self._err
+            return self._res
         finally:
-            self._busy = False
+            self.end()

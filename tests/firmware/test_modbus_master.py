@@ -301,7 +301,7 @@ def result(rig, mp, mpy_dir):
             .replace("SILENT_PORT", str(rig["silent_port"])).replace("CLOSED_PORT", str(rig["closed_port"]))
             .replace("FLAKY_PORT", str(rig["flaky_port"])).replace("TCP_PORT", str(rig["tcp_port"])))
     t0 = time.monotonic()
-    lines = run_mpy(mp, mpy_dir, code, heapsize="68k").strip().splitlines()  # the state-machine master: +1 KB of code
+    lines = run_mpy(mp, mpy_dir, code, heapsize="72k").strip().splitlines()  # the state-machine masters (RTU, then TCP): +1.6 KB of code
     out = dict(json.loads(ln) for ln in lines if ln.startswith("["))
     out["_wall_s"] = time.monotonic() - t0
     return out

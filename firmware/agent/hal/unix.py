@@ -127,6 +127,9 @@ class UnixHal:
         try:
             s = socket.socket()
             s.connect(socket.getaddrinfo(host, int(port))[0][-1])
+            # TCP_NODELAY: an output line leaves at once (Nagle held a relay's "O" line back
+            # until the host's delayed ACK, ~14 ms, when an earlier write was still unacked)
+            s.setsockopt(6, 1, 1)  # (IPPROTO_TCP, TCP_NODELAY)
             s.setblocking(False)
             self._sock = s
         except OSError:

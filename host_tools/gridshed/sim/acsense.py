@@ -5,8 +5,10 @@ period P starting at t satisfies P = 1 / f(t + P/2) exactly) and yields rising-e
 the options below; `AcSense` sends them in real time to the virtual board over the GPIO socket
 as `X <pin> <t_us> ...` lines (docs/virtual-board.md, docs/ac-sense.md). Edge times are on the
 host's time.monotonic() clock, the CLOCK_MONOTONIC that the unix port's ticks_us() reads, so the
-board gets the timestamps an MCU's IRQ would have taken (plus the modelled jitter); loopback
-delivery only delays processing by a few ms, and that delay does count in the measured trip time.
+board gets the timestamps an MCU's IRQ would have taken (plus the modelled jitter). Each edge is
+sent at its true time (`batch_ms` 0, the default; before, every 4 ms, which delayed an edge by up
+to 4 ms on top of the loop's own lag); loopback delivery delays processing by about a
+millisecond, and that delay does count in the measured trip time.
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ class AcSense:
     """Streams the scenario's crossings to the board's ac_sense pin in real time."""
 
     def __init__(self, scenario: Scenario, send: Callable[[bytes], None], pin: int, t0: float,
-                 opts: AcOptions | None = None, batch_ms: float = 4.0, lead_s: float = 0.0) -> None:
+                 opts: AcOptions | None = None, batch_ms: float = 0.0, lead_s: float = 0.0) -> None:
         self.scenario = scenario
         self.send = send
         self.pin = pin
@@ -74,6 +76,9 @@ class AcSense:
         self.sent = 0
 
     async def run(self) -> None:
+        # batch_ms 0 (the default): each edge goes out at its true crossing time, as soon as the
+        # host loop wakes (about 1 ms later at most on an idle host), the way an MCU's GPIO IRQ
+        # has it at once; batch_ms > 0 sends what is due every batch_ms (coarser, cheaper).
         sc = self.scenario
         it = edge_times(lambda t: sc.value("hz", t), sc.duration + 1.0, self.opts, t_start=-self.lead_s)
         pending: list[int] = []
@@ -87,4 +92,9 @@ class AcSense:
                 self.send(b"X %d %s\n" % (self.pin, b" ".join(b"%d" % t for t in pending)))
                 self.sent += len(pending)
                 pending.clear()
-            await asyncio.sleep(self.batch_s)
+            if nxt is None:
+                break
+            if self.batch_s:
+                await asyncio.sleep(self.batch_s)
+            else:
+                await asyncio.sleep(max(0.0, nxt[0] - (time.monotonic() - self.t0)))
