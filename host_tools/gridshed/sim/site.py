@@ -230,6 +230,7 @@ def console_health(output: bytes | str, restarts: int) -> dict[str, Any]:
     counted apart as "interrupts", not as a traceback."""
     text = output.decode(errors="replace") if isinstance(output, (bytes, bytearray)) else output
     tracebacks = interrupts = 0
+    last = None
     for part in text.split(TRACEBACK)[1:]:
         # the exception line: the first one after the header that is not a "  File ..." frame
         exc = next((ln for ln in part.splitlines()[1:] if ln and not ln.startswith(" ")), "")
@@ -237,8 +238,10 @@ def console_health(output: bytes | str, restarts: int) -> dict[str, Any]:
             interrupts += 1
         else:
             tracebacks += 1
+            last = exc.strip()[:120] or None
     return {"restarts": restarts, "memory_errors": text.count("MemoryError"),
-            "tracebacks": tracebacks, "interrupts": interrupts, "crashes": text.count("agent crashed")}
+            "tracebacks": tracebacks, "interrupts": interrupts, "crashes": text.count("agent crashed"),
+            "last_exception": last}
 
 
 def health_problems(h: dict[str, Any], restarts: int = 0) -> list[str]:
@@ -249,7 +252,8 @@ def health_problems(h: dict[str, Any], restarts: int = 0) -> list[str]:
         out.append("board restarted %d time(s)%s" % (h["restarts"], " (expected %d)" % restarts if restarts else ""))
     for key, what in (("memory_errors", "MemoryError"), ("tracebacks", "traceback"), ("crashes", "agent crash")):
         if h.get(key):
-            out.append("%d %s(s) on the console" % (h[key], what))
+            last = " (last: %s)" % h["last_exception"] if key == "tracebacks" and h.get("last_exception") else ""
+            out.append("%d %s(s) on the console%s" % (h[key], what, last))
     if "status_answered" in h and not h["status_answered"]:
         out.append("@status not answered (%s)" % (h.get("status_error") or "no answer"))
     return out

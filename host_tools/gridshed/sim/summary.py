@@ -447,12 +447,19 @@ def render_text(s: dict[str, Any]) -> str:
     lines.append("at end: " + ("all blocks closed (load restored)" if s["all_restored"]
                                else "closed: " + (", ".join(s["closed_at_end"]) or "none")))
     h = s.get("health")
+    sick: list[str] = []
     if h:
-        lines.append("board: %d restart(s), %d MemoryError(s), %d traceback(s), @status %s" % (
+        from .site import health_problems  # (site imports this module)
+
+        sick = health_problems(h)
+        lines.append("board: %d restart(s), %d MemoryError(s), %d traceback(s)%s, @status %s" % (
             h["restarts"], h["memory_errors"], h["tracebacks"],
+            " (last: %s)" % h["last_exception"] if h.get("last_exception") else "",
             "answered" if h["status_answered"] else "NOT answered (%s)" % h["status_error"]))
     fails = s.get("failures") or []
-    lines.append("result: " + ("every expectation met" if not fails else f"{len(fails)} expectation(s) FAILED"))
+    # the relays alone can look right while the board crashed and came back: never "all met" then
+    lines.append("result: " + ("every expectation met" if not fails else f"{len(fails)} expectation(s) FAILED")
+                 + ("; but the board was NOT healthy (see board:)" if sick else ""))
     for f in fails:
         lines.append(f"  FAILED: {f}")
     return "\n".join(lines)
