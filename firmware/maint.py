@@ -102,3 +102,4 @@ def start(stopped):
           "the board resets into the agent in %d s ([maintenance] window_s). _gs_keep(s): s more "
           "seconds, _gs_keep(0): end it now; Ctrl-D: restart the agent now" % (mask, window))
     return win.keep
+

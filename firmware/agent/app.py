@@ -569,7 +569,12 @@ class Agent:
         # whose status() @status shows under the section's name (agent/status.py)
         out = []
         for sec, mod in self.features:
-            f = mod.start(self)
+            try:
+                f = mod.start(self)
+            except MemoryError:  # its buffers do not fit what the others left: it stays off, counted
+                f = None
+                self.count("features_memory")
+                log("E", "no RAM to start " + sec)
             if f is not None:  # None: it could not start (no RAM for its buffers) and said so
                 out.append((sec, f))
         self.features = out

@@ -40,7 +40,7 @@ ARCHES = ("x86", "x64", "armv6", "armv6m", "armv7m", "armv7em", "armv7emsp", "ar
           "xtensa", "xtensawin", "rv32imc", "rv64imc")
 # run as source: main.py / boot.py by MicroPython at boot; maint.py is compiled into RAM when the
 # agent is stopped, so its code does not run from a partition a ROMFS deploy rewrites
-SOURCE_ONLY = {"main.py", "boot.py", "maint.py"}
+SOURCE_ONLY = {"main.py", "boot.py", "maint.py", "maint_boot.py"}  # maint_boot.py: a host's maintenance boot
 # the command policy and COSE as one API for the host and tests (docs/architecture.md); the board
 # runs its own step modules (mac0, cmdcheck, cmdrun) and never imports these: not deployed
 # agent/mqtt_codec.py: the whole MQTT codec (the broker's side on top of agent/mqtt_wire.py, the

@@ -40,7 +40,7 @@ from typing import Any, Callable
 
 from .build import BOARD_MANIFEST, load_manifest
 from .errors import UserError
-from .transport import Board, BoardError
+from .transport import Board, BoardError, run_with_full_heap
 
 STAGE = ".gsnew"
 FALLBACK = "lib/"                      # deploy --romfs: the agent's copy while the partition is rewritten
@@ -150,38 +150,43 @@ def deploy(port: str, build_dir: str | Path, board_name: str | None = None, forc
         fs_entries = [e for e in manifest["files"] if e["file"] not in in_rom]
         # the board's /build.json lists what is on its filesystem, and the image apart
         manifest = dict(manifest, files=fs_entries, total_size=sum(e["size"] for e in fs_entries), mode="romfs")
-    summary: dict[str, Any] = {"port": port, "board": manifest["board"], "build_id": manifest["build_id"],
-                               "written": [], "unchanged": [], "resumed": [], "removed": [],
-                               "bytes_written": 0, "recovered": False, "restarted": False}
-    if romfs:
-        summary["romfs"] = {"image_size": len(image), "sha256": rom["sha256"], "written": False}
-    with Board(port, baudrate=baudrate) as b:
-        with b.stopped(restart=restart, say=say):
-            progress("connect", {"port": port})
-            summary["recovered"] = finish_interrupted(b)
-            summary["platform"] = check_platform(b, manifest)
-            check_board_config(b, manifest)
-            fallback = romfs and _needs_fallback(b, image, rom, force, rom_top, manifest)
-            if fallback:
-                # the board runs its agent from ROM and the image must be rewritten: a copy of
-                # the new build's agent goes to /lib first (after /rom on sys.path: it shadows
-                # nothing), so a write cut short (its header is written last: the port then
-                # mounts nothing) leaves a board that boots the agent from /lib
-                progress("fallback", {})
-                summary["fallback_written"] = _write_fallback(b, port, bdir, full_manifest, progress)
-            if romfs:
-                from .boards import load_board
 
-                rf.quiet_irqs(b, rf.agent_pins(b, load_board(manifest["board"])))
-                _deploy_image(b, image, rom, force, summary["romfs"], progress, manifest)
-            _write_fs(b, port, bdir, manifest, force, progress, summary, agent_files, rom_top if romfs else None)
-            if romfs:
-                left, left_dirs = rf.find_shadows(b, [FALLBACK + t for t in rom_top])
-                if left or left_dirs:  # the image verified and mounted: the copy is not needed
-                    rf.remove_trees(b, [FALLBACK + t for t in rom_top])
-                    summary["removed"] = summary["removed"] + [FALLBACK + t + "/" for t in rom_top]
-            if restart:
-                progress("restart", {})
+    def work(full_heap: bool) -> tuple[dict[str, Any], Board]:
+        summary: dict[str, Any] = {"port": port, "board": manifest["board"], "build_id": manifest["build_id"],
+                                   "written": [], "unchanged": [], "resumed": [], "removed": [],
+                                   "bytes_written": 0, "recovered": False, "restarted": False}
+        if romfs:
+            summary["romfs"] = {"image_size": len(image), "sha256": rom["sha256"], "written": False}
+        with Board(port, baudrate=baudrate) as b:
+            with b.stopped(restart=restart, say=say, full_heap=full_heap):
+                progress("connect", {"port": port})
+                summary["recovered"] = finish_interrupted(b)
+                summary["platform"] = check_platform(b, manifest)
+                check_board_config(b, manifest)
+                fallback = romfs and _needs_fallback(b, image, rom, force, rom_top, manifest)
+                if fallback:
+                    # the board runs its agent from ROM and the image must be rewritten: a copy of
+                    # the new build's agent goes to /lib first (after /rom on sys.path: it shadows
+                    # nothing), so a write cut short (its header is written last: the port then
+                    # mounts nothing) leaves a board that boots the agent from /lib
+                    progress("fallback", {})
+                    summary["fallback_written"] = _write_fallback(b, port, bdir, full_manifest, progress)
+                if romfs:
+                    from .boards import load_board
+
+                    rf.quiet_irqs(b, rf.agent_pins(b, load_board(manifest["board"])))
+                    _deploy_image(b, image, rom, force, summary["romfs"], progress, manifest)
+                _write_fs(b, port, bdir, manifest, force, progress, summary, agent_files, rom_top if romfs else None)
+                if romfs:
+                    left, left_dirs = rf.find_shadows(b, [FALLBACK + t for t in rom_top])
+                    if left or left_dirs:  # the image verified and mounted: the copy is not needed
+                        rf.remove_trees(b, [FALLBACK + t for t in rom_top])
+                        summary["removed"] = summary["removed"] + [FALLBACK + t + "/" for t in rom_top]
+                if restart:
+                    progress("restart", {})
+        return summary, b
+
+    summary, b = run_with_full_heap(work)
     summary["restarted"] = bool(b.outcome and b.outcome.startswith("agent restarted"))
     summary["restart"] = b.outcome
     summary["agent_status"] = b.agent_status

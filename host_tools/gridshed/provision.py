@@ -29,7 +29,7 @@ from typing import Any, Callable
 from .build import missing_features
 from .deploy import PLAN, STAGE, finish_interrupted, read_board_build
 from .errors import UserError
-from .transport import AGENT_UP_WAIT, Board, BoardError, Console
+from .transport import AGENT_UP_WAIT, Board, BoardError, Console, run_with_full_heap
 
 CONFIG_FILE = "config.cbor"
 KEYS_FILE = "keys.cbor"
@@ -107,65 +107,70 @@ def provision(port: str, site_path: str | Path, device_id: str | None = None, bo
     inv = Inventory(inventory_path)
     check_warnings: list[str] = []
     try:
-        with Board(port) as b:
-            step("stopping the agent")
-            with b.stopped(restart=restart, wait=AGENT_UP_WAIT, say=say):
-                finish_interrupted(b)
-                build = read_board_build(b)
-                board_on_device = build.get("board") if build else None
-                if board_name and board_on_device and board_on_device != board_name:
-                    raise UserError(f"{port}: the board runs a build for {board_on_device}, not {board_name}")
-                cfg = prepare_config(site_path, board_name or board_on_device, device_id)
-                missing = missing_features(build, cfg)
-                if missing:
-                    raise UserError(f"{port}: {site_path} turns on {', '.join(missing)} but the board runs build "
-                                    f"{build.get('build_id') if build else '?'} without it; build and deploy for the site "
-                                    f"first: `gridshed deploy --board {cfg['board']} --site {site_path}`")
-                dev = cfg["device"]
-                existing = inv.get(dev, show_key=True)
-                if keep_key and existing:
-                    kid, key = bytes.fromhex(existing["key_id"]), bytes.fromhex(existing["key"])
-                else:
-                    kid, key = secrets.token_bytes(KID_LEN), signing.new_key()
-                if len(key) != 32:
-                    raise UserError("command key must be 256 bits")
-                blobs = {CONFIG_FILE: siteconfig.config_bytes(cfg), KEYS_FILE: siteconfig.keys_bytes({kid: key})}
-                broker = broker_blob(inv, cfg, site_path)
-                removes = []
-                if broker is not None:
-                    blobs[BROKER_FILE] = broker
-                else:
-                    removes = [BROKER_FILE]  # a site without broker security: no stale login left
-                want = {f: hashlib.sha256(d).hexdigest() for f, d in blobs.items()}
-                step("writing config and key")
-                for f, data in blobs.items():
-                    b.put(f + STAGE, data)
-                staged = b.hashes([f + STAGE for f in blobs])
-                bad = [f for f in blobs if staged.get(f + STAGE) != want[f]]
-                if bad:
-                    raise BoardError(f"{port}: {bad[0]} does not verify after writing; nothing was changed, "
-                                     "the old config and key stay active")
-                # the board's own firmware reads the staged config as it will at boot: a build
-                # older than this gridshed may not know a key it writes, and a refused config
-                # would leave the board without a running agent
-                refused, unchecked = board_check_config(b, CONFIG_FILE + STAGE)
-                if refused:
-                    bid = build.get("build_id") if build else "?"
-                    raise UserError(f"{port}: the board's firmware (build {bid}) refuses this config: {refused[0]}; "
-                                    "nothing was changed: deploy this gridshed's firmware first (`gridshed deploy "
-                                    f"--board {cfg['board']} ...`), then provision again")
-                if unchecked:
-                    check_warnings.append(f"{port}: the board could not check the new config itself ({unchecked})")
-                step("switching over")
-                b.switch_over([(f + STAGE, f, want[f]) for f in blobs], removes, PLAN)
-                final = b.hashes(list(blobs))
-                if any(final.get(f) != want[f] for f in blobs):
-                    raise BoardError(f"{port}: config/key files differ after the switch-over; provision again")
-                firmware_build = build.get("build_id") if build else None
-                rec = inv.record_provision(dev, cfg["board"], cfg.get("site"), kid.hex(), key, firmware_build,
-                                           siteconfig.config_hash(cfg), port=port)
-                if restart:
-                    step("restarting the agent")
+        def work(full_heap: bool) -> tuple[Any, ...]:
+            check_warnings.clear()
+            with Board(port) as b:
+                step("stopping the agent")
+                with b.stopped(restart=restart, wait=AGENT_UP_WAIT, say=say, full_heap=full_heap):
+                    finish_interrupted(b)
+                    build = read_board_build(b)
+                    board_on_device = build.get("board") if build else None
+                    if board_name and board_on_device and board_on_device != board_name:
+                        raise UserError(f"{port}: the board runs a build for {board_on_device}, not {board_name}")
+                    cfg = prepare_config(site_path, board_name or board_on_device, device_id)
+                    missing = missing_features(build, cfg)
+                    if missing:
+                        raise UserError(f"{port}: {site_path} turns on {', '.join(missing)} but the board runs build "
+                                        f"{build.get('build_id') if build else '?'} without it; build and deploy for the site "
+                                        f"first: `gridshed deploy --board {cfg['board']} --site {site_path}`")
+                    dev = cfg["device"]
+                    existing = inv.get(dev, show_key=True)
+                    if keep_key and existing:
+                        kid, key = bytes.fromhex(existing["key_id"]), bytes.fromhex(existing["key"])
+                    else:
+                        kid, key = secrets.token_bytes(KID_LEN), signing.new_key()
+                    if len(key) != 32:
+                        raise UserError("command key must be 256 bits")
+                    blobs = {CONFIG_FILE: siteconfig.config_bytes(cfg), KEYS_FILE: siteconfig.keys_bytes({kid: key})}
+                    broker = broker_blob(inv, cfg, site_path)
+                    removes = []
+                    if broker is not None:
+                        blobs[BROKER_FILE] = broker
+                    else:
+                        removes = [BROKER_FILE]  # a site without broker security: no stale login left
+                    want = {f: hashlib.sha256(d).hexdigest() for f, d in blobs.items()}
+                    step("writing config and key")
+                    for f, data in blobs.items():
+                        b.put(f + STAGE, data)
+                    staged = b.hashes([f + STAGE for f in blobs])
+                    bad = [f for f in blobs if staged.get(f + STAGE) != want[f]]
+                    if bad:
+                        raise BoardError(f"{port}: {bad[0]} does not verify after writing; nothing was changed, "
+                                         "the old config and key stay active")
+                    # the board's own firmware reads the staged config as it will at boot: a build
+                    # older than this gridshed may not know a key it writes, and a refused config
+                    # would leave the board without a running agent
+                    refused, unchecked = board_check_config(b, CONFIG_FILE + STAGE)
+                    if refused:
+                        bid = build.get("build_id") if build else "?"
+                        raise UserError(f"{port}: the board's firmware (build {bid}) refuses this config: {refused[0]}; "
+                                        "nothing was changed: deploy this gridshed's firmware first (`gridshed deploy "
+                                        f"--board {cfg['board']} ...`), then provision again")
+                    if unchecked:
+                        check_warnings.append(f"{port}: the board could not check the new config itself ({unchecked})")
+                    step("switching over")
+                    b.switch_over([(f + STAGE, f, want[f]) for f in blobs], removes, PLAN)
+                    final = b.hashes(list(blobs))
+                    if any(final.get(f) != want[f] for f in blobs):
+                        raise BoardError(f"{port}: config/key files differ after the switch-over; provision again")
+                    firmware_build = build.get("build_id") if build else None
+                    rec = inv.record_provision(dev, cfg["board"], cfg.get("site"), kid.hex(), key, firmware_build,
+                                               siteconfig.config_hash(cfg), port=port)
+                    if restart:
+                        step("restarting the agent")
+            return b, build, cfg, dev, kid, firmware_build, rec
+
+        b, build, cfg, dev, kid, firmware_build, rec = run_with_full_heap(work)
     finally:
         inv.close()
     result: dict[str, Any] = {"device_id": dev, "board": cfg["board"], "site": cfg.get("site"),

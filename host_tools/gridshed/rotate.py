@@ -26,7 +26,7 @@ from typing import Any, Callable
 from .deploy import PLAN, STAGE, finish_interrupted
 from .errors import UserError
 from .provision import BROKER_FILE, KEYS_FILE, KID_LEN, send_time
-from .transport import AGENT_UP_WAIT, Board, BoardError
+from .transport import AGENT_UP_WAIT, Board, BoardError, run_with_full_heap
 
 
 def _board_keys(b: Board) -> dict[bytes, bytes]:
@@ -55,62 +55,66 @@ def rotate_key(port: str, device: str, inventory_path: str | Path | None = None,
     try:
         row = inv.require(device, show_key=True)
         old_kid, old_key = bytes.fromhex(row["key_id"]), bytes.fromhex(row["key"])
-        with Board(port) as b:
-            step("stopping the agent")
-            with b.stopped(restart=restart, wait=AGENT_UP_WAIT, say=say):
-                finish_interrupted(b)
-                keys = _board_keys(b)
-                if broker:
-                    site = inv.site(row["site"] or "")
-                    if not site or (site.get("auth") or "none") == "none":
-                        raise UserError(f"site {row['site']!r} has no broker login to rotate "
-                                        "([mqtt] auth = \"password\" or \"cert\", then provision)")
-                    if old_kid not in keys:
-                        raise UserError(f"{port}: the board does not hold {device}'s key {old_kid.hex()}: "
-                                        "is this the right board?")
-                    creds = brokerauth.issue_device(inv, device, site)
-                    blobs = {BROKER_FILE: brokerauth.board_file(site, creds)}
-                    res["note"] = ("run `gridshed broker-config` and reload Mosquitto: the board logs in "
-                                   "with its new credentials (refused, with back-off, until then)")
-                else:
-                    pend = inv.pending_key(device)
-                    if pend and pend[0] in keys and keys[pend[0]] == pend[1]:
-                        step("an interrupted rotation had switched already: committing it")
-                        inv.commit_key(device, pend[0].hex(), pend[1], action="rotate-key (finished)")
-                        if seq_path is not None:
+        def work(full_heap: bool) -> Board:
+            with Board(port) as b:
+                step("stopping the agent")
+                with b.stopped(restart=restart, wait=AGENT_UP_WAIT, say=say, full_heap=full_heap):
+                    finish_interrupted(b)
+                    keys = _board_keys(b)
+                    if broker:
+                        site = inv.site(row["site"] or "")
+                        if not site or (site.get("auth") or "none") == "none":
+                            raise UserError(f"site {row['site']!r} has no broker login to rotate "
+                                            "([mqtt] auth = \"password\" or \"cert\", then provision)")
+                        if old_kid not in keys:
+                            raise UserError(f"{port}: the board does not hold {device}'s key {old_kid.hex()}: "
+                                            "is this the right board?")
+                        creds = brokerauth.issue_device(inv, device, site)
+                        blobs = {BROKER_FILE: brokerauth.board_file(site, creds)}
+                        res["note"] = ("run `gridshed broker-config` and reload Mosquitto: the board logs in "
+                                       "with its new credentials (refused, with back-off, until then)")
+                    else:
+                        pend = inv.pending_key(device)
+                        if pend and pend[0] in keys and keys[pend[0]] == pend[1]:
+                            step("an interrupted rotation had switched already: committing it")
+                            inv.commit_key(device, pend[0].hex(), pend[1], action="rotate-key (finished)")
+                            if seq_path is not None:
+                                c = signing.SeqCounter(seq_path)
+                                c.next(pend[0], at_least=c.last(old_kid) + 1)
+                            res.update(key_id=pend[0].hex(), old_key_id=old_kid.hex(), finished_interrupted=True)
+                            return b
+                        if old_kid not in keys:
+                            raise UserError(f"{port}: the board does not hold {device}'s key {old_kid.hex()}: "
+                                            "is this the right board? (provision it again to start over)")
+                        new_kid, new_key = secrets.token_bytes(KID_LEN), signing.new_key()
+                        inv.set_pending_key(device, new_kid.hex(), new_key)  # before the board has it
+                        table = {k: v for k, v in keys.items() if k != old_kid}
+                        table[new_kid] = new_key
+                        blobs = {KEYS_FILE: siteconfig.keys_bytes(table)}
+                    want = {f: hashlib.sha256(d).hexdigest() for f, d in blobs.items()}
+                    step("writing the new file")
+                    for f, data in blobs.items():
+                        b.put(f + STAGE, data)
+                    staged = b.hashes([f + STAGE for f in blobs])
+                    if any(staged.get(f + STAGE) != want[f] for f in blobs):
+                        raise BoardError(f"{port}: the new file does not verify after writing; nothing was "
+                                         "switched, the old key stays active")
+                    step("switching over")
+                    b.switch_over([(f + STAGE, f, want[f]) for f in blobs], [], PLAN)
+                    final = b.hashes(list(blobs))
+                    if any(final.get(f) != want[f] for f in blobs):
+                        raise BoardError(f"{port}: files differ after the switch-over; run rotate-key again")
+                    if not broker:
+                        inv.commit_key(device, new_kid.hex(), new_key)
+                        if seq_path is not None:  # the new kid's seqs continue above the old kid's
                             c = signing.SeqCounter(seq_path)
-                            c.next(pend[0], at_least=c.last(old_kid) + 1)
-                        res.update(key_id=pend[0].hex(), old_key_id=old_kid.hex(), finished_interrupted=True)
-                        return res
-                    if old_kid not in keys:
-                        raise UserError(f"{port}: the board does not hold {device}'s key {old_kid.hex()}: "
-                                        "is this the right board? (provision it again to start over)")
-                    new_kid, new_key = secrets.token_bytes(KID_LEN), signing.new_key()
-                    inv.set_pending_key(device, new_kid.hex(), new_key)  # before the board has it
-                    table = {k: v for k, v in keys.items() if k != old_kid}
-                    table[new_kid] = new_key
-                    blobs = {KEYS_FILE: siteconfig.keys_bytes(table)}
-                want = {f: hashlib.sha256(d).hexdigest() for f, d in blobs.items()}
-                step("writing the new file")
-                for f, data in blobs.items():
-                    b.put(f + STAGE, data)
-                staged = b.hashes([f + STAGE for f in blobs])
-                if any(staged.get(f + STAGE) != want[f] for f in blobs):
-                    raise BoardError(f"{port}: the new file does not verify after writing; nothing was "
-                                     "switched, the old key stays active")
-                step("switching over")
-                b.switch_over([(f + STAGE, f, want[f]) for f in blobs], [], PLAN)
-                final = b.hashes(list(blobs))
-                if any(final.get(f) != want[f] for f in blobs):
-                    raise BoardError(f"{port}: files differ after the switch-over; run rotate-key again")
-                if not broker:
-                    inv.commit_key(device, new_kid.hex(), new_key)
-                    if seq_path is not None:  # the new kid's seqs continue above the old kid's
-                        c = signing.SeqCounter(seq_path)
-                        c.next(new_kid, at_least=c.last(old_kid) + 1)
-                    res.update(key_id=new_kid.hex(), old_key_id=old_kid.hex())
-                if restart:
-                    step("restarting the agent")
+                            c.next(new_kid, at_least=c.last(old_kid) + 1)
+                        res.update(key_id=new_kid.hex(), old_key_id=old_kid.hex())
+                    if restart:
+                        step("restarting the agent")
+            return b
+
+        b = run_with_full_heap(work)
     finally:
         inv.close()
     res["restart"] = b.outcome

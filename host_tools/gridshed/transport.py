@@ -31,7 +31,7 @@ import signal
 import struct
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from .errors import UserError
 
@@ -41,10 +41,22 @@ LEASE_S = 30           # what each call leaves: a host gone mid-write leaves pro
 # output of the host's own code (hashes, base64, short words)
 REBOOT_MARKS = (b"soft reboot\r\n", b"agent up: ", b" config: ")
 AGENT_UP_WAIT = 30.0   # s for a restarted agent to say "agent up" and answer @status
+# one block the host's helpers need on the board (the code carrying a ROMFS write's 2 KiB chunk
+# in base64): a stopped agent's heap that cannot give it (full, or fragmented: the walk saw
+# 109 KB free with no 1280-byte block) gets a maintenance boot before the write; a helper that
+# hits MemoryError anyway gets one on the run again (run_with_full_heap)
+NEED_HEAP = 3072
+MAINT_FLAG = "maint.flag"  # firmware main.py / maint_boot.py: the next boot is a maintenance boot
+MAINT_BOOT_WAIT = 30.0  # s for the board to come back from the reset into its maintenance boot
 
 
 class BoardError(UserError):
     """The board did not answer as expected (not running MicroPython, busy, unplugged...)."""
+
+
+class BoardMemoryError(BoardError):
+    """The host's helper code ran out of heap on the board (the stopped agent's heap was full or
+    fragmented): the operation can run again in a maintenance boot (Board.stopped(full_heap=True))."""
 
 
 def _quote(path: str) -> str:
@@ -106,7 +118,13 @@ try:
  _k=_gs_keep(LEASE_S,1)
 except NameError:
  _k='-'
-print('gs-maint',_k,gc.mem_free())
+try:
+ _c=bytearray(NEED_HEAP)
+ _c=1
+except MemoryError:
+ _c=0
+print('gs-maint',_k,gc.mem_free(),_c)
+_c=None
 """
 
 # Runs on the board: the switch-over (docs/failsafes.md, "Writing to a board"). The plan is
@@ -195,6 +213,9 @@ class Board:
         self.warnings: list[str] = []
         self.free_memory_failures = 0
         self._kept = 0.0
+        self.heap_ok = True           # the stopped agent's heap gave NEED_HEAP in one block
+        self.maint_flag: str | None = None  # the maintenance-boot flag file (None: firmware not known to have it)
+        self.maint_boot: str | None = None  # why this session's write ran in a maintenance boot
 
     # ---- session -------------------------------------------------------------------------
     def __enter__(self) -> "Board":
@@ -265,15 +286,18 @@ class Board:
         said in self.warnings (the helpers then run in whatever heap the stopped agent left, and
         no maintenance window is known, so a restart is not waited for)."""
         try:
-            out, err = self._exec_raw(_FREE_CODE.replace("LEASE_S", str(LEASE_S)), timeout=10)
+            out, err = self._exec_raw(_FREE_CODE.replace("LEASE_S", str(LEASE_S)).replace("NEED_HEAP", str(NEED_HEAP)),
+                                      timeout=10)
         except Exception as exc:
             self._free_memory_failed(f"{type(exc).__name__}: {exc}")
             return
         for line in out.decode(errors="replace").splitlines():
             parts = line.split()
-            if len(parts) == 3 and parts[0] == "gs-maint":
+            if len(parts) == 4 and parts[0] == "gs-maint":
                 self.maint_left = int(parts[1]) if parts[1].isdigit() else None
                 self.mem_free = int(parts[2]) if parts[2].isdigit() else None
+                self.heap_ok = parts[3] != "0"
+                self.maint_flag = MAINT_FLAG if self.maint_left is not None else None
                 self._kept = time.monotonic()
                 return
         said = (err or out).decode(errors="replace").strip().splitlines()
@@ -366,9 +390,41 @@ class Board:
                         return f"agent restarted: it answers @status (state {st.get('state')})"
         return "agent restarted (agent up), but it did not answer @status"
 
+    def maintenance_boot(self, why: str) -> None:
+        """Reset the board into a maintenance boot (firmware main.py's flag file, maint_boot.py): the
+        agent is not started, so the host's helpers get the whole heap. Bounded like any stop: the
+        flag carries the lease (LEASE_S), the board resets into the agent when it runs out without
+        this host's _gs_keep calls, and restart_agent() ends it (the flag is gone by then)."""
+        if not self.maint_flag:  # the cleanup could not say (short of heap itself): ask in one short line
+            with contextlib.suppress(Exception):
+                out, _ = self._exec_raw("print('gs-f',_gs_stop is not None)", timeout=5)
+                if out.split() == [b"gs-f", b"True"]:  # this firmware's main.py stopped the agent
+                    self.maint_flag = MAINT_FLAG
+        if not self.maint_flag:
+            raise BoardError(f"{self.port}: {why}, and the board's main.py has no maintenance boot (deploy this "
+                             "gridshed's firmware from a board with more free heap, or erase and flash it)")
+        try:
+            out, err = self._exec_raw("f=open(%r,'w')\nf.write('%d')\nf.close()\nprint('gs-flag')"
+                                      % (self.maint_flag, LEASE_S), timeout=10)
+        except Exception as exc:
+            raise BoardError(f"{self.port}: {why}; could not ask for a maintenance boot ({exc})") from None
+        if b"gs-flag" not in out:
+            said = (err or out).decode(errors="replace").strip().splitlines()
+            raise BoardError(f"{self.port}: {why}; could not ask for a maintenance boot "
+                             f"({said[-1] if said else 'no answer'})")
+        self.restart_agent(wait=0)  # soft reset: main.py finds the flag
+        seen, found = self._read_for((b"maintenance boot",), time.monotonic() + MAINT_BOOT_WAIT)
+        if found is None:
+            tail = seen[-160:].decode(errors="replace").strip()
+            raise BoardError(f"{self.port}: {why}; the board did not come back in a maintenance boot within "
+                             f"{MAINT_BOOT_WAIT:g} s (last output: {tail!r})")
+        self._read_until(b">>> ", time.monotonic() + 5)
+        self.enter_raw()
+        self.maint_boot = why
+
     @contextlib.contextmanager
     def stopped(self, restart: bool = True, wait: float = AGENT_UP_WAIT,
-                say: Callable[[str], None] | None = None) -> Iterator["Board"]:
+                say: Callable[[str], None] | None = None, full_heap: bool = False) -> Iterator["Board"]:
         """The agent stopped for raw-REPL work; restarted afterwards whatever happens.
 
         The outcome (one line) is in self.outcome. When the work fails, it ends the error's own
@@ -377,9 +433,17 @@ class Board:
         it was stopped (it had a maintenance window) or `wait_for_agent` was set meanwhile (the
         work put the agent on it). restart=False leaves it stopped on purpose: the board then
         resets into the agent when its maintenance window ends.
+
+        The work gets a maintenance boot (maintenance_boot) first when the stopped agent's heap
+        cannot give one NEED_HEAP block, or with full_heap=True (a run again after the work's
+        helpers hit MemoryError: run_with_full_heap).
         """
         try:
             self.enter_raw()
+            if full_heap or (not self.heap_ok and self.maint_flag):
+                self.maintenance_boot("the host's helpers ran out of heap beside the stopped agent" if full_heap
+                                      else f"the stopped agent's heap has no {NEED_HEAP}-byte block free "
+                                           f"({self.mem_free} bytes free)")
             yield self
         except BaseException as exc:
             self.outcome = self._finish(restart, wait)
@@ -391,6 +455,13 @@ class Board:
         self.outcome = self._finish(restart, wait)
 
     def _finish(self, restart: bool, wait: float) -> str:
+        out = self._finish_restart(restart, wait)
+        if self.maint_boot:
+            out += (f"; the write ran in a maintenance boot ({self.maint_boot}: the agent was not started, "
+                    f"protection off for the write only, on a {LEASE_S} s lease)")
+        return out
+
+    def _finish_restart(self, restart: bool, wait: float) -> str:
         left = self.maint_left
         window = (f"the board resets into the agent by itself within {left + 8} s of its last exchange with "
                   "this host (its maintenance window)"
@@ -513,7 +584,8 @@ class Board:
         except OSError as exc:  # serial.SerialException: the cable / pty went away
             raise BoardError(f"{self.port}: lost the connection: {exc}") from None
         if err:
-            raise BoardError(f"{self.port}: error on the board: {err.decode(errors='replace').strip().splitlines()[-1]}")
+            said = err.decode(errors='replace').strip().splitlines()[-1]
+            raise (BoardMemoryError if "MemoryError" in said else BoardError)(f"{self.port}: error on the board: {said}")
         return out
 
     def eval(self, expr: str) -> Any:
@@ -737,3 +809,21 @@ class Console:
     def events(self, since: int = 0, timeout: float = 5.0) -> list[dict[str, Any]]:
         ans = self.request("events", str(since), timeout=timeout)
         return [a["rec"] for a in ans if "rec" in a]
+
+
+T = TypeVar("T")
+
+
+def run_with_full_heap(work: Callable[[bool], T]) -> T:
+    """work(full_heap) (a host operation that opens the board and runs in Board.stopped(full_heap=
+    full_heap)); once more in a maintenance boot when its helpers hit MemoryError on the board
+    (nothing was switched by then: the write is staged, then switched in one exec)."""
+    try:
+        return work(False)
+    except BoardMemoryError as exc:
+        first = str(exc)
+    try:
+        return work(True)
+    except UserError as exc:
+        exc.args = (f"{exc.args[0]} (a first try had failed: {first})",) + exc.args[1:]
+        raise

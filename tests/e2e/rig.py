@@ -190,6 +190,7 @@ class Rig:
         self.expect_restarts = 0   # reboots the test causes besides kill_board (reset, deploy...)
         self.check = True          # check_board at close (off only for a test that checks itself)
         self.uarts: dict[str, str] = {}  # more sim.json UART roles (e.g. "utility": a Wire's board_path)
+        self.romfs: int | None = None    # a ROMFS partition of this many bytes (deploy --romfs)
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def __aenter__(self) -> "Rig":
@@ -211,7 +212,7 @@ class Rig:
         await self.start_meter()
         install(self.board_dir, self.cfg, {"gpio": f"127.0.0.1:{port}",
                                            "uarts": {"meter": self.wire.board_path, **self.uarts}})
-        self.board = VirtualBoard(self.board_dir, heapsize=self.heapsize)
+        self.board = VirtualBoard(self.board_dir, heapsize=self.heapsize, romfs=self.romfs)
         self.board.start()
         if wait:
             await self.wait_up(1)

@@ -177,7 +177,7 @@ def test_deploy_romfs_to_a_virtual_board(fw, tmp_path, capsys):
         # the filesystem's agent, which would shadow /rom ('' is first on sys.path), is gone
         assert not (fs / "agent").exists() and "agent/" in s["removed"]
         assert sorted(p.name for p in fs.iterdir() if p.suffix != ".cbor" and not p.name.startswith("journal")) \
-            == ["build.json", "main.py", "maint.py", "notes.txt"]
+            == ["build.json", "main.py", "maint.py", "maint_boot.py", "notes.txt"]
         assert json.loads((fs / "build.json").read_text())["mode"] == "romfs"
         assert vb.romfs_path.read_bytes()[:fw["romfs"]["size"]] == (Path(fw["path"]) / romfs.IMAGE).read_bytes()
         assert vb.wait_output("config", 30, since=mark)  # rebooted: the agent (unprovisioned) speaks
