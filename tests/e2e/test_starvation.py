@@ -27,8 +27,10 @@ from mosquitto_broker import Mosquitto
 from test_signed_commands import Meter, Rig, agent_build, cli, console, meter, rig, site_config  # noqa: F401
 
 # The MQTT channel does not fit the smallest board's budget (80wK: the agent runs out of RAM in
-# its poll loop); it was measured at 88wK (docs/mqtt.md, "Memory"). GS_FLEET_HEAP overrides.
-MQTT_HEAP = os.environ.get("GS_FLEET_HEAP") or "88wK"
+# its poll loop); its floor is 88wK (docs/mqtt.md, "Memory": 88wK passed 2 of 2, 86wK failed),
+# too close for a loaded CI machine (a fresh-clone run failed the flood at 88wK once): the tests
+# run 4wK above it. GS_FLEET_HEAP overrides.
+MQTT_HEAP = os.environ.get("GS_FLEET_HEAP") or "92wK"
 
 
 def errors(r: Rig) -> dict:
