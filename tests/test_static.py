@@ -38,7 +38,9 @@ FULL_FENCE = 149 * 1024     # everything incl. optional features: a fence agains
 ON_DEMAND = {"agent/modbus_tcp_master.py",   # a TCP meter (the hub's _master)
              "agent/curtail.py",             # a kW target (Agent._partial)
              "agent/market_check.py",        # a [market] section (agent/config.py, at boot)
-             "agent/dnp3_check.py"}          # a [dnp3] section (agent/config.py, at boot)
+             "agent/dnp3_check.py",          # a [dnp3] section (agent/config.py, at boot)
+             "maint_boot.py"}                # a maintenance boot only: main.py loads it instead
+                                             # of the agent (docs/failsafes.md), never beside it
 
 
 def feature_files() -> set[str]:
