@@ -29,6 +29,10 @@ class Window:
         self.window_ms = int(window_s * 1000)
         self.end = time.ticks_add(time.ticks_ms(), self.window_ms)
         self.over = False
+        # every attribute exists before the ticker starts: on the unix port the ticker is a thread,
+        # and adding one later (win.timer = ...) grows the instance's dict while that thread reads
+        # it ("'Window' object has no attribute 'over'", seen once in a fresh-clone run)
+        self.timer = None
 
     def keep(self, s=None, lease=False):
         # The window ends no sooner than s seconds from now (default: one window); keep(0) ends
