@@ -122,11 +122,15 @@ def check_board_config(b: Board, manifest: dict[str, Any]) -> None:
 
 def deploy(port: str, build_dir: str | Path, board_name: str | None = None, force: bool = False,
            restart: bool = True, progress: Progress | None = None, baudrate: int = 115200,
-           romfs: bool = False, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+           romfs: bool = False, say: Callable[[str], None] | None = None,
+           inventory_path: str | Path | None = None, signed_time: bool = True) -> dict[str, Any]:
     """Deploy `build_dir` to the board on `port`; returns a summary dict.
 
     say: gets the one line on the agent's restart when the deploy fails (the summary's "restart"
-    has it otherwise)."""
+    has it otherwise). signed_time: after the restart, when the inventory (`inventory_path`, or
+    the default one) holds the key the board has for its device, send the board the signed time
+    its restart forgot, as provision does (provision.send_time); the summary's "signed_time"
+    says whether it was sent and why not. It never fails the deploy: a failure is a warning."""
     from . import romfs as rf
 
     progress = progress or _noop
@@ -163,6 +167,8 @@ def deploy(port: str, build_dir: str | Path, board_name: str | None = None, forc
                 summary["recovered"] = finish_interrupted(b)
                 summary["platform"] = check_platform(b, manifest)
                 check_board_config(b, manifest)
+                if restart and signed_time:
+                    summary["board_kids"] = board_kids(b)
                 fallback = romfs and _needs_fallback(b, image, rom, force, rom_top, manifest)
                 if fallback:
                     # the board runs its agent from ROM and the image must be rewritten: a copy of
@@ -190,9 +196,78 @@ def deploy(port: str, build_dir: str | Path, board_name: str | None = None, forc
     summary["restarted"] = bool(b.outcome and b.outcome.startswith("agent restarted"))
     summary["restart"] = b.outcome
     summary["agent_status"] = b.agent_status
+    kids = summary.pop("board_kids", None)
+    summary["signed_time"] = {"sent": False, "device": None, "why": "not asked (--no-restart)" if not restart
+                              else "not asked"}
+    if restart and signed_time:
+        summary["signed_time"] = _send_time_after_restart(port, b, kids, inventory_path)
+        if summary["signed_time"].get("said"):
+            summary["restart"] = (summary["restart"] or "") + summary["signed_time"].pop("said")
     summary["warnings"] = list(b.warnings)
     summary["seconds"] = round(time.monotonic() - t0, 2)
     return summary
+
+
+def board_kids(b: Board) -> set[str] | None:
+    """The key ids (hex) in the board's /keys.cbor; None when it has none or it cannot be read."""
+    from .siteconfig import read_settings
+
+    try:
+        raw = b.get("keys.cbor")
+        keys = read_settings(raw) if raw else None
+    except (ValueError, BoardError):
+        return None
+    if not isinstance(keys, dict):
+        return None
+    return {bytes(k).hex() for k in keys if isinstance(k, (bytes, bytearray))}
+
+
+def _send_time_after_restart(port: str, b: Board, kids: set[str] | None,
+                             inventory_path: str | Path | None) -> dict[str, Any]:
+    """After deploy's restart: the signed time (provision.send_time, the same exchange provision
+    and rotate-key make) when this host holds the board's key. {"sent", "device", "why"} plus
+    "said" (for the one-line result) when sent; a failure goes to b.warnings."""
+    from .inventory import Inventory, default_path
+    from .provision import send_time
+
+    st = b.agent_status
+    dev = st.get("device") if isinstance(st, dict) else None
+    out: dict[str, Any] = {"sent": False, "device": dev, "why": None}
+    if not st or "error" in st:
+        out["why"] = "the agent did not answer @status after the restart"
+    elif st.get("time_trusted") is not False:
+        out["why"] = ("its clock is trusted already" if st.get("time_trusted")
+                      else "its firmware has no trusted time")
+    elif not dev:
+        out["why"] = "the agent reports no device id (not provisioned)"
+    else:
+        path = Path(inventory_path) if inventory_path else default_path()
+        row = None
+        if path.exists():
+            try:
+                with Inventory(path) as inv:
+                    row = inv.get(dev)
+            except UserError as exc:
+                out["why"] = str(exc)
+                return out
+        if row is None:
+            out["why"] = f"device {dev} is not in the inventory {path}"
+        elif kids is None:
+            out["why"] = "the board's key file could not be read"
+        elif row["key_id"] not in kids:
+            out["why"] = (f"the inventory {path} holds key {row['key_id']} for {dev}, the board another one "
+                          "(provisioned from another inventory?)")
+            b.warnings.append(f"{port}: signed time not sent: {out['why']}; signed commands from this inventory "
+                              "will be refused (unknown-kid): pass the right --inventory, or provision again")
+        else:
+            said, warning = send_time(port, b, st, dev, inventory_path)
+            if said:
+                out.update(sent=True, said=said)
+            else:
+                out["why"] = warning or "not sent"
+                if warning:
+                    b.warnings.append(warning)
+    return out
 
 
 def _write_fs(b: Board, port: str, bdir: Path, manifest: dict[str, Any], force: bool, progress: Progress,

@@ -201,11 +201,13 @@ def provision(port: str, site_path: str | Path, device_id: str | None = None, bo
 
 def send_time(port: str, b: Board, st: dict[str, Any] | None, device: str, inventory_path: str | Path | None,
               seq_path: Path | None = None) -> tuple[str, str | None]:
-    """After a restart (provision, rotate-key): the agent forgot its trusted time, so a market
-    board's economics wait for it. With the device's key in the inventory, send it the signed
-    time as `gridshed time-sync` does (fleet_client.time_sync_serial: its nonce, then `time`).
-    Returns (what to add to the one-line result, a warning or None); the restart's time-sync
-    warning (b.time_warning) goes from b.warnings once the board took the time."""
+    """After a restart (provision, rotate-key, deploy): the agent forgot its trusted time, so
+    signed commands that carry no nonce are refused and a market board's economics wait for it.
+    With the device's key in the inventory, send it the signed time as `gridshed time-sync` does
+    (fleet_client.time_sync_serial: its nonce, then `time`). Returns (what to add to the one-line
+    result, a warning or None); it never raises (the operation before it succeeded: a failure is
+    the warning). The restart's time-sync warning (b.time_warning) goes from b.warnings once the
+    board took the time."""
     from . import fleet_client as fc
 
     if not st or st.get("time_trusted") is not False or "error" in st:
@@ -214,13 +216,17 @@ def send_time(port: str, b: Board, st: dict[str, Any] | None, device: str, inven
         rep = fc.time_sync_serial(port, inventory_path, device, seq_path=seq_path)
     except UserError as exc:
         why = str(exc)
+    except Exception as exc:  # a cable pulled right after the restart (serial/OS errors)
+        why = f"{type(exc).__name__}: {exc}"
     else:
         if rep.get("ok"):
             if b.time_warning in b.warnings:
                 b.warnings.remove(b.time_warning)
             return "; signed time sent (its clock is trusted)", None
-        why = f"the board refused it ({rep.get('refused') or rep.get('error') or rep})"
-    return "", f"{port}: could not send the signed time: {why}"
+        why = f"the board refused it: {rep.get('refused') or rep.get('error') or rep}"
+    return "", (f"{port}: could not send the signed time ({why}); the agent runs, but until `gridshed "
+                f"time-sync --device {device} --port {port}` its clock is not trusted (signed restore / disarm "
+                "need the board's nonce, a market schedule waits)")
 
 
 def broker_blob(inv: Any, cfg: dict[str, Any], site_path: str | Path) -> bytes | None:

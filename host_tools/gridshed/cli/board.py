@@ -46,6 +46,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
     p = _parser(sub, common, "deploy", "copy a build onto a board (changed files only, verified)",
                 "  gridshed deploy --board rpi-pico              (port auto-detected)\n"
+                "  gridshed deploy --port /dev/ttyUSB0 --board esp32-devkitc-max3485 --inventory fleet.sqlite\n"
+                "      (a provisioned board whose key this inventory holds gets the signed time after the\n"
+                "       restart, as after provision: signed commands work at once)\n"
                 "  gridshed deploy --port /dev/ttyUSB0 --board esp32-devkitc-max3485\n"
                 "  gridshed deploy --port /dev/pts/5 --build build/unix-sim --force\n"
                 "  gridshed deploy --board rpi-pico --romfs       (agent in the ROMFS partition, docs/romfs.md)\n"
@@ -56,6 +59,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     _feature_args(p, " when it builds now")
     p.add_argument("--force", action="store_true", help="write every file, even unchanged ones")
     p.add_argument("--no-restart", action="store_true", help="leave the agent stopped at the REPL")
+    p.add_argument("--inventory", help="inventory with the board's key: after the restart the board gets the "
+                                       "signed time from it (default: user data dir, or $GRIDSHED_INVENTORY)")
     p.add_argument("--romfs", action="store_true",
                    help="write the agent into the board's ROMFS partition (bytecode runs from flash, not "
                         "the heap); main.py stays on the filesystem, the filesystem's agent is removed")
@@ -214,7 +219,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     romfs = bool(args.romfs)
     if args.json:
         s = deploy(port, bdir, board_name=args.board, force=args.force, restart=not args.no_restart, romfs=romfs,
-                   say=_say)
+                   say=_say, inventory_path=args.inventory)
         emit(args, s)
         return 0
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
@@ -240,7 +245,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                 prog.update(task, description=event)
 
         s = deploy(port, bdir, board_name=args.board, force=args.force, restart=not args.no_restart, progress=cb,
-                   romfs=romfs, say=_say)
+                   romfs=romfs, say=_say, inventory_path=args.inventory)
     print(f"deployed build {s['build_id']} to {port}: {len(s['written'])} written, {len(s['unchanged'])} unchanged, "
           f"{len(s['removed'])} removed, {s['bytes_written']} bytes in {s['seconds']} s"
           + ("; finished an interrupted deploy first" if s["recovered"] else "")

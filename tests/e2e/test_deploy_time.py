@@ -1,0 +1,45 @@
+"""`gridshed deploy` gives the restarted agent its signed time (docs/security.md, section 4), the
+same exchange provision and rotate-key make (gridshed.provision.send_time): on a virtual board at
+the budget heap, after a plain deploy a signed restore that carries no nonce (accepted only by a
+board whose clock is trusted) works without any other step; a time step that fails never fails
+the deploy: one warning line, the agent runs."""
+from __future__ import annotations
+
+import json
+
+from gridshed.fleet_client import seq_file
+from gridshed.inventory import Inventory
+from gridshed.signing import SeqCounter, make_command
+from test_signed_commands import agent_build, cli, console, meter, rig, send  # noqa: F401
+
+
+def test_deploy_sends_the_signed_time_then_a_failed_time_step_is_one_warning(rig, agent_build):  # noqa: F811
+    inv, port = str(rig.inventory), rig.board.port
+    assert console(rig, "nonce")["time_trusted"] is False
+    seqs = SeqCounter(seq_file(inv))  # the CLI's own seq counter (the time-sync takes one too)
+    no_nonce = make_command(rig.key, rig.kid, "restore", seqs.next(rig.kid), target_device=rig.dev)
+    assert send(rig, no_nonce) == {"ok": False, "refused": "stale"}  # untrusted clock: needs a nonce
+    r = cli("deploy", "--port", port, "--build", str(agent_build), "--inventory", inv, "--json", timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = json.loads(r.stdout)
+    assert s["signed_time"] == {"sent": True, "device": rig.dev, "why": None}, s
+    assert s["restart"] == ("agent restarted: it answers @status (state normal); "
+                            "signed time sent (its clock is trusted)") and s["warnings"] == [], s
+    # nothing else sent: a signed shed, then a restore without a nonce, are accepted
+    assert send(rig, make_command(rig.key, rig.kid, "shed", seqs.next(rig.kid), target_device=rig.dev))["ok"]
+    assert rig.gpio.wait(lambda: not any(rig.closed()), 20), "relays did not open"
+    assert send(rig, make_command(rig.key, rig.kid, "restore", seqs.next(rig.kid), target_device=rig.dev))["ok"]
+    assert rig.gpio.wait(lambda: all(rig.closed()), 40), "relays did not close"
+    # the inventory's key for the board's key id is wrong: the board refuses the time (bad-mac);
+    # the deploy still succeeds, says so in one warning line, the agent runs
+    with Inventory(inv) as i:
+        i.record_provision(rig.dev, "unix-sim", rig.cfg["site"], rig.kid.hex(), bytes(32), None, "x")
+    r = cli("deploy", "--port", port, "--build", str(agent_build), "--inventory", inv, timeout=180)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    assert r.stdout.strip().splitlines()[-1].endswith("; agent restarted: it answers @status (state normal)"), r.stdout
+    warns = [x for x in r.stderr.splitlines() if x.startswith("gridshed: warning:")]
+    assert len(warns) == 1 and "could not send the signed time (the board refused it: bad-mac)" in warns[0] \
+        and f"gridshed time-sync --device {rig.dev} --port {port}" in warns[0], r.stderr
+    st = console(rig, "status")
+    assert st["state"] == "normal" and st["armed"] is True and st["time_trusted"] is False, st
+    rig.expect_restarts = 2  # the two deploys
