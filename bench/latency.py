@@ -33,7 +33,7 @@ LATENCY_TRIP = {"pickup_hz": 59.7, "delay_ms": 0, "samples": 1, "restore_hz": 59
 
 def wire_plan(cfg: dict[str, Any]) -> dict[str, Any]:
     """The agent's read plan for this meter section (agent/readplan.py, as the board computes it)."""
-    from agent.meter_check import MeterMap
+    from agent.meter_encode import MeterMap
     from agent.readplan import make
 
     m = cfg["meter"]

@@ -24,7 +24,7 @@ def _micro_setup(work: Path) -> Path:
     import struct
 
     from agent.crc import crc16_modbus
-    from agent.meter_check import MeterMap
+    from agent.meter_encode import MeterMap
 
     cfg = demo_cfg()
     cfg.pop("warnings", None)

@@ -1,7 +1,7 @@
 """Meter register maps (data, meters/*.json) -> read plans, decode and encode of registers.
 
 Pure module: runs unchanged under MicroPython and CPython (the host simulator builds its register
-image with agent.meter_check.MeterMap.encode(), the inverse of the decode the board runs).
+image with agent.meter_encode.MeterMap.encode(), the inverse of the decode the board runs).
 
 A map:
     {"model": str, "function": 3|4,
@@ -63,12 +63,12 @@ class MeterMap:
 
     Attributes: model, function, names (quantity names, map order), values (list of floats
     aligned with names, filled by update()), resolution_hz (or None). What the agent polls comes
-    from agent/readplan.py; the host's subclass (agent.meter_check.MeterMap) adds full_plan.
+    from agent/readplan.py; the host's subclass (agent.meter_encode.MeterMap) adds full_plan.
     """
 
     def __init__(self, m, max_gap=None):
         # m must be checked already: the board checks it at boot (agent/boot.py); the host builds
-        # agent.meter_check.MeterMap, which checks it and adds encode()
+        # agent.meter_encode.MeterMap, which checks it and adds encode()
         self.model = m["model"]
         self.function = m["function"]
         self.resolution_hz = m.get("resolution_hz")

@@ -1,12 +1,10 @@
-"""Meter map checks and register encoding: needed at boot and on the host, not in the hot path.
+"""Meter map checks: needed at boot and on the host, not in the hot path.
 
 Split from agent.meter so the running agent does not keep this code in RAM (the agent drops
-this module after boot).
+this module after boot). The host's checked MeterMap with register encoding is agent.meter_encode
+(never deployed).
 """
-import struct
-
-from agent.meter import MAX_READ, TYPES, WORDS, QUANTITIES, REQUIRED, T_U16, T_S16, T_U32, T_F32
-from agent.meter import MeterMap as _MeterMap
+from agent.meter import MAX_READ, TYPES, WORDS, QUANTITIES, REQUIRED
 
 CONFIDENCE = ("reference", "manual", "community")
 MAP_KEYS = ("model", "title", "source", "confidence", "function", "resolution_hz", "quantities",
@@ -124,59 +122,3 @@ def validate(m):
             if not isinstance(exp, list) or not exp or not all(_is_num(v) for v in exp):
                 errors.append("identify.expect: must be a non-empty list of raw register values")
     return errors
-
-
-
-def words16(typ, little, raw):
-    """Raw number (already divided by scale) -> list of u16 words in register order."""
-    if typ == T_F32:
-        b = struct.pack(">f", raw)
-        hi = (b[0] << 8) | b[1]
-        lo = (b[2] << 8) | b[3]
-    else:
-        if isinstance(raw, float):
-            if raw != raw or raw in (float("inf"), float("-inf")):
-                raise ValueError("not a finite number")
-            raw = int(round(raw))
-        if typ == T_U16:
-            lo_lim, hi_lim = 0, 0xFFFF
-        elif typ == T_S16:
-            lo_lim, hi_lim = -0x8000, 0x7FFF
-        elif typ == T_U32:
-            lo_lim, hi_lim = 0, 0xFFFFFFFF
-        else:
-            lo_lim, hi_lim = -0x80000000, 0x7FFFFFFF
-        if raw < lo_lim or raw > hi_lim:
-            raise ValueError("value out of range for the register type")
-        if typ == T_U16 or typ == T_S16:
-            return [raw & 0xFFFF]
-        raw &= 0xFFFFFFFF
-        hi = raw >> 16
-        lo = raw & 0xFFFF
-    return [lo, hi] if little else [hi, lo]
-
-
-
-
-class MeterMap(_MeterMap):
-    """agent.meter.MeterMap for the host and the simulator: the map is checked first (ValueError
-    with every problem), and encode() writes values as the meter would (the board only decodes)."""
-
-    def __init__(self, m, max_gap=None):
-        errors = validate(m)
-        if errors:
-            raise ValueError("meter map: " + "; ".join(errors))
-        super().__init__(m, max_gap)
-        # every quantity in the fewest reads, and the quantities of each (probe, library, sim)
-        self.full_plan = self.plan_for(self.names)
-        self.full_items = [self._covered(s, c) for s, c in self.full_plan]
-
-    def encode(self, name, value):
-        """Value (in the map's unit) -> list of u16 words, in register order from the address."""
-        i = self._index[name]
-        return words16(self._type[i], self._little[i], value / self._scale[i])
-
-
-def encode(m, name, value):
-    """MeterMap(m).encode(name, value) for a map dict (host convenience)."""
-    return MeterMap(m).encode(name, value)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import meter_check as fwmeter
+from agent.meter_encode import MeterMap
 
 from .datafiles import list_entries, load_entry, repo_root
 from .errors import UserError
@@ -40,12 +41,12 @@ def load_meter(model: str) -> dict[str, Any]:
     return load_entry("meters", "meter", model, "model", validate_meter)
 
 
-def register_image(m: dict[str, Any] | fwmeter.MeterMap, values: dict[str, float]) -> dict[int, int]:
+def register_image(m: dict[str, Any] | MeterMap, values: dict[str, float]) -> dict[int, int]:
     """{quantity: value} -> {address: u16 word}, encoded with agent.meter (the firmware's code).
 
     Quantities of the map not in `values` are left out; a name the map lacks is an error.
     """
-    mm = m if isinstance(m, fwmeter.MeterMap) else fwmeter.MeterMap(m)
+    mm = m if isinstance(m, MeterMap) else MeterMap(m)
     image: dict[int, int] = {}
     for name, value in values.items():
         if not mm.has(name):
@@ -60,14 +61,14 @@ def register_image(m: dict[str, Any] | fwmeter.MeterMap, values: dict[str, float
     return image
 
 
-def image_blocks(image: dict[int, int], m: dict[str, Any] | fwmeter.MeterMap,
+def image_blocks(image: dict[int, int], m: dict[str, Any] | MeterMap,
                  fill: int = 0) -> list[tuple[int, list[int]]]:
     """Contiguous register blocks covering every read of the map's full plan (holes = fill).
 
     Meters answer reads that span the holes between quantities; a server built from these blocks
     does too. Returns [(start, [u16, ...])] sorted by start.
     """
-    mm = m if isinstance(m, fwmeter.MeterMap) else fwmeter.MeterMap(m)
+    mm = m if isinstance(m, MeterMap) else MeterMap(m)
     spans = [(s, s + c) for s, c in mm.full_plan]
     spans += [(a, a + 1) for a in image]
     spans.sort()

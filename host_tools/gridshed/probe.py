@@ -19,7 +19,7 @@ import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol
 
-from agent import meter_check as fwmeter
+from agent.meter_encode import MeterMap
 
 from .errors import UserError
 from .meters import list_meters, load_meter
@@ -124,7 +124,7 @@ def evaluate(m: dict[str, Any], reader: Reader) -> Candidate:
     if ident is False:
         c.score = -100
         return c
-    mm = fwmeter.MeterMap(m)
+    mm = MeterMap(m)
     regs: dict[int, int] = {}
     for start, count in mm.full_plan:
         r = reader.read(mm.function, start, count)

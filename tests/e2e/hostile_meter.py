@@ -9,7 +9,7 @@ demand, the way field meters, adapters and buses do.
 
 Every request is counted per mode (`m.seen[mode]`), so a test knows the window it asserts on
 has passed (a positive marker) before it asserts an absence. Register values are encoded with
-the firmware's own map code (agent.meter_check.MeterMap.encode), never a second copy.
+the firmware's own map code (agent.meter_encode.MeterMap.encode), never a second copy.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import tty
 from typing import Any
 
 from agent import crc as crcmod
-from agent.meter_check import MeterMap
+from agent.meter_encode import MeterMap
 
 MODES = (
     "ok",          # a correct reply

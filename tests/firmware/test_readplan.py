@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from agent import readplan as rp
-from agent.meter_check import MeterMap, validate
+from agent.meter_check import validate
+from agent.meter_encode import MeterMap
 from agent.modbus_rtu import char_time_us, frame_gap_us
 
 
