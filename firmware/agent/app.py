@@ -20,7 +20,10 @@ TICK_MS = 50
 CAPTURE_PART = 40     # samples per capture record (400 bytes)
 WDT_MS = 8000        # hardware watchdog timeout (rp2 allows at most 8388 ms)
 WDT_POLL_PERIODS = 3  # the poll task must finish its next cycle within 3 periods + its worst read
-KW_EVIDENCE_MS = 3000  # kW read at every poll this long after a relay change (the reports' kW after)
+KW_EVIDENCE_MS = 3000  # kW read at every poll this long after an opening (the reports' kW after)
+KW_RESTORE_MS = 1000  # one kW read this long after the last restore (the load it put back, on status)
+EVENT_HOLD_MS = 10000  # a frequency event lasts this long after the last sample below restore_hz or shed
+SLOW_DEFER_MAX_MS = 60000  # during an event a due slow read waits, but never longer than this
 WDT_BOOT_MS = 3000    # extra allowance for the first cycle (UART/socket open, first connect)
 MEM_REPLY = '\n@{"error": "MemoryError", "end": true}\n'  # a request that found no RAM
 AGENT = None          # the running Agent (agent/maint.py takes it over on Ctrl-C)
@@ -335,10 +338,18 @@ class Agent:
         b2b = m["poll_mode"] == "back_to_back"
         period = 0 if b2b else m["poll_ms"]
         rec_t = ticks_ms()  # back to back: the recorder still takes a sample per poll_ms
-        # after a relay change, kW is read at every poll for KW_EVIDENCE_MS: what a shed took off
-        # (or a restore put back) is the evidence the journal and the reports show
+        # evidence kW (what the journal and the reports show): after an opening, kW is read at
+        # every poll for KW_EVIDENCE_MS (what the shed took off). A restore ends that; its own kW
+        # read waits KW_RESTORE_MS after the last close: restored load pulls the frequency down,
+        # and the dip that may follow must meet no kW read between the frequency reads (the
+        # back-to-back latency target, docs/modbus.md)
         seen_mask = self.relays.mask
-        kw_until = ticks_ms()
+        kw_until = kw_at = ticks_ms()
+        kw_pend = False
+        # a frequency event (a sample below restore_hz, or load shed, in the last EVENT_HOLD_MS):
+        # the bus belongs to the frequency; due slow reads wait (at most SLOW_DEFER_MAX_MS), so
+        # a dip that follows a dip meets none (the evidence reads above still go)
+        ev_until = ticks_ms()
         rec = self.recorder
         ctrl = self.ctrl
         step = hasattr(master, "step")
@@ -348,22 +359,28 @@ class Agent:
             err = None
             # j 0: the frequency read; j 1: a slow read, when one is due (after the decision)
             if self.relays.mask != seen_mask:
+                opened = seen_mask & ~self.relays.mask  # closed before, open now
                 seen_mask = self.relays.mask
-                kw_until = ticks_add(t0, KW_EVIDENCE_MS)
-            last = 1 if (ticks_diff(t0, slow_due) >= 0 or self.curtailer is not None
-                         or ticks_diff(kw_until, t0) > 0) else 0
+                kw_until = ticks_add(t0, KW_EVIDENCE_MS if opened else 0)
+                kw_pend = not opened
+                kw_at = ticks_add(t0, KW_RESTORE_MS)
+            due = ticks_diff(t0, slow_due)
+            slow_now = due >= 0 and (ticks_diff(ev_until, t0) <= 0 or due >= SLOW_DEFER_MAX_MS)
+            last = 1 if (slow_now or self.curtailer is not None or ticks_diff(kw_until, t0) > 0
+                         or (kw_pend and ticks_diff(t0, kw_at) >= 0)) else 0
             j = 0
             while j <= last:
                 if j == 0:
                     addr = h_addr
                     count = h_count
                     items = h_items
-                elif ticks_diff(t0, slow_due) >= 0:
+                elif slow_now:
                     addr, count, items = slow[k_slow]
                     k_slow = k_slow + 1 if k_slow + 1 < ns else 0
                     slow_due = ticks_add(t0, slow_ms)
-                else:  # curtailing, or just after a relay change: kW's read (the first slow read)
+                else:  # curtailing, or evidence after a relay change: kW's read (the first slow read)
                     addr, count, items = slow[0]
+                    kw_pend = False
                 try:
                     if step:  # (this task is the meter bus's only user)
                         try:
@@ -409,6 +426,9 @@ class Agent:
                     # meter's sample is a tick
                     src = self.hz_source
                     self.decide(now, src is None or not src.ok)
+                    hz = self.hz
+                    if ctrl.shed_mask or (hz is not None and hz < ctrl.restore_hz):
+                        ev_until = ticks_add(now, EVENT_HOLD_MS)
                     if ctrl.bad_why and self.meter_ok:  # implausible: never shown as the frequency
                         self.hz = None
                         err = control.BAD_NAMES[ctrl.bad_why]

@@ -32,6 +32,7 @@ class PollRecord:
     hz: float | None  # what the answer carried (None = not answered)
     kw: float | None
     refreshed_at: float
+    addr: int | None = None  # the request's first register (which read of the plan it was)
 
 
 class SimMeter:
@@ -80,14 +81,14 @@ class SimMeter:
         self._refresh(now)
         r = self._reading
         if not r.ok:
-            self.polls.append(PollRecord(now, None, None, self._refreshed_at))
+            self.polls.append(PollRecord(now, None, None, self._refreshed_at, addr))
             return None  # reply suppressed in _trace (a silent meter)
         if fc not in (3, 4) or addr + count > self.top:
             self.exceptions += 1
             return ExcCodes.ILLEGAL_ADDRESS
         for a in range(addr, addr + count):
             regs[a - start] = self._image.get(a, 0)
-        self.polls.append(PollRecord(now, r.hz, r.kw, self._refreshed_at))
+        self.polls.append(PollRecord(now, r.hz, r.kw, self._refreshed_at, addr))
         return None
 
     def _trace(self, sending: bool, data: bytes) -> bytes:

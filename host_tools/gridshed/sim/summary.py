@@ -297,6 +297,14 @@ def summarize(run: Any, load: Any) -> dict[str, Any]:
     step = max(1, -(-len(polls) // 2000))
     trace = [[round(p.t - t0, 4), None if p.hz is None or p.hz != p.hz else round(p.hz, 4),
               None if p.kw is None else round(p.kw, 2)] for p in polls[::step]]
+    # which requests were not the frequency read (the agent's slow reads: kW and the rest): the
+    # most frequent start register is the hot read's; the others' times, at most 5000
+    addrs: dict[int, int] = {}
+    for p in polls:
+        if p.addr is not None:
+            addrs[p.addr] = addrs.get(p.addr, 0) + 1
+    hot = max(addrs, key=lambda a: addrs[a]) if addrs else None
+    slow_reads = [round(p.t - t0, 4) for p in polls if p.addr is not None and p.addr != hot][:5000]
     return {
         "scenario": sc.name,
         "duration_s": sc.duration,
@@ -306,6 +314,7 @@ def summarize(run: Any, load: Any) -> dict[str, Any]:
         "baud": cfg["meter"]["baud"] if cfg["meter"]["transport"] == "rtu" else None,
         "polls": len(polls),
         "unanswered_polls": errs,
+        "slow_read_s": slow_reads,
         "trips": trips,
         "already_shed": already,
         "not_expected": not_expected,
