@@ -80,7 +80,7 @@ def latency_run(n: int, transport: str, baud: int | None, model: str | None = No
             "target_ms": target, "target_met": None if target is None or fm["p99"] is None else fm["p99"] <= target,
             "dips": n, "trips_measured": len(matched),
             "unmatched": len(uf) - len(matched), "polls": s["polls"], "unanswered_polls": s["unanswered_polls"],
-            "slow_reads": len(slow), "trips_meeting_a_slow_read": met_slow,
+            "slow_reads_made": len(slow), "trips_meeting_a_slow_read": met_slow,
             "opens_per_block": s["opens_per_block"], "all_restored": s["all_restored"],
             "total_ms": dist(total), "crossing_to_meter_update_ms": dist(upd),
             "meter_update_to_poll_ms": dist(poll), "poll_to_relay_ms": dist(dec),
@@ -182,7 +182,7 @@ def table_rows(res: dict[str, Any]) -> list[tuple[str, str, str]]:
             t = r["total_ms"]
             rows.append(("3 trip latency " + name, "p50 %s p99 %s max %s ms" % (t["p50"], t["p99"], t["max"]),
                          "n=%d (%d unmatched); %s slow reads, %s met by a trip" % (
-                    r["trips_measured"], r["unmatched"], r.get("slow_reads"), r.get("trips_meeting_a_slow_read"))))
+                    r["trips_measured"], r["unmatched"], r.get("slow_reads_made"), r.get("trips_meeting_a_slow_read"))))
             rows.append(("3   split p50 (p99)", "cross->meter %s (%s) | meter->poll %s (%s) | poll->relay %s (%s)" % (
                 r["crossing_to_meter_update_ms"]["p50"], r["crossing_to_meter_update_ms"]["p99"],
                 r["meter_update_to_poll_ms"]["p50"], r["meter_update_to_poll_ms"]["p99"],
