@@ -288,7 +288,12 @@ def _write_fs(b: Board, port: str, bdir: Path, manifest: dict[str, Any], force: 
     old_files: set[str] = set()
     if old_raw:
         try:
-            old_files = {e["file"] for e in json.loads(old_raw).get("files", [])}
+            old_obj = json.loads(old_raw)
+            old_files = {e["file"] for e in old_obj.get("files", [])}
+            if _same_build(old_obj, json.loads(bm_bytes)):
+                # the same build made again (`deploy --board` builds first): only its time stamp
+                # differs, so the board keeps its /build.json and a deploy again writes nothing
+                bm_bytes, bm_hash = old_raw, hashlib.sha256(old_raw).hexdigest()
         except (ValueError, AttributeError, KeyError, TypeError):
             old_files = set()
     # what the board has now, and what an interrupted deploy may have staged
@@ -305,6 +310,11 @@ def _write_fs(b: Board, port: str, bdir: Path, manifest: dict[str, Any], force: 
     want[BOARD_MANIFEST] = bm_hash
     changed = [f for f in targets if force or have.get(f) != want[f]]
     summary["unchanged"] = [f for f in files if f not in changed]
+    # staged copies an interrupted deploy left beside files that need no change: flash space
+    stale = [f + STAGE for f in targets if f not in changed and have.get(f + STAGE)]
+    if stale:
+        b.remove(stale)
+    summary["stale_removed"] = stale
     blobs = {f: (bdir / f).read_bytes() for f in changed if f != BOARD_MANIFEST}
     blobs[BOARD_MANIFEST] = bm_bytes
     to_write = [f for f in changed if have.get(f + STAGE) != want[f]]
@@ -351,6 +361,13 @@ def _write_fs(b: Board, port: str, bdir: Path, manifest: dict[str, Any], force: 
     wrong = [f for f in targets if final.get(f) != want[f]]
     if wrong:
         raise BoardError(f"{port}: after the switch-over {wrong[0]} has the wrong hash; run deploy again")
+
+
+def _same_build(old: Any, new: dict[str, Any]) -> bool:
+    """Two board manifests of one build (all but the time it was made are equal)."""
+    if not isinstance(old, dict):
+        return False
+    return {k: v for k, v in old.items() if k != "created"} == {k: v for k, v in new.items() if k != "created"}
 
 
 def _needs_fallback(b: Board, image: bytes, rom: dict[str, Any], force: bool, rom_top: list[str],

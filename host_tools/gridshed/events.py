@@ -157,6 +157,7 @@ def pull(port: str, since: int | None = None, state_path: Path | None = None, ti
             if site is None and since is None:
                 raise UserError(msg + "; pass --since N to pull without knowing the device")
             say(msg)
+        mark = None
         if since is None:
             since = 0
             last = get_last_seq(state_path, site, device)
@@ -166,7 +167,20 @@ def pull(port: str, since: int | None = None, state_path: Path | None = None, ti
                         "(journal erased or board replaced): pulling everything")
                 else:
                     since = last
-        records, errors, complete = _pull_records(con, int(since), timeout)
+                    mark = get_last_mark(state_path, site, device)
+        if mark and since > 0:
+            # ask from the record pulled last: still the same one (its kind and uptime)? Another
+            # board with this device id, or an erased journal grown past the old seq, is not
+            records, errors, complete = _pull_records(con, int(since) - 1, timeout)
+            if records and records[0]["n"] == since and _mark(records[0]) != mark:
+                say(f"the board's record {since} is not the one pulled last time from {site}/{device} (another "
+                    "board with this device id, or its journal was erased): pulling everything")
+                since = 0
+                records, errors, complete = _pull_records(con, 0, timeout)
+            else:
+                records = [r for r in records if r["n"] > since]
+        else:
+            records, errors, complete = _pull_records(con, int(since), timeout)
     return EventSet(records, source=f"port:{port}", site=site, device=device, config=cfg, since=int(since),
                     errors=errors, pulled_at=_now_iso(), board_seq=board_seq, complete=complete)
 
@@ -243,15 +257,29 @@ def get_last_seq(path: Path | None, site: str | None, device: str | None) -> int
     return None
 
 
+def get_last_mark(path: Path | None, site: str | None, device: str | None) -> dict[str, Any] | None:
+    """What the last record pulled from the device was ({"k", "ms"}), to know it again."""
+    st = _load_state(path or default_state_path())
+    ent = st["devices"].get(_state_key(site, device))
+    mark = ent.get("mark") if isinstance(ent, dict) else None
+    return mark if isinstance(mark, dict) else None
+
+
+def _mark(rec: dict[str, Any]) -> dict[str, Any]:
+    return {"k": rec.get("k"), "ms": rec.get("ms")}
+
+
 def save_state(path: Path | None, ev: EventSet) -> None:
-    """Remember the highest seq pulled from ev's device (atomic write)."""
+    """Remember the highest seq pulled from ev's device and what that record was (atomic write)."""
     path = path or default_state_path()
     st = _load_state(path)
     key = _state_key(ev.site, ev.device)
     old = st["devices"].get(key) or {}
     last = ev.last_seq
+    top = [r for r in ev.records if r.get("n") == last]
+    mark = _mark(top[0]) if top else (old.get("mark") if old.get("last_seq") == last else None)
     st["devices"][key] = {"last_seq": last, "pulled_at": ev.pulled_at, "source": ev.source,
-                          "previous": old.get("last_seq")}
+                          "previous": old.get("last_seq"), "mark": mark}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(st, indent=1, sort_keys=True) + "\n")

@@ -29,7 +29,7 @@ from typing import Any, Callable
 from .build import missing_features
 from .deploy import PLAN, STAGE, finish_interrupted, read_board_build
 from .errors import UserError
-from .transport import AGENT_UP_WAIT, Board, BoardError, Console, run_with_full_heap
+from .transport import AGENT_UP_WAIT, Board, BoardError, Console, sigint_deferred, run_with_full_heap
 
 CONFIG_FILE = "config.cbor"
 KEYS_FILE = "keys.cbor"
@@ -106,12 +106,19 @@ def provision(port: str, site_path: str | Path, device_id: str | None = None, bo
         prepare_config(site_path, board_name, device_id)  # fail fast, before the board is touched
     inv = Inventory(inventory_path)
     check_warnings: list[str] = []
+    switched = [False]
+
+    def said(line: str) -> None:  # the restart line after Ctrl-C (or an unexpected error)
+        if say:
+            say(line + ("" if switched[0] else "; nothing was switched: the board keeps its old config and key, "
+                                               "the inventory is unchanged"))
+
     try:
         def work(full_heap: bool) -> tuple[Any, ...]:
             check_warnings.clear()
             with Board(port) as b:
                 step("stopping the agent")
-                with b.stopped(restart=restart, wait=AGENT_UP_WAIT, say=say, full_heap=full_heap):
+                with b.stopped(restart=restart, wait=AGENT_UP_WAIT, say=said, full_heap=full_heap):
                     finish_interrupted(b)
                     build = read_board_build(b)
                     board_on_device = build.get("board") if build else None
@@ -159,13 +166,20 @@ def provision(port: str, site_path: str | Path, device_id: str | None = None, bo
                     if unchecked:
                         check_warnings.append(f"{port}: the board could not check the new config itself ({unchecked})")
                     step("switching over")
-                    b.switch_over([(f + STAGE, f, want[f]) for f in blobs], removes, PLAN)
-                    final = b.hashes(list(blobs))
-                    if any(final.get(f) != want[f] for f in blobs):
-                        raise BoardError(f"{port}: config/key files differ after the switch-over; provision again")
                     firmware_build = build.get("build_id") if build else None
-                    rec = inv.record_provision(dev, cfg["board"], cfg.get("site"), kid.hex(), key, firmware_build,
-                                               siteconfig.config_hash(cfg), port=port)
+                    # Ctrl-C waits until the board and the inventory both hold the new key (cut in
+                    # between, the inventory would keep a key the board no longer has)
+                    with sigint_deferred() as held:
+                        switched[0] = True
+                        b.switch_over([(f + STAGE, f, want[f]) for f in blobs], removes, PLAN)
+                        final = b.hashes(list(blobs))
+                        if any(final.get(f) != want[f] for f in blobs):
+                            raise BoardError(f"{port}: config/key files differ after the switch-over; provision again")
+                        rec = inv.record_provision(dev, cfg["board"], cfg.get("site"), kid.hex(), key, firmware_build,
+                                                   siteconfig.config_hash(cfg), port=port)
+                    if held:
+                        check_warnings.append("Ctrl-C held back until the board and the inventory both had the "
+                                              "new key (provisioned)")
                     if restart:
                         step("restarting the agent")
             return b, build, cfg, dev, kid, firmware_build, rec
@@ -218,6 +232,8 @@ def send_time(port: str, b: Board, st: dict[str, Any] | None, device: str, inven
         why = str(exc)
     except Exception as exc:  # a cable pulled right after the restart (serial/OS errors)
         why = f"{type(exc).__name__}: {exc}"
+    except KeyboardInterrupt:  # the operation itself is done: Ctrl-C skips only this last step
+        why = "interrupted (Ctrl-C)"
     else:
         if rep.get("ok"):
             if b.time_warning in b.warnings:
@@ -265,6 +281,10 @@ def read_status(port: str, timeout: float = 5.0, events: int = 10) -> dict[str, 
             except BoardError as exc:
                 last = exc
         if st is None:
+            if isinstance(last, BoardError) and last.args:  # the whole wait, not its last try's
+                import re
+
+                last.args = (re.sub(r"within [0-9.e+-]+ s", f"within {timeout:g} s", str(last.args[0]), count=1),)
             raise last or BoardError(f"{port}: no status")
         # the agent's own hash of the /config.cbor it booted with (what the inventory records);
         # only an agent too old to report it gets one made from its @config answer (which is

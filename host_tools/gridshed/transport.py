@@ -162,7 +162,7 @@ def _at_repl(text: str) -> bool:
 
 
 @contextlib.contextmanager
-def _sigint_deferred() -> Iterator[list[int]]:
+def sigint_deferred() -> Iterator[list[int]]:
     """Ctrl-C on the host is held back (and re-raised after) while the agent is being restarted."""
     hits: list[int] = []
     if threading.current_thread() is not threading.main_thread():
@@ -472,7 +472,7 @@ class Board:
             return "agent not restarted (--no-restart)"
         if not (self.maint_left is not None or self.wait_for_agent):
             wait = 0.0  # not our agent (an older one, or none): nothing to wait for
-        with _sigint_deferred() as hits:
+        with sigint_deferred() as hits:
             try:
                 out = self.restart_agent(wait=wait)
                 if not out.startswith("agent restarted") and left is not None:

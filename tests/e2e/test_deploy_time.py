@@ -43,3 +43,36 @@ def test_deploy_sends_the_signed_time_then_a_failed_time_step_is_one_warning(rig
     st = console(rig, "status")
     assert st["state"] == "normal" and st["armed"] is True and st["time_trusted"] is False, st
     rig.expect_restarts = 2  # the two deploys
+
+
+CTRL_C_AT_TIME = r"""
+import os, signal, sys
+from gridshed import cli, fleet_client
+def time_sync_serial(*a, **k):  # the technician's Ctrl-C lands while the signed time is being sent
+    os.kill(os.getpid(), signal.SIGINT)  # KeyboardInterrupt raised here, as from a terminal
+    raise AssertionError("no KeyboardInterrupt")
+fleet_client.time_sync_serial = time_sync_serial
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_during_the_time_step_keeps_the_deploy(rig, agent_build):  # noqa: F811
+    """Ctrl-C once the deploy is done (the agent back, the time step running) skips only the time
+    step: the one-line result, rc 0, a warning naming the time-sync; the agent runs."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "host_tools"), str(root / "firmware")]))
+    r = subprocess.run([sys.executable, "-c", CTRL_C_AT_TIME, "deploy", "--port", rig.board.port, "--build",
+                        str(agent_build), "--inventory", str(rig.inventory)], capture_output=True, text=True,
+                       timeout=180, env=env)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    assert r.stdout.strip().splitlines()[-1].startswith("deployed build ") and \
+        r.stdout.strip().endswith("; agent restarted: it answers @status (state normal)"), r.stdout
+    warns = [x for x in r.stderr.splitlines() if x.startswith("gridshed: warning:")]
+    assert len(warns) == 1 and "could not send the signed time (interrupted (Ctrl-C))" in warns[0], r.stderr
+    assert console(rig, "status")["state"] == "normal"
+    rig.expect_restarts = 1

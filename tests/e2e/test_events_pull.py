@@ -177,7 +177,26 @@ def test_incremental_pull_over_console_while_running(tmp_path):
             state.write_text(json.dumps(st))
             r = await rig.events("--state", str(state), "--json")
             assert r.returncode == 0 and "pulling everything" in r.stderr
+            every = json.loads(r.stdout)["records"]
+            assert every[0]["n"] == 1
+
+            # another board with this device id, its journal already past the seq pulled last
+            # (the walk: a new board's first records skipped in silence): the record at that
+            # seq is not the one pulled then (kind, uptime): say so, pull everything
+            def last_pulled(seq: int, mark: dict) -> None:
+                st = json.loads(state.read_text())
+                assert st["devices"]["demo-site/ctl-1"]["mark"] == {"k": every[-1]["k"], "ms": every[-1]["ms"]}
+                st["devices"]["demo-site/ctl-1"].update(last_seq=seq, mark=mark)
+                state.write_text(json.dumps(st))
+
+            last_pulled(2, {"k": every[1]["k"], "ms": every[1]["ms"] + 1})
+            r = await rig.events("--state", str(state), "--json")
+            assert r.returncode == 0 and "is not the one pulled last time from demo-site/ctl-1" in r.stderr, r.stderr
             assert json.loads(r.stdout)["records"][0]["n"] == 1
+            last_pulled(2, {"k": every[1]["k"], "ms": every[1]["ms"]})  # the same board: only what is new
+            r = await rig.events("--state", str(state), "--json")
+            assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+            assert json.loads(r.stdout)["records"][0]["n"] == 3
 
             # the agent kept running through all the pulls (no restart, no MemoryError, no
             # traceback, @status answers, still polling)

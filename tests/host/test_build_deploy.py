@@ -108,9 +108,16 @@ def test_deploy_full_incremental_interrupted(tmp_path, board):
     assert not (board.fs_dir / "pkg/extra.mpy").exists()
     assert (board.fs_dir / "notes.txt").exists()
 
-    # nothing changed: nothing written
-    s = deploy(board.port, b2["path"], restart=False)
-    assert s["written"] == [] and s["bytes_written"] == 0
+    # nothing changed: nothing written, also from the same build made again (`deploy --board`
+    # builds first: only its time stamp differs); a staged copy an interrupted deploy left
+    # beside an unchanged file is removed (flash space)
+    again = buildmod.build("unix-sim", src=src, out=tmp_path / "b2again")
+    mf = Path(again["path"]) / "manifest.json"
+    mf.write_text(json.dumps(dict(json.loads(mf.read_text()), created="2000-01-01T00:00:00Z")))
+    (board.fs_dir / ("main.py" + STAGE)).write_bytes(b"left by an interrupted deploy")
+    s = deploy(board.port, again["path"], restart=False)
+    assert s["written"] == [] and s["bytes_written"] == 0 and s["stale_removed"] == ["main.py" + STAGE], s
+    assert not list(board.fs_dir.rglob("*" + STAGE))
     with Board(board.port) as b:
         b.restart_agent()
 
