@@ -175,6 +175,46 @@ def sigint_deferred() -> Iterator[list[int]]:
         signal.signal(signal.SIGINT, old)
 
 
+T = TypeVar("T")
+BUSY_WAIT = 3.0  # how long an open waits for a port another program holds (a monitor's refresh)
+
+
+def _busy(port: str, exc: BaseException) -> bool:
+    """The port exists and is ours to use, but another program holds its lock for now."""
+    import errno
+    import os
+
+    text = str(exc)
+    return os.path.exists(port) and ("exclusively lock" in text or f"[Errno {errno.EAGAIN}]" in text
+                                     or isinstance(exc, BlockingIOError))
+
+
+def open_retrying(port: str, opener: Callable[[], T], wait: float = BUSY_WAIT) -> T:
+    """opener() (it opens `port`), again for up to `wait` s while another program holds the port
+    (`gridshed monitor` in another window holds it only while it asks, once per refresh)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return opener()
+        except Exception as exc:
+            if time.monotonic() >= deadline or not _busy(port, exc):
+                raise
+            time.sleep(0.05)
+
+
+def open_error(port: str, exc: BaseException) -> str:
+    """The one line for a port that would not open (Board and Console say the same)."""
+    import os
+
+    if not os.path.exists(port):
+        why = "no such port (is the board plugged in? `gridshed ports` lists the attached ones)"
+    elif not os.access(port, os.R_OK | os.W_OK):
+        why = "permission denied (on Linux: add yourself to the dialout group and log in again)"
+    else:
+        why = f"{exc} (is another program using it?)"
+    return f"cannot open {port}: {why}"
+
+
 class Board:
     """A MicroPython board reached through mpremote's SerialTransport (raw REPL, raw paste)."""
 
@@ -187,17 +227,9 @@ class Board:
         try:
             # a read timeout: on a pty mpremote reads byte by byte without checking in_waiting,
             # so without one a silent board would block read_until() forever
-            self.t = SerialTransport(port, baudrate=baudrate, timeout=1)
+            self.t = open_retrying(port, lambda: SerialTransport(port, baudrate=baudrate, timeout=1))
         except TransportError as exc:
-            import os
-
-            if not os.path.exists(port):
-                why = "no such port (is the board plugged in? `gridshed ports` lists the attached ones)"
-            elif not os.access(port, os.R_OK | os.W_OK):
-                why = "permission denied (on Linux: add yourself to the dialout group and log in again)"
-            else:
-                why = f"{exc} (is another program using it?)"
-            raise BoardError(f"cannot open {port}: {why}") from None
+            raise BoardError(open_error(port, exc)) from None
         except Exception as exc:  # serial.SerialException and OSError
             raise BoardError(f"cannot open {port}: {exc}") from None
         self.raw = False
@@ -724,9 +756,9 @@ class Console:
 
         self.port = port
         try:
-            self.s = serial.Serial(port, baudrate=baudrate, timeout=0.05, exclusive=True)
+            self.s = open_retrying(port, lambda: serial.Serial(port, baudrate=baudrate, timeout=0.05, exclusive=True))
         except (serial.SerialException, OSError) as exc:
-            raise BoardError(f"cannot open {port}: {exc}") from None
+            raise BoardError(open_error(port, exc)) from None
         self._buf = bytearray()
         self.log_lines: list[str] = []
 
@@ -811,7 +843,6 @@ class Console:
         return [a["rec"] for a in ans if "rec" in a]
 
 
-T = TypeVar("T")
 
 
 def run_with_full_heap(work: Callable[[bool], T]) -> T:

@@ -87,7 +87,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_status)
 
     p = _parser(sub, common, "monitor", "live view of a running board",
-                "  gridshed monitor --port /dev/ttyUSB0\n  gridshed monitor --interval 0.5 --count 20\n")
+                "  gridshed monitor --port /dev/ttyUSB0\n  gridshed monitor --interval 0.5 --count 20\n\n"
+                "It holds the port only while it asks (once per refresh): `gridshed shed|restore|status|deploy`\n"
+                "in another window wait for it and go through; a refresh that gets no answer (the agent\n"
+                "restarting) is shown as an ALARM row and the next one tries again.\n")
     p.add_argument("--port", "-p", help="serial port (default: the one attached board)")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     p.add_argument("--count", type=int, default=0, help="stop after N refreshes (default: until Ctrl-C)")
@@ -380,27 +383,58 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
+    """Each refresh opens the port, asks @status and lets it go: `gridshed shed|restore|status`
+    in another window get the port between refreshes (they wait for it, transport.BUSY_WAIT).
+    After the first answer, a refresh that fails (the agent restarting after a deploy, the port
+    held by a long write) is shown, and the next one tries again."""
+    from collections import deque
+
+    from ..transport import BoardError
     from ..transport import Console as BoardConsole
 
     port = _port(args)
+    log: deque[str] = deque(maxlen=5)
     n = 0
-    with BoardConsole(port) as c:
-        if args.json:
-            while not args.count or n < args.count:
-                st = c.status()
-                emit_event(args, st, None)
-                n += 1
-                time.sleep(args.interval)
-            return 0
-        from rich.live import Live
 
-        with Live(refresh_per_second=4, console=console()) as live:
-            while not args.count or n < args.count:
-                st = c.status()
-                st["events"] = [{"log": line} for line in c.log_lines[-5:]]
+    def once() -> dict[str, Any]:
+        with BoardConsole(port) as c:
+            st = c.status()
+            log.extend(c.log_lines)
+            return st
+
+    def refresh() -> dict[str, Any]:
+        try:
+            return once()
+        except BoardError as exc:
+            if n == 0:
+                raise  # a wrong port, no agent at all: the one error line
+            return {"error": str(exc)}
+
+    if args.json:
+        while not args.count or n < args.count:
+            emit_event(args, refresh(), None)
+            n += 1
+            time.sleep(args.interval)
+        return 0
+    from rich.live import Live
+
+    st = refresh()
+    with Live(refresh_per_second=4, console=console()) as live:
+        while True:
+            if "error" in st and "state" not in st:
+                from rich.table import Table
+
+                t = Table(show_header=False, title=port)
+                t.add_row("ALARM", f"no status this refresh (next one in {args.interval:g} s): {st['error']}")
+                live.update(t)
+            else:
+                st["events"] = [{"log": line} for line in log]
                 live.update(_status_table(st))
-                n += 1
-                time.sleep(args.interval)
+            n += 1
+            if args.count and n >= args.count:
+                break
+            time.sleep(args.interval)
+            st = refresh()
     return 0
 
 
