@@ -39,6 +39,7 @@ ON_DEMAND = {"agent/modbus_tcp_master.py",   # a TCP meter (the hub's _master)
              "agent/curtail.py",             # a kW target (Agent._partial)
              "agent/market_check.py",        # a [market] section (agent/config.py, at boot)
              "agent/dnp3_check.py",          # a [dnp3] section (agent/config.py, at boot)
+             "agent/config_optional.py",     # a feature section or trip stages (agent/config.py, at boot)
              "maint_boot.py"}                # a maintenance boot only: main.py loads it instead
                                              # of the agent (docs/failsafes.md), never beside it
 
@@ -85,11 +86,11 @@ def test_feature_index_names_the_folder():
     off = {"signals": {"dry_contact": False}, "override": {"enabled": True, "pin": None}}
     off.update({s: {"enabled": False} for s in mods - {"signals", "override"}})
     assert boot.features(off) == ([], [])
-    from agent import config
+    from agent import config, config_optional
 
     src = (FIRMWARE / "agent" / "config.py").read_text()
     for sec in boot.FEATURES:  # each is a site.toml section the config validates (or hands to its check)
-        assert sec in config.SCHEMA or sec in config.OPTIONAL or f'"{sec}" in cfg' in src, sec
+        assert sec in config.SCHEMA or sec in config_optional.OPTIONAL or f'"{sec}" in cfg' in src, sec
     # the features each discovered section's module pulls in count as optional, not core
     assert {"agent/features/mqtt.py", "agent/mqtt_client.py", "agent/mqtt_codec.py", "agent/freqmeter.py"} <= FEATURES
 

@@ -126,6 +126,7 @@ def load_config():
     del config
     unload("agent.config")
     unload("agent.dnp3_check")  # loaded by the validator for a DNP3 site only
+    unload("agent.config_optional")  # for a site with feature sections or trip stages only
     if not errors:
         from agent import meter_check
 

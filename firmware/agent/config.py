@@ -55,75 +55,6 @@ SCHEMA = {
     },
 }
 
-# Feature sections: checked (and defaulted) only when the site file has them. Each feature's
-# module (agent/features/<section>.py, agent/features/__init__.py) reads its own.
-OPTIONAL = {
-    "modbus_server": {
-        "enabled": (True, "b", None, None),
-        "transport": ("tcp", ("tcp", "rtu"), None, None),
-        "port": (502, "i", 1, 65535),
-        "unit": (1, "i", 1, 247),
-        "baud": (19200, "i", 1200, 115200),
-        "heartbeat_s": (0.0, "f", 0.0, 3600.0),
-        "heartbeat_action": ("alarm", ("alarm", "shed"), None, None),
-        "bind": ("", "s", None, None),
-        "allow": ([], "l", None, None),
-        "master": ("", "s", None, None),
-    },
-    "authority": {
-        "trusted": ([], "l", None, None),
-        "restore_all": (["*"], "l", None, None),
-    },
-    "udp": {
-        "enabled": (True, "b", None, None),
-        "port": (4700, "i", 1, 65535),
-    },
-    "mqtt": {
-        "enabled": (True, "b", None, None),
-        "host": ("127.0.0.1", "s", None, None),
-        "port": (1883, "i", 1, 65535),
-        "keepalive_s": (30, "i", 5, 3600),
-        "telemetry_s": (10.0, "f", 0.5, 3600.0),
-        # secure fleet channel (docs/mqtt.md "Securing the broker"): TLS checked against the CA
-        # provisioned in /broker.cbor and server_name (default: host); the board's login
-        "tls": (False, "b", None, None),
-        "ca": ("", "s", None, None),            # host side: PEM file of the CA (default: the site CA)
-        "server_name": ("", "s", None, None),
-        "auth": ("none", ("none", "password", "cert"), None, None),
-        "username": ("", "s", None, None),      # host side: the operator's broker login
-    },
-    "ac_sense": {
-        "enabled": (True, "b", None, None),
-        "pin": (None, "p", 0, 255),
-        "role": ("secondary", ("primary", "secondary"), None, None),
-        "max_disagree_hz": (0.05, "f", 0.0, 5.0),
-        "disagree_s": (2.0, "f", 0.1, 3600.0),
-        "cycles": (4, "i", 3, 12),
-        "rocof_cycles": (24, "i", 8, 64),
-    },
-    "miners": {
-        "enabled": (True, "b", None, None),
-        "api": ("cgminer", ("cgminer", "luxos"), None, None),
-        "timeout_ms": (1000, "i", 50, 60000),
-        "hosts": ([], "l", None, None),
-        "stagger_ms": (1000, "i", 0, 600000),
-        "hard": (False, "b", None, None),
-        "hard_signal": (True, "b", None, None),
-    },
-    "override": {
-        "enabled": (True, "b", None, None),
-        "pin": (None, "p", 0, 255),
-        "active": (0, "i", 0, 1),
-        "mode": ("lockout", ("lockout", "shed"), None, None),
-    },
-    # how long protection may stay off after the agent is stopped from the console (Ctrl-C)
-    # before the watchdog resets the board into the agent; host tools extend it while they work
-    # (agent/maint.py). The default applies without the section: agent/maint.py WINDOW_S.
-    "maintenance": {
-        "window_s": (300.0, "f", 10.0, 3600.0),
-    },
-}
-
 BLOCK_SCHEMA = {
     "name": ("", "s", None, None),
     "miners": (0, "i", 0, 100000),
@@ -173,61 +104,6 @@ def _check(path, value, kind, lo, hi, errors):
         errors.append("%s: %r is outside %s..%s" % (path, value, lo, hi))
 
 
-def _check_stages(trip, nominal, nblocks, errors):
-    # trip.stages: 1..4 of {pickup_hz | rocof_hz_s, delay_ms, blocks: [index...]} (docs/ac-sense.md)
-    st = trip["stages"]
-    if not isinstance(st, list) or not 0 < len(st) < 5:
-        errors.append("trip.stages: must be a list of 1 to 4 stages")
-        return
-    for i, s in enumerate(st):
-        try:
-            f = s.get("pickup_hz")
-            r = s.get("rocof_hz_s")
-            ok = ((f is None) != (r is None) and (f is None or nominal - BAND_HZ <= f <= trip["restore_hz"] - trip["deadband_hz"])
-                  and (r is None or -20 <= r < 0) and 0 <= s.get("delay_ms", 0) <= 600000
-                  and 40 <= s.get("below_hz", 50) <= 70 and 0 <= s.get("deadband_hz_s", 0) <= 10
-                  and s["blocks"] and all(0 <= x < nblocks for x in s["blocks"])
-                  and all(k in ("name", "pickup_hz", "rocof_hz_s", "delay_ms", "below_hz", "deadband_hz_s", "blocks") for k in s))
-        except Exception:
-            ok = False
-        if not ok:
-            errors.append("trip.stages[%d]: need pickup_hz (<= restore_hz - deadband_hz) or rocof_hz_s (-20..0), "
-                          "delay_ms 0..600000, blocks = [0..%d]; other keys: below_hz, deadband_hz_s, name" % (i, nblocks - 1))
-
-
-def apply_defaults(cfg):
-    """Fill every missing key of the known sections with its default (in place); returns cfg."""
-    for sec, keys in SCHEMA.items():
-        d = cfg.get(sec)
-        if not isinstance(d, dict):
-            if d is not None:
-                continue  # validate() reports it
-            d = {}
-            cfg[sec] = d
-        for k, spec in keys.items():
-            if k not in d:
-                d[k] = spec[0]
-    for sec, keys in OPTIONAL.items():
-        d = cfg.get(sec)
-        if isinstance(d, dict):
-            for k, spec in keys.items():
-                if k not in d:
-                    d[k] = spec[0]
-    if isinstance(cfg.get("dnp3"), dict):
-        from agent.dnp3_check import SECTION
-
-        for k, spec in SECTION.items():
-            cfg["dnp3"].setdefault(k, spec[0])
-    for b in cfg.get("blocks") or ():
-        if isinstance(b, dict):
-            for k, spec in BLOCK_SCHEMA.items():
-                if k not in b:
-                    b[k] = spec[0]
-    cfg.setdefault("v", VERSION)
-    cfg.setdefault("nominal_hz", 60)
-    return cfg
-
-
 def validate(cfg):
     """Return a list of 'path: problem' strings; empty means the config is usable."""
     errors = []
@@ -254,19 +130,9 @@ def validate(cfg):
         for k in d:
             if k not in keys and not (sec == "meter" and k == "map") and not (sec == "trip" and k == "stages"):
                 errors.append("%s.%s: unknown key" % (sec, k))
-    for sec, keys in OPTIONAL.items():
-        d = cfg.get(sec)
-        if d is None:
-            continue
-        if not isinstance(d, dict):
-            errors.append("%s: must be a table" % sec)
-            continue
-        for k, (default, kind, lo, hi) in keys.items():
-            if k in d:
-                _check(sec + "." + k, d[k], kind, lo, hi, errors)
-        for k in d:
-            if k not in keys:
-                errors.append("%s.%s: unknown key" % (sec, k))
+    opt = _optional(cfg)
+    if opt:
+        opt.check_sections(cfg, errors, _check)
     trip = cfg.get("trip")
     if isinstance(trip, dict) and not errors:
         nominal = cfg["nominal_hz"]
@@ -280,15 +146,9 @@ def validate(cfg):
         elif trip["restore_hz"] < nominal - BAND_HZ:
             errors.append("trip.restore_hz: %r is more than %r Hz below the %d Hz nominal" % (trip["restore_hz"], BAND_HZ, nominal))
         if "stages" in trip:
-            _check_stages(trip, nominal, len(cfg.get("blocks") or ()), errors)
-    au = cfg.get("authority")
-    if isinstance(au, dict):
-        for v in au.get("trusted") or ():
-            if v not in ("modbus", "dry_contact"):
-                errors.append("authority.trusted: %r is not an unauthenticated channel (modbus, dry_contact)" % (v,))
-        for v in au.get("restore_all") or ():
-            if not (v == "*" or (isinstance(v, str) and 0 < len(v) <= 64 and not v.strip("0123456789abcdef"))):
-                errors.append("authority.restore_all: %r is not a key id in hex or \"*\"" % (v,))
+            opt.check_stages(trip, nominal, len(cfg.get("blocks") or ()), BAND_HZ, errors)
+    if opt:
+        opt.check_authority(cfg, errors)
     if "market" in cfg or any(len(b) > 6 for b in cfg.get("blocks") or () if isinstance(b, dict)):
         from agent.market_check import check  # docs/market.md: loaded only for a market site
 
@@ -297,14 +157,8 @@ def validate(cfg):
         from agent.dnp3_check import check as dnp3_check  # docs/dnp3.md: loaded only for a DNP3 site
 
         dnp3_check(cfg, errors, _check, _ipv4)
-    ms = cfg.get("modbus_server")
-    if isinstance(ms, dict):
-        for v in list(ms.get("allow") or ()) + [ms.get("master") or "0.0.0.0", ms.get("bind") or "0.0.0.0"]:
-            if not _ipv4(v):
-                errors.append("modbus_server: %r is not an IPv4 address (bind, allow, master)" % (v,))
-    mq = cfg.get("mqtt")
-    if isinstance(mq, dict) and mq.get("auth") == "cert" and not mq.get("tls"):
-        errors.append("mqtt.auth: \"cert\" (a client certificate) needs mqtt.tls = true")
+    if opt:
+        opt.check_links(cfg, errors, _ipv4)
     sig = cfg.get("signals")
     if isinstance(sig, dict) and sig.get("dry_contact") is True and sig.get("dry_contact_pin") is None:
         errors.append("signals.dry_contact: the board has no dry-contact input pin")
@@ -349,14 +203,24 @@ def validate(cfg):
     return errors
 
 
+# top-level keys agent/config_optional.py has nothing to check in
+_BASE = ("v", "site", "device", "board", "nominal_hz", "blocks", "market", "dnp3")
+
+
+def _optional(cfg):
+    # agent.config_optional when the config has a feature section (OPTIONAL there) or trip
+    # stages, else None: a site without them does not load it
+    tr = cfg.get("trip")
+    if (isinstance(tr, dict) and "stages" in tr) or any(k not in SCHEMA and k not in _BASE for k in cfg):
+        from agent import config_optional
+
+        return config_optional
+    return None
+
+
 def _ipv4(v):
     try:
         p = v.split(".")
         return len(p) == 4 and all(x.isdigit() and 0 <= int(x) < 256 for x in p)
     except Exception:
         return False
-
-
-def block_kw(block):
-    """Nameplate kW behind a block (miners x kW per miner)."""
-    return block["miners"] * block["kw_per_miner"]

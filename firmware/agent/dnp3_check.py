@@ -1,9 +1,9 @@
 # Site config checks of the DNP3 outstation ([dnp3], docs/dnp3.md): its keys with their defaults,
-# kinds and ranges, and the checks across keys. Loaded by agent/config.py (apply_defaults,
-# validate) only for a config that has the section, so a site without DNP3 keeps none of this in
+# kinds and ranges, and the checks across keys. Loaded by agent/config.py (validate) and
+# agent/config_defaults.py (the host's apply_defaults) only for a config that has the section, so a site without DNP3 keeps none of this in
 # its core; the board's boot unloads it with the validator. (Comments, not docstrings.)
 
-# key -> (default, kind, lo, hi), as agent/config.py OPTIONAL
+# key -> (default, kind, lo, hi), as agent/config_optional.py OPTIONAL
 SECTION = {
     "enabled": (True, "b", None, None),
     "transport": ("tcp", ("tcp", "serial"), None, None),

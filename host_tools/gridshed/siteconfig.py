@@ -14,6 +14,7 @@ from typing import Any
 from agent import cbor
 from agent import integrity
 from agent import config as fwconfig
+from agent.config_defaults import apply_defaults
 
 from .boards import load_board
 from .errors import UserError
@@ -124,7 +125,7 @@ def normalize(site: dict[str, Any], board_name: str | None = None, device_id: st
             d["pin"] = pin
     uarts = board.get("uarts", {})
     cfg["uart"] = {role: uarts[role] for role in uarts}
-    fwconfig.apply_defaults(cfg)
+    apply_defaults(cfg)
     errors = fwconfig.validate(cfg)
     if errors:
         raise UserError(f"{source}: " + "; ".join(errors))

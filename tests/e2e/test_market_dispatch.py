@@ -160,8 +160,9 @@ def test_dispatch_over_the_fleet_channel(tmp_path, capsys):
         cfg["mqtt"] = {"enabled": True, "host": "127.0.0.1", "port": broker.port, "keepalive_s": 60,
                        "telemetry_s": 5.0}
         from agent import config as fwconfig
+        from agent.config_defaults import apply_defaults
 
-        fwconfig.apply_defaults(cfg)
+        apply_defaults(cfg)
         assert not fwconfig.validate(cfg)
         inv = tmp_path / "inv.sqlite"
         key = new_key()
@@ -214,9 +215,9 @@ def test_openadr_price_event_reaches_the_board(tmp_path, capsys):
         cfg = siteconfig.load_site(site)
         cfg["mqtt"] = {"enabled": True, "host": "127.0.0.1", "port": broker.port, "keepalive_s": 60,
                        "telemetry_s": 5.0}
-        from agent import config as fwconfig
+        from agent.config_defaults import apply_defaults
 
-        fwconfig.apply_defaults(cfg)
+        apply_defaults(cfg)
         inv = tmp_path / "inv.sqlite"
         key = new_key()
         with Inventory(inv) as db:

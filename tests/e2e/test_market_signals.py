@@ -44,8 +44,9 @@ def site(tmp_path: Path, obligation: bool) -> dict:
 
 def board(tmp_path: Path, cfg: dict) -> tuple[Path, bytes]:
     from agent import config as fwconfig
+    from agent.config_defaults import apply_defaults
 
-    fwconfig.apply_defaults(cfg)
+    apply_defaults(cfg)
     assert not fwconfig.validate(cfg), fwconfig.validate(cfg)
     key = new_key()
     d = tmp_path / "board"

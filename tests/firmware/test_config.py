@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import config
+from agent import config, config_optional
 from gridshed import siteconfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -158,18 +158,19 @@ def test_refusal_cpython(rid, ops, want):
 
 def test_every_schema_kind_has_a_row():
     kinds = set()
-    for table in list(config.SCHEMA.values()) + list(config.OPTIONAL.values()) + [config.BLOCK_SCHEMA]:
+    for table in list(config.SCHEMA.values()) + list(config_optional.OPTIONAL.values()) + [config.BLOCK_SCHEMA]:
         for _, kind, _, _ in table.values():
             kinds.add("choice" if isinstance(kind, tuple) else kind)
     assert kinds == KINDS_COVERED, kinds
 
 
 def test_every_refusal_message_of_validate_has_a_row():
-    """Each refusal format string in config.py's source (every errors.append and the early
-    return) matches an error some row expects: a new refusal without a row fails here."""
+    """Each refusal format string in config.py's source and config_optional.py's (the checks it
+    loads for the feature sections and trip stages; every errors.append and the early return)
+    matches an error some row expects: a new refusal without a row fails here."""
     import re
 
-    src = (ROOT / "firmware" / "agent" / "config.py").read_text()
+    src = "".join((ROOT / "firmware" / "agent" / f).read_text() for f in ("config.py", "config_optional.py"))
     fmts = [f.replace('\\"', '"') for f in
             re.findall(r'(?:errors\.append\(|return \[)(?:p \+ )?"((?:[^"\\]|\\.)+)"', src)]
     assert len(fmts) >= 28, fmts

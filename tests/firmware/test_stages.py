@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent import config as fwconfig
+from agent.config_defaults import apply_defaults
 from agent import control as C
 from agent.control import Controller
 from gridshed import siteconfig
@@ -94,7 +95,7 @@ def test_bad_rocof_stage_refused_by_controller():
 
 def test_config_validates_stages():
     def errs(stages):
-        c = fwconfig.apply_defaults({"site": "s", "device": "d", "board": "b", "meter": {"map": {"quantities": {"hz": {}, "kw": {}}}},
+        c = apply_defaults({"site": "s", "device": "d", "board": "b", "meter": {"map": {"quantities": {"hz": {}, "kw": {}}}},
                                      "trip": {"restore_hz": 59.95, "stages": stages},
                                      "blocks": [{"name": "a", "pins": [1]}, {"name": "b", "pins": [2]}]})
         return [e for e in fwconfig.validate(c) if "stages" in e]
