@@ -30,7 +30,7 @@ import struct
 
 from agent.compat import const
 
-MAX_DEPTH = const(16)
+_MAX_DEPTH = const(16)
 
 _UINT64_MAX = 0xFFFFFFFFFFFFFFFF
 
@@ -141,7 +141,7 @@ def _enc(out, obj, depth):
     elif isinstance(obj, float):
         _float(out, obj)
     else:
-        if depth >= MAX_DEPTH:
+        if depth >= _MAX_DEPTH:
             raise ValueError("nesting too deep")
         depth += 1
         if isinstance(obj, (list, tuple)):
@@ -323,7 +323,7 @@ def _half(h):
     return -v if h & 0x8000 else v
 
 
-def decode_prefix(buf, offset=0, max_depth=MAX_DEPTH):
+def decode_prefix(buf, offset=0, max_depth=_MAX_DEPTH):
     """Decode one CBOR item starting at ``offset``; return ``(obj, next_offset)``."""
     if offset < 0 or offset > len(buf):
         raise ValueError("offset out of range")
@@ -336,7 +336,7 @@ def decode_prefix(buf, offset=0, max_depth=MAX_DEPTH):
         raise ValueError("malformed CBOR (%s)" % type(e).__name__)
 
 
-def loads(buf, max_depth=MAX_DEPTH):
+def loads(buf, max_depth=_MAX_DEPTH):
     """Decode exactly one CBOR item that fills the whole buffer."""
     obj, i = decode_prefix(buf, 0, max_depth)
     if i != len(buf):

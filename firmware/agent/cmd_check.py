@@ -208,18 +208,3 @@ def load_auth(au, persisted):
         au.kw[I_SIGNED] = float(k)
     if au.active(I_SIGNED):
         au.ids[0] = b""
-
-
-def nonce_hex(a):
-    # the board's current command nonce (hex): a restore / disarm / time command carries it
-    # while the clock is not trusted (check() above); used once (agent/cmd_run.py drops it)
-    if a.nonce is None:
-        import os
-
-        try:
-            a.nonce = os.urandom(8)
-        except Exception:  # a port without urandom
-            import random
-
-            a.nonce = bytes(random.getrandbits(8) for _ in range(8))
-    return "".join("%02x" % b for b in a.nonce)

@@ -27,7 +27,7 @@ DISARMED = const(5)
 STATE_NAMES = ("normal", "pickup", "tripped", "restore_hold", "restoring", "disarmed")
 
 # trip reasons (Controller.reason, last_reason); reasons 1..4 equal their TRIP_* event code
-REASON_NONE = const(0)
+_REASON_NONE = const(0)
 REASON_UF = const(1)
 REASON_SIGNAL = const(2)
 REASON_METER_LOSS = const(3)
@@ -36,7 +36,7 @@ REASON_BOOT = const(5)
 REASON_NAMES = ("none", "underfrequency", "signal", "meter_loss", "command", "boot")
 
 # event codes (step() result, Controller.events[:nevents])
-EV_NONE = const(0)
+_EV_NONE = const(0)
 TRIP_UF = const(1)
 TRIP_SIGNAL = const(2)
 TRIP_METER_LOSS = const(3)
@@ -62,7 +62,7 @@ EVENT_NAMES = (
     "armed", "disarmed", "release_seen", "signal_on", "signal_off",
 )
 # implausible samples (Controller.bad_why, bad_counts[i]): docs/control.md, "Plausibility"
-BAD_NONE = const(0)
+_BAD_NONE = const(0)
 BAD_NAN = const(1)   # NaN or infinite
 BAD_BAND = const(2)  # outside the plausible band around nominal
 BAD_RATE = const(3)  # moved faster than ROCOF_MAX_HZ_S allows since the last plausible sample
@@ -73,12 +73,12 @@ ROCOF_MAX_HZ_S = 10  # |df/dt| no power system reaches (big grids < 1 Hz/s, isla
 RATE_SLACK_HZ = 0.1  # meter resolution and averaging-window slack on top of it
 UV_BLOCK_V = 40.0    # frequency blocked while phase-1 voltage (where the map has it) is below
 # events after which the caller persists snapshot(): trips, restores, release, arm/disarm
-PERSIST_MASK = const(0x1CC1E)
+_PERSIST_MASK = const(0x1CC1E)
 _NEV = const(16)
 
 
 def persist_wanted(code):
-    return (PERSIST_MASK >> code) & 1 == 1
+    return (_PERSIST_MASK >> code) & 1 == 1
 
 
 def is_trip(code):
@@ -580,7 +580,7 @@ class Controller:
 I_MODBUS = const(0)     # utility Modbus map: register 10 / 12 (unauthenticated)
 I_CONTACT = const(1)    # dry contact (unauthenticated)
 I_HEARTBEAT = const(2)  # Modbus heartbeat lost with heartbeat_action = "shed"
-I_SCHEDULE = const(3)   # schedules (reserved for the market issue)
+_I_SCHEDULE = const(3)   # schedules (reserved for the market issue)
 I_SIGNED = const(4)     # first signed issuer slot: one per (kid, "iss" label)
 NSIGNED = const(8)
 I_DNP3 = const(12)      # DNP3 outstation: CROB shed / release (unauthenticated, agent/features/dnp3.py)

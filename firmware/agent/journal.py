@@ -20,9 +20,9 @@ from agent import cbor
 from agent.compat import const, ticks_ms
 
 MAGIC = const(0xFC)  # not a well-formed CBOR initial byte, so rarely seen at a record boundary
-HDR = const(3)  # magic + u16 length
-TRAILER = const(4)  # u32 CRC-32
-OVERHEAD = const(7)
+_HDR = const(3)  # magic + u16 length
+_TRAILER = const(4)  # u32 CRC-32
+_OVERHEAD = const(7)
 MAX_BODY = const(8192)  # largest body append() writes and readers accept
 _MAGIC_B = b"\xfc"
 _CHUNK = const(64)
@@ -40,19 +40,19 @@ def _crc(buf):
 
 def _try_record(read_at, off, size, max_body):
     """(obj, end) for a valid record at off, else (None, reason)."""
-    if size - off < HDR + 1 + TRAILER:
+    if size - off < _HDR + 1 + _TRAILER:
         return None, "short"
-    hdr = read_at(off, HDR)
+    hdr = read_at(off, _HDR)
     if hdr[0] != MAGIC:
         return None, "magic"
     ln = (hdr[1] << 8) | hdr[2]
     if ln == 0 or ln > max_body:
         return None, "length"
-    end = off + OVERHEAD + ln
+    end = off + _OVERHEAD + ln
     if end > size:
         return None, "short"
-    data = read_at(off + 1, 2 + ln + TRAILER)
-    if len(data) != 2 + ln + TRAILER:
+    data = read_at(off + 1, 2 + ln + _TRAILER)
+    if len(data) != 2 + ln + _TRAILER:
         return None, "short"
     stored = struct.unpack_from(">I", data, 2 + ln)[0]
     if _crc(data[: 2 + ln]) != stored:
@@ -197,8 +197,8 @@ class Journal:
         self.uptime = uptime or ticks_ms
         self._buf = bytearray(buf_size)
         self._mv = memoryview(self._buf)
-        self._hdr = self._mv[:HDR]  # a record's header and CRC are written from these
-        self._trl = self._mv[HDR:OVERHEAD]
+        self._hdr = self._mv[:_HDR]  # a record's header and CRC are written from these
+        self._trl = self._mv[_HDR:_OVERHEAD]
         self._lenb = bytearray(2)
         self._f = None
         self._segs = []
@@ -402,7 +402,7 @@ class Journal:
             self.dropped += 1
             return False
         ln = len(body)
-        n = ln + OVERHEAD
+        n = ln + _OVERHEAD
         if ln > MAX_BODY:
             self.dropped += 1
             return False
@@ -414,7 +414,7 @@ class Journal:
                     d["n"] = seq
                     body = cbor.dumps(d)
                     ln = len(body)
-                    n = ln + OVERHEAD
+                    n = ln + _OVERHEAD
             if self._size > 0 and self._size + n > self.seg_size:
                 self._rotate()
             mv = self._mv
@@ -425,7 +425,7 @@ class Journal:
             mv[0] = MAGIC
             mv[1] = lb[0]
             mv[2] = lb[1]
-            struct.pack_into(">I", mv, HDR, crc)
+            struct.pack_into(">I", mv, _HDR, crc)
             self.seq = seq  # never reused, even if the write below fails halfway
             f = self._f
             # header, body, CRC: three writes from what exists, no copy of the record (a cut

@@ -25,7 +25,7 @@ from agent.compat import const
 
 SAMPLE_SIZE = const(10)
 _FMT = ">HHfH"
-HZ_NONE = const(0xFFFF)
+_HZ_NONE = const(0xFFFF)
 # Sample times are kept modulo 2**30 (fits array('i'), never allocates, and is consistent with
 # both tick periods: 2**30 on 32-bit ports, 2**62 on the 64-bit unix port). Windows are
 # seconds long, far below the 12-day period.
@@ -168,7 +168,7 @@ class Recorder:
             prev = m
             hz = self.hz[i]
             if hz != hz or hz < 0 or hz >= 65.535:
-                mhz = HZ_NONE
+                mhz = _HZ_NONE
             else:
                 mhz = int(hz * 1000 + 0.5)
             struct.pack_into(_FMT, out, j * SAMPLE_SIZE, dms, mhz, self.kw[i], self.mask[i])
@@ -205,5 +205,5 @@ def decode_capture(rec):
     for j in range(len(smp) // SAMPLE_SIZE):
         dms, mhz, kw, mask = struct.unpack_from(_FMT, smp, j * SAMPLE_SIZE)
         ms += dms
-        out.append((ms, None if mhz == HZ_NONE else mhz / 1000.0, kw, mask))
+        out.append((ms, None if mhz == _HZ_NONE else mhz / 1000.0, kw, mask))
     return out

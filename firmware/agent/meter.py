@@ -31,10 +31,10 @@ DEFAULT_MAX_GAP = const(24)
 T_U16 = const(0)
 T_S16 = const(1)
 T_U32 = const(2)
-T_S32 = const(3)
+_T_S32 = const(3)
 T_F32 = const(4)
 
-TYPES = {"u16": T_U16, "s16": T_S16, "u32": T_U32, "s32": T_S32, "f32": T_F32}
+TYPES = {"u16": T_U16, "s16": T_S16, "u32": T_U32, "s32": _T_S32, "f32": T_F32}
 WORDS = ("big", "little")
 QUANTITIES = ("hz", "kw", "v1", "v2", "v3", "i1", "i2", "i3", "kw1", "kw2", "kw3")
 REQUIRED = ("hz", "kw")
@@ -146,7 +146,7 @@ class MeterMap:
             lo = w1
         if t == T_U32:
             return (hi * 65536.0 + lo) * self._scale[i]
-        if t == T_S32:
+        if t == _T_S32:
             if hi & 0x8000:
                 hi -= 0x10000
             return (hi * 65536.0 + lo) * self._scale[i]

@@ -29,31 +29,31 @@ from agent.modbus_errors import (  # noqa: F401  (re-exported)
     ModbusTimeout,
 )
 
-READ_COILS = const(1)
-READ_DISCRETE_INPUTS = const(2)
-READ_HOLDING_REGISTERS = const(3)
-READ_INPUT_REGISTERS = const(4)
-WRITE_SINGLE_COIL = const(5)
-WRITE_SINGLE_REGISTER = const(6)
-WRITE_MULTIPLE_COILS = const(15)
-WRITE_MULTIPLE_REGISTERS = const(16)
+_READ_COILS = const(1)
+_READ_DISCRETE_INPUTS = const(2)
+_READ_HOLDING_REGISTERS = const(3)
+_READ_INPUT_REGISTERS = const(4)
+_WRITE_SINGLE_COIL = const(5)
+_WRITE_SINGLE_REGISTER = const(6)
+_WRITE_MULTIPLE_COILS = const(15)
+_WRITE_MULTIPLE_REGISTERS = const(16)
 
 ILLEGAL_FUNCTION = const(1)
 ILLEGAL_DATA_ADDRESS = const(2)
 ILLEGAL_DATA_VALUE = const(3)
-SERVER_DEVICE_FAILURE = const(4)
-ACKNOWLEDGE = const(5)
+_SERVER_DEVICE_FAILURE = const(4)
+_ACKNOWLEDGE = const(5)
 SERVER_DEVICE_BUSY = const(6)
-GATEWAY_PATH_UNAVAILABLE = const(10)
+_GATEWAY_PATH_UNAVAILABLE = const(10)
 GATEWAY_TARGET_FAILED = const(11)
 
 MAX_ADU = const(256)
 EXC_LEN = const(5)  # unit, fn|0x80, code, crc(2)
-MIN_LEN = const(4)
-MAX_READ_REGS = const(125)
-MAX_WRITE_REGS = const(123)
-MAX_READ_BITS = const(2000)
-MAX_WRITE_BITS = const(1968)
+_MIN_LEN = const(4)
+_MAX_READ_REGS = const(125)
+_MAX_WRITE_REGS = const(123)
+_MAX_READ_BITS = const(2000)
+_MAX_WRITE_BITS = const(1968)
 
 
 def _put16(buf, i, v):
@@ -82,7 +82,7 @@ def put_request_pdu(buf, o, fn, addr, arg=1, values=None):
     buf[o] = fn
     _put16(buf, o + 1, addr)
     if 1 <= fn <= 4:
-        lim = MAX_READ_REGS if fn >= 3 else MAX_READ_BITS
+        lim = _MAX_READ_REGS if fn >= 3 else _MAX_READ_BITS
         if not 1 <= arg <= lim:
             raise ValueError("count")
         _put16(buf, o + 3, arg)
@@ -104,13 +104,13 @@ def put_request_pdu(buf, o, fn, addr, arg=1, values=None):
             if bc & 1:
                 raise ValueError("odd byte count")
             count = bc >> 1
-            if not 1 <= count <= MAX_WRITE_REGS:
+            if not 1 <= count <= _MAX_WRITE_REGS:
                 raise ValueError("count")
             for i in range(bc):
                 buf[d + i] = values[i]
         else:
             count = len(values)
-            if not 1 <= count <= MAX_WRITE_REGS:
+            if not 1 <= count <= _MAX_WRITE_REGS:
                 raise ValueError("count")
             bc = count << 1
             for i in range(count):
@@ -125,7 +125,7 @@ def put_request_pdu(buf, o, fn, addr, arg=1, values=None):
         if values is None:
             raise ValueError("values")
         count = len(values)
-        if not 1 <= count <= MAX_WRITE_BITS:
+        if not 1 <= count <= _MAX_WRITE_BITS:
             raise ValueError("count")
         bc = (count + 7) >> 3
         d = o + 6
@@ -214,7 +214,7 @@ def parse_request_pdu(buf, o, end, unit=0):
         addr = _get16(buf, o + 1)
         arg = _get16(buf, o + 3)
         if fn <= 4:
-            lim = MAX_READ_REGS if fn >= 3 else MAX_READ_BITS
+            lim = _MAX_READ_REGS if fn >= 3 else _MAX_READ_BITS
             if not 1 <= arg <= lim:
                 raise ModbusException(ILLEGAL_DATA_VALUE, fn, unit)
             if addr + arg > 0x10000:
@@ -230,9 +230,9 @@ def parse_request_pdu(buf, o, end, unit=0):
     if plen != 6 + bc:
         raise ModbusFrameError("byte count")
     if fn == 16:
-        ok = 1 <= arg <= MAX_WRITE_REGS and bc == 2 * arg
+        ok = 1 <= arg <= _MAX_WRITE_REGS and bc == 2 * arg
     else:
-        ok = 1 <= arg <= MAX_WRITE_BITS and bc == (arg + 7) >> 3
+        ok = 1 <= arg <= _MAX_WRITE_BITS and bc == (arg + 7) >> 3
     if not ok:
         raise ModbusException(ILLEGAL_DATA_VALUE, fn, unit)
     if addr + arg > 0x10000:
@@ -342,7 +342,7 @@ def parse_response(buf, n, unit, fn, addr=None, arg=None):
     """
     if n is None:
         n = len(buf)
-    if n < MIN_LEN:
+    if n < _MIN_LEN:
         raise ModbusFrameError("short frame")
     if not check_crc(buf, n):
         raise ModbusCRCError("crc")
@@ -362,7 +362,7 @@ def parse_request(buf, n=None):
     """
     if n is None:
         n = len(buf)
-    if n < MIN_LEN:
+    if n < _MIN_LEN:
         raise ModbusFrameError("short frame")
     if not check_crc(buf, n):
         raise ModbusCRCError("crc")

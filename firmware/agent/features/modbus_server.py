@@ -19,44 +19,44 @@ from agent.compat import const, ticks_ms, ticks_diff
 from agent.control import I_MODBUS, I_CONTACT, I_HEARTBEAT
 from agent.modbus_errors import ModbusError, ModbusException
 
-MAP_VERSION = const(1)
+_MAP_VERSION = const(1)
 # register addresses (0-based, protocol addressing); the same map answers function 3 and 4
-R_VERSION = const(0)
-R_STATUS = const(1)
-R_STATE = const(2)
-R_REASON = const(3)
-R_HZ = const(4)         # u32 mHz, high word first (0 = no valid reading)
-R_KW = const(6)         # s32 0.1 kW, high word first
-R_MASK = const(8)       # bit i = block i closed (load on)
-R_BLOCKS = const(9)
-R_SHED = const(10)      # RW: 1 = shed, 0 = clear the utility shed
-R_RELEASE = const(11)   # W: 1 = release (one shot; also clears the utility shed); reads 0
-R_SHED_KW = const(12)   # RW: partial shed target in kW, 0 = none (whole program)
-R_HEARTBEAT = const(13)  # RW: the utility keeps changing it when heartbeat_s > 0
-R_REQUESTS = const(14)
-R_EXCEPTIONS = const(15)
-R_BAD = const(16)
-R_HB_LOSSES = const(17)
-R_COMMANDS = const(18)
-R_AVAIL = const(19)     # kW a frequency trip would shed now (the market's availability)
-R_MARKET = const(20)    # market bits: 1 running, 2 clock trusted, 4 obligation hour, 8 short, 16 refusing
-R_MPRICE = const(21)    # RW (trusted line only): s16 $/MWh that only adds curtailment; -32768 = none
-R_MKW = const(22)       # RW (trusted line only): kW to curtail, only adds to the schedule's; 0 = none
-NREGS = const(23)
+_R_VERSION = const(0)
+_R_STATUS = const(1)
+_R_STATE = const(2)
+_R_REASON = const(3)
+_R_HZ = const(4)         # u32 mHz, high word first (0 = no valid reading)
+_R_KW = const(6)         # s32 0.1 kW, high word first
+_R_MASK = const(8)       # bit i = block i closed (load on)
+_R_BLOCKS = const(9)
+_R_SHED = const(10)      # RW: 1 = shed, 0 = clear the utility shed
+_R_RELEASE = const(11)   # W: 1 = release (one shot; also clears the utility shed); reads 0
+_R_SHED_KW = const(12)   # RW: partial shed target in kW, 0 = none (whole program)
+_R_HEARTBEAT = const(13)  # RW: the utility keeps changing it when heartbeat_s > 0
+_R_REQUESTS = const(14)
+_R_EXCEPTIONS = const(15)
+_R_BAD = const(16)
+_R_HB_LOSSES = const(17)
+_R_COMMANDS = const(18)
+_R_AVAIL = const(19)     # kW a frequency trip would shed now (the market's availability)
+_R_MARKET = const(20)    # market bits: 1 running, 2 clock trusted, 4 obligation hour, 8 short, 16 refusing
+_R_MPRICE = const(21)    # RW (trusted line only): s16 $/MWh that only adds curtailment; -32768 = none
+_R_MKW = const(22)       # RW (trusted line only): kW to curtail, only adds to the schedule's; 0 = none
+_NREGS = const(23)
 
-ST_ARMED = const(1)
-ST_TRIPPED = const(2)
-ST_METER_OK = const(4)
-ST_SHED_REQ = const(8)
-ST_HB_OK = const(16)
-ST_UTIL_SHED = const(32)
+_ST_ARMED = const(1)
+_ST_TRIPPED = const(2)
+_ST_METER_OK = const(4)
+_ST_SHED_REQ = const(8)
+_ST_HB_OK = const(16)
+_ST_UTIL_SHED = const(32)
 
-MAX_CONN = const(2)  # other clients: a third evicts the oldest (a dead link never locks us out);
+_MAX_CONN = const(2)  # other clients: a third evicts the oldest (a dead link never locks us out);
 # the configured SCADA master ("master") has a connection of its own that no other client evicts
-REL_BURST = const(4)     # restore-direction writes: burst, then one per REL_MS, per source
-REL_MS = const(1000)
-NOTE_BURST = const(10)   # journaled write records: burst, then one per NOTE_MS (all counted)
-NOTE_MS = const(1000)
+_REL_BURST = const(4)     # restore-direction writes: burst, then one per _REL_MS, per source
+_REL_MS = const(1000)
+_NOTE_BURST = const(10)   # journaled write records: burst, then one per _NOTE_MS (all counted)
+_NOTE_MS = const(1000)
 
 
 class UtilityServer:
@@ -65,7 +65,7 @@ class UtilityServer:
         self.unit = cfg["unit"]
         self.hb_ms = int(cfg["heartbeat_s"] * 1000)
         self.hb_shed = cfg["heartbeat_action"] == "shed"
-        self.img = bytearray(2 * NREGS)
+        self.img = bytearray(2 * _NREGS)
         self.imv = memoryview(self.img)
         self.tx = bytearray(tcp.MAX_ADU)
         self.txmv = memoryview(self.tx)
@@ -81,8 +81,8 @@ class UtilityServer:
         self.src = "tcp"
         self.bcast = False   # the request being executed is a broadcast
         self.from_master = False
-        self.rel = [REL_BURST, 0, REL_BURST, 0]  # restore-direction tokens, last refill: others, master
-        self.notes = NOTE_BURST
+        self.rel = [_REL_BURST, 0, _REL_BURST, 0]  # restore-direction tokens, last refill: others, master
+        self.notes = _NOTE_BURST
         self.note_t = 0
         self.unnoted = 0     # write records not journaled (rate limit), told in the next one
         self.limited = self.refused_bcast = self.refused_peer = 0
@@ -110,42 +110,42 @@ class UtilityServer:
         c = a.ctrl
         st = 0
         if c.armed:
-            st |= ST_ARMED
+            st |= _ST_ARMED
         if c.shed_mask:
-            st |= ST_TRIPPED
+            st |= _ST_TRIPPED
         if a.meter_ok:
-            st |= ST_METER_OK
+            st |= _ST_METER_OK
         if a.shed_requested():
-            st |= ST_SHED_REQ
+            st |= _ST_SHED_REQ
         if self.hb_ok():
-            st |= ST_HB_OK
+            st |= _ST_HB_OK
         own = a.auth.held >> I_MODBUS & 1
         if own:
-            st |= ST_UTIL_SHED
+            st |= _ST_UTIL_SHED
         p = self._put
-        p(R_VERSION, MAP_VERSION)
-        p(R_STATUS, st)
-        p(R_STATE, c.state)
-        p(R_REASON, c.reason)
+        p(_R_VERSION, _MAP_VERSION)
+        p(_R_STATUS, st)
+        p(_R_STATE, c.state)
+        p(_R_REASON, c.reason)
         hz = a.hz
         # NaN/inf from a bad meter map fail every comparison: they read as 0 (no reading)
-        self._put32(R_HZ, int(hz * 1000 + 0.5) if hz is not None and 0 < hz < 1000000 else 0)
+        self._put32(_R_HZ, int(hz * 1000 + 0.5) if hz is not None and 0 < hz < 1000000 else 0)
         kw = a.kw
         if kw is None or not -2e8 < kw < 2e8:
             kw = 0.0
-        self._put32(R_KW, int(kw * 10 + (0.5 if kw >= 0 else -0.5)))
-        p(R_MASK, a.relays.mask)
-        p(R_BLOCKS, len(a.cfg["blocks"]))
-        p(R_SHED, own)
-        p(R_RELEASE, 0)
+        self._put32(_R_KW, int(kw * 10 + (0.5 if kw >= 0 else -0.5)))
+        p(_R_MASK, a.relays.mask)
+        p(_R_BLOCKS, len(a.cfg["blocks"]))
+        p(_R_SHED, own)
+        p(_R_RELEASE, 0)
         t = a.auth.kw[I_MODBUS]
-        p(R_SHED_KW, 65535 if t > 65535 else int(t))
-        p(R_HEARTBEAT, self.hb_val if self.hb_val >= 0 else 0)
-        p(R_REQUESTS, self.requests & 0xFFFF)
-        p(R_EXCEPTIONS, self.exceptions & 0xFFFF)
-        p(R_BAD, self.bad & 0xFFFF)
-        p(R_HB_LOSSES, self.hb_losses & 0xFFFF)
-        p(R_COMMANDS, self.commands & 0xFFFF)
+        p(_R_SHED_KW, 65535 if t > 65535 else int(t))
+        p(_R_HEARTBEAT, self.hb_val if self.hb_val >= 0 else 0)
+        p(_R_REQUESTS, self.requests & 0xFFFF)
+        p(_R_EXCEPTIONS, self.exceptions & 0xFFFF)
+        p(_R_BAD, self.bad & 0xFFFF)
+        p(_R_HB_LOSSES, self.hb_losses & 0xFFFF)
+        p(_R_COMMANDS, self.commands & 0xFFFF)
         mk = a.market
         m = mk and mk.m
         av = 0.0
@@ -159,16 +159,16 @@ class UtilityServer:
             for i in range(c.nblocks):
                 if sm >> i & 1:
                     av += c.kw[i]
-        p(R_AVAIL, 65535 if av > 65535 else int(av + 0.5))
-        p(R_MARKET, 0 if not m else (1 | m.known << 1 | m.oblig << 2 | m.short << 3 | (m.why_count(6) > 0) << 4))
-        p(R_MPRICE, 0x8000 if not m or m.x_price is None else int(m.x_price) & 0xFFFF)
-        p(R_MKW, 0 if not m else int(m.x_kw))
+        p(_R_AVAIL, 65535 if av > 65535 else int(av + 0.5))
+        p(_R_MARKET, 0 if not m else (1 | m.known << 1 | m.oblig << 2 | m.short << 3 | (m.why_count(6) > 0) << 4))
+        p(_R_MPRICE, 0x8000 if not m or m.x_price is None else int(m.x_price) & 0xFFFF)
+        p(_R_MKW, 0 if not m else int(m.x_kw))
 
     # ---- requests ------------------------------------------------------------------------
     def execute(self, fn, addr, arg, data, unit):
         # Returns the register bytes for a read, None for a write; ModbusException otherwise.
         if fn == 3 or fn == 4:
-            if addr + arg > NREGS:
+            if addr + arg > _NREGS:
                 raise ModbusException(rtu.ILLEGAL_DATA_ADDRESS, fn, unit)
             self.refresh()
             return self.imv[2 * addr:2 * (addr + arg)]
@@ -178,20 +178,20 @@ class UtilityServer:
             n = arg
         else:
             raise ModbusException(rtu.ILLEGAL_FUNCTION, fn, unit)
-        if addr >= R_MPRICE and addr + n <= R_MKW + 1:
+        if addr >= _R_MPRICE and addr + n <= _R_MKW + 1:
             # the market registers: only a line the site trusts (authority.trusted), never a
             # broadcast, only with the market running (docs/market.md)
             mk = self.a.market
             if not self.a.trusted >> I_MODBUS & 1 or self.bcast or mk is None or mk.m is None:
                 self.a.count("utility_market_refused")
                 raise ModbusException(rtu.ILLEGAL_FUNCTION, fn, unit)
-        elif addr < R_SHED or addr + n > R_HEARTBEAT + 1:
+        elif addr < _R_SHED or addr + n > _R_HEARTBEAT + 1:
             raise ModbusException(rtu.ILLEGAL_DATA_ADDRESS, fn, unit)
         restore = False
         for i in range(n):  # check every value first: a multi-write is all or nothing
             r = addr + i
             v = arg if data is None else (data[2 * i] << 8) | data[2 * i + 1]
-            if (r == R_SHED or r == R_RELEASE) and v > 1:
+            if (r == _R_SHED or r == _R_RELEASE) and v > 1:
                 raise ModbusException(rtu.ILLEGAL_DATA_VALUE, fn, unit)
             if self._restores(r, v):
                 restore = True
@@ -217,16 +217,16 @@ class UtilityServer:
     def _restores(self, r, v):
         # would this write release something (the restore direction)?
         a = self.a
-        if r == R_SHED:
+        if r == _R_SHED:
             return v == 0 and a.auth.held >> I_MODBUS & 1
-        if r == R_RELEASE:
+        if r == _R_RELEASE:
             return v == 1
-        if r == R_SHED_KW:
+        if r == _R_SHED_KW:
             return v < a.auth.kw[I_MODBUS]
-        if r == R_MPRICE:
+        if r == _R_MPRICE:
             x = a.market.m.x_price
             return x is not None and (v == 0x8000 or _s16(v) < x)
-        if r == R_MKW:
+        if r == _R_MKW:
             return v < a.market.m.x_kw
         return False
 
@@ -235,9 +235,9 @@ class UtilityServer:
         b = self.rel
         j = 2 if self.from_master else 0
         now = ticks_ms()
-        g = ticks_diff(now, b[j + 1]) // REL_MS
+        g = ticks_diff(now, b[j + 1]) // _REL_MS
         if g > 0:
-            b[j] = REL_BURST if b[j] + g > REL_BURST else b[j] + g
+            b[j] = _REL_BURST if b[j] + g > _REL_BURST else b[j] + g
             b[j + 1] = now
         if b[j] <= 0:
             return False
@@ -245,12 +245,12 @@ class UtilityServer:
         return True
 
     def _note(self, what, v):
-        # journaled from a bucket (NOTE_BURST, one more per NOTE_MS): a write flood must not
+        # journaled from a bucket (_NOTE_BURST, one more per _NOTE_MS): a write flood must not
         # roll real evidence out of the journal; the next record says how many were skipped
         now = ticks_ms()
-        g = ticks_diff(now, self.note_t) // NOTE_MS
+        g = ticks_diff(now, self.note_t) // _NOTE_MS
         if g > 0:
-            self.notes = NOTE_BURST if self.notes + g > NOTE_BURST else self.notes + g
+            self.notes = _NOTE_BURST if self.notes + g > _NOTE_BURST else self.notes + g
             self.note_t = now
         if self.notes <= 0:
             self.unnoted += 1
@@ -265,11 +265,11 @@ class UtilityServer:
 
     def _set(self, r, v):
         a = self.a
-        if r == R_SHED:
+        if r == _R_SHED:
             if a.issue(I_MODBUS, v == 1):
                 self._note("shed", v)
                 return True
-        elif r == R_RELEASE:
+        elif r == _R_RELEASE:
             if v:
                 ch = a.issue(I_MODBUS, False, 0)  # its own entry: full shed and kW target
                 if a.trusted >> I_MODBUS & 1:  # a site that trusts this line (authority.trusted)
@@ -280,7 +280,7 @@ class UtilityServer:
                     a.release = True
                 self._note("release", v)
                 return True
-        elif r == R_SHED_KW:
+        elif r == _R_SHED_KW:
             if v != int(a.auth.kw[I_MODBUS]):
                 if v:
                     a.issue(I_MODBUS, True, v)
@@ -288,9 +288,9 @@ class UtilityServer:
                     a.issue(I_MODBUS, False, 0, False)
                 self._note("shed_kw", v)
                 return True
-        elif r == R_MPRICE or r == R_MKW:
+        elif r == _R_MPRICE or r == _R_MKW:
             m = a.market.m
-            if r == R_MPRICE:
+            if r == _R_MPRICE:
                 x = None if v == 0x8000 else _s16(v)
                 if x == m.x_price:
                     return False
@@ -299,9 +299,9 @@ class UtilityServer:
                 if v == m.x_kw:
                     return False
                 a.market.set_extra(m.x_price, float(v))
-            self._note("market_price" if r == R_MPRICE else "market_kw", v)
+            self._note("market_price" if r == _R_MPRICE else "market_kw", v)
             return True
-        elif v != self.hb_val:  # R_HEARTBEAT: only a change counts as alive
+        elif v != self.hb_val:  # _R_HEARTBEAT: only a change counts as alive
             self.hb_val = v
             self.hb_t = ticks_ms()
             if self.hb_lost:
@@ -402,7 +402,7 @@ class UtilityServer:
                 self.mconn.cancel()
             self.mconn = t
         else:
-            if len(conns) >= MAX_CONN:
+            if len(conns) >= _MAX_CONN:
                 conns.pop(0).cancel()  # the oldest client goes; its finally closes its socket
             conns.append(t)
         rx = bytearray(tcp.MAX_ADU)

@@ -117,7 +117,7 @@ async def _loop(agent, s, u):
         gc.collect()  # the verifier's modules load into a small heap: room first
         try:
             if nonce:
-                res = {"nonce": agent.step("cmd_check", "nonce_hex", agent), "time_trusted": agent.time_off is not None}
+                res = {"nonce": agent.step("console", "nonce_hex", agent), "time_trusted": agent.time_off is not None}
             else:
                 res = agent.signed_command(buf, "udp")
         except Exception as e:  # never let one datagram end the task
