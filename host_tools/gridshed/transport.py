@@ -570,6 +570,8 @@ class Board:
                 t.use_raw_paste = False
             else:
                 said = r + self._drain(limit=1.0)
+                if not said:
+                    raise TransportError("nothing came back (cable pulled, or the board lost power?)")
                 raise TransportError("the board did not take the code (it answered %r)" % said[-200:].decode(errors="replace"))
         if not pasted:
             for i in range(0, len(data), 256):

@@ -103,8 +103,15 @@ def test_vboard_status_provision_same_hash_then_ctrl_c(tmp_path):
         first = json.loads(vb.wait_line("", timeout=60))
         assert first["event"] == "port" and first["port"].startswith("/dev/pts/")
         board = json.loads(vb.wait_line('"event": "board"'))
-        assert board["kept_config"] is True and board["device"] == "train-1"
+        assert board["kept_config"] is True and board["device"] == "train-1" and board["pid"] == vb.p.pid
         vb.wait_line('"event": "ready"')
+        # training a pulled cable: SIGUSR1 pulls it (nothing passes), the next one plugs it back
+        vb.p.send_signal(signal.SIGUSR1)
+        assert json.loads(vb.wait_line('"event": "cable"'))["plugged"] is False
+        r = gs("status", "--port", first["port"], "--timeout", "1", env=env)
+        assert r.returncode == 2 and "no answer to @status within 1 s" in r.stderr, r.stderr
+        vb.p.send_signal(signal.SIGUSR1)
+        assert json.loads(vb.wait_line('"event": "cable"'))["plugged"] is True
         s = json.loads(gs("status", "--port", first["port"], "--json", env=env).stdout)
         assert s["device"] == "train-1" and s["config_hash"] == h
     finally:

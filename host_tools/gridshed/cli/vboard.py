@@ -36,7 +36,9 @@ then, in another terminal, with the port it printed:
   gridshed provision --port /dev/pts/N --site demo-site.toml --device-id train-1
 
 The first line on stdout is `port: /dev/pts/N` (with --json: {"event": "port", "port": ...}).
-Ctrl-C (or SIGTERM) stops the board and the simulated meter and exits 0. The simulated meter
+Ctrl-C (or SIGTERM) stops the board and the simulated meter and exits 0. `kill -USR1 PID` (the
+pid on its board line) pulls the board's USB cable: nothing passes the port either way, the
+board runs on; the next SIGUSR1 plugs it back (practise a cable pulled mid-deploy). The simulated meter
 follows the board's config when it starts: provisioning a site with another meter transport,
 unit or baud needs a restart of gridshed vboard --dir DIR to match. See docs/bring-up.md."""
 
@@ -126,6 +128,8 @@ async def _serve(args: argparse.Namespace, site_cfg: dict[str, Any], scenario: A
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
+    cable: list[int] = []  # SIGUSR1: pull the USB cable, the next one plugs it back (training)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: cable.append(1))
 
     temp = args.dir is None
     board_dir = Path(tempfile.mkdtemp(prefix="gridshed-vboard-")) if temp else Path(args.dir).expanduser()
@@ -206,8 +210,9 @@ async def _serve(args: argparse.Namespace, site_cfg: dict[str, Any], scenario: A
         _say(args, "port", f"port: {board.port}", port=board.port, dir=str(board_dir), heapsize=heap,
              console_log=str(board.log_path))
         _say(args, "board", f"board: unix-sim at heap {heap}, files in {board_dir}"
-                            f"{' (temporary)' if temp else ''}; console log {board.log_path}",
-             site=cfg.get("site"), device=cfg.get("device"), kept_config=bool(kept))
+                            f"{' (temporary)' if temp else ''}; console log {board.log_path}; "
+                            f"`kill -USR1 {os.getpid()}` pulls its USB cable (again: plugs it back)",
+             site=cfg.get("site"), device=cfg.get("device"), kept_config=bool(kept), pid=os.getpid())
         meter_desc = (f"steady {nominal:g} Hz" if scenario is None else f"scenario {scenario.name} "
                       f"({scenario.duration:g} s, then its last row)")
         _say(args, "site", f"site: {cfg.get('site')} / {cfg.get('device')}{' (config kept from DIR)' if kept else ''}; "
@@ -233,6 +238,12 @@ async def _serve(args: argparse.Namespace, site_cfg: dict[str, Any], scenario: A
                 _say(args, "not-ready", f"{st():9.3f}s  the agent has not polled the meter in 60 s: look at the "
                                         f"console log {board.log_path} or `gridshed status --port {board.port}`",
                      t_s=round(st(), 3))
+            while cable:
+                cable.pop()
+                board.unplugged = not board.unplugged
+                _say(args, "cable", f"{st():9.3f}s  USB cable "
+                                    + ("PULLED: nothing passes the port (the board runs on)" if board.unplugged
+                                       else "plugged back in"), t_s=round(st(), 3), plugged=not board.unplugged)
             if board.restarts != restarts:
                 restarts = board.restarts
                 _say(args, "restart", f"{st():9.3f}s  board restarted (#{restarts})", t_s=round(st(), 3),
