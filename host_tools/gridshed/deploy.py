@@ -225,7 +225,8 @@ def board_kids(b: Board) -> set[str] | None:
 def _send_time_after_restart(port: str, b: Board, kids: set[str] | None,
                              inventory_path: str | Path | None) -> dict[str, Any]:
     """After deploy's restart: the signed time (provision.send_time, the same exchange provision
-    and rotate-key make) when this host holds the board's key. {"sent", "device", "why"} plus
+    and rotate-key make) when this host holds the board's key; the inventory's record of the
+    device then gets the build the agent now runs (and last seen). {"sent", "device", "why"} plus
     "said" (for the one-line result) when sent; a failure goes to b.warnings."""
     from .inventory import Inventory, default_path
     from .provision import send_time
@@ -235,38 +236,41 @@ def _send_time_after_restart(port: str, b: Board, kids: set[str] | None,
     out: dict[str, Any] = {"sent": False, "device": dev, "why": None}
     if not st or "error" in st:
         out["why"] = "the agent did not answer @status after the restart"
+        return out
+    if not dev:
+        out["why"] = "the agent reports no device id (not provisioned)"
+        return out
+    path = Path(inventory_path) if inventory_path else default_path()
+    row = None
+    if path.exists():
+        try:
+            with Inventory(path) as inv:
+                row = inv.get(dev)
+                if row is not None and kids is not None and row["key_id"] in kids:
+                    inv.touch(dev, firmware_build=st.get("build"), config_hash=st.get("config_hash"))
+        except UserError as exc:
+            out["why"] = str(exc)
+            return out
+    if row is None:
+        out["why"] = f"device {dev} is not in the inventory {path}"
+    elif kids is None:
+        out["why"] = "the board's key file could not be read"
+    elif row["key_id"] not in kids:
+        out["why"] = (f"the inventory {path} holds key {row['key_id']} for {dev}, the board another one "
+                      "(provisioned from another inventory?)")
+        b.warnings.append(f"{port}: signed time not sent: {out['why']}; signed commands from this inventory "
+                          "will be refused (unknown-kid): pass the right --inventory, or provision again")
     elif st.get("time_trusted") is not False:
         out["why"] = ("its clock is trusted already" if st.get("time_trusted")
                       else "its firmware has no trusted time")
-    elif not dev:
-        out["why"] = "the agent reports no device id (not provisioned)"
     else:
-        path = Path(inventory_path) if inventory_path else default_path()
-        row = None
-        if path.exists():
-            try:
-                with Inventory(path) as inv:
-                    row = inv.get(dev)
-            except UserError as exc:
-                out["why"] = str(exc)
-                return out
-        if row is None:
-            out["why"] = f"device {dev} is not in the inventory {path}"
-        elif kids is None:
-            out["why"] = "the board's key file could not be read"
-        elif row["key_id"] not in kids:
-            out["why"] = (f"the inventory {path} holds key {row['key_id']} for {dev}, the board another one "
-                          "(provisioned from another inventory?)")
-            b.warnings.append(f"{port}: signed time not sent: {out['why']}; signed commands from this inventory "
-                              "will be refused (unknown-kid): pass the right --inventory, or provision again")
+        said, warning = send_time(port, b, st, dev, inventory_path)
+        if said:
+            out.update(sent=True, said=said)
         else:
-            said, warning = send_time(port, b, st, dev, inventory_path)
-            if said:
-                out.update(sent=True, said=said)
-            else:
-                out["why"] = warning or "not sent"
-                if warning:
-                    b.warnings.append(warning)
+            out["why"] = warning or "not sent"
+            if warning:
+                b.warnings.append(warning)
     return out
 
 

@@ -25,6 +25,8 @@ def test_deploy_sends_the_signed_time_then_a_failed_time_step_is_one_warning(rig
     assert s["signed_time"] == {"sent": True, "device": rig.dev, "why": None}, s
     assert s["restart"] == ("agent restarted: it answers @status (state normal); "
                             "signed time sent (its clock is trusted)") and s["warnings"] == [], s
+    with Inventory(inv) as i:  # the inventory knows the build the board now runs
+        assert i.get(rig.dev)["firmware_build"] == s["build_id"] == s["agent_status"]["build"]
     # nothing else sent: a signed shed, then a restore without a nonce, are accepted
     assert send(rig, make_command(rig.key, rig.kid, "shed", seqs.next(rig.kid), target_device=rig.dev))["ok"]
     assert rig.gpio.wait(lambda: not any(rig.closed()), 20), "relays did not open"
