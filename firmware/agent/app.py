@@ -11,20 +11,20 @@ import sys
 
 from agent import control
 from agent.base import BUILD, KEYS_PATH, STATE_PATH, ConsoleLines, log, read_checked, reply, unload, write_cbor_atomic
-from agent.compat import ticks_ms, ticks_diff, ticks_add
+from agent.compat import const, ticks_ms, ticks_diff, ticks_add
 from agent.journal import Journal
 from agent.meter import MeterMap
 from agent.relays import RelayBank
 
-TICK_MS = 50
-CAPTURE_PART = 40     # samples per capture record (400 bytes)
+_TICK_MS = const(50)
+_CAPTURE_PART = const(40)     # samples per capture record (400 bytes)
 WDT_MS = 8000        # hardware watchdog timeout (rp2 allows at most 8388 ms)
-WDT_POLL_PERIODS = 3  # the poll task must finish its next cycle within 3 periods + its worst read
-KW_EVIDENCE_MS = 3000  # kW read at every poll this long after an opening (the reports' kW after)
-KW_RESTORE_MS = 1000  # one kW read this long after the last restore (the load it put back, on status)
-EVENT_HOLD_MS = 10000  # a frequency event lasts this long after the last sample below restore_hz or shed
-SLOW_DEFER_MAX_MS = 60000  # during an event a due slow read waits, but never longer than this
-WDT_BOOT_MS = 3000    # extra allowance for the first cycle (UART/socket open, first connect)
+_WDT_POLL_PERIODS = const(3)  # the poll task must finish its next cycle within 3 periods + its worst read
+_KW_EVIDENCE_MS = const(3000)  # kW read at every poll this long after an opening (the reports' kW after)
+_KW_RESTORE_MS = const(1000)  # one kW read this long after the last restore (the load it put back, on status)
+_EVENT_HOLD_MS = const(10000)  # a frequency event lasts this long after the last sample below restore_hz or shed
+_SLOW_DEFER_MAX_MS = const(60000)  # during an event a due slow read waits, but never longer than this
+_WDT_BOOT_MS = const(3000)    # extra allowance for the first cycle (UART/socket open, first connect)
 MEM_REPLY = '\n@{"error": "MemoryError", "end": true}\n'  # a request that found no RAM
 AGENT = None          # the running Agent (agent/maint.py takes it over on Ctrl-C)
 
@@ -171,7 +171,7 @@ class Agent:
         # (an RTU attempt that times out then listens up to another timeout for a late reply,
         # and at most 4 timeouts for a babbling line to fall silent: 6 timeouts an attempt)
         self._read_worst = (m["retries"] + 1) * 6 * m["timeout_ms"] * 2  # the frequency read + a slow one
-        self.poll_due = ticks_add(now, WDT_BOOT_MS + self._read_worst + WDT_POLL_PERIODS * m["poll_ms"])
+        self.poll_due = ticks_add(now, _WDT_BOOT_MS + self._read_worst + _WDT_POLL_PERIODS * m["poll_ms"])
         boot = {"build": BUILD, "resumed_trip": tripped, "mask": self.relays.mask, "cause": _cause(hal),
                 "torn": self.journal.torn, "cmd_shed": self.cmd_shed, "held": self.auth.held,
                 "lockout": self.lockout}
@@ -309,7 +309,7 @@ class Agent:
                 self.mem_errors += 1
                 gc.collect()
                 if poll:  # a failed cycle, not a hung task: the watchdog's promise moves on
-                    self.poll_due = ticks_add(ticks_ms(), ms + self._read_worst + WDT_POLL_PERIODS * ms)
+                    self.poll_due = ticks_add(ticks_ms(), ms + self._read_worst + _WDT_POLL_PERIODS * ms)
                 await asyncio.sleep_ms(ms)
 
     async def poll_task(self):
@@ -339,15 +339,15 @@ class Agent:
         period = 0 if b2b else m["poll_ms"]
         rec_t = ticks_ms()  # back to back: the recorder still takes a sample per poll_ms
         # evidence kW (what the journal and the reports show): after an opening, kW is read at
-        # every poll for KW_EVIDENCE_MS (what the shed took off). A restore ends that; its own kW
-        # read waits KW_RESTORE_MS after the last close: restored load pulls the frequency down,
+        # every poll for _KW_EVIDENCE_MS (what the shed took off). A restore ends that; its own kW
+        # read waits _KW_RESTORE_MS after the last close: restored load pulls the frequency down,
         # and the dip that may follow must meet no kW read between the frequency reads (the
         # back-to-back latency target, docs/modbus.md)
         seen_mask = self.relays.mask
         kw_until = kw_at = ticks_ms()
         kw_pend = False
-        # a frequency event (a sample below restore_hz, or load shed, in the last EVENT_HOLD_MS):
-        # the bus belongs to the frequency; due slow reads wait (at most SLOW_DEFER_MAX_MS), so
+        # a frequency event (a sample below restore_hz, or load shed, in the last _EVENT_HOLD_MS):
+        # the bus belongs to the frequency; due slow reads wait (at most _SLOW_DEFER_MAX_MS), so
         # a dip that follows a dip meets none (the evidence reads above still go)
         ev_until = ticks_ms()
         rec = self.recorder
@@ -361,11 +361,11 @@ class Agent:
             if self.relays.mask != seen_mask:
                 opened = seen_mask & ~self.relays.mask  # closed before, open now
                 seen_mask = self.relays.mask
-                kw_until = ticks_add(t0, KW_EVIDENCE_MS if opened else 0)
+                kw_until = ticks_add(t0, _KW_EVIDENCE_MS if opened else 0)
                 kw_pend = not opened
-                kw_at = ticks_add(t0, KW_RESTORE_MS)
+                kw_at = ticks_add(t0, _KW_RESTORE_MS)
             due = ticks_diff(t0, slow_due)
-            slow_now = due >= 0 and (ticks_diff(ev_until, t0) <= 0 or due >= SLOW_DEFER_MAX_MS)
+            slow_now = due >= 0 and (ticks_diff(ev_until, t0) <= 0 or due >= _SLOW_DEFER_MAX_MS)
             last = 1 if (slow_now or self.curtailer is not None or ticks_diff(kw_until, t0) > 0
                          or (kw_pend and ticks_diff(t0, kw_at) >= 0)) else 0
             j = 0
@@ -428,7 +428,7 @@ class Agent:
                     self.decide(now, src is None or not src.ok)
                     hz = self.hz
                     if ctrl.shed_mask or (hz is not None and hz < ctrl.restore_hz):
-                        ev_until = ticks_add(now, EVENT_HOLD_MS)
+                        ev_until = ticks_add(now, _EVENT_HOLD_MS)
                     if ctrl.bad_why and self.meter_ok:  # implausible: never shown as the frequency
                         self.hz = None
                         err = control.BAD_NAMES[ctrl.bad_why]
@@ -448,7 +448,7 @@ class Agent:
             if left < 0:
                 left = 0
             # the watchdog promise: the next cycle ends by then, or the tick stops feeding
-            self.poll_due = ticks_add(ticks_ms(), left + self._read_worst + WDT_POLL_PERIODS * m["poll_ms"])
+            self.poll_due = ticks_add(ticks_ms(), left + self._read_worst + _WDT_POLL_PERIODS * m["poll_ms"])
             await sleep(left)  # back to back: 0, a yield (the master keeps t3.5 before the next request)
 
     def _comm(self):
@@ -476,7 +476,7 @@ class Agent:
                 self._comm().minute(self, now)
             if rec is not None and rec.ready():
                 try:  # one small part per tick: no window-sized allocation
-                    cap = rec.capture(now, CAPTURE_PART)
+                    cap = rec.capture(now, _CAPTURE_PART)
                     if cap:
                         self.journal.append("capture", cap)
                 except MemoryError:
@@ -492,7 +492,7 @@ class Agent:
                 w[2] += 1
                 log("E", "watchdog: poll task overdue (%d ms): not feeding" % over)
                 self.journal.append("watchdog", {"late_ms": over, "mask": self.relays.mask})
-            await asyncio.sleep_ms(TICK_MS)
+            await asyncio.sleep_ms(_TICK_MS)
 
     # ---- console and commands: code loaded on demand (agent/status.py, console.py,
     # journal_read.py; mac0.py, cmdcheck.py, cmdrun.py for a signed command), freed after use ----
@@ -600,8 +600,8 @@ class Agent:
         self.features = out
 
     async def main(self):
-        asyncio.create_task(self.keep(self.tick_task, TICK_MS))
-        asyncio.create_task(self.keep(self.console_task, TICK_MS))
+        asyncio.create_task(self.keep(self.tick_task, _TICK_MS))
+        asyncio.create_task(self.keep(self.console_task, _TICK_MS))
         self.start_features()
         hal_task = self.hal.run()
         if hal_task is not None:
