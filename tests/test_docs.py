@@ -106,6 +106,18 @@ def test_doc_commands_exist():
     assert not bad, f"docs name gridshed commands that do not exist: {bad} (known: {sorted(known)})"
 
 
+def test_readme_cli_table_names_every_command():
+    """README's "The CLI" table says `gridshed --help` lists every command: the table names each."""
+    from gridshed.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## The CLI"):readme.index("\n## ", readme.index("## The CLI") + 1)]
+    named = set(re.findall(r"`([a-z][a-z0-9-]*)(?: [a-z]+)?`", table))
+    assert not set(sub.choices) - named, f"README's CLI table misses {sorted(set(sub.choices) - named)}"
+
+
 def test_hal_contract_matches_both_hals():
     """The HAL table in docs/architecture.md names exactly the public methods of both HALs."""
     text = (ROOT / "docs" / "architecture.md").read_text()

@@ -287,8 +287,9 @@ def evidence_from_events(ev: EventSet, trip_seq: int | None = None) -> Evidence:
     site = ev.site or cfg.get("site")
     device = ev.device or cfg.get("device")
     if pickup is None:
-        notes.append("no site config in these records (pickup/restore lines not drawn): pull with "
-                     "`gridshed events --port` or read a board directory that holds config.cbor")
+        notes.append("no site config in these records (pickup/restore lines not drawn): pass the site "
+                     "file (`gridshed report ... --site site.toml`; a .csv export carries none), or pull to "
+                     "a .json file (`gridshed events --port ... -o events.json`)")
     return Evidence(title=f"Load-shed event report: {site or 'site ?'} / {device or 'device ?'}"
                           + (" (INCOMPLETE records)" if incomplete else ""), source=ev.source,
                     site=site, device=device, blocks=blocks, pickup_hz=pickup, restore_hz=restore_hz,

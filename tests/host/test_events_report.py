@@ -297,7 +297,7 @@ def test_report_without_capture_or_config_still_works(tmp_path, journal):
     assert not e.dense and e.pickup_hz is None and e.blocks == ["block0", "block1", "block2"]
     assert e.trips[0].response_ms == TRIP_DELAY_MS  # from the pickup_start record
     assert any("no disturbance capture" in n for n in e.notes)
-    assert any("no site config" in n for n in e.notes)
+    assert any("no site config" in n and "gridshed report ... --site site.toml" in n for n in e.notes)
     assert (tmp_path / "r.html").stat().st_size > 20_000
 
 
