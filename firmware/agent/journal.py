@@ -1,7 +1,7 @@
 """Append-only event journal on the board's filesystem (format: docs/journal.md).
 
 Pure module: runs unchanged under MicroPython (boards, unix port) and CPython (host tools read
-pulled segment files with parse_stream()). File I/O goes through open() and os only.
+pulled segment files with agent.journal_host.parse_stream()). File I/O goes through open() and os only.
 
 Record on flash (all integers big-endian):
 
@@ -111,38 +111,6 @@ def _scan(read_at, size, max_body=MAX_BODY):
         yield bad, size, None, "torn"
 
 
-def parse_stream(data, max_body=MAX_BODY):
-    """Decode one segment's bytes (or several concatenated). Returns (records, errors).
-
-    records: list of body dicts in file order. errors: list of (offset, nbytes, reason) for each
-    skipped region; reason is "torn" for a bad tail, else magic/length/short/crc/cbor/body.
-    """
-    if not isinstance(data, bytes):
-        data = bytes(data)
-
-    def read_at(off, n):
-        return data[off : off + n]
-
-    recs = []
-    errs = []
-    for off, end, obj, why in _scan(read_at, len(data), max_body):
-        if obj is None:
-            errs.append((off, end - off, why))
-        else:
-            recs.append(obj)
-    return recs, errs
-
-
-def encode_record(body_obj):
-    """Bytes of one record for a body dict (host tools, tests; the board uses Journal.append)."""
-    body = cbor.dumps(body_obj)
-    ln = len(body)
-    if ln == 0 or ln > MAX_BODY:
-        raise ValueError("record body size")
-    lb = bytes(((ln >> 8) & 0xFF, ln & 0xFF))
-    return bytes((MAGIC,)) + lb + body + struct.pack(">I", _crc(lb + body))
-
-
 def segment_index(name, prefix="journal"):
     """Index of a segment file name (<prefix>.<int>), or None."""
     p = prefix + "."
@@ -248,10 +216,6 @@ class Journal:
         return segs, tmps
 
     @property
-    def next_seq(self):
-        """Seq the next append will carry."""
-        return self.seq + 1
-
     def segments(self):
         """Paths of the segments, oldest first."""
         return [self._path(k) for k in self._segs]

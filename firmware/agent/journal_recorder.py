@@ -25,7 +25,7 @@ from agent.compat import const
 
 SAMPLE_SIZE = const(10)
 _FMT = ">HHfH"
-_HZ_NONE = const(0xFFFF)
+HZ_NONE = const(0xFFFF)
 # Sample times are kept modulo 2**30 (fits array('i'), never allocates, and is consistent with
 # both tick periods: 2**30 on 32-bit ports, 2**62 on the 64-bit unix port). Windows are
 # seconds long, far below the 12-day period.
@@ -168,7 +168,7 @@ class Recorder:
             prev = m
             hz = self.hz[i]
             if hz != hz or hz < 0 or hz >= 65.535:
-                mhz = _HZ_NONE
+                mhz = HZ_NONE
             else:
                 mhz = int(hz * 1000 + 0.5)
             struct.pack_into(_FMT, out, j * SAMPLE_SIZE, dms, mhz, self.kw[i], self.mask[i])
@@ -185,25 +185,3 @@ class Recorder:
             self.pending = False
         return rec
 
-
-def decode_capture(rec):
-    """Samples of a capture record: list of (ms, hz, kw, mask), ms absolute (t0 + offset).
-
-    hz is None when the sample had no reading; kw may be NaN. Raises ValueError on a bad record.
-    """
-    try:
-        v = rec.get("v", 1)
-        t0 = rec["t0"]
-        ms0 = rec["ms0"]
-        smp = rec["smp"]
-    except (KeyError, AttributeError, TypeError):
-        raise ValueError("not a capture record")
-    if v != 1 or not isinstance(smp, (bytes, bytearray)) or len(smp) % SAMPLE_SIZE:
-        raise ValueError("bad capture layout")
-    out = []
-    ms = t0 + ms0
-    for j in range(len(smp) // SAMPLE_SIZE):
-        dms, mhz, kw, mask = struct.unpack_from(_FMT, smp, j * SAMPLE_SIZE)
-        ms += dms
-        out.append((ms, None if mhz == _HZ_NONE else mhz / 1000.0, kw, mask))
-    return out

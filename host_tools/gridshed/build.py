@@ -46,7 +46,7 @@ SOURCE_ONLY = {"main.py", "boot.py", "maint.py", "maint_boot.py"}  # maint_boot.
 # agent/mqtt_codec.py: the whole MQTT codec (the broker's side on top of agent/mqtt_wire.py, the
 # client's side the board loads), for the tests' scripted brokers: not deployed either
 HOST_ONLY = {"agent/cmd_api.py", "agent/cmd_cose.py", "agent/mqtt_codec.py", "agent/meter_encode.py",
-             "agent/config_defaults.py"}
+             "agent/config_defaults.py", "agent/journal_host.py"}
 # HAL modules only one kind of port imports: a board gets its own, not the virtual board's
 PORT_ONLY = {"agent/hal/unix.py": ("unix",), "agent/hal/slowfs.py": ("unix",), "agent/hal/mcu.py": ("esp32", "rp2")}
 SKIP_DIRS = {"__pycache__", ".git", "tests"}

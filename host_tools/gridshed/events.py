@@ -6,7 +6,7 @@ Two sources, one result (:class:`EventSet`):
   ``@events <since>``) without stopping it: :func:`pull`;
 * a directory holding ``journal.<i>`` segment files (a board filesystem image, ``gridshed sim
   --keep DIR``, files copied with mpremote): :func:`load_dir`, parsed with the firmware's own
-  ``agent.journal.parse_stream``.
+  ``agent.journal_host.parse_stream``.
 
 Exports: CSV (one row per record, columns ``n,t,ms,kind`` then the flattened fields; capture
 records optionally followed by one ``sample`` row per recorded meter sample) and JSON (the
@@ -95,7 +95,8 @@ def _read_config_file(path: Path) -> dict[str, Any]:
 
 def load_dir(path: str | os.PathLike, since: int = 0, prefix: str = "journal") -> EventSet:
     """Every record with n > since from the segment files in `path`, oldest first."""
-    from agent.journal import parse_stream, segment_index
+    from agent.journal import segment_index
+    from agent.journal_host import parse_stream
 
     root = Path(path)
     if not root.is_dir():
@@ -331,7 +332,7 @@ def unwrap_ms(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def capture_samples(rec: dict[str, Any]) -> list[tuple[int, float | None, float, int]]:
     """(ms, hz or None, kw, mask) per sample of a capture record ([] when undecodable)."""
-    from agent.journal_recorder import decode_capture
+    from agent.journal_host import decode_capture
 
     try:
         return decode_capture(rec)

@@ -70,7 +70,8 @@ def journal_records(board_dir: Path) -> tuple[list[dict], list[tuple]]:
 
     Safe to call while the agent runs: a segment the agent rotates away between the listing and
     the read (seen on a loaded runner) means a new listing is taken."""
-    from agent.journal import parse_stream, segment_index
+    from agent.journal import segment_index
+    from agent.journal_host import parse_stream
 
     for _ in range(20):
         segs = sorted((p for p in board_dir.glob("journal.*") if segment_index(p.name) is not None),

@@ -39,7 +39,7 @@ def site(tmp_path: Path, extra: str = "", **trip: object) -> dict:
 
 
 def journal(board: Path) -> list[dict]:
-    from agent.journal import parse_stream
+    from agent.journal_host import parse_stream
 
     recs: list[dict] = []
     for seg in sorted(board.glob("journal.*")):

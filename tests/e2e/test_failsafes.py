@@ -249,7 +249,7 @@ def test_corrupt_journal_between_runs_then_rotation(tmp_path):
             newest = segs[-1]
             data = bytearray(newest.read_bytes())
             # flip one byte inside a middle record's body (its CRC no longer matches)
-            from agent.journal import parse_stream
+            from agent.journal_host import parse_stream
 
             offs = [i for i in range(len(data)) if data[i] == 0xFC]
             victim_off = offs[len(offs) // 2]

@@ -74,7 +74,7 @@ def test_ercot_dip_trips_and_restores_staggered(tmp_path):
     # evidence on the board: journal and persisted state
     board = tmp_path / "board"
     assert (board / "state.cbor").exists()
-    from agent.journal import parse_stream
+    from agent.journal_host import parse_stream
 
     recs = []
     for seg in sorted(board.glob("journal.*")):

@@ -152,7 +152,7 @@ class Rig:
         return Path(self.board.log_path).read_text(errors="replace") if self.board else ""
 
     def journal(self) -> list[dict]:
-        from agent.journal import parse_stream
+        from agent.journal_host import parse_stream
 
         recs: list[dict] = []
         for seg in sorted(self.board_dir.glob("journal.*")):

@@ -1,4 +1,5 @@
-"""Event journal (firmware/agent/journal.py) under the real MicroPython, and parse_stream on the host."""
+"""Event journal (firmware/agent/journal.py) under the real MicroPython, and parse_stream on the host
+(agent/journal_host.py)."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent import journal as hj  # the same file, imported by CPython
+from agent import journal_host as hh
 from agent.journal_read import read as jread
 from conftest import FIRMWARE
 
@@ -19,7 +21,7 @@ PRE = """
 import json, os
 import agent.journal
 assert agent.journal.__file__.endswith(".mpy"), agent.journal.__file__
-from agent.journal import Journal, parse_stream
+from agent.journal import Journal
 from agent.journal_read import read as jread
 def dump(x):
     print("J" + json.dumps(x))
@@ -44,7 +46,7 @@ def seg_files(d: Path, prefix="journal"):
 def host_records(d: Path):
     recs, errs = [], []
     for p in seg_files(d):
-        r, e = hj.parse_stream(p.read_bytes())
+        r, e = hh.parse_stream(p.read_bytes())
         recs += r
         errs += e
     return recs, errs
@@ -82,7 +84,7 @@ dump(j.stats())
     ln = int.from_bytes(raw[1:3], "big")
     import binascii
     assert int.from_bytes(raw[3 + ln:7 + ln], "big") == binascii.crc32(raw[1:3 + ln])
-    assert hj.encode_record(recs[0]) == raw[:7 + ln]
+    assert hh.encode_record(recs[0]) == raw[:7 + ln]
 
 
 def _make_journal(board, d: Path, n: int, **kw) -> bytes:
@@ -99,14 +101,14 @@ def test_torn_last_record_every_offset(board, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     raw = _make_journal(board, src, 6)
-    recs, errs = hj.parse_stream(raw)
+    recs, errs = hh.parse_stream(raw)
     assert len(recs) == 6 and not errs
     off = 0
     for r in recs[:-1]:
-        off += len(hj.encode_record(r))
+        off += len(hh.encode_record(r))
     last_start = off
     last_len = len(raw) - last_start
-    assert last_len == len(hj.encode_record(recs[-1]))
+    assert last_len == len(hh.encode_record(recs[-1]))
     # cases: every truncation inside the last record, and a flipped byte at every offset of it
     cases = [raw[:k] for k in range(last_start + 1, len(raw))]
     for k in range(last_start, len(raw)):
@@ -152,10 +154,10 @@ dump([j.seq, j.torn])
 @pytest.mark.parametrize("where", ["crc", "body", "length", "magic"])
 def test_corrupt_middle_record_skipped_and_counted(board, tmp_path, where):
     raw = _make_journal(board, tmp_path, 10)
-    recs, _ = hj.parse_stream(raw)
+    recs, _ = hh.parse_stream(raw)
     offs = [0]
     for r in recs:
-        offs.append(offs[-1] + len(hj.encode_record(r)))
+        offs.append(offs[-1] + len(hh.encode_record(r)))
     s, e = offs[4], offs[5]  # record n=5
     b = bytearray(raw)
     if where == "crc":
@@ -322,7 +324,7 @@ def _fault_run(board, d: Path, seed: int, kills: int, seg: int, maxs: int):
             segs = seg_files(d)
             if segs:
                 last = max(acked) + 1 if acked else 1
-                rec = hj.encode_record({"n": last, "t": None, "ms": 1, "k": "cmd", "i": -1})
+                rec = hh.encode_record({"n": last, "t": None, "ms": 1, "k": "cmd", "i": -1})
                 tail = rec[:rng.randrange(1, len(rec))] if rng.random() < 0.7 else \
                     bytes(rng.randrange(256) for _ in range(rng.randrange(1, 40)))
                 with open(segs[-1], "ab") as f:
@@ -440,15 +442,15 @@ def test_host_parse_stream_fuzz_never_raises_never_invents():
     rng = random.Random(7)
     originals = [{"n": i, "t": None, "ms": i * 10, "k": "trip", "hz": 59.0 + i / 8}
                  for i in range(1, 25)]
-    good = b"".join(hj.encode_record(r) for r in originals)
-    assert hj.parse_stream(good) == (originals, [])
+    good = b"".join(hh.encode_record(r) for r in originals)
+    assert hh.parse_stream(good) == (originals, [])
     for _ in range(2000):
         b = bytearray(good)
         for _ in range(rng.randrange(1, 6)):
             b[rng.randrange(len(b))] = rng.randrange(256)
         if rng.random() < 0.3:
             b = b[:rng.randrange(len(b))]
-        recs, errs = hj.parse_stream(bytes(b))
+        recs, errs = hh.parse_stream(bytes(b))
         assert all(r in originals for r in recs)
         assert [r["n"] for r in recs] == sorted(r["n"] for r in recs)
         if len(recs) < len(originals):

@@ -7,15 +7,15 @@ import struct
 
 import pytest
 
-from agent import journal as hj
 from agent import journal_read as hjr
-from agent.journal_recorder import SAMPLE_SIZE, Recorder, decode_capture
+from agent.journal_host import decode_capture, parse_stream
+from agent.journal_recorder import SAMPLE_SIZE, Recorder
 
 PRE = """
 import json, binascii
 import agent.journal_recorder
 assert agent.journal_recorder.__file__.endswith(".mpy"), agent.journal_recorder.__file__
-from agent.journal_recorder import Recorder, decode_capture
+from agent.journal_recorder import Recorder
 def dump(x):
     print("J" + json.dumps(x))
 def dump_rec(c):
@@ -48,10 +48,10 @@ for i in range(30):
     r.add(i * 100, 50.0 + i / 100, float(i), i)
 dump([r.cap, r.count, r.head])
 r.trigger(29 * 100 - 500)
-c = r.capture()
-dump([[s[0], s[3]] for s in decode_capture(c)])
+dump_rec(r.capture())
 """, tmp_path)
-    (cap0, count0), (cap, count, head), samples = out
+    (cap0, count0), (cap, count, head), rec = out
+    samples = [[s[0], s[3]] for s in decode_capture(unhex(rec))]  # decoded on the host (agent/journal_host.py)
     assert cap0 == cap == 12 and count0 == 0
     assert count == 12 and head == 30 % 12
     # everything older than the ring's 12 slots is gone; the window is t0-500 .. t0+500
@@ -142,7 +142,7 @@ def test_host_decode_equals_samples_and_journal_roundtrip(board, tmp_path):
         return ms, hz, kw, mask
 
     code = """
-from agent.journal import Journal, parse_stream
+from agent.journal import Journal
 def sample(i):
     ms = 1000 + i * 50 + (i % 3)
     hz = 59.8 + ((i * 37) % 100) / 1000.0
@@ -181,7 +181,7 @@ dump([back["k"], back["smp"] == c["smp"], back["t0"] == c["t0"] and back["pre"] 
         else:
             assert abs(ghz - hz) <= 0.0005
     # the host reads the journal file the board wrote and decodes the capture from it
-    recs, errs = hj.parse_stream((tmp_path / "journal.0").read_bytes())
+    recs, errs = parse_stream((tmp_path / "journal.0").read_bytes())
     assert errs == [] and recs[0]["k"] == "capture"
     assert decode_capture(recs[0]) == got
     # JSON view (console replies) round-trips the packed samples

@@ -148,7 +148,8 @@ for line in sys.stdin:
 
 # ---- the recorder: a capture whose window spans the wrap -----------------------------------------
 RECORDER = r"""
-from agent.journal_recorder import Recorder, decode_capture
+from agent.journal_host import decode_capture
+from agent.journal_recorder import Recorder
 
 def capture_across(t_start, period):
     r = Recorder(pre_s=1.0, post_s=1.0, poll_ms=50)

@@ -67,7 +67,7 @@ def esp_image(chip_id: int = 0, size: int = 4096) -> bytes:
 def world(tmp_path_factory):
     """An inventory with one provisioned device, a journal directory and a firmware file: what the
     commands below read (made with the real modules, no board needed)."""
-    from agent.journal import encode_record
+    from agent.journal_host import encode_record
 
     from gridshed.inventory import Inventory
 

@@ -1,6 +1,6 @@
 """Journal export (gridshed.events) and utility reports (gridshed.report) from synthetic journals.
 
-The journal files are made with the firmware's own encoder (agent.journal.encode_record) and the
+The journal files are made with the firmware's own encoder (agent.journal_host.encode_record) and the
 capture with the firmware's own disturbance recorder (agent.journal_recorder.Recorder), both run by
 CPython: the same files a board writes. A torn tail and a corrupt middle record are included.
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from agent import cbor
-from agent.journal import encode_record
-from agent.journal_recorder import Recorder, decode_capture
+from agent.journal_host import decode_capture, encode_record
+from agent.journal_recorder import Recorder
 from gridshed import events as evmod
 from gridshed.cli import main
 from gridshed.report import evidence_from_events, evidence_from_sim, report, report_from_sim
