@@ -253,6 +253,10 @@ def _send_time_after_restart(port: str, b: Board, kids: set[str] | None,
             return out
     if row is None:
         out["why"] = f"device {dev} is not in the inventory {path}"
+        if kids and st.get("time_trusted") is False:  # a provisioned board, its key elsewhere
+            b.warnings.append(f"{port}: signed time not sent: {out['why']} (pass --inventory); the board's clock "
+                              f"is not trusted until `gridshed time-sync --device {dev}` from the host that holds "
+                              "its key (until then signed restore / disarm need the board's nonce)")
     elif kids is None:
         out["why"] = "the board's key file could not be read"
     elif row["key_id"] not in kids:

@@ -44,7 +44,16 @@ def test_deploy_sends_the_signed_time_then_a_failed_time_step_is_one_warning(rig
         and f"gridshed time-sync --device {rig.dev} --port {port}" in warns[0], r.stderr
     st = console(rig, "status")
     assert st["state"] == "normal" and st["armed"] is True and st["time_trusted"] is False, st
-    rig.expect_restarts = 2  # the two deploys
+    # an inventory without the device (the board's key is elsewhere): no time, one warning saying so
+    other = str(rig.inventory.with_name("other.sqlite"))
+    r = cli("deploy", "--port", port, "--build", str(agent_build), "--inventory", other, "--json", timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = json.loads(r.stdout)
+    assert s["signed_time"] == {"sent": False, "device": rig.dev,
+                                "why": f"device {rig.dev} is not in the inventory {other}"}, s
+    assert len(s["warnings"]) == 1 and f"`gridshed time-sync --device {rig.dev}` from the host that holds its key" \
+        in s["warnings"][0], s
+    rig.expect_restarts = 3  # the three deploys
 
 
 CTRL_C_AT_TIME = r"""
