@@ -831,7 +831,8 @@ class Console:
                              "comes back when its maintenance window ends (docs/failsafes.md), at once with Ctrl-D "
                              "in a terminal on the port or the reset button; a board without it needs `gridshed "
                              f"deploy` (last console output: {tail or 'none'})")
-        raise BoardError(f"{self.port}: no answer to @{verb} within {timeout:.2g} s; is the agent running? "
+        raise BoardError(f"{self.port}: no answer to @{verb} within {timeout:.2g} s; is the agent running, the "
+                         "cable in? (an agent out of memory for the answer stays silent too: try again in a moment) "
                          f"(last console output: {tail or 'none'})")
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:

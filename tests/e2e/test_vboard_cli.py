@@ -109,7 +109,7 @@ def test_vboard_status_provision_same_hash_then_ctrl_c(tmp_path):
         vb.p.send_signal(signal.SIGUSR1)
         assert json.loads(vb.wait_line('"event": "cable"'))["plugged"] is False
         r = gs("status", "--port", first["port"], "--timeout", "1", env=env)
-        assert r.returncode == 2 and "no answer to @status within 1 s" in r.stderr, r.stderr
+        assert r.returncode == 2 and "no answer to @status within 1 s; is the agent running, the cable in?" in r.stderr, r.stderr
         vb.p.send_signal(signal.SIGUSR1)
         assert json.loads(vb.wait_line('"event": "cable"'))["plugged"] is True
         s = json.loads(gs("status", "--port", first["port"], "--json", env=env).stdout)
