@@ -5,8 +5,31 @@ import asyncio
 
 from agent import modbus_rtu as rtu
 from agent.compat import ticks_ms, ticks_diff
-from agent.modbus_errors import ModbusError
+from agent.modbus_errors import ModbusError, ModbusException
 from agent.base import log
+
+
+def handle(s, rx, n):
+    # One frame (by length or by line silence) in rx[:n] for the server s (UtilityServer); its
+    # response goes to s.tx, its length is returned. Frames for other units are ignored.
+    try:
+        unit, fn, addr, arg, data = rtu.parse_request(rx, n)
+        if unit != s.unit and unit != 0:
+            return 0
+        s.bcast = unit == 0
+        s.requests += 1
+        d = s.execute(fn, addr, arg, data, unit)
+        return 0 if unit == 0 else rtu.build_response(s.tx, unit, fn, addr, arg, d)
+    except ModbusException as e:
+        if e.unit != s.unit:
+            return 0
+        s.requests += 1
+        s.exceptions += 1
+        return rtu.build_exception(s.tx, e.unit, e.fn, e.code)
+    except ModbusError:
+        s.requests += 1
+        s._bad()
+        return 0
 
 
 async def serve(s, cfg):
@@ -54,7 +77,7 @@ async def serve(s, cfg):
         if n:
             got = 0
             try:
-                k = s.handle_rtu(rx, n)
+                k = handle(s, rx, n)
             except Exception as e:
                 a.count("utility_error")
                 log("E", "utility: %r" % e)

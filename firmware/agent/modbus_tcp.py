@@ -2,12 +2,12 @@
 
 ADU: tid(2) pid(2)=0 length(2) unit(1) | PDU   (length = 1 + PDU length)
 
-The PDU is built/checked by the shared helpers in agent.modbus_rtu, so RTU
+The PDU is built/checked by the shared helpers in agent.modbus_pdu, so RTU
 and TCP cannot disagree about function codes, counts or exceptions.
 """
 from agent.compat import const
 from agent.modbus_errors import ModbusFrameError
-from agent.modbus_rtu import (
+from agent.modbus_pdu import (
     _get16,
     _put16,
     check_response_pdu,
@@ -58,7 +58,7 @@ def frame_len(buf, n):
 
 
 def build_request(buf, tid, unit, fn, addr, arg=1, values=None):
-    """Request ADU into buf; returns its length (args as modbus_rtu)."""
+    """Request ADU into buf; returns its length (args as modbus_pdu.put_request_pdu)."""
     if not 0 <= unit <= 255:
         raise ValueError("unit")
     return put_header(buf, tid, unit, put_request_pdu(buf, MBAP_LEN, fn, addr, arg, values))

@@ -9,7 +9,7 @@ their own that step() waits for: those allocate, but only when connecting (or of
 """
 import asyncio
 
-from agent import modbus_rtu as rtu
+from agent import modbus_pdu as pdu
 from agent import modbus_tcp as tcp
 from agent.compat import ticks_add, ticks_diff, ticks_ms
 from agent.modbus_errors import ModbusConnectionError, ModbusError, ModbusException, ModbusFrameError, ModbusTimeout
@@ -181,7 +181,7 @@ class TcpMaster(_Master):
         rx = self._rx
         if tcp.frame_len(rx, n) != n or rx[6] != self._unit:
             raise ModbusFrameError("mbap length / unit id")
-        return rtu.check_response_pdu(rx, tcp.MBAP_LEN, n, self._fn, self._addr, self._arg)
+        return pdu.check_response_pdu(rx, tcp.MBAP_LEN, n, self._fn, self._addr, self._arg)
 
     def _set_res(self, dl):
         if self._fn <= 4:

@@ -40,7 +40,6 @@ wait one slow transaction more).
 """
 from agent.compat import const
 from agent.meter import DEFAULT_MAX_GAP
-from agent.modbus_rtu import char_time_us, frame_gap_us
 
 REQ_BYTES = const(8)      # an RTU read request: unit fn addr(2) count(2) crc(2)
 REPLY_OVERHEAD = const(5)  # unit fn bytecount ... crc(2)
@@ -56,6 +55,8 @@ def read_txn_us(baud, count, bits=11):
     `bits` a character (10: 8N1, 11: with parity or two stop bits)."""
     if not baud:
         return 0
+    from agent.modbus_rtu import char_time_us, frame_gap_us  # loaded already on an RTU site
+
     return (REQ_BYTES + REPLY_OVERHEAD + 2 * count) * char_time_us(baud, bits) + 2 * frame_gap_us(baud)
 
 
@@ -63,6 +64,10 @@ def break_even_gap(baud):
     """Largest hole (registers) cheaper to read through than to skip with a second request."""
     if not baud:
         return DEFAULT_MAX_GAP  # TCP: a round trip costs far more than a few bytes
+    # here, not at the top: this module is freed after boot, what it imports is not, and a TCP
+    # meter's site never needs the RTU framing (nor its CRC table) resident
+    from agent.modbus_rtu import char_time_us, frame_gap_us
+
     c = char_time_us(baud)
     return ((REQ_BYTES + REPLY_OVERHEAD) * c + 2 * frame_gap_us(baud)) // (2 * c)
 

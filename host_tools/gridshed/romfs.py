@@ -398,7 +398,7 @@ def _mp(exe: str, heapsize: str, code: str, tag: str) -> list[str]:
 # asyncio): the code every site pays for. Used by the import measurement (tests, make bench).
 RESIDENT = ["agent", "agent.app", "agent.base", "agent.cbor", "agent.compat", "agent.control", "agent.crc", "agent.features", "agent.hal",
             "agent.hal.unix", "agent.journal", "agent.meter", "agent.modbus_base", "agent.modbus_errors",
-            "agent.modbus_rtu_master", "agent.modbus_rtu", "agent.journal_recorder", "agent.relays"]
+            "agent.modbus_rtu_master", "agent.modbus_rtu", "agent.modbus_pdu", "agent.journal_recorder", "agent.relays"]
 
 
 def measure_imports(image: str | Path, files_dir: str | Path, modules: list[str], heapsize: str = "4m",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from agent import modbus_rtu as rtu, modbus_tcp as tcp
+from agent import modbus_pdu as pdu, modbus_rtu as rtu, modbus_tcp as tcp
 from agent.crc import crc16_modbus
 from agent.modbus_errors import ModbusError, ModbusException
 
@@ -303,7 +303,7 @@ def test_request_roundtrip_server_side(unit, addr, spec):
     try:
         u, f, a, g, data = rtu.parse_request(buf, n)
     except ModbusException as e:  # only a request running past register 0xFFFF
-        assert e.code == rtu.ILLEGAL_DATA_ADDRESS and addr + count > 0x10000
+        assert e.code == pdu.ILLEGAL_DATA_ADDRESS and addr + count > 0x10000
         return
     assert (u, f, a) == (unit, fn, addr)
     if fn == 16:

@@ -23,6 +23,7 @@ SCRIPT = r'''
 import json, random
 from agent.features import modbus_server as us
 from agent import modbus_tcp as tcp, modbus_rtu as rtu
+from agent.modbus_server_rtu import handle as handle_rtu
 from agent.crc import crc16_modbus
 from agent.modbus_errors import ModbusError, ModbusException
 
@@ -106,7 +107,7 @@ def tcp_req(unit, fn, addr, arg=1, values=None):
 
 def rtu_req(unit, fn, addr, arg=1, values=None):
     n = rtu.build_request(req, unit, fn, addr, arg, values)
-    k = s.handle_rtu(req, n)
+    k = handle_rtu(s, req, n)
     if not k:
         return None
     try:
@@ -190,7 +191,7 @@ att["bcast_shed"] = [tcp_req(0, 6, 10, 1), a.auth.held >> I_MODBUS & 1, tcp_req(
 att["bcast_release"] = [tcp_req(0, 6, 10, 0), tcp_req(255, 6, 11, 1), tcp_req(255, 6, 12, 0),
                         a.auth.held >> I_MODBUS & 1, a.auth.kw[I_MODBUS]]
 n = rtu.build_request(req, 0, 6, 10, 0, None)
-att["rtu_bcast_release"] = [s.handle_rtu(req, n), a.auth.held >> I_MODBUS & 1, s.refused_bcast]
+att["rtu_bcast_release"] = [handle_rtu(s, req, n), a.auth.held >> I_MODBUS & 1, s.refused_bcast]
 # heartbeat: a new value after a loss does not end the heartbeat-loss shed
 tcp_req(1, 6, 13, 1)
 s.check_heartbeat(s.hb_t + 1100)
@@ -296,7 +297,7 @@ for case in range(N):
     before = inputs()
     try:
         if rtu_mode:
-            k = s.handle_rtu(fr, len(fr))
+            k = handle_rtu(s, fr, len(fr))
         else:
             if len(fr) > 260:
                 fr = fr[:260]

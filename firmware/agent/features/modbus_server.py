@@ -1,7 +1,8 @@
 # Utility-facing Modbus server: a small register map for a utility RTU / SCADA (docs/utility-modbus.md).
 #
 # Modbus TCP (asyncio server, here) or RTU on the second UART (agent/modbus_server_rtu.py). Framing is
-# agent.modbus_rtu / agent.modbus_tcp; this module only maps registers. A write sets the Modbus
+# agent.modbus_tcp here, agent.modbus_rtu there (a TCP server never loads the RTU framing nor its
+# CRC table), the PDU agent.modbus_pdu; this module only maps registers. A write sets the Modbus
 # issuer's own entry (Agent.issue: control.I_MODBUS, I_HEARTBEAT) and runs one decision at once:
 # relays still change only in Agent.decide. Every frame is untrusted: garbage is counted, never
 # acted on, never a crash. The channel has no authentication: it may shed, and release only its
@@ -12,7 +13,7 @@
 # (Comments, not docstrings: less RAM when compiled from source.)
 import asyncio
 
-from agent import modbus_rtu as rtu
+from agent import modbus_pdu as pdu
 from agent import modbus_tcp as tcp
 from agent.base import log
 from agent.compat import const, ticks_ms, ticks_diff
@@ -169,7 +170,7 @@ class UtilityServer:
         # Returns the register bytes for a read, None for a write; ModbusException otherwise.
         if fn == 3 or fn == 4:
             if addr + arg > _NREGS:
-                raise ModbusException(rtu.ILLEGAL_DATA_ADDRESS, fn, unit)
+                raise ModbusException(pdu.ILLEGAL_DATA_ADDRESS, fn, unit)
             self.refresh()
             return self.imv[2 * addr:2 * (addr + arg)]
         if fn == 6:
@@ -177,33 +178,33 @@ class UtilityServer:
         elif fn == 16:
             n = arg
         else:
-            raise ModbusException(rtu.ILLEGAL_FUNCTION, fn, unit)
+            raise ModbusException(pdu.ILLEGAL_FUNCTION, fn, unit)
         if addr >= _R_MPRICE and addr + n <= _R_MKW + 1:
             # the market registers: only a line the site trusts (authority.trusted), never a
             # broadcast, only with the market running (docs/market.md)
             mk = self.a.market
             if not self.a.trusted >> I_MODBUS & 1 or self.bcast or mk is None or mk.m is None:
                 self.a.count("utility_market_refused")
-                raise ModbusException(rtu.ILLEGAL_FUNCTION, fn, unit)
+                raise ModbusException(pdu.ILLEGAL_FUNCTION, fn, unit)
         elif addr < _R_SHED or addr + n > _R_HEARTBEAT + 1:
-            raise ModbusException(rtu.ILLEGAL_DATA_ADDRESS, fn, unit)
+            raise ModbusException(pdu.ILLEGAL_DATA_ADDRESS, fn, unit)
         restore = False
         for i in range(n):  # check every value first: a multi-write is all or nothing
             r = addr + i
             v = arg if data is None else (data[2 * i] << 8) | data[2 * i + 1]
             if (r == _R_SHED or r == _R_RELEASE) and v > 1:
-                raise ModbusException(rtu.ILLEGAL_DATA_VALUE, fn, unit)
+                raise ModbusException(pdu.ILLEGAL_DATA_VALUE, fn, unit)
             if self._restores(r, v):
                 restore = True
         if restore:
             if self.bcast:  # a broadcast never brings load back
                 self.refused_bcast += 1
                 self.a.count("utility_bcast_refused")
-                raise ModbusException(rtu.ILLEGAL_FUNCTION, fn, unit)
+                raise ModbusException(pdu.ILLEGAL_FUNCTION, fn, unit)
             if not self._token():
                 self.limited += 1
                 self.a.count("utility_limited")
-                raise ModbusException(rtu.SERVER_DEVICE_BUSY, fn, unit)
+                raise ModbusException(pdu.SERVER_DEVICE_BUSY, fn, unit)
         act = False
         for i in range(n):
             v = arg if data is None else (data[2 * i] << 8) | data[2 * i + 1]
@@ -336,34 +337,13 @@ class UtilityServer:
         try:
             tid, unit, fn, addr, arg, data = tcp.parse_request(rx, n)
             if unit != self.unit and unit != 0 and unit != 255:
-                raise ModbusException(rtu.GATEWAY_TARGET_FAILED, fn, unit)
+                raise ModbusException(pdu.GATEWAY_TARGET_FAILED, fn, unit)
             self.bcast = unit == 0 or unit == 255
             return tcp.build_response(self.tx, tid, unit, fn, addr, arg, self.execute(fn, addr, arg, data, unit))
         except ModbusException as e:
             self.exceptions += 1
             return tcp.build_exception(self.tx, tcp.request_tid(rx), e.unit, e.fn, e.code)
         except ModbusError:
-            self._bad()
-            return 0
-
-    def handle_rtu(self, rx, n):
-        # One frame (by length or by line silence) in rx[:n]; frames for other units are ignored.
-        try:
-            unit, fn, addr, arg, data = rtu.parse_request(rx, n)
-            if unit != self.unit and unit != 0:
-                return 0
-            self.bcast = unit == 0
-            self.requests += 1
-            d = self.execute(fn, addr, arg, data, unit)
-            return 0 if unit == 0 else rtu.build_response(self.tx, unit, fn, addr, arg, d)
-        except ModbusException as e:
-            if e.unit != self.unit:
-                return 0
-            self.requests += 1
-            self.exceptions += 1
-            return rtu.build_exception(self.tx, e.unit, e.fn, e.code)
-        except ModbusError:
-            self.requests += 1
             self._bad()
             return 0
 
