@@ -185,8 +185,12 @@ def _busy(port: str, exc: BaseException) -> bool:
     import os
 
     text = str(exc)
-    return os.path.exists(port) and ("exclusively lock" in text or f"[Errno {errno.EAGAIN}]" in text
-                                     or isinstance(exc, BlockingIOError))
+    if not os.path.exists(port):
+        return False
+    if "exclusively lock" in text or f"[Errno {errno.EAGAIN}]" in text or isinstance(exc, BlockingIOError):
+        return True  # pyserial's lock
+    # mpremote's SerialTransport says only "failed to access PORT" (its own open hit the lock)
+    return "failed to access" in text and os.access(port, os.R_OK | os.W_OK)
 
 
 def open_retrying(port: str, opener: Callable[[], T], wait: float = BUSY_WAIT) -> T:

@@ -73,6 +73,34 @@ def test_missing_port_is_named_as_missing():
     assert "no such port" in msg and "another program" not in msg
 
 
+def test_a_port_held_by_another_program_is_waited_for():
+    """`gridshed monitor` holds the port once per refresh: Board (mpremote) and Console (pyserial)
+    opens wait for it (transport.BUSY_WAIT) instead of failing at once; a missing port is named so
+    by both at once."""
+    import os
+    import threading
+
+    import serial
+
+    from gridshed.errors import UserError
+    from gridshed.transport import Board, Console
+
+    master, slave = os.openpty()
+    port = os.ttyname(slave)
+    try:
+        for opener in (Board, Console):
+            held = serial.Serial(port, exclusive=True)  # another program has it, for 0.5 s
+            threading.Timer(0.5, held.close).start()
+            opener(port).close()  # before: "failed to access" / "Could not exclusively lock port"
+        for opener in (Board, Console):
+            with pytest.raises(UserError) as exc:
+                opener("/dev/ttyGRIDSHED-NOPE")
+            assert "no such port (is the board plugged in?" in str(exc.value)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
 def test_other_grid_settings_are_refused(tmp_path, capsys):
     """50 Hz settings on a 60 Hz site (and the reverse): one line naming the keys, exit 2."""
     demo = (ROOT / "scenarios" / "demo-site.toml").read_text()
