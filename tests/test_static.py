@@ -40,6 +40,7 @@ ON_DEMAND = {"agent/modbus_tcp_master.py",   # a TCP meter (the hub's _master)
              "agent/market_check.py",        # a [market] section (agent/config.py, at boot)
              "agent/dnp3_check.py",          # a [dnp3] section (agent/config.py, at boot)
              "agent/config_optional.py",     # a feature section or trip stages (agent/config.py, at boot)
+             "agent/switchover.py",          # a boot that finds /switch-plan.json (agent/boot.py)
              "maint_boot.py"}                # a maintenance boot only: main.py loads it instead
                                              # of the agent (docs/failsafes.md), never beside it
 

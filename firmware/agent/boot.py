@@ -24,73 +24,18 @@ FEATURES = ("signals", "override", "modbus_server", "udp", "mqtt", "ac_sense", "
 EARLY = ("override", "market")
 
 
-def _sha(path):
-    import hashlib
-
-    try:
-        f = open(path, "rb")
-    except OSError:
-        return None
-    h = hashlib.sha256()
-    b = bytearray(256)
-    while True:
-        n = f.readinto(b)
-        if not n:
-            break
-        h.update(memoryview(b)[:n])
-    f.close()
-    import binascii
-
-    return binascii.hexlify(h.digest()).decode()
-
-
-def replace(a, b):
-    # rename a over b: atomic on LittleFS and POSIX; FAT refuses an existing target
-    import os
-
-    try:
-        os.rename(a, b)
-    except OSError:
-        os.remove(b)
-        os.rename(a, b)
-
-
 def finish_switch():
-    """Complete a committed switch-over; the number of files renamed, or None without a plan."""
+    """Complete a committed switch-over; the number of files renamed, or None without a plan. The
+    code that completes it (agent/switchover.py) is loaded only at a boot that finds a plan."""
     try:
-        f = open(PLAN_PATH)
+        open(PLAN_PATH).close()
     except OSError:
         return None
-    import json
-    import os
+    from agent import switchover
 
-    done = 0
-    try:
-        try:
-            plan = json.load(f)
-        finally:
-            f.close()
-        for r in plan["renames"]:
-            h = _sha(r[0])
-            if h is None:
-                continue  # renamed before the reset
-            if len(r) > 2 and h != r[2]:
-                log("E", "switch-over: %s does not match the plan, left as it is" % r[0])
-                continue
-            replace(r[0], r[1])
-            done += 1
-        for p in plan["removes"]:
-            try:
-                os.remove(p)
-            except OSError:
-                pass
-    except (ValueError, KeyError, TypeError, IndexError, OSError) as e:
-        log("E", "switch-over plan unusable: %r" % e)
-    try:
-        os.remove(PLAN_PATH)
-    except OSError:
-        pass
-    log("I", "switch-over finished at boot: %d files" % done)
+    done = switchover.finish(PLAN_PATH)
+    del switchover
+    unload("agent.switchover")
     gc.collect()
     return done
 
