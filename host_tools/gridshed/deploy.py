@@ -123,14 +123,17 @@ def check_board_config(b: Board, manifest: dict[str, Any]) -> None:
 def deploy(port: str, build_dir: str | Path, board_name: str | None = None, force: bool = False,
            restart: bool = True, progress: Progress | None = None, baudrate: int = 115200,
            romfs: bool = False, say: Callable[[str], None] | None = None,
-           inventory_path: str | Path | None = None, signed_time: bool = True) -> dict[str, Any]:
+           inventory_path: str | Path | None = None, signed_time: bool = True,
+           maintenance_boot: bool = False) -> dict[str, Any]:
     """Deploy `build_dir` to the board on `port`; returns a summary dict.
 
     say: gets the one line on the agent's restart when the deploy fails (the summary's "restart"
     has it otherwise). signed_time: after the restart, when the inventory (`inventory_path`, or
     the default one) holds the key the board has for its device, send the board the signed time
     its restart forgot, as provision does (provision.send_time); the summary's "signed_time"
-    says whether it was sent and why not. It never fails the deploy: a failure is a warning."""
+    says whether it was sent and why not. It never fails the deploy: a failure is a warning.
+    maintenance_boot: write in a maintenance boot even when the stopped agent's heap would do
+    (Board.stopped; otherwise that happens only when the heap is too full)."""
     from . import romfs as rf
 
     progress = progress or _noop
@@ -162,7 +165,7 @@ def deploy(port: str, build_dir: str | Path, board_name: str | None = None, forc
         if romfs:
             summary["romfs"] = {"image_size": len(image), "sha256": rom["sha256"], "written": False}
         with Board(port, baudrate=baudrate) as b:
-            with b.stopped(restart=restart, say=say, full_heap=full_heap):
+            with b.stopped(restart=restart, say=say, full_heap=full_heap, maint_boot=maintenance_boot):
                 progress("connect", {"port": port})
                 summary["recovered"] = finish_interrupted(b)
                 summary["platform"] = check_platform(b, manifest)

@@ -460,7 +460,8 @@ class Board:
 
     @contextlib.contextmanager
     def stopped(self, restart: bool = True, wait: float = AGENT_UP_WAIT,
-                say: Callable[[str], None] | None = None, full_heap: bool = False) -> Iterator["Board"]:
+                say: Callable[[str], None] | None = None, full_heap: bool = False,
+                maint_boot: bool = False) -> Iterator["Board"]:
         """The agent stopped for raw-REPL work; restarted afterwards whatever happens.
 
         The outcome (one line) is in self.outcome. When the work fails, it ends the error's own
@@ -472,12 +473,17 @@ class Board:
 
         The work gets a maintenance boot (maintenance_boot) first when the stopped agent's heap
         cannot give one NEED_HEAP block, or with full_heap=True (a run again after the work's
-        helpers hit MemoryError: run_with_full_heap).
+        helpers hit MemoryError: run_with_full_heap), or with maint_boot=True (the user asked:
+        `deploy --maintenance-boot`).
         """
         try:
             self.enter_raw()
-            if full_heap or (not self.heap_ok and self.maint_flag):
+            if maint_boot and not self.maint_flag:
+                raise UserError("this board's firmware has no maintenance boot (its main.py predates it); "
+                                "deploy without --maintenance-boot")
+            if full_heap or maint_boot or (not self.heap_ok and self.maint_flag):
                 self.maintenance_boot("the host's helpers ran out of heap beside the stopped agent" if full_heap
+                                      else "asked for (--maintenance-boot)" if maint_boot
                                       else f"the stopped agent's heap has no {NEED_HEAP}-byte block free "
                                            f"({self.mem_free} bytes free)")
             yield self

@@ -64,6 +64,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--romfs", action="store_true",
                    help="write the agent into the board's ROMFS partition (bytecode runs from flash, not "
                         "the heap); main.py stays on the filesystem, the filesystem's agent is removed")
+    p.add_argument("--maintenance-boot", action="store_true",
+                   help="write in a maintenance boot (the board resets without starting the agent: the whole "
+                        "heap free, protection off for the write only, on a 30 s lease; docs/failsafes.md); "
+                        "deploy does this by itself when the stopped agent's heap is too full")
     p.set_defaults(func=cmd_deploy)
 
     p = _parser(sub, common, "provision", "write site config and a new command key; record in the inventory",
@@ -222,7 +226,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     romfs = bool(args.romfs)
     if args.json:
         s = deploy(port, bdir, board_name=args.board, force=args.force, restart=not args.no_restart, romfs=romfs,
-                   say=_say, inventory_path=args.inventory)
+                   say=_say, inventory_path=args.inventory, maintenance_boot=args.maintenance_boot)
         emit(args, s)
         return 0
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
@@ -248,7 +252,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                 prog.update(task, description=event)
 
         s = deploy(port, bdir, board_name=args.board, force=args.force, restart=not args.no_restart, progress=cb,
-                   romfs=romfs, say=_say, inventory_path=args.inventory)
+                   romfs=romfs, say=_say, inventory_path=args.inventory, maintenance_boot=args.maintenance_boot)
     print(f"deployed build {s['build_id']} to {port}: {len(s['written'])} written, {len(s['unchanged'])} unchanged, "
           f"{len(s['removed'])} removed, {s['bytes_written']} bytes in {s['seconds']} s"
           + ("; finished an interrupted deploy first" if s["recovered"] else "")
