@@ -215,11 +215,6 @@ class Journal:
         segs.sort()
         return segs, tmps
 
-    @property
-    def segments(self):
-        """Paths of the segments, oldest first."""
-        return [self._path(k) for k in self._segs]
-
     # -- open / recovery -------------------------------------------------------------------
     def _recover(self):
         if self._f is not None:

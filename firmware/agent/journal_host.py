@@ -1,9 +1,11 @@
 """The journal on the host: the records of pulled segment files (parse_stream), a record's bytes
-(encode_record: tests, host tools; the board writes with Journal.append) and the samples of a
-capture record (decode_capture). Built on the board's own parser and format (agent/journal.py,
+(encode_record: tests, host tools; the board writes with Journal.append), the samples of a
+capture record (decode_capture) and a record back from its JSON view (from_jsonable, the inverse
+of agent.journal_read.jsonable). Built on the board's own parser and format (agent/journal.py,
 agent/journal_recorder.py); pure, but the board never imports it: gridshed.build HOST_ONLY, not
 deployed.
 """
+import binascii
 import struct
 
 from agent import cbor
@@ -64,3 +66,17 @@ def decode_capture(rec):
         ms += dms
         out.append((ms, None if mhz == HZ_NONE else mhz / 1000.0, kw, mask))
     return out
+
+
+def from_jsonable(obj):
+    """A record from its JSON view: {"b64": ...} back to bytes (agent.journal_read.jsonable)."""
+    if isinstance(obj, dict):
+        if len(obj) == 1 and "b64" in obj and isinstance(obj["b64"], str):
+            return binascii.a2b_base64(obj["b64"])
+        out = {}
+        for k in obj:
+            out[k] = from_jsonable(obj[k])
+        return out
+    if isinstance(obj, list):
+        return [from_jsonable(v) for v in obj]
+    return obj

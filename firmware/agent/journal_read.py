@@ -3,7 +3,7 @@ appends, so it lives apart from agent.journal and is loaded on demand (the conso
 answered from here, events(), with no other on-demand module loaded).
 
 JSON view of records (console replies, host exports): bytes fields such as a capture's "smp"
-become {"b64": "<base64>"}; from_jsonable() reverses it.
+become {"b64": "<base64>"}; agent.journal_host.from_jsonable() (the host's) reverses it.
 """
 import binascii
 import gc
@@ -100,17 +100,4 @@ def jsonable(obj):
         return [jsonable(v) for v in obj]
     if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
         return None  # JSON has no NaN/inf
-    return obj
-
-
-def from_jsonable(obj):
-    if isinstance(obj, dict):
-        if len(obj) == 1 and "b64" in obj and isinstance(obj["b64"], str):
-            return binascii.a2b_base64(obj["b64"])
-        out = {}
-        for k in obj:
-            out[k] = from_jsonable(obj[k])
-        return out
-    if isinstance(obj, list):
-        return [from_jsonable(v) for v in obj]
     return obj

@@ -195,7 +195,7 @@ def _pull_records(con: Any, since: int, timeout: float,
     as the board can go. The same record failing `tries` times in a row ends the pull with that
     error; the whole pull is bounded by `timeout`.
     """
-    from agent.journal_read import from_jsonable
+    from agent.journal_host import from_jsonable
 
     records: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
@@ -456,7 +456,7 @@ def to_csv(records: list[dict[str, Any]], samples: bool = False) -> str:
 
 def from_csv(text: str) -> list[dict[str, Any]]:
     """Records back from to_csv() output (sample rows are skipped: the capture row has them all)."""
-    from agent.journal_read import from_jsonable
+    from agent.journal_host import from_jsonable
 
     rd = csv.reader(io.StringIO(text))
     try:
@@ -500,7 +500,7 @@ def to_document(ev: EventSet, samples: bool = False) -> dict[str, Any]:
 
 
 def from_document(doc: Any, source: str = "json") -> EventSet:
-    from agent.journal_read import from_jsonable
+    from agent.journal_host import from_jsonable
 
     if isinstance(doc, list):  # a bare list of records
         doc = {"records": doc}

@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from agent import journal_read as hjr
-from agent.journal_host import decode_capture, parse_stream
+from agent.journal_host import decode_capture, from_jsonable, parse_stream
 from agent.journal_recorder import SAMPLE_SIZE, Recorder
 
 PRE = """
@@ -185,7 +185,7 @@ dump([back["k"], back["smp"] == c["smp"], back["t0"] == c["t0"] and back["pre"] 
     assert errs == [] and recs[0]["k"] == "capture"
     assert decode_capture(recs[0]) == got
     # JSON view (console replies) round-trips the packed samples
-    back = hjr.from_jsonable(json.loads(json.dumps(hjr.jsonable(recs[0]))))
+    back = from_jsonable(json.loads(json.dumps(hjr.jsonable(recs[0]))))
     assert decode_capture(back) == got
 
 
