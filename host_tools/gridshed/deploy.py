@@ -136,7 +136,18 @@ def deploy(port: str, build_dir: str | Path, board_name: str | None = None, forc
     (Board.stopped; otherwise that happens only when the heap is too full)."""
     from . import romfs as rf
 
-    progress = progress or _noop
+    given = progress or _noop
+    switched = [False]
+
+    def progress(event: str, info: dict[str, Any]) -> None:
+        if event == "switch":
+            switched[0] = True
+        given(event, info)
+
+    def said(line: str) -> None:  # the restart line after Ctrl-C (or an unexpected error)
+        if say:
+            say(line + ("" if switched[0] or romfs else "; nothing was switched: the board keeps its old firmware"))
+
     t0 = time.monotonic()
     manifest = load_manifest(build_dir)
     if board_name and manifest["board"] != board_name:
@@ -165,7 +176,7 @@ def deploy(port: str, build_dir: str | Path, board_name: str | None = None, forc
         if romfs:
             summary["romfs"] = {"image_size": len(image), "sha256": rom["sha256"], "written": False}
         with Board(port, baudrate=baudrate) as b:
-            with b.stopped(restart=restart, say=say, full_heap=full_heap, maint_boot=maintenance_boot):
+            with b.stopped(restart=restart, say=said, full_heap=full_heap, maint_boot=maintenance_boot):
                 progress("connect", {"port": port})
                 summary["recovered"] = finish_interrupted(b)
                 summary["platform"] = check_platform(b, manifest)

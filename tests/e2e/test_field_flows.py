@@ -390,9 +390,9 @@ def test_ctrl_c_on_the_host_mid_write(tmp_path, op):
                 out, err = await asyncio.to_thread(p.communicate, timeout=120)
                 s.restarted()
                 assert p.returncode == 130, (out, err)
-                said = "gridshed: agent restarted: it answers @status (state normal)"
-                if op == "provision":  # cut before the switch-over: it says nothing changed
-                    said += "; nothing was switched: the board keeps its old config and key, the inventory is unchanged"
+                said = "gridshed: agent restarted: it answers @status (state normal); nothing was switched: "
+                said += ("the board keeps its old config and key, the inventory is unchanged" if op == "provision"
+                         else "the board keeps its old firmware")  # cut before the switch-over
                 assert said in err.splitlines(), err
                 assert err.strip().splitlines()[-1] == "gridshed: interrupted" and "Traceback" not in err
                 st = await status(s.rig)
