@@ -203,8 +203,8 @@ def validate(cfg):
     return errors
 
 
-# top-level keys agent/config_optional.py has nothing to check in
-_BASE = ("v", "site", "device", "board", "nominal_hz", "blocks", "market", "dnp3")
+# top-level keys agent/config_optional.py has nothing to check in (besides SCHEMA's sections)
+_BASE = ("v", "site", "device", "board", "nominal_hz", "blocks", "uart", "market", "dnp3")
 
 
 def _optional(cfg):

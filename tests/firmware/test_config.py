@@ -196,3 +196,28 @@ def test_same_refusals_under_micropython(mp):
     want = {rid: w for rid, _, w in ROWS}
     assert got == want
     assert got == cpython_answers()
+
+
+def test_feature_checks_load_only_for_a_site_that_has_them(board):
+    """agent/config_optional.py is on demand (tests/test_static.py ON_DEMAND): the board's boot
+    check (the built modules, the real unix port) loads it for a config with a feature section
+    or trip stages, and never for a site without them (the demo site: core sections, blocks,
+    uart), whatever its answer."""
+    plain = base()
+    cases = {"plain": plain, "mqtt": dict(plain, mqtt={"enabled": False}),
+             "stages": json.loads(json.dumps(plain)), "bad_udp": dict(plain, udp={"port": 0})}
+    cases["stages"]["trip"]["stages"] = [{"pickup_hz": 59.7, "blocks": [0]}]
+    res = board.run("""
+        import json, sys
+        from agent import config
+        from agent.base import unload
+        out = {}
+        for name, cfg in json.loads(%r).items():
+            unload("agent.config_optional")  # as agent/boot.py does after the check
+            errors = config.validate(cfg)
+            out[name] = ["agent.config_optional" in sys.modules, errors]
+        print(json.dumps(out))
+    """ % json.dumps(cases), heapsize="256k")
+    got = json.loads(res.out.strip().splitlines()[-1])
+    assert got == {"plain": [False, []], "mqtt": [True, []], "stages": [True, []],
+                   "bad_udp": [True, ["udp.port: 0 is outside 1..65535"]]}, got
