@@ -112,6 +112,7 @@ class Agent:
         except Exception:
             self.ctrl = control.Controller(cfg, len(cfg["blocks"]))
             persisted = None
+        unload("agent.control_setup")  # the controller's settings code: boot only
         now = ticks_ms()
         if hold:
             self.ctrl.shed(now, None, control.REASON_SIGNAL)

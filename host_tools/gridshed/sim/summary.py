@@ -33,7 +33,7 @@ def _fmt_s(v: float | None) -> str:
 def _kinds(sc: Any, cfg: dict[str, Any]) -> list[tuple[float, str, float]]:
     """[(t, kind, hz)] every STEP_S: kind 'ok', 'silent' (meter not answering), 'invalid' (0 Hz,
     NaN or outside the agent's plausible band: agent/control.py, docs/control.md "Plausibility")."""
-    from agent.control import BAND
+    from agent.control_setup import BAND
 
     nom = cfg.get("nominal_hz", 60)
     lo, hi = nom * (1 - BAND), nom * (1 + BAND)
