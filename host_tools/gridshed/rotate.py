@@ -123,4 +123,10 @@ def rotate_key(port: str, device: str, inventory_path: str | Path | None = None,
         said, warning = send_time(port, b, b.agent_status, device, inventory_path, seq_path)
         res["restart"] = (res["restart"] or "") + said
     res["warnings"] = list(b.warnings) + ([warning] if warning else [])
+    old = res.get("old_key_id")
+    held = (b.agent_status or {}).get("held") if restart else None
+    mine = [h for h in held or () if old and str(h).split("#")[0] == f"signed:{old}"]
+    if mine:  # the old key is gone from the board: its shed's own release can never come
+        res["warnings"].append(f"{port}: a shed signed with the old key is still held ({', '.join(mine)}); the old "
+                               f"key is gone, so only `gridshed restore --device {device} --all` releases it")
     return res

@@ -58,6 +58,15 @@ def test_rotate_key(rig, tmp_path):  # type: ignore[no-untyped-def]  # noqa: F81
     # the new key through the CLI: accepted, its seqs continue above the old key's
     seq2 = _shed_ok(rig, inv, "arm")
     assert seq2 > seq1
+    # the old key's shed (seq1) is still held and its own release can never come: rotate-key
+    # said so, a plain restore says so, a restore --all releases it
+    held = f"signed:{old_kid.hex()}"
+    assert [w for w in res["warnings"] if held in w and f"restore --device {rig.dev} --all" in w], res
+    r = cli("restore", "--device", rig.dev, "--port", rig.board.port, "--inventory", inv, "--json", timeout=90)
+    assert r.returncode == 0 and json.loads(r.stdout)["results"][0]["still_held"] == [held], r.stdout + r.stderr
+    r = cli("restore", "--device", rig.dev, "--port", rig.board.port, "--inventory", inv, "--all", timeout=90)
+    assert r.returncode == 0 and "still held" not in r.stderr, r.stdout + r.stderr
+    assert not console(rig, "status").get("held")
     with Inventory(inv) as i:
         assert [h["action"] for h in i.history(rig.dev)][-1] == "rotate-key"
         assert i.pending_key(rig.dev) is None

@@ -177,8 +177,36 @@ def cmd_send(args: argparse.Namespace) -> int:
     lines = [f"{r['device']:<20} {args.verb} seq={r['seq']}  {_summary(r['reply'])}" for r in results]
     if len(results) > 1:
         lines.append(f"{sum(r['ok'] for r in results)}/{len(results)} boards accepted")
+    held = _still_held(args, via, results)
+    if held is not None:
+        results[0]["still_held"] = held
     emit(args, {"verb": args.verb, "via": via, "ok": ok, "results": results}, lines)
+    if held and not args.json:
+        from .output import warn
+
+        warn(f"{results[0]['device']}: the restore was accepted, but the shed is still held by "
+             f"{', '.join(held)} (a restore releases only the sheds its own key issued; a key replaced by "
+             "rotate-key can no longer release its own): `gridshed restore --all` releases every issuer's shed "
+             "(docs/control.md, Shed authority)")
     return 0 if ok else 1
+
+
+def _still_held(args: argparse.Namespace, via: str, results: list[dict[str, Any]]) -> list[str] | None:
+    """After an accepted restore over the console: who still holds a shed (@status `held`), so
+    "accepted" is not read as "the load comes back" while another issuer's shed stays. None when
+    not asked (another verb or transport, --all, or the board did not say)."""
+    if (args.verb != "restore" or via != "serial" or getattr(args, "all_", False) or len(results) != 1
+            or not results[0]["ok"]):
+        return None
+    from ..transport import Console
+
+    try:
+        with Console(args.port) as con:
+            st = con.status(timeout=min(args.timeout, 5.0))
+    except UserError:
+        return None
+    held = st.get("held")
+    return [str(h) for h in held] if isinstance(held, list) else None
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
