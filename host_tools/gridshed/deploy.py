@@ -210,6 +210,7 @@ def deploy(port: str, build_dir: str | Path, board_name: str | None = None, forc
     summary["restarted"] = bool(b.outcome and b.outcome.startswith("agent restarted"))
     summary["restart"] = b.outcome
     summary["agent_status"] = b.agent_status
+    summary["config_refused"] = b.config_refused  # the new build refuses the board's config: no agent
     kids = summary.pop("board_kids", None)
     summary["signed_time"] = {"sent": False, "device": None, "why": "not asked (--no-restart)" if not restart
                               else "not asked"}

@@ -243,6 +243,7 @@ class Board:
         self.agent_status: dict[str, Any] | None = None  # its @status after the restart
         self.wait_for_agent = False   # set by work that put the agent on the board (deploy)
         self.time_warning: str | None = None  # in warnings: a market board restarted without its time
+        self.config_refused: str | None = None  # the restarted agent refused its config (why): no protection
         self.reached = False          # a raw REPL answered (a MicroPython board is there)
         # what went wrong without failing the operation (callers put these in their result's
         # "warnings"; a library never prints); free_memory_failures counts the cleanup's failures
@@ -393,7 +394,8 @@ class Board:
         if found == b" config: ":
             line = seen[seen.rfind(b"\n", 0, seen.find(found)) + 1:].split(b"\n")[0]
             why = line.decode(errors="replace").strip().split(" config: ", 1)[-1]
-            return f"agent restarted; it refuses to run without a valid config ({why})"
+            self.config_refused = why
+            return f"agent restarted; it refuses to run without a valid config ({why}): PROTECTION IS OFF"
         if found is None:
             tail = " | ".join(x.strip() for x in seen[-160:].decode(errors="replace").splitlines() if x.strip())
             return f"agent restart sent, but it did not say 'agent up' within {wait:g} s (last output: {tail or 'none'})"

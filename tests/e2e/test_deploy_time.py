@@ -67,9 +67,10 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def test_ctrl_c_during_the_time_step_keeps_the_deploy(rig, agent_build):  # noqa: F811
+def test_ctrl_c_during_the_time_step_then_a_build_that_refuses_the_config(rig, agent_build):  # noqa: F811
     """Ctrl-C once the deploy is done (the agent back, the time step running) skips only the time
-    step: the one-line result, rc 0, a warning naming the time-sync; the agent runs."""
+    step: the one-line result, rc 0, a warning naming the time-sync; the agent runs. Then a build
+    that refuses the board's config: exit 1, PROTECTION IS OFF said, the way back works."""
     import os
     import subprocess
     import sys
@@ -86,4 +87,30 @@ def test_ctrl_c_during_the_time_step_keeps_the_deploy(rig, agent_build):  # noqa
     warns = [x for x in r.stderr.splitlines() if x.startswith("gridshed: warning:")]
     assert len(warns) == 1 and "could not send the signed time (interrupted (Ctrl-C))" in warns[0], r.stderr
     assert console(rig, "status")["state"] == "normal"
-    rig.expect_restarts = 1
+
+    # a build that refuses the board's config (an older build: its validator does not know a key
+    # the config has): the write is done but the agent does not run: exit 1, one error line
+    # saying PROTECTION IS OFF and the way back (the walk: exit 0, the restart line only)
+    import shutil
+
+    from gridshed.build import build
+
+    src = rig.dir.parent / "old-firmware"
+    shutil.copytree(root / "firmware", src, ignore=shutil.ignore_patterns("__pycache__"))
+    boot = src / "agent" / "boot.py"
+    text = boot.read_text()
+    assert "    errors = config.validate(cfg)\n" in text
+    boot.write_text(text.replace("    errors = config.validate(cfg)\n",
+                                 "    errors = config.validate(cfg) + ['meter.poll_mode: unknown key']\n", 1))
+    old = build("unix-sim", src=src, out=rig.dir.parent / "old-build")["path"]
+    r = cli("deploy", "--port", rig.board.port, "--build", str(old), timeout=180)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    assert err[-1].startswith(f"gridshed: error: {rig.board.port}: build ") and \
+        "refuses the board's config (meter.poll_mode: unknown key): the agent does not run, PROTECTION IS OFF" \
+        in err[-1] and "`gridshed deploy --board unix-sim`" in err[-1], err
+    assert r.stdout.strip().endswith("PROTECTION IS OFF"), r.stdout
+    assert console(rig, "status")["state"] == "refused"
+    r = cli("deploy", "--port", rig.board.port, "--build", str(agent_build), timeout=180)  # the way back
+    assert r.returncode == 0 and console(rig, "status")["state"] == "normal", r.stdout + r.stderr
+    rig.expect_restarts = 3

@@ -228,7 +228,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         s = deploy(port, bdir, board_name=args.board, force=args.force, restart=not args.no_restart, romfs=romfs,
                    say=_say, inventory_path=args.inventory, maintenance_boot=args.maintenance_boot)
         emit(args, s)
-        return 0
+        return _refused(s, port)
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
@@ -261,7 +261,21 @@ def cmd_deploy(args: argparse.Namespace) -> int:
           + "; " + s["restart"])
     for w in s.get("warnings", []):
         warn(w)
-    return 0
+    return _refused(s, port)
+
+
+def _refused(s: dict[str, Any], port: str) -> int:
+    """A deploy whose build refuses the board's config left the board without its agent: one
+    error line with the way back, exit 1 (the write itself is done: --json has the summary)."""
+    why = s.get("config_refused")
+    if not why:
+        return 0
+    from .output import error
+
+    error(UserError(f"{port}: build {s['build_id']} refuses the board's config ({why}): the agent does not run, "
+                    "PROTECTION IS OFF. Deploy a build that knows the config (`gridshed deploy --board "
+                    f"{s['board']}` builds this gridshed's firmware), or provision a config this build knows"))
+    return 1
 
 
 def _say(line: str) -> None:
