@@ -23,7 +23,7 @@ _WDT_POLL_PERIODS = const(3)  # the poll task must finish its next cycle within 
 _KW_EVIDENCE_MS = const(3000)  # kW read at every poll this long after an opening (the reports' kW after)
 _KW_RESTORE_MS = const(1000)  # one kW read this long after the last restore (the load it put back, on status)
 _EVENT_HOLD_MS = const(10000)  # a frequency event lasts this long after the last sample below restore_hz or shed
-_SLOW_DEFER_MAX_MS = const(60000)  # during an event a due slow read waits, but never longer than this
+_SLOW_DEFER_MAX_MS = const(60000)  # during an event slow reads wait, but one goes (kW's) this long after the last
 _WDT_BOOT_MS = const(3000)    # extra allowance for the first cycle (UART/socket open, first connect)
 MEM_REPLY = '\n@{"error": "MemoryError", "end": true}\n'  # a request that found no RAM
 AGENT = None          # the running Agent (agent/maint.py takes it over on Ctrl-C)
@@ -348,8 +348,9 @@ class Agent:
         kw_until = kw_at = ticks_ms()
         kw_pend = False
         # a frequency event (a sample below restore_hz, or load shed, in the last _EVENT_HOLD_MS):
-        # the bus belongs to the frequency; due slow reads wait (at most _SLOW_DEFER_MAX_MS), so
-        # a dip that follows a dip meets none (the evidence reads above still go)
+        # the bus belongs to the frequency; due slow reads wait, so a dip that follows a dip meets
+        # none (the evidence reads above still go); _SLOW_DEFER_MAX_MS after the last slow read
+        # one goes anyway, and it is kW's (the age of kW stays bounded in the longest event)
         ev_until = ticks_ms()
         rec = self.recorder
         ctrl = self.ctrl
@@ -366,7 +367,8 @@ class Agent:
                 kw_pend = not opened
                 kw_at = ticks_add(t0, _KW_RESTORE_MS)
             due = ticks_diff(t0, slow_due)
-            slow_now = due >= 0 and (ticks_diff(ev_until, t0) <= 0 or due >= _SLOW_DEFER_MAX_MS)
+            late = due + slow_ms >= _SLOW_DEFER_MAX_MS  # (due + slow_ms: since the last slow read)
+            slow_now = due >= 0 and (late or ticks_diff(ev_until, t0) <= 0)
             last = 1 if (slow_now or self.curtailer is not None or ticks_diff(kw_until, t0) > 0
                          or (kw_pend and ticks_diff(t0, kw_at) >= 0)) else 0
             j = 0
@@ -376,8 +378,11 @@ class Agent:
                     count = h_count
                     items = h_items
                 elif slow_now:
-                    addr, count, items = slow[k_slow]
-                    k_slow = k_slow + 1 if k_slow + 1 < ns else 0
+                    if late and ticks_diff(ev_until, t0) > 0:  # held back by an event: kW's read
+                        addr, count, items = slow[0]
+                    else:
+                        addr, count, items = slow[k_slow]
+                        k_slow = k_slow + 1 if k_slow + 1 < ns else 0
                     slow_due = ticks_add(t0, slow_ms)
                 else:  # curtailing, or evidence after a relay change: kW's read (the first slow read)
                     addr, count, items = slow[0]
