@@ -98,26 +98,28 @@ def check_platform(b: Board, manifest: dict[str, Any]) -> str:
     return platform
 
 
-def check_board_config(b: Board, manifest: dict[str, Any]) -> None:
+def check_board_config(b: Board, manifest: dict[str, Any]) -> bool:
     """Refuse (before anything is written) a build that lacks a feature the board's config turns
-    on: the agent would not start with it (docs/romfs.md, "A build for the site")."""
+    on: the agent would not start with it (docs/romfs.md, "A build for the site"). True when the
+    board has a config it could read (a provisioned board)."""
     from .build import missing_features
     from .siteconfig import read_settings
 
     raw = b.get("config.cbor")
     if not raw:
-        return
+        return False
     try:
         cfg = read_settings(raw)
     except ValueError:
-        return  # a damaged config: the agent refuses it at boot whatever the build
+        return False  # a damaged config: the agent refuses it at boot whatever the build
     if not isinstance(cfg, dict):
-        return
+        return False
     missing = missing_features(manifest, cfg)
     if missing:
         raise UserError(f"{b.port}: the board's config (site {cfg.get('site')!r}) turns on {', '.join(missing)}, which "
                         f"this build leaves out; build for the site: `gridshed build --board {manifest['board']} "
                         f"--site SITE.toml` (nothing was written)")
+    return True
 
 
 def deploy(port: str, build_dir: str | Path, board_name: str | None = None, force: bool = False,
@@ -180,7 +182,7 @@ def deploy(port: str, build_dir: str | Path, board_name: str | None = None, forc
                 progress("connect", {"port": port})
                 summary["recovered"] = finish_interrupted(b)
                 summary["platform"] = check_platform(b, manifest)
-                check_board_config(b, manifest)
+                summary["had_config"] = check_board_config(b, manifest)
                 if restart and signed_time:
                     summary["board_kids"] = board_kids(b)
                 fallback = romfs and _needs_fallback(b, image, rom, force, rom_top, manifest)
@@ -210,7 +212,10 @@ def deploy(port: str, build_dir: str | Path, board_name: str | None = None, forc
     summary["restarted"] = bool(b.outcome and b.outcome.startswith("agent restarted"))
     summary["restart"] = b.outcome
     summary["agent_status"] = b.agent_status
-    summary["config_refused"] = b.config_refused  # the new build refuses the board's config: no agent
+    # the new build refuses the config the board had (a blank board has none yet: not this)
+    summary["config_refused"] = b.config_refused if summary.pop("had_config", False) else None
+    if summary["config_refused"]:
+        summary["restart"] = (summary["restart"] or "") + ": PROTECTION IS OFF"
     kids = summary.pop("board_kids", None)
     summary["signed_time"] = {"sent": False, "device": None, "why": "not asked (--no-restart)" if not restart
                               else "not asked"}

@@ -395,7 +395,7 @@ class Board:
             line = seen[seen.rfind(b"\n", 0, seen.find(found)) + 1:].split(b"\n")[0]
             why = line.decode(errors="replace").strip().split(" config: ", 1)[-1]
             self.config_refused = why
-            return f"agent restarted; it refuses to run without a valid config ({why}): PROTECTION IS OFF"
+            return f"agent restarted; it refuses to run without a valid config ({why})"
         if found is None:
             tail = " | ".join(x.strip() for x in seen[-160:].decode(errors="replace").splitlines() if x.strip())
             return f"agent restart sent, but it did not say 'agent up' within {wait:g} s (last output: {tail or 'none'})"
