@@ -19,96 +19,14 @@ import binascii
 from agent import cbor
 from agent.compat import const, ticks_ms
 
+# the record format, also in agent/journal_scan.py (the parser; tests/firmware/test_journal.py
+# checks they agree)
 MAGIC = const(0xFC)  # not a well-formed CBOR initial byte, so rarely seen at a record boundary
 _HDR = const(3)  # magic + u16 length
-_TRAILER = const(4)  # u32 CRC-32
 _OVERHEAD = const(7)
 MAX_BODY = const(8192)  # largest body append() writes and readers accept
-_MAGIC_B = b"\xfc"
-_CHUNK = const(64)
 
 CORE_KEYS = ("n", "t", "ms", "k")
-
-
-# ---------------------------------------------------------------------------------------------
-# Record parsing (shared by the board's reader, the recovery scan and the host)
-
-
-def _crc(buf):
-    return binascii.crc32(buf) & 0xFFFFFFFF
-
-
-def _try_record(read_at, off, size, max_body):
-    """(obj, end) for a valid record at off, else (None, reason)."""
-    if size - off < _HDR + 1 + _TRAILER:
-        return None, "short"
-    hdr = read_at(off, _HDR)
-    if hdr[0] != MAGIC:
-        return None, "magic"
-    ln = (hdr[1] << 8) | hdr[2]
-    if ln == 0 or ln > max_body:
-        return None, "length"
-    end = off + _OVERHEAD + ln
-    if end > size:
-        return None, "short"
-    data = read_at(off + 1, 2 + ln + _TRAILER)
-    if len(data) != 2 + ln + _TRAILER:
-        return None, "short"
-    stored = struct.unpack_from(">I", data, 2 + ln)[0]
-    if _crc(data[: 2 + ln]) != stored:
-        return None, "crc"
-    try:
-        obj = cbor.loads(data[2 : 2 + ln])
-    except MemoryError:  # a good record must never be reported (or cut) as bad for want of RAM
-        raise
-    except Exception:  # ValueError from the codec; anything else is still bad data
-        return None, "cbor"
-    if not isinstance(obj, dict):
-        return None, "body"
-    n = obj.get("n")
-    if not isinstance(n, int) or n is True or n is False or n < 0:
-        return None, "body"
-    return obj, end
-
-
-def _next_magic(read_at, pos, size):
-    while pos < size:
-        n = size - pos
-        chunk = read_at(pos, _CHUNK if n > _CHUNK else n)
-        if not chunk:
-            return size
-        i = chunk.find(_MAGIC_B)
-        if i >= 0:
-            return pos + i
-        pos += len(chunk)
-    return size
-
-
-def _scan(read_at, size, max_body=MAX_BODY):
-    """Yield (off, end, obj, reason): obj is a record dict (reason None) or None for a bad region.
-
-    A bad region is everything from a position where no valid record starts up to the next
-    valid record (found again by its magic byte and CRC). A bad region that runs to the end of
-    the data gets the reason "torn" (an interrupted last write).
-    """
-    off = 0
-    bad = -1
-    why = None
-    while off < size:
-        obj, r = _try_record(read_at, off, size, max_body)
-        if obj is not None:
-            if bad >= 0:
-                yield bad, off, None, why
-                bad = -1
-            yield off, r, obj, None
-            off = r
-        else:
-            if bad < 0:
-                bad = off
-                why = r
-            off = _next_magic(read_at, off + 1, size)
-    if bad >= 0:
-        yield bad, size, None, "torn"
 
 
 def segment_index(name, prefix="journal"):
@@ -126,13 +44,15 @@ def segment_index(name, prefix="journal"):
 # The journal on the board
 
 
-class _FileReader:
-    def __init__(self, f):
-        self.f = f
+def _unload_scan():
+    # agent.journal_scan out of sys.modules and its package (agent.base.unload, which this
+    # leaf module does not import)
+    import sys
 
-    def __call__(self, off, n):
-        self.f.seek(off)
-        return self.f.read(n)
+    sys.modules.pop("agent.journal_scan", None)
+    pkg = sys.modules.get("agent")
+    if pkg is not None and "journal_scan" in pkg.__dict__:
+        delattr(pkg, "journal_scan")
 
 
 def _put(f, p):
@@ -244,72 +164,30 @@ class Journal:
             size = _fsize(path)
         except OSError:
             size = 0
-        good_end, last = self._scan_file(path, size)
-        if good_end < size:
-            self._truncate(path, good_end)
-            self.torn += 1
-        i = len(segs) - 2
-        while last is None and i >= 0:  # newest empty (fresh rotation): seq from older ones
-            p = self._path(segs[i])
-            try:
-                _, last = self._scan_file(p, _fsize(p))
-            except OSError:
-                pass
-            i -= 1
+        # the scan and the cut: agent/journal_scan.py, loaded for this and freed after it (a
+        # recovery runs at boot and after a failed write, not with every record)
+        from agent import journal_scan as js
+
+        try:
+            good_end, last = js.scan_file(path, size)
+            if good_end < size:
+                js.truncate(path, good_end, self._mv)
+                self.torn += 1
+            i = len(segs) - 2
+            while last is None and i >= 0:  # newest empty (fresh rotation): seq from older ones
+                p = self._path(segs[i])
+                try:
+                    _, last = js.scan_file(p, _fsize(p))
+                except OSError:
+                    pass
+                i -= 1
+        finally:
+            js = None
+            _unload_scan()
         if last is not None and last > self.seq:
             self.seq = last
         self._f = open(path, "ab")
         self._size = good_end
-
-    def _scan_file(self, path, size):
-        """(end of the last valid record, largest seq) of one file."""
-        good_end = 0
-        last = None
-        if size <= 0:
-            return 0, None
-        f = open(path, "rb")
-        try:
-            for off, end, obj, why in _scan(_FileReader(f), size):
-                if obj is not None:
-                    good_end = end
-                    n = obj["n"]
-                    if last is None or n > last:
-                        last = n
-        finally:
-            f.close()
-        return good_end, last
-
-    def _truncate(self, path, keep):
-        """Cut path to its first keep bytes without file truncate(): copy, then rename over.
-
-        A power cut at any point leaves either the old file, or the old file plus a .tmp that
-        _recover() deletes, or (after the fallback remove) only the complete .tmp that
-        _recover() renames.
-        """
-        tmp = path + ".tmp"
-        src = open(path, "rb")
-        try:
-            dst = open(tmp, "wb")
-            try:
-                left = keep
-                mv = self._mv
-                while left > 0:
-                    n = len(mv) if left > len(mv) else left
-                    got = src.readinto(mv[:n])
-                    if not got:
-                        raise OSError(5)
-                    dst.write(mv[:got])
-                    left -= got
-                dst.flush()
-            finally:
-                dst.close()
-        finally:
-            src.close()
-        try:
-            os.rename(tmp, path)  # atomic replace on POSIX and LittleFS
-        except OSError:  # FAT refuses to rename over an existing file
-            os.remove(path)
-            os.rename(tmp, path)
 
     # -- writing ---------------------------------------------------------------------------
     def _rotate(self):

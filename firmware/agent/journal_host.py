@@ -9,7 +9,7 @@ import binascii
 import struct
 
 from agent import cbor
-from agent.journal import MAGIC, MAX_BODY, _crc, _scan
+from agent.journal_scan import MAGIC, MAX_BODY, _crc, _scan
 from agent.journal_recorder import _FMT, HZ_NONE, SAMPLE_SIZE
 
 

@@ -8,7 +8,8 @@ become {"b64": "<base64>"}; agent.journal_host.from_jsonable() (the host's) reve
 import binascii
 import gc
 
-from agent.journal import MAX_BODY, _FileReader, _fsize, _scan, _try_record
+from agent.journal import _fsize
+from agent.journal_scan import MAX_BODY, _FileReader, _scan, _try_record  # freed by events()
 
 
 def _first_seq(path):
@@ -73,19 +74,22 @@ def read(self, since_seq=0, limit=None):
 
 def events(a, arg):
     """Console `@events [since]`: one reply line per record, then a summary line."""
-    from agent.base import reply
+    from agent.base import reply, unload
 
-    since = int(arg) if arg.isdigit() else 0
-    n = 0
-    for rec in read(a.journal, since):
-        reply({"rec": jsonable(rec)}, False)
-        rec = None
-        n += 1
-        # each record's garbage freed before the next is read: its allocations then reuse the
-        # same room instead of cutting up the heap's largest free blocks (a line on the serial
-        # link takes longer than a collection)
-        gc.collect()
-    reply({"ok": True, "count": n, "read_errors": a.journal.read_errors}, True)
+    try:
+        since = int(arg) if arg.isdigit() else 0
+        n = 0
+        for rec in read(a.journal, since):
+            reply({"rec": jsonable(rec)}, False)
+            rec = None
+            n += 1
+            # each record's garbage freed before the next is read: its allocations then reuse the
+            # same room instead of cutting up the heap's largest free blocks (a line on the serial
+            # link takes longer than a collection)
+            gc.collect()
+        reply({"ok": True, "count": n, "read_errors": a.journal.read_errors}, True)
+    finally:
+        unload("agent.journal_scan")  # the parser this module loaded (the caller frees this one)
 
 
 def jsonable(obj):

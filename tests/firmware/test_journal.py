@@ -557,7 +557,7 @@ def test_no_ram_while_reading_back_is_never_a_bad_record(board, tmp_path):
     of RAM raises MemoryError (the caller answers an error and retries), it is never reported
     bad nor cut from the flash; with RAM back, every record is there."""
     out = run(board, """
-from agent.journal import _try_record
+from agent.journal_scan import _try_record
 j = Journal(".")
 for i in range(5):
     j.append("trip", {"i": i, "text": "y" * 300})
@@ -665,3 +665,23 @@ def test_no_ram_is_not_an_io_error_and_keeps_the_segment(tmp_path, monkeypatch):
     recs, errs = host_records(tmp_path)
     assert [r["k"] for r in recs] == ["boot", "ctl", "capture"] and not errs
     assert [r["n"] for r in recs] == [1, 2, 3]
+
+
+def test_writer_and_parser_agree_on_the_format(tmp_path):
+    """agent/journal.py (the writer, resident) and agent/journal_scan.py (the parser, loaded for
+    a recovery or a read) each define the record format: the same magic, header and size limit,
+    and a record the writer made parses."""
+    import inspect
+
+    from agent import journal_scan as js
+
+    assert (hj.MAGIC, hj.MAX_BODY) == (js.MAGIC, js.MAX_BODY)
+    for name in ("_HDR", "_OVERHEAD"):  # mpy-cross inlines these: compare the source lines
+        line = [ln for ln in inspect.getsource(hj).splitlines() if ln.startswith(name + " = ")]
+        other = [ln for ln in inspect.getsource(js).splitlines() if ln.startswith(name + " = ")]
+        assert line and other and line[0].split("#")[0] == other[0].split("#")[0], (line, other)
+    j = hj.Journal(str(tmp_path))
+    assert j.append("boot", {"x": 1}) and j.append("trip", {"y": "z" * 300})
+    j.close()
+    recs, bad = hh.parse_stream((tmp_path / "journal.0").read_bytes())
+    assert [(r["n"], r["k"]) for r in recs] == [(1, "boot"), (2, "trip")] and not bad
