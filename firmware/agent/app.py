@@ -425,6 +425,8 @@ class Agent:
                         self.hz = None
                         err = e
                         last = 0
+                    else:  # and ends the evidence reads: a meter that times out kW costs no timeout per poll
+                        kw_until = t0
                 if j == 0:
                     now = ticks_ms()
                     # the frequency hook: while a feature measures the frequency itself

@@ -50,6 +50,8 @@ class HostileMeter:
         self.unit = unit
         self.values: dict[str, float] = {"hz": 60.0, "kw": 500.0, "v1": 230.0, "v2": 230.0, "v3": 230.0}
         self.mode = "ok"
+        self.kw_mode: str | None = None  # another mode for a read of kW without the frequency
+        self.reads: list[tuple[int, int, str]] = []  # (addr, count, mode) of every request
         self.swap_words = False
         self.exc_code = 4
         self.late_s = 0.18
@@ -75,9 +77,20 @@ class HostileMeter:
             words[a - addr:a - addr + n] = w
         return b"".join(struct.pack(">H", x) for x in words)
 
+    def _covers(self, addr: int, count: int, name: str) -> bool:
+        a, n = self.map.span(name)
+        return addr <= a and a + n <= addr + count
+
+    def kw_reads(self, since: int = 0) -> int:
+        """Requests since self.reads[since] that read kW without the frequency."""
+        return sum(1 for a, c, _ in self.reads[since:] if self._covers(a, c, "kw") and not self._covers(a, c, "hz"))
+
     def pdu_reply(self, unit: int, fn: int, addr: int, count: int) -> list[tuple[float, bytes]]:
         """(delay s, PDU with unit byte first, no CRC / MBAP) pieces to send for one request."""
         mode = self.mode
+        if self.kw_mode is not None and self._covers(addr, count, "kw") and not self._covers(addr, count, "hz"):
+            mode = self.kw_mode  # a meter that answers the frequency and times out kW
+        self.reads.append((addr, count, mode))
         self.requests += 1
         self.seen[mode] = self.seen.get(mode, 0) + 1
         data = self.registers(addr, count)

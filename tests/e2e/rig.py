@@ -46,11 +46,13 @@ def built_firmware() -> tuple[Path, list[str]]:
     return _BUILD["dir"], _BUILD["files"]
 
 
-def install(board_dir: Path, cfg: dict[str, Any] | None, sim_cfg: dict[str, Any]) -> None:
-    """Lay out a board filesystem: built agent, /config.cbor (unless cfg is None), sim.json."""
+def install(board_dir: Path, cfg: dict[str, Any] | None, sim_cfg: dict[str, Any],
+            firmware: tuple[Path, list[str]] | None = None) -> None:
+    """Lay out a board filesystem: built agent (`firmware`: another build's (dir, files)),
+    /config.cbor (unless cfg is None), sim.json."""
     import json
 
-    src, files = built_firmware()
+    src, files = firmware or built_firmware()
     board_dir.mkdir(parents=True, exist_ok=True)
     for f in files:
         dst = board_dir / f
@@ -192,6 +194,7 @@ class Rig:
         self.check = True          # check_board at close (off only for a test that checks itself)
         self.uarts: dict[str, str] = {}  # more sim.json UART roles (e.g. "utility": a Wire's board_path)
         self.romfs: int | None = None    # a ROMFS partition of this many bytes (deploy --romfs)
+        self.firmware: tuple[Path, list[str]] | None = None  # another build (dir, files) than built_firmware()
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def __aenter__(self) -> "Rig":
@@ -212,7 +215,8 @@ class Rig:
         self.wire = Wire(m["baud"]).start()
         await self.start_meter()
         install(self.board_dir, self.cfg, {"gpio": f"127.0.0.1:{port}",
-                                           "uarts": {"meter": self.wire.board_path, **self.uarts}})
+                                           "uarts": {"meter": self.wire.board_path, **self.uarts}},
+                self.firmware)
         self.board = VirtualBoard(self.board_dir, heapsize=self.heapsize, romfs=self.romfs)
         self.board.start()
         if wait:
