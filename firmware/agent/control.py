@@ -402,8 +402,8 @@ class Controller:
                 if d > 0:
                     self._next_wait += d
             self._emit(RESTORE_START)
-        if ticks_diff(now_ms, self._next_ref) < self._next_wait:
-            return
+        if not sample or ticks_diff(now_ms, self._next_ref) < self._next_wait:
+            return  # a block closes on a good sample only: never on a tick while the meter is silent
         k = 0
         while k < self.nblocks:
             b = self._order[k]

@@ -206,6 +206,7 @@ def test_safety_invariants_random_scenarios(segs, seed, hold, min_off, stagger, 
             release_since_trip = True
         if closed:
             assert C.RESTORE_BLOCK in evs and bin(closed).count("1") == 1
+            assert ok and hz is not None, "a block closed without a good sample (a tick or a failed poll)"
             assert last_trip is not None and t - last_trip >= min_off, "restored before min_off"
             if relreq:
                 assert release_since_trip
@@ -335,6 +336,28 @@ def test_meter_loss_shed_trips_after_timeout_and_never_restores_while_lost():
     assert C.METER_BACK in rec.log[-1][1]
     feed(rec, 5050, 60.0, 40)
     assert rec.ctl.closed_mask == 0b111
+
+
+def test_no_block_closes_while_the_meter_is_silent_mid_restore():
+    # the meter goes silent after the first block came back: until meter_loss_after_s declares
+    # it lost only failed polls and timer ticks arrive, and the stagger's next block is due in
+    # that window: it waits for a good sample (before: two blocks closed on no data)
+    rec = Rec(Controller(make_cfg(failsafe={"meter_loss": "hold", "meter_loss_after_s": 3.0},
+                                  trip={"min_off_s": 0, "restore_hold_s": 0.2, "stagger_s": 0.5}), 3))
+    t = trip_now(rec, 0)
+    while rec.ctl.closed_mask == 0:
+        rec.step(t, 60.0)
+        t += 50
+    m = rec.ctl.closed_mask
+    assert rec.ctl.state == C.RESTORING and bin(m).count("1") == 1
+    for _ in range(25):  # 2.5 s: a failed poll and a tick every 100 ms, the meter not yet lost
+        rec.step(t, None, False)
+        rec.step(t + 50, None, True)
+        t += 100
+    assert not rec.times(C.METER_LOST) and rec.ctl.state == C.RESTORING
+    assert rec.ctl.closed_mask == m, "a block closed while the meter was silent"
+    rec.step(t, 60.0)  # the meter answers: the block due meanwhile comes back on this sample
+    assert bin(rec.ctl.closed_mask).count("1") == 2 and rec.times(C.RESTORE_BLOCK)[-1] == t
 
 
 def test_meter_loss_hold_keeps_relays_and_pauses_restore():
