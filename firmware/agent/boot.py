@@ -67,17 +67,17 @@ def load_config():
     del raw, body
     from agent import config
 
-    errors = config.validate(cfg)
-    del config
-    unload("agent.config")
-    unload("agent.dnp3_check")  # loaded by the validator for a DNP3 site only
-    unload("agent.config_optional")  # for a site with feature sections or trip stages only
-    if not errors:
-        from agent import meter_check
+    try:  # a check that fails on a value it did not foresee refuses the config: no crash loop
+        errors = config.validate(cfg)
+        if not errors:
+            from agent import meter_check
 
-        errors = ["meter.map: " + e for e in meter_check.validate(cfg["meter"]["map"])]
-        del meter_check
-        unload("agent.meter_check")
+            errors = ["meter.map: " + e for e in meter_check.validate(cfg["meter"]["map"])]
+    except Exception as e:
+        errors = ["/%s: the check failed (%r): refused, provision the board again" % (CONFIG_PATH, e)]
+    del config
+    for m in ("config", "dnp3_check", "config_optional", "meter_check"):
+        unload("agent." + m)  # the validator and what it loaded (for some sites only)
     gc.collect()
     return cfg, errors, chash
 

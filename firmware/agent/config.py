@@ -130,6 +130,8 @@ def validate(cfg):
         for k in d:
             if k not in keys and not (sec == "meter" and k == "map") and not (sec == "trip" and k == "stages"):
                 errors.append("%s.%s: unknown key" % (sec, k))
+    bl = cfg.get("blocks")
+    bl = bl if isinstance(bl, list) else ()  # (not a list: refused below, never iterated)
     opt = _optional(cfg)
     if opt:
         opt.check_sections(cfg, errors, _check)
@@ -146,10 +148,10 @@ def validate(cfg):
         elif trip["restore_hz"] < nominal - BAND_HZ:
             errors.append("trip.restore_hz: %r is more than %r Hz below the %d Hz nominal" % (trip["restore_hz"], BAND_HZ, nominal))
         if "stages" in trip:
-            opt.check_stages(trip, nominal, len(cfg.get("blocks") or ()), BAND_HZ, errors)
+            opt.check_stages(trip, nominal, len(bl), BAND_HZ, errors)
     if opt:
         opt.check_authority(cfg, errors)
-    if "market" in cfg or any(len(b) > 6 for b in cfg.get("blocks") or () if isinstance(b, dict)):
+    if "market" in cfg or any(len(b) > 6 for b in bl if isinstance(b, dict)):
         from agent.market_check import check  # docs/market.md: loaded only for a market site
 
         check(cfg, errors, _check)

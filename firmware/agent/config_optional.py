@@ -115,13 +115,19 @@ def check_stages(trip, nominal, nblocks, band, errors):
                           "delay_ms 0..600000, blocks = [0..%d]; other keys: below_hz, deadband_hz_s, name" % (i, nblocks - 1))
 
 
+def _list(v):
+    # a list's items, or none: a value of another type is refused by check_sections already, and
+    # must not crash the checks that read the items (a crash at boot is no refusal)
+    return v if isinstance(v, list) else ()
+
+
 def check_authority(cfg, errors):
     au = cfg.get("authority")
     if isinstance(au, dict):
-        for v in au.get("trusted") or ():
+        for v in _list(au.get("trusted")):
             if v not in ("modbus", "dry_contact"):
                 errors.append("authority.trusted: %r is not an unauthenticated channel (modbus, dry_contact)" % (v,))
-        for v in au.get("restore_all") or ():
+        for v in _list(au.get("restore_all")):
             if not (v == "*" or (isinstance(v, str) and 0 < len(v) <= 64 and not v.strip("0123456789abcdef"))):
                 errors.append("authority.restore_all: %r is not a key id in hex or \"*\"" % (v,))
 
@@ -130,7 +136,7 @@ def check_links(cfg, errors, ipv4):
     # the Modbus server's addresses, the MQTT login; ipv4: agent.config._ipv4
     ms = cfg.get("modbus_server")
     if isinstance(ms, dict):
-        for v in list(ms.get("allow") or ()) + [ms.get("master") or "0.0.0.0", ms.get("bind") or "0.0.0.0"]:
+        for v in list(_list(ms.get("allow"))) + [ms.get("master") or "0.0.0.0", ms.get("bind") or "0.0.0.0"]:
             if not ipv4(v):
                 errors.append("modbus_server: %r is not an IPv4 address (bind, allow, master)" % (v,))
     mq = cfg.get("mqtt")

@@ -34,10 +34,12 @@ def check(cfg, errors, chk, ipv4):
             errors.append("dnp3.%s: unknown key" % k)
     if errors:
         return
-    for v in list(dn.get("allow") or ()) + [dn.get("bind") or "0.0.0.0"]:
+    al = dn.get("allow")  # (not a list: refused by chk, never iterated)
+    for v in (al if isinstance(al, list) else []) + [dn.get("bind") or "0.0.0.0"]:
         if not ipv4(v):
             errors.append("dnp3: %r is not an IPv4 address (bind, allow)" % (v,))
-    for v in dn.get("masters") or ():
+    ms = dn.get("masters")
+    for v in ms if isinstance(ms, list) else ():
         if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 65519 or v == dn.get("address", 10):
             errors.append("dnp3.masters: %r is not a master link address (0..65519, not the outstation's)" % (v,))
     if dn.get("transport") == "serial" and dn.get("unsolicited"):

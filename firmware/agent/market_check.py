@@ -35,7 +35,8 @@ def check(cfg, errors, chk):
                 chk("market." + k, mk[k], s[0], s[1], s[2], errors)
             else:
                 errors.append("market.%s: unknown key" % k)
-        for h in mk.get("obligation_hours") or ():
+        oh = mk.get("obligation_hours")  # (not a list: refused by chk above, never iterated)
+        for h in oh if isinstance(oh, list) else ():
             if not (isinstance(h, list) and len(h) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in h)
                     and 0 <= h[0] <= 23 and 0 <= h[1] <= 24 and h[0] != h[1]):
                 errors.append("market.obligation_hours: %r is not [start_hour, end_hour] (0..23, 1..24, UTC)" % (h,))
@@ -68,6 +69,7 @@ def check(cfg, errors, chk):
         s = st[j]
         if j != fs and isinstance(s, dict):
             for i in firm:
-                if i in (s.get("blocks") or ()):
+                sb = s.get("blocks")
+                if isinstance(sb, list) and i in sb:
                     errors.append("blocks[%d]: a firm block sheds only in stage %d (market.firm_stage), not in stage %d"
                                   % (i, fs, j))

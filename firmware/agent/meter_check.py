@@ -37,6 +37,8 @@ def _check_reg(where, spec, errors, need_scale):
             errors.append(where + ": unknown key " + repr(k))
             ok = False
     typ = spec.get("type")
+    if not isinstance(typ, str):  # (a list or a map is not hashable: a TypeError, no refusal)
+        typ = None
     if typ not in TYPES:
         errors.append(where + ".type: must be one of u16 s16 u32 s32 f32")
         ok = False
