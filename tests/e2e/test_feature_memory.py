@@ -45,9 +45,14 @@ def test_dnp3_without_ram_leaves_protection_running(tmp_path):
             rig.hz = 59.5
             await rig.until(rig.all_open, 30, "the dip shed")
             st = await rig.status()
-            assert st["errors"].get("features_memory") == 1 and "dnp3" not in st, st
-            assert b"not enough RAM for the optional features ['dnp3']: protection runs without them" \
-                in rig.board.output()
+            # left out either while the agent is built (the hub's fallback: features_memory) or,
+            # when the code fits but its buffers do not, by the outstation itself (dnp3_memory):
+            # which one depends on the heap's layout at 80wK
+            errs = st["errors"]
+            assert "dnp3" not in st and (errs.get("features_memory") == 1 or errs.get("dnp3_memory") == 1), st
+            out = rig.board.output()
+            assert b"not enough RAM for the optional features ['dnp3']: protection runs without them" in out \
+                or b"dnp3: not enough RAM for the outstation: not started" in out, out[-1500:]
             assert rig.board.restarts == 0
             from gridshed.cli.board import _alarm_rows  # `gridshed status` does not let it pass
 

@@ -175,3 +175,15 @@ def test_a_restart_that_forgets_the_time_of_a_market_schedule_is_said(tmp_path):
         assert b.warnings == [f"{vb.port}: the restarted agent has no trusted time, so its market schedule is not "
                               "executed (what economics held open comes back on after its min off) until "
                               "`gridshed time-sync --device mkt-1`"]
+
+
+def test_status_alarms_for_every_feature_left_out_for_ram():
+    """`gridshed status` shows an ALARM whether the hub left the optional features out
+    (features_memory) or one feature found no RAM for its buffers (dnp3_memory, market_mem)."""
+    from gridshed.cli.board import _alarm_rows
+
+    for errs in ({"features_memory": 1}, {"dnp3_memory": 1}, {"market_mem": 2}):
+        rows = [r for r in _alarm_rows({"errors": errs}) if r[0] == "ALARM"]
+        assert len(rows) == 1 and "optional features NOT started" in rows[0][1], (errs, rows)
+        assert next(iter(errs)) in rows[0][1]
+    assert not _alarm_rows({"errors": {"meter_timeout": 3}})

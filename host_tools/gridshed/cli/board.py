@@ -314,9 +314,12 @@ def _alarm_rows(st: dict[str, Any]) -> list[tuple[str, str]]:
     out = []
     if st.get("state") == "refused":
         out.append(("ALARM", "config refused: " + "; ".join(st.get("config_errors") or [])))
-    if (st.get("errors") or {}).get("features_memory"):
+    # a feature left out for RAM: the hub's features_memory, or the feature's own counter when
+    # only its buffers found none (dnp3_memory, market_mem)
+    nomem = sorted(k for k, v in (st.get("errors") or {}).items() if v and k.endswith(("_memory", "_mem")))
+    if nomem:
         out.append(("ALARM", "optional features NOT started: not enough RAM for them beside protection "
-                             "(docs/failsafes.md, \"A feature without RAM\")"))
+                             "(%s; docs/failsafes.md, \"A feature without RAM\")" % ", ".join(nomem)))
     for f, why in (st.get("integrity") or {}).items():
         out.append(("ALARM", f"{f} refused: {why} (provision again)"))
     imp = st.get("implausible") or {}
