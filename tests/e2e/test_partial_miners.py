@@ -29,11 +29,11 @@ from gridshed.vboard import VirtualBoard
 
 from rig import check_board
 
-# 90wK, above the 80wK budget. Re-measured after the read plan (about 2 KB more resident): at
-# 84wK the miners' sleep requests failed (2 runs of 2: the block fell back to its relay at once,
-# the error caught and counted, not printed), 86wK and 88wK passed (2 of 2, 3 of 3); 90wK for the
-# margin a loaded CI machine needs (docs/architecture.md, Test heaps)
-HEAP = os.environ.get("GS_MINERS_HEAP") or "90wK"
+# 84wK, 4wK above the floor: after the resident-RAM cuts of 2026-12-07, beside two busy loops,
+# 80wK held 3 runs of 3 (82wK 3 of 3, 84wK 2 of 2), 78wK failed 3 of 3 (the miners' sleep requests
+# failed: the block fell back to its relay at once, the error caught and counted) and 76wK 1 of 1.
+# 90wK before (84wK failed since the read plan): docs/architecture.md, Test heaps
+HEAP = os.environ.get("GS_MINERS_HEAP") or "84wK"
 KID = b"ops-1"
 BASE_KW = 20.0
 
