@@ -76,7 +76,7 @@ def load_config():
     except Exception as e:
         errors = ["/%s: the check failed (%r): refused, provision the board again" % (CONFIG_PATH, e)]
     del config
-    for m in ("config", "dnp3_check", "config_optional", "meter_check"):
+    for m in ("config", "dnp3_check", "config_optional", "market_check", "meter_check"):
         unload("agent." + m)  # the validator and what it loaded (for some sites only)
     gc.collect()
     return cfg, errors, chash

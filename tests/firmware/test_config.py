@@ -295,3 +295,22 @@ def test_validate_never_raises_on_mangled_sections():
         errs = config.validate(c)
         if not errs:
             meter_check.validate(c["meter"]["map"])
+
+
+def test_boot_check_leaves_no_checker_resident(board, tmp_path):
+    """agent/boot.py load_config frees the validator and every check it loaded, the market's
+    included (agent/market_check.py stayed resident on every market site: boot freed the DNP3,
+    feature and meter map checks, not it)."""
+    from agent import cbor, integrity
+
+    cfg = json.loads(json.dumps(siteconfig.load_site(ROOT / "scenarios" / "market-site.toml")))
+    cfg["dnp3"] = {"enabled": True}
+    (tmp_path / "config.cbor").write_bytes(integrity.wrap(cbor.dumps(cfg)))
+    res = board.run("""
+        import json, sys
+        from agent import boot
+        cfg, errors, chash = boot.load_config()
+        print(json.dumps([errors, sorted(m for m in sys.modules if m.endswith("_check") or m in ("agent.config", "agent.config_optional"))]))
+    """, heapsize="256k", cwd=tmp_path)
+    got = json.loads(res.out.strip().splitlines()[-1])
+    assert got == [[], []], (got, res.err)
