@@ -18,10 +18,10 @@ from gridshed.transport import Console
 
 from rig import Rig
 
-# GS_HEAP: bisect a floor. Measured: docs/architecture.md "Test heaps" (84wK held 2 of 2 beside two
-# busy loops, 82wK 1 of 2, 80wK 0 of 2); 4wK above the floor, as a fresh-clone run on a loaded
-# machine failed once at 84wK
-HEAP = os.environ.get("GS_HEAP") or "88wK"
+# GS_HEAP: bisect a floor. Measured: docs/architecture.md "Test heaps": after the resident-RAM cuts
+# of 2026-12-07, beside two busy loops, 80wK held 3 of 3, 78wK failed 2 of 2 (the signed schedule
+# answered MemoryError), 76wK 2 of 2 and 74wK 1 of 1; 4wK above the floor (88wK before, floor 84wK)
+HEAP = os.environ.get("GS_HEAP") or "84wK"
 
 ROOT = Path(__file__).resolve().parents[2]
 KID = b"mkt-ops"
