@@ -345,7 +345,7 @@ class Agent:
         # and the dip that may follow must meet no kW read between the frequency reads (the
         # back-to-back latency target, docs/modbus.md)
         seen_mask = self.relays.mask
-        kw_until = kw_at = ticks_ms()
+        kw_until = kw_at = kw_back = ticks_ms()  # kw_back: after a failed kW read, the curtailer's wait
         kw_pend = False
         # a frequency event (a sample below restore_hz, or load shed, in the last _EVENT_HOLD_MS):
         # the bus belongs to the frequency; due slow reads wait, so a dip that follows a dip meets
@@ -369,7 +369,8 @@ class Agent:
             due = ticks_diff(t0, slow_due)
             late = due + slow_ms >= _SLOW_DEFER_MAX_MS  # (due + slow_ms: since the last slow read)
             slow_now = due >= 0 and (late or ticks_diff(ev_until, t0) <= 0)
-            last = 1 if (slow_now or self.curtailer is not None or ticks_diff(kw_until, t0) > 0
+            last = 1 if (slow_now or (self.curtailer is not None and ticks_diff(t0, kw_back) >= 0)
+                         or ticks_diff(kw_until, t0) > 0
                          or (kw_pend and ticks_diff(t0, kw_at) >= 0)) else 0
             j = 0
             while j <= last:
@@ -425,8 +426,9 @@ class Agent:
                         self.hz = None
                         err = e
                         last = 0
-                    else:  # and ends the evidence reads: a meter that times out kW costs no timeout per poll
-                        kw_until = t0
+                    else:  # and ends the evidence reads: a meter that times out kW costs no timeout per poll;
+                        kw_until = t0  # a curtailment's kW read waits a slow tick
+                        kw_back = ticks_add(t0, slow_ms)
                 if j == 0:
                     now = ticks_ms()
                     # the frequency hook: while a feature measures the frequency itself
@@ -603,6 +605,11 @@ class Agent:
                 f = None
                 self.count("features_memory")
                 log("E", "no RAM to start " + sec)
+            except Exception as e:  # a section it cannot run with (a key missing): off, counted; protection runs
+                f = None
+                self.count("feature_error")
+                log("E", "ALARM %s did not start: %r" % (sec, e))
+                unload("agent.features." + sec)
             if f is not None:  # None: it could not start (no RAM for its buffers) and said so
                 out.append((sec, f))
         self.features = out

@@ -8,9 +8,11 @@ two deferrals (128 s of `kw_age_ms` on the demo site, walked on `gridshed vboard
 the read that goes `_SLOW_DEFER_MAX_MS` after the last slow read is kW's (this test is its
 regression test). And a meter that answers the frequency but times out kW cost a timeout at every
 poll for the 3 s of evidence reads after an opening (14 kW requests, a few frequency reads a
-second instead of 20): a failed slow read now ends the evidence reads.
+second instead of 20): a failed slow read now ends the evidence reads. The same meter under a kW
+curtailment (kW's read at every poll while the curtailer runs, for as long as the target holds)
+cost a timeout at every poll: after a failed kW read the curtailer's next one waits a slow tick.
 
-To keep the test short the firmware is built with `_SLOW_DEFER_MAX_MS` at 4 s instead of 60 s
+To keep the test short the firmware is built with `_SLOW_DEFER_MAX_MS` at 3 s instead of 60 s
 (the same source otherwise; the substitution is checked). Assertions are on the agent's clock
 (`kw_age_ms`, `uptime_ms`) and the meter's record of requests, never on the host's clock.
 """
@@ -28,7 +30,7 @@ from rig import HEAP
 from test_hostile_meter import HostileRig, hostile_cfg
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFER_MS = 4000  # the test build's _SLOW_DEFER_MAX_MS
+DEFER_MS = 3000  # the test build's _SLOW_DEFER_MAX_MS
 
 
 def scaled_firmware() -> tuple[Path, list[str]]:
@@ -58,9 +60,39 @@ def kw_ages(port: str, ms: int) -> tuple[list[int], dict, dict]:
     return ages, first, st
 
 
-def test_kw_read_bounded_under_hover_and_a_kw_timeout_ends_evidence_reads(tmp_path):
+def write_reg(port: int, addr: int, value: int) -> None:
+    from pymodbus.client import ModbusTcpClient
+
+    c = ModbusTcpClient("127.0.0.1", port=port, timeout=5)
+    assert c.connect(), port
+    try:
+        r = c.write_register(addr, value, device_id=1)
+        assert not r.isError(), r
+    finally:
+        c.close()
+
+
+def free_port() -> int:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def test_kw_read_bounded_under_hover_and_a_kw_timeout_costs_no_poll(tmp_path):
     cfg = hostile_cfg()
-    cfg["meter"] = dict(cfg["meter"], slow_ms=500)
+    cfg["meter"] = dict(cfg["meter"], slow_ms=2000)
+    cfg["trip"] = dict(cfg["trip"], min_off_s=0.5, restore_hold_s=0.5, stagger_s=0.2, jitter_s=0)
+    cfg["modbus_server"] = {"enabled": True, "transport": "tcp", "port": free_port(), "unit": 1, "heartbeat_s": 0,
+                            "heartbeat_action": "alarm", "bind": "", "allow": [], "master": ""}
+    # and a feature section without a key its start() reads (valid: the validator checks the keys
+    # present; provision fills the defaults, a hand-made or older host's config may not): before,
+    # KeyError out of start_features, 'agent crashed' at every boot, protection off. Now the
+    # feature stays off, counted (feature_error), and protection runs (the dip below trips).
+    cfg["udp"] = {"enabled": True}
     restore = cfg["trip"]["restore_hz"]
     assert cfg["trip"]["pickup_hz"] < restore - 0.05
 
@@ -72,23 +104,49 @@ def test_kw_read_bounded_under_hover_and_a_kw_timeout_ends_evidence_reads(tmp_pa
             # the frequency hovers just under restore_hz: an event that never ends, no trip
             m.values["hz"] = restore - 0.03
             await rig.until(lambda: m.kw_reads() >= 2, 30, "kW read at boot")
-            ages, a, b = await asyncio.to_thread(kw_ages, rig.board.port, 2 * DEFER_MS + 2500)
+            st = await rig.status()
+            assert st["errors"].get("feature_error") == 1 and "udp" not in st and "modbus_server" in st, st
+            assert b"ALARM udp did not start: KeyError" in rig.board.output()
+            ages, a, b = await asyncio.to_thread(kw_ages, rig.board.port, 2 * DEFER_MS + 1500)
             assert b["state"] == "normal" and b["hz"] < restore and not rig.all_open(), b
             # before: kW every other deferred slow read (2 x (4 s + 0.5 s)); now at least every 4 s
             # (+ one poll and the read itself, generously)
             assert max(ages) <= DEFER_MS + 1500, (max(ages), ages)
             assert b["samples"] - a["samples"] > 20, (a["samples"], b["samples"])
-            # a meter that answers the frequency and times out kW, then a dip that trips
+            # a meter that answers the frequency and times out kW, under a kW curtailment (the
+            # utility Modbus server's register 12: 100 kW)
             m.kw_mode = "silence"
+            m.values["hz"] = 60.0
             n0 = len(m.reads)
             await rig.until(lambda: m.kw_reads(n0) >= 2, 30, "a kW read timed out")
+            await asyncio.to_thread(write_reg, cfg["modbus_server"]["port"], 12, 100)
+            await rig.until(lambda: not rig.all_closed(), 20, "the curtailment to open a block")
+            n1 = len(m.reads)
+            st0 = await rig.status()
+            st1 = await rig.agent_window(3500)
+            assert st1["curtail"] is not None and st1["shed_kw"] == 100, st1
+            # before: a kW read (timeout, late listen, retry) after every frequency read (16 kW
+            # requests, ~10 samples); now the opening's evidence read, then one a slow tick (2 s)
+            # and the event's own (3 s after the last slow read): at most 4 reads
+            assert m.kw_reads(n1) <= 4 * (cfg["meter"]["retries"] + 1), (m.kw_reads(n1), m.reads[n1:])
+            assert st1["samples"] - st0["samples"] > 20, (st0["samples"], st1["samples"])
+            await asyncio.to_thread(write_reg, cfg["modbus_server"]["port"], 12, 0)
+            await rig.until(lambda: rig.all_closed(), 30, "the curtailment's blocks to come back")
+            for _ in range(150):  # the curtailer ends once idle (its blocks back, no target)
+                if (await rig.status()).get("curtail") is None:
+                    break
+                await asyncio.sleep(0.2)
+            else:
+                raise AssertionError("the curtailer did not end")
+            # then a dip that trips
             m.values["hz"] = 59.5
             await rig.until(rig.all_open, 20, "the dip to trip")
             n1 = len(m.reads)
             st0 = await rig.status()
             st1 = await rig.agent_window(3500)  # the evidence window (_KW_EVIDENCE_MS 3 s) is over
-            # one evidence read (its attempt and retry), not one per poll for 3 s; before: ~10+
-            assert m.kw_reads(n1) <= 2 * (cfg["meter"]["retries"] + 1), (m.kw_reads(n1), m.reads[n1:])
+            # one evidence read (its attempt and retry) and the event's own, not one per poll for
+            # 3 s; before: 14
+            assert m.kw_reads(n1) <= 3 * (cfg["meter"]["retries"] + 1), (m.kw_reads(n1), m.reads[n1:])
             assert st1["samples"] - st0["samples"] > 20, (st0["samples"], st1["samples"])
             assert st1["meter_ok"] is True and st1["state"] == "tripped", st1
 
