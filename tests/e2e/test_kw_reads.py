@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import shutil
 import tempfile
 from pathlib import Path
@@ -47,17 +48,39 @@ def scaled_firmware() -> tuple[Path, list[str]]:
     return Path(man["path"]), [e["file"] for e in man["files"]]
 
 
+def _status(con: Console) -> dict:
+    # an agent with the Modbus server at the budget heap may find no RAM for one answer
+    # ({"error": "MemoryError"}, docs/failsafes.md): asked again, bounded
+    for _ in range(50):
+        st = con.status(timeout=30)
+        if st.get("error") != "MemoryError":
+            assert "error" not in st, st
+            return st
+        time.sleep(0.1)
+    raise AssertionError("@status: MemoryError 50 times")
+
+
 def kw_ages(port: str, ms: int) -> tuple[list[int], dict, dict]:
     """@status kw_age_ms, read as fast as the console answers until the agent's clock advanced
     `ms`; returns the ages and the first and last status."""
     with Console(port) as con:
-        first = st = con.status(timeout=30)
+        first = st = _status(con)
         ages = []
         while st["uptime_ms"] < first["uptime_ms"] + ms:
-            st = con.status(timeout=30)
+            st = _status(con)
             assert st.get("kw_age_ms") is not None, st
             ages.append(st["kw_age_ms"])
     return ages, first, st
+
+
+def status(port: str) -> dict:
+    with Console(port) as con:
+        return _status(con)
+
+
+def window(port: str, ms: int) -> tuple[dict, dict]:
+    """(status now, status once the agent's own clock advanced `ms`)."""
+    return kw_ages(port, ms)[1:]
 
 
 def write_reg(port: int, addr: int, value: int) -> None:
@@ -104,7 +127,7 @@ def test_kw_read_bounded_under_hover_and_a_kw_timeout_costs_no_poll(tmp_path):
             # the frequency hovers just under restore_hz: an event that never ends, no trip
             m.values["hz"] = restore - 0.03
             await rig.until(lambda: m.kw_reads() >= 2, 30, "kW read at boot")
-            st = await rig.status()
+            st = await asyncio.to_thread(status, rig.board.port)
             assert st["errors"].get("feature_error") == 1 and "udp" not in st and "modbus_server" in st, st
             assert b"ALARM udp did not start: KeyError" in rig.board.output()
             ages, a, b = await asyncio.to_thread(kw_ages, rig.board.port, 2 * DEFER_MS + 1500)
@@ -122,18 +145,17 @@ def test_kw_read_bounded_under_hover_and_a_kw_timeout_costs_no_poll(tmp_path):
             await asyncio.to_thread(write_reg, cfg["modbus_server"]["port"], 12, 100)
             await rig.until(lambda: not rig.all_closed(), 20, "the curtailment to open a block")
             n1 = len(m.reads)
-            st0 = await rig.status()
-            st1 = await rig.agent_window(3500)
+            st0, st1 = await asyncio.to_thread(window, rig.board.port, 6000)
             assert st1["curtail"] is not None and st1["shed_kw"] == 100, st1
-            # before: a kW read (timeout, late listen, retry) after every frequency read (16 kW
-            # requests, ~10 samples); now the opening's evidence read, then one a slow tick (2 s)
-            # and the event's own (3 s after the last slow read): at most 4 reads
-            assert m.kw_reads(n1) <= 4 * (cfg["meter"]["retries"] + 1), (m.kw_reads(n1), m.reads[n1:])
-            assert st1["samples"] - st0["samples"] > 20, (st0["samples"], st1["samples"])
+            # before: a kW read (timeout, late listen, retry) after every frequency read (~28 kW
+            # requests, ~15 samples in 6 s); now the opening's evidence read, then one a slow tick
+            # (2 s) and the event's own (3 s after the last slow read): about 6 reads, 8 allowed
+            assert m.kw_reads(n1) <= 8 * (cfg["meter"]["retries"] + 1), (m.kw_reads(n1), m.reads[n1:])
+            assert st1["samples"] - st0["samples"] > 30, (st0["samples"], st1["samples"])
             await asyncio.to_thread(write_reg, cfg["modbus_server"]["port"], 12, 0)
             await rig.until(lambda: rig.all_closed(), 30, "the curtailment's blocks to come back")
             for _ in range(150):  # the curtailer ends once idle (its blocks back, no target)
-                if (await rig.status()).get("curtail") is None:
+                if (await asyncio.to_thread(status, rig.board.port)).get("curtail") is None:
                     break
                 await asyncio.sleep(0.2)
             else:
@@ -142,8 +164,7 @@ def test_kw_read_bounded_under_hover_and_a_kw_timeout_costs_no_poll(tmp_path):
             m.values["hz"] = 59.5
             await rig.until(rig.all_open, 20, "the dip to trip")
             n1 = len(m.reads)
-            st0 = await rig.status()
-            st1 = await rig.agent_window(3500)  # the evidence window (_KW_EVIDENCE_MS 3 s) is over
+            st0, st1 = await asyncio.to_thread(window, rig.board.port, 3500)  # the evidence window (3 s) is over
             # one evidence read (its attempt and retry) and the event's own, not one per poll for
             # 3 s; before: 14
             assert m.kw_reads(n1) <= 3 * (cfg["meter"]["retries"] + 1), (m.kw_reads(n1), m.reads[n1:])
