@@ -41,19 +41,36 @@ def _main():
                 break
             except KeyboardInterrupt:
                 pass
+            except MemoryError:  # the stopped agent left no RAM for the window (maint.py)
+                _no_room()
     except Exception as e:  # last line of defence, never a silent crash loop
         sys.print_exception(e)
         print("E agent crashed; resetting in 5 s")
         time.sleep(5)
-        try:
-            from agent import hal
+        _reset()
 
-            hal.load(None).reset()
-        except Exception:
-            sys.exit(3)
+
+def _reset():
+    try:
+        from agent import hal
+
+        hal.load(None).reset()
+    except Exception:
+        sys.exit(3)
 
 
 _gs_stop = None
+
+
+def _no_room():
+    # instead of the window, a maintenance boot (maint_boot.py: the agent not started, the heap
+    # free for the host's work, the same bounded window); never a REPL without agent or window
+    try:
+        with open("maint.flag", "w") as f:
+            f.write("30")
+    except Exception:
+        pass
+    _reset()
 
 
 def _stopped():

@@ -26,7 +26,7 @@ FIRMWARE = ROOT / "firmware"
 # (x64 70.7 KB). Until the target is met (docs/architecture.md, Code size) this is a fence against
 # further growth at the measured x64 figure plus about 1 KB, not the target.
 TARGET = 64 * 1024
-BUDGET = 72 * 1024  # x64 core 72,433 B on 2026-12-07 (76 KB before the clean-up)
+BUDGET = 73 * 1024  # x64 core 72,433 B on 2026-12-07 (76 KB before the clean-up); 72 KB until the Ctrl-C without RAM for its window became a maintenance boot (main.py), the red-team fixes and the resident-RAM modules (x64 73,768 B)
 FULL_FENCE = 149 * 1024     # everything incl. optional features: a fence against bloat (148 KB
 # until issue 18's Modbus TCP state machine, +0.6 KB of the on-demand agent/modbus_tcp_master.py; 128 KB
 # until the DNP3 outstation, issue 19, added 13 KB of optional feature (unsolicited, serial); 136 KB

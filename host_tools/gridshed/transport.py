@@ -480,9 +480,6 @@ class Board:
         """
         try:
             self.enter_raw()
-            if maint_boot and not self.maint_flag:
-                raise UserError("this board's firmware has no maintenance boot (its main.py predates it); "
-                                "deploy without --maintenance-boot")
             if full_heap or maint_boot or (not self.heap_ok and self.maint_flag):
                 self.maintenance_boot("the host's helpers ran out of heap beside the stopped agent" if full_heap
                                       else "asked for (--maintenance-boot)" if maint_boot

@@ -113,7 +113,9 @@ def test_deploy_to_a_full_board_runs_in_a_maintenance_boot(tmp_path):
             assert json.loads((rig.board_dir / "build.json").read_text())["mode"] == "romfs"
             assert not (rig.board_dir / "agent").exists() and not (rig.board_dir / "maint.flag").exists()
             maint = [x for x in rig.journal()[0] if x["k"] == "maint" and x.get("state") == "maintenance boot"]
-            assert len(maint) == 2 and all(x["off_s"] in (LEASE, 30) for x in maint), maint
+            # one per host operation, and one more each time the Ctrl-C found no RAM for the
+            # stopped agent's window (main.py: a maintenance boot instead, 30 s)
+            assert 2 <= len(maint) <= 4 and all(x["off_s"] in (LEASE, 30) for x in maint), maint
             # at 80wK the site's features do not all fit even from ROM: each that cannot start is
             # left out and counted (never a crash of the agent that protects)
             await rig.until(lambda: b"not enough RAM to start mqtt" in rig.board.output()[mark:]
