@@ -187,3 +187,5 @@ def test_status_alarms_for_every_feature_left_out_for_ram():
         assert len(rows) == 1 and "optional features NOT started" in rows[0][1], (errs, rows)
         assert next(iter(errs)) in rows[0][1]
     assert not _alarm_rows({"errors": {"meter_timeout": 3}})
+    rows = _alarm_rows({"errors": {"feature_error": 1}})
+    assert len(rows) == 1 and rows[0][0] == "ALARM" and "did not start" in rows[0][1], rows

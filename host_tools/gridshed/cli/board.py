@@ -320,6 +320,9 @@ def _alarm_rows(st: dict[str, Any]) -> list[tuple[str, str]]:
     if nomem:
         out.append(("ALARM", "optional features NOT started: not enough RAM for them beside protection "
                              "(%s; docs/failsafes.md, \"A feature without RAM\")" % ", ".join(nomem)))
+    if (st.get("errors") or {}).get("feature_error"):
+        out.append(("ALARM", "optional features NOT started: a section they cannot run with (the console's "
+                             "'ALARM <section> did not start' line says which and why; provision again)"))
     for f, why in (st.get("integrity") or {}).items():
         out.append(("ALARM", f"{f} refused: {why} (provision again)"))
     imp = st.get("implausible") or {}
