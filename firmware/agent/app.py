@@ -325,8 +325,8 @@ class Agent:
         fn = mm.function
         rp = self.plan
         if isinstance(rp, dict):  # the rest of the plan is freed; this part kept for a restart
-            self.plan = rp = (rp["hot_read"], rp["slow_reads"], rp["slow_ms"])
-        (h_addr, h_count, h_items), slow, slow_ms = rp  # one read (agent/readplan.py)
+            self.plan = rp = (rp["hot_read"], rp["slow_reads"], rp["slow_ms"], rp["kw_read"])
+        (h_addr, h_count, h_items), slow, slow_ms, kw_read = rp  # (agent/readplan.py)
         rp = None
         ns = len(slow)  # (>= 1: kW is never in the frequency read)
         k_slow = 0
@@ -380,13 +380,13 @@ class Agent:
                     items = h_items
                 elif slow_now:
                     if late and ticks_diff(ev_until, t0) > 0:  # held back by an event: kW's read
-                        addr, count, items = slow[0]
+                        addr, count, items = kw_read
                     else:
                         addr, count, items = slow[k_slow]
                         k_slow = k_slow + 1 if k_slow + 1 < ns else 0
                     slow_due = ticks_add(t0, slow_ms)
-                else:  # curtailing, or evidence after a relay change: kW's read (the first slow read)
-                    addr, count, items = slow[0]
+                else:  # curtailing, or evidence after a relay change: kW alone, the smallest read
+                    addr, count, items = kw_read
                     kw_pend = False
                 try:
                     if step:  # (this task is the meter bus's only user)

@@ -17,6 +17,8 @@ of poll mode and slow cadence.
     p["slow_ms"]   the slow tick (configured, or the automatic one below)
     p["hot_read"], p["slow_reads"]   the same reads as (start, count, quantity indices) for the
                                       poll task
+    p["kw_read"]   kW alone, (start, count, indices): the reads that need only kW (the evidence
+                   after an opening, a curtailment) take the smallest request
 A plain dict of plain values: the agent keeps it after freeing this module. The quantities a read
 covers: mm._covered(start, count).
 
@@ -99,6 +101,7 @@ def make(mm, baud=None, slow_ms=0, bits=11):
                 seq.append(slow[j])
             slow = seq
             break
+    ka, kn = mm.span("kw")
     hot_us = read_txn_us(baud, hot[0][1], bits)
     slow_us = [read_txn_us(baud, c, bits) for s, c in slow]
     if not slow_ms:
@@ -109,4 +112,6 @@ def make(mm, baud=None, slow_ms=0, bits=11):
             slow_ms = SLOW_MAX_MS
     return {"hot": hot, "slow": slow, "hot_us": hot_us, "slow_us": slow_us, "slow_ms": slow_ms,
             # what the poll task needs, ready made: (start, count, indices of the quantities)
-            "hot_read": (hot[0][0], hot[0][1], hi), "slow_reads": [(s, c, mm._covered(s, c)) for s, c in slow]}
+            "hot_read": (hot[0][0], hot[0][1], hi), "slow_reads": [(s, c, mm._covered(s, c)) for s, c in slow],
+            # kW alone (the evidence after an opening, a curtailment's kW): the smallest read
+            "kw_read": (ka, kn, mm._covered(ka, kn))}

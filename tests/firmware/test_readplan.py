@@ -85,6 +85,10 @@ def test_every_map_plans_frequency_alone_and_covers_the_rest(model):
         assert p.hot_us == sum(rp.read_txn_us(baud, c) for _, c in p.hot)
         assert p.slow_us == [rp.read_txn_us(baud, c) for _, c in p.slow]
         assert 1000 <= p.slow_ms <= 10000 and p.slow_ms % 100 == 0
+        # kW alone, for the reads that need only kW (evidence after an opening, a curtailment)
+        ka, kn, kitems = p.kw_read
+        kspan = 1 if qs["kw"]["type"] in ("u16", "s16") else 2
+        assert (ka, kn) == (qs["kw"]["addr"], kspan) and kn <= min(c for _, c in p.slow)
 
 
 def test_holes_follow_the_wire_and_the_meter():
