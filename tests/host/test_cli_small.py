@@ -189,3 +189,12 @@ def test_status_alarms_for_every_feature_left_out_for_ram():
     assert not _alarm_rows({"errors": {"meter_timeout": 3}})
     rows = _alarm_rows({"errors": {"feature_error": 1}})
     assert len(rows) == 1 and rows[0][0] == "ALARM" and "did not start" in rows[0][1], rows
+
+
+def test_status_table_shows_a_capture_without_its_sample_blob():
+    from gridshed.cli.board import _event_text
+
+    rec = {"k": "capture", "n": 8, "part": 0, "dt": 50, "smp": {"b64": "AAAA" * 200}}
+    text = _event_text(rec)
+    assert "AAAA" not in text and "gridshed events" in text and '"part": 0' in text
+    assert "59.99" in _event_text({"k": "ctl", "ev": "restore_block", "hz": 59.99})

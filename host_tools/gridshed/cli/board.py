@@ -391,8 +391,16 @@ def _status_table(st: dict[str, Any]):
     for k, v in rows:
         t.add_row(k, str(v))
     for e in st.get("events", [])[-10:]:
-        t.add_row("event", to_json(e, lines=True))
+        t.add_row("event", _event_text(e))
     return t
+
+
+def _event_text(e: Any) -> str:
+    """One journal record for the status table: a disturbance capture's samples (base64) are the
+    trace `gridshed events` and `gridshed report` show, not text for a technician to read."""
+    if isinstance(e, dict) and e.get("k") == "capture" and "smp" in e:
+        e = dict(e, smp="(samples: gridshed events / gridshed report)")
+    return to_json(e, lines=True)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
